@@ -1,0 +1,64 @@
+"""Engine configuration: one frozen dataclass, checked when built.
+
+What is discovered at start-up (number of KV blocks, EOS ids) lives on the engine, never in here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_LOAD_FORMATS = ("auto", "dummy")
+
+
+class ConfigError(ValueError):
+    """An engine option is out of range; the message names the option, what is allowed and the value."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None                 # HF folder, .gguf file, or a config.json (dummy); None = built-in model
+    tokenizer: str | None = None             # defaults to the model folder / GGUF metadata
+    checkpoint: str | None = None            # fine-tuned state dict (.ckpt/.pt/.bin/.safetensors) over `model`
+    chat_template: str | None = None         # a template string or a file path; overrides the model's
+    dtype: str = "auto"
+    device: str = "auto"                     # "auto" = cuda when available, else cpu
+    seed: int | None = None                 # seeds the shared RNG of unseeded requests; None = random
+    max_model_len: int | None = None         # default: the model's context length, capped at 8192 on the CPU
+    max_num_seqs: int = 64                   # requests in one step at most
+    max_num_batched_tokens: int = 2048       # token budget of one step
+    block_size: int = 16                     # tokens per KV block
+    kv_cache_memory_bytes: int | None = None # default: derived from gpu_memory_utilization or CPU RAM
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    enforce_eager: bool = False              # turns the fast paths (CUDA graphs, fused kernels) off
+    load_format: str = "auto"                # "dummy" = random weights from a config (benchmarks)
+    max_waiting: int | None = None           # waiting-queue bound (server); None = unbounded
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        _check(self.load_format in _LOAD_FORMATS, f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
+        _check(_is_int(self.max_num_seqs) and self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs!r}")
+        _check(_is_int(self.block_size) and self.block_size in (8, 16, 32, 64, 128),
+               f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size!r}")
+        _check(_is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= self.block_size,
+               f"max_num_batched_tokens must be >= block_size ({self.block_size}), got {self.max_num_batched_tokens!r}")
+        _check(self.max_model_len is None or (_is_int(self.max_model_len) and self.max_model_len >= 1),
+               f"max_model_len must be >= 1, got {self.max_model_len!r}")
+        _check(0 < self.gpu_memory_utilization <= 1,
+               f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        _check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
+               f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes!r}")
+        _check(self.max_waiting is None or (_is_int(self.max_waiting) and self.max_waiting >= 1),
+               f"max_waiting must be >= 1, got {self.max_waiting!r}")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)

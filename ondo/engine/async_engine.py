@@ -1,0 +1,294 @@
+"""AsyncEngine: one background thread drives the synchronous Engine; asyncio callers stream.
+
+The Engine is not thread-safe, so every call into it (construction included) happens on one
+dedicated thread. Callers on an asyncio loop send "add" and "abort" commands through a
+thread-safe queue and receive their RequestOutputs through a per-request asyncio queue; the
+thread hands each step's outputs to each caller's loop in one `call_soon_threadsafe` call.
+Requests added while others run join the next step: that is continuous batching.
+
+An error that belongs to one request (a prompt that does not fit, a bad option) is raised to that
+caller only. An error inside `Engine.step()` fails the requests that were running, is logged, and
+the loop goes on serving new requests.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ondo.outputs import RequestOutput
+from ondo.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue holds `max_waiting` requests already (the server answers 429)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine failed to load or was shut down."""
+
+
+@dataclass
+class Finished:
+    """Put on a stream's queue after the request's last output, or with the error that ended it."""
+    request_id: str
+    error: BaseException | None = None
+
+
+@dataclass
+class RequestStream:
+    """The caller's side of one request. Its outputs, then a `Finished`, arrive on `queue` in
+    the caller's loop; the requests of one HTTP call (several prompts) may share one queue."""
+    request_id: str
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    added: asyncio.Future
+    finished: bool = False
+
+
+class AsyncEngine:
+    """Serve many concurrent asyncio requests from one Engine running on its own thread."""
+
+    def __init__(self, engine_factory: Callable[[], Any], max_waiting: int | None = None) -> None:
+        """`engine_factory` builds the Engine; it runs on the engine thread (start() calls it)."""
+        self._engine_factory = engine_factory
+        self._max_waiting = max_waiting
+        self._engine: Any = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._ready = threading.Event()
+        self._stopping = False
+        self._load_error: BaseException | None = None
+        self._streams: dict[str, RequestStream] = {}   # engine thread only
+        self._stats: dict[str, float] = {}              # replaced (never mutated) by the engine thread
+        self._thread = threading.Thread(target=self._run, name="ondo-engine", daemon=True)
+
+    @classmethod
+    def from_config(cls, config: Any, max_waiting: int | None = None) -> "AsyncEngine":
+        from ondo.engine.engine import Engine
+
+        return cls(lambda: Engine(config), max_waiting=max_waiting)
+
+    # ---- life cycle (any thread) ---------------------------------------------------------------
+
+    def start(self) -> "AsyncEngine":
+        self._thread.start()
+        return self
+
+    def wait_until_loaded(self, timeout_s: float | None = None) -> bool:
+        """Block until the engine is built (or failed to build); False on timeout."""
+        return self._ready.wait(timeout_s)
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready.is_set() and self._load_error is None and not self._stopping
+
+    @property
+    def load_error(self) -> BaseException | None:
+        return self._load_error
+
+    @property
+    def engine(self) -> Any:
+        """The Engine, for read-only attributes (tokenizer, max_model_len). Never call its methods."""
+        if not self._ready.is_set() or self._engine is None:
+            raise EngineDeadError("the engine is not loaded")
+        return self._engine
+
+    def stats(self) -> dict[str, float]:
+        """The latest `Engine.stats()` snapshot, refreshed by the engine thread after each step."""
+        return self._stats
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Abort every request, stop the loop and join the thread."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+
+    def abort_all(self) -> None:
+        """Abort every request (graceful shutdown): each stream ends before a finished output,
+        which callers report as finish_reason "abort"."""
+        self._send(("abort_all",))
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    # ---- requests (asyncio side) ---------------------------------------------------------------
+
+    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                          output_queue: asyncio.Queue | None = None) -> RequestStream:
+        """Hand a request to the engine; raises its add-time error (ValueError, QueueFullError)."""
+        if not self.is_ready:
+            raise EngineDeadError("the engine is not running")
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(request_id, loop, output_queue or asyncio.Queue(), loop.create_future())
+        self._send(("add", stream, prompt, params))
+        try:
+            await stream.added
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        return stream
+
+    async def stream_outputs(self, streams: list[RequestStream]) -> AsyncIterator[RequestOutput]:
+        """Yield the cumulative outputs of requests sharing one queue until all have finished.
+        Leaving early (an exception, a closed iterator, a cancelled task) aborts the unfinished
+        ones at once, which frees their KV blocks."""
+        pending = {stream.request_id for stream in streams}
+        try:
+            while pending:
+                item = await streams[0].queue.get()
+                if isinstance(item, Finished):
+                    pending.discard(item.request_id)
+                    if item.error is not None:
+                        raise item.error
+                    continue
+                yield item
+        finally:
+            for stream in streams:
+                if not stream.finished:
+                    self.abort(stream.request_id)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Add one request and yield its cumulative outputs."""
+        stream = await self.add_request(request_id, prompt, params)
+        async for output in self.stream_outputs([stream]):
+            yield output
+
+    def _send(self, command: tuple) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    # ---- the engine thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._engine = self._engine_factory()
+            self._refresh_stats()
+        except BaseException as exc:  # noqa: BLE001 -- reported through load_error / health
+            logger.exception("the engine failed to load")
+            self._load_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        while not self._stopping:
+            self._wake.clear()
+            self._process_commands()
+            if self._engine.has_unfinished_requests():
+                self._step()
+            else:
+                self._wake.wait()
+        self._abort_everything(EngineDeadError("the server is shutting down"))
+        self._process_commands()  # refuse adds that raced with the shutdown
+
+    def _process_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            kind = command[0]
+            if kind == "add":
+                self._add(*command[1:])
+            elif kind == "abort":
+                self._abort(command[1])
+            elif kind == "abort_all":
+                self._abort_everything(None)
+        self._refresh_stats()
+
+    def _add(self, stream: RequestStream, prompt: str | list[int], params: SamplingParams) -> None:
+        def resolve(error: BaseException | None) -> None:
+            if stream.added.done():  # the caller was cancelled while waiting
+                return
+            if error is None:
+                stream.added.set_result(None)
+            else:
+                stream.added.set_exception(error)
+
+        error: BaseException | None = None
+        if self._stopping:
+            error = EngineDeadError("the server is shutting down")
+        elif stream.request_id in self._streams:
+            error = ValueError(f"request id {stream.request_id!r} is already running")
+        elif self._max_waiting is not None and self._num_waiting() >= self._max_waiting:
+            error = QueueFullError(
+                f"the server's waiting queue is full ({self._max_waiting} requests); retry later")
+        else:
+            try:
+                self._engine.add_request(stream.request_id, prompt, params)
+                self._streams[stream.request_id] = stream
+            except Exception as exc:  # noqa: BLE001 -- the caller's error, raised in its task
+                error = exc
+        stream.loop.call_soon_threadsafe(resolve, error)
+
+    def _num_waiting(self) -> int:
+        return int(self._engine.stats().get("num_waiting", 0))
+
+    def _abort(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return  # finished already, or never added
+        self._engine.abort_request(request_id)
+        stream.finished = True
+
+    def _abort_everything(self, error: BaseException | None) -> None:
+        """End every stream: with `error` raised to its caller, or (None) quietly, unfinished."""
+        streams = list(self._streams.values())
+        self._streams.clear()
+        for stream in streams:
+            try:
+                self._engine.abort_request(stream.request_id)
+            except Exception:  # noqa: BLE001 -- shutting down; keep ending the other streams
+                logger.exception("aborting %s failed", stream.request_id)
+            stream.finished = True
+            self._deliver(stream, [Finished(stream.request_id, error)])
+
+    def _step(self) -> None:
+        try:
+            outputs = self._engine.step()
+        except Exception as exc:  # noqa: BLE001 -- fail the running requests, keep serving
+            logger.exception("engine step failed; failing the %d running requests", len(self._streams))
+            self._abort_everything(RuntimeError(f"the engine failed while generating: {exc}"))
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Any]]] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue  # aborted by its caller after this step was scheduled
+            items: list[Any] = [output]
+            if output.finished:
+                del self._streams[output.request_id]
+                stream.finished = True
+                items.append(Finished(output.request_id))
+            by_loop.setdefault(stream.loop, []).extend((stream, item) for item in items)
+        for loop, pairs in by_loop.items():
+            _call_soon(loop, _deliver_all, pairs)
+        self._refresh_stats()
+
+    def _deliver(self, stream: RequestStream, items: list[Any]) -> None:
+        _call_soon(stream.loop, _deliver_all, [(stream, item) for item in items])
+
+    def _refresh_stats(self) -> None:
+        stats = dict(self._engine.stats())
+        stats["updated_at_s"] = time.time()
+        self._stats = stats
+
+
+def _deliver_all(pairs: list[tuple[RequestStream, Any]]) -> None:
+    for stream, item in pairs:
+        stream.queue.put_nowait(item)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass  # the caller's loop is closed: nobody is listening any more

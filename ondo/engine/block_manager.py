@@ -1,0 +1,112 @@
+"""The KV cache as a pool of fixed-size blocks, with reference counts and prefix caching.
+
+A full block is identified by a hash chained over every token before it (its parent block's hash
+and its own tokens), so two requests share a block only when their whole prefix up to it is equal.
+Freed blocks keep their hash and stay findable until the pool needs them again (least recently
+freed first), so a later request with the same prefix skips recomputing it.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from ondo.engine.request import Request
+
+
+def chain_hash(parent: int | None, tokens: list[int]) -> int:
+    return hash((parent, tuple(tokens)))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.cached: dict[int, int] = {}  # hash -> block id
+        # Blocks with no owner, oldest first; cached ones among them are evicted only when popped.
+        self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.prefix_queries = 0      # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0         # of those, tokens found
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def match_prefix(self, request: Request) -> int:
+        """Attach cached blocks holding the longest known prefix of a request that owns no blocks yet;
+        returns the number of tokens they cover. The last prompt token is always left to compute,
+        because its logits are needed to sample."""
+        if not self.enable_prefix_caching or request.wants_prompt_logprobs:
+            return 0
+        tokens = request.token_ids(0, request.num_tokens)
+        max_blocks = (len(tokens) - 1) // self.block_size
+        parent, hits = None, []
+        for i in range(max_blocks):
+            parent = chain_hash(parent, tokens[i * self.block_size:(i + 1) * self.block_size])
+            block = self.cached.get(parent)
+            if block is None:
+                break
+            hits.append((block, parent))
+        self.prefix_queries += len(tokens)
+        self.prefix_hits += len(hits) * self.block_size
+        for block, block_hash in hits:
+            self._take(block)
+            request.block_table.append(block)
+            request.block_hashes.append(block_hash)
+        return len(hits) * self.block_size
+
+    def allocate(self, request: Request, num_tokens: int) -> bool:
+        """Make the request's block table cover `num_tokens` tokens; False (nothing changed) if the pool is short."""
+        needed = self.blocks_needed(num_tokens) - len(request.block_table)
+        if needed <= 0:
+            return True
+        if needed > self.num_free_blocks:
+            return False
+        for _ in range(needed):
+            block, _ = self.free_blocks.popitem(last=False)
+            self._evict(block)
+            self.ref_counts[block] = 1
+            request.block_table.append(block)
+        return True
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Hash the blocks that became full of computed tokens, so later requests can share them."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = request.num_computed_tokens // self.block_size
+        for i in range(len(request.block_hashes), num_full):
+            parent = request.block_hashes[-1] if request.block_hashes else None
+            block_hash = chain_hash(parent, request.token_ids(i * self.block_size, (i + 1) * self.block_size))
+            request.block_hashes.append(block_hash)
+            block = request.block_table[i]
+            if block_hash not in self.cached:  # an identical block computed twice stays unshared
+                self.cached[block_hash] = block
+                self.block_hash[block] = block_hash
+
+    def free(self, request: Request) -> None:
+        # Release the tail first so the prefix, most likely to be shared, is evicted last.
+        for block in reversed(request.block_table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
+        request.block_table = []
+        request.block_hashes = []
+
+    def _take(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            del self.free_blocks[block]
+        self.ref_counts[block] += 1
+
+    def _evict(self, block: int) -> None:
+        block_hash = self.block_hash[block]
+        if block_hash is not None:
+            if self.cached.get(block_hash) == block:
+                del self.cached[block_hash]
+            self.block_hash[block] = None

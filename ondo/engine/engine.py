@@ -1,0 +1,295 @@
+"""The engine: add requests, step, get outputs. Synchronous and single-threaded by design;
+`AsyncEngine` drives it from one background thread for the server."""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ondo.config import EngineConfig
+from ondo.engine.block_manager import BlockManager
+from ondo.engine.model_runner import KVCacheSpec, ModelRunner
+from ondo.engine.output_processor import (RequestGroup, append_token, check_stop, finalize_text,
+                                          group_output)
+from ondo.engine.request import Request
+from ondo.engine.scheduler import Scheduler
+from ondo.loader import load_model
+from ondo.outputs import Logprob, RequestOutput
+from ondo.sample.sampler import Sampler, prompt_logprobs
+from ondo.sampling_params import SamplingParams
+
+logger = logging.getLogger("ondo")
+
+CPU_KV_CACHE_BYTES = 2 << 30      # default KV budget on the CPU
+
+
+class RequestError(ValueError):
+    """A request cannot run (empty or too-long prompt, token id outside the vocabulary...)."""
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = _resolve_device(config.device)
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
+        start_s = time.perf_counter()
+        loaded, self.dtype = load_model(config, self.device)
+        self.model, self.hf_config, self.tokenizer = loaded.model, loaded.hf_config, loaded.tokenizer
+        self.model_name = loaded.name
+        self.load_time_s = time.perf_counter() - start_s
+        self.vocab_size = self.hf_config.vocab_size
+        self.eos_token_ids = self._eos_ids(loaded.generation_config)
+        self.max_model_len = self._max_model_len()
+
+        spec = _kv_spec(self.hf_config, self.dtype)
+        self.num_blocks = self._num_kv_blocks(spec)
+        self.runner = ModelRunner(self.model, spec, self.num_blocks, config.block_size, self.device)
+        self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+        # Without chunked prefill a whole prompt must fit in one step's budget.
+        budget = config.max_num_batched_tokens if config.enable_chunked_prefill else \
+            max(config.max_num_batched_tokens, self.max_model_len)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget, config.enable_chunked_prefill)
+        self.sampler = Sampler()
+        self.groups: dict[str, RequestGroup] = {}
+        self.num_prompt_tokens_total = 0
+        self.num_generated_tokens_total = 0
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.0f MiB); max_model_len %d",
+                    self.num_blocks, config.block_size, self.num_blocks * config.block_size,
+                    self.num_blocks * config.block_size * spec.bytes_per_token() / 2**20, self.max_model_len)
+
+    # ---- start-up ------------------------------------------------------------------------------
+
+    def _eos_ids(self, generation_config: dict) -> frozenset[int]:
+        ids: set[int] = set()
+        eos = generation_config.get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer is not None:
+            ids.update(self.tokenizer.end_of_turn_token_ids)
+        elif getattr(self.hf_config, "eos_token_id", None) is not None:
+            eos = self.hf_config.eos_token_id
+            ids.update(eos if isinstance(eos, list) else [eos])
+        return frozenset(i for i in ids if i is not None)
+
+    def _max_model_len(self) -> int:
+        model_len = next((getattr(self.hf_config, k) for k in ("max_position_embeddings", "n_positions")
+                          if getattr(self.hf_config, k, None)), 2048)
+        if self.config.max_model_len is None:
+            return model_len if self.device.type == "cuda" else min(model_len, 8192)
+        if self.config.max_model_len > model_len:
+            raise RequestError(f"max_model_len must be <= the model's context length ({model_len}), "
+                               f"got {self.config.max_model_len}")
+        return self.config.max_model_len
+
+    def _num_kv_blocks(self, spec: KVCacheSpec) -> int:
+        block_bytes = spec.bytes_per_token() * self.config.block_size
+        budget = self.config.kv_cache_memory_bytes
+        if budget is None and self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(free - total * (1 - self.config.gpu_memory_utilization))
+        elif budget is None:
+            # Enough for max_num_seqs full-length requests, within the CPU default budget.
+            wanted = self.config.max_num_seqs * self.max_model_len * spec.bytes_per_token()
+            budget = min(CPU_KV_CACHE_BYTES, wanted)
+        num_blocks = budget // block_bytes
+        min_blocks = -(-self.max_model_len // self.config.block_size)
+        if num_blocks < min_blocks:
+            raise RequestError(
+                f"the KV cache budget ({budget / 2**20:.1f} MiB) holds {num_blocks * self.config.block_size} tokens, "
+                f"fewer than max_model_len ({self.max_model_len}): raise kv_cache_memory_bytes "
+                f"(or gpu_memory_utilization) or lower max_model_len")
+        return int(num_blocks)
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self.groups:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        prompt_text, prompt_ids = self._tokenize(prompt)
+        params.check_token_ids(self.vocab_size)
+        max_tokens = params.resolve_max_tokens(len(prompt_ids), self.max_model_len)
+        if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise RequestError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) "
+                               f"is longer than the context ({self.max_model_len} tokens)")
+        needed_blocks = -(-(len(prompt_ids) + max_tokens) // self.config.block_size)
+        if needed_blocks > self.num_blocks:
+            raise RequestError(f"the request needs {needed_blocks} KV blocks but the cache has only {self.num_blocks}")
+        best_of = params.best_of or params.n
+        bad_words = params.bad_words_token_ids(self.tokenizer) if self.tokenizer is not None else \
+            [list(w) for w in params.bad_words_ids]
+        eos = frozenset() if params.ignore_eos else self.eos_token_ids
+        group = RequestGroup(request_id, prompt_text, prompt_ids, params.n)
+        now = time.monotonic()
+        for index in range(best_of):
+            child = Request(
+                request_id=request_id if best_of == 1 else f"{request_id}#{index}", group_id=request_id,
+                index=index, prompt_token_ids=prompt_ids, sampling_params=params, max_tokens=max_tokens,
+                min_tokens=min(params.resolve_min_tokens(len(prompt_ids)), max_tokens), eos_token_ids=eos,
+                stop_token_ids=frozenset(params.stop_token_ids), bad_words_token_ids=bad_words,
+                generator=self._generator(params.seed, index), arrival_s=now,
+                prefill_leader=group.children[0] if index else None)
+            if params.logprobs is not None:
+                child.logprobs = []
+            if params.prompt_logprobs is not None:
+                child.prompt_logprobs = [None]
+            if params.detokenize and self.tokenizer is not None:
+                from ondo.engine.detokenizer import IncrementalDetokenizer
+
+                child.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens,
+                                                           params.spaces_between_special_tokens)
+            group.children.append(child)
+            self.scheduler.add(child)
+        self.groups[request_id] = group
+        self.num_prompt_tokens_total += len(prompt_ids)
+
+    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer: give prompts as token id lists")
+            ids = self.tokenizer.encode(prompt)
+            text = prompt
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids, text = list(prompt), None
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise RequestError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[0]}")
+        else:
+            raise RequestError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise RequestError("the prompt is empty: give at least one token")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, "
+                               f"which leaves no room to generate")
+        return text, ids
+
+    def _generator(self, seed: int | None, index: int) -> torch.Generator | None:
+        if seed is None:
+            return None
+        return torch.Generator(device=self.device).manual_seed(seed + index)
+
+    def abort_request(self, request_id: str) -> None:
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return
+        for child in group.children:
+            if not child.is_finished:
+                child.finish_reason = "abort"
+                self.scheduler.finish(child)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    # ---- the step --------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        schedule = self.scheduler.schedule()
+        if schedule.is_empty:
+            return []
+        try:
+            result = self.runner.execute(schedule)
+        except Exception as error:  # a failed forward fails the requests in it, never the engine
+            logger.exception("model forward failed")
+            return self._fail([s.request for s in schedule.scheduled], f"model forward failed: {error}")
+        self.scheduler.update_after_step(schedule)
+        for index, logits in result.prompt_logits.items():
+            self._add_prompt_logprobs(schedule.scheduled[index], logits)
+        sampling = [schedule.scheduled[i].request for i in result.sample_indices]
+        touched: dict[str, RequestGroup] = {}
+        if sampling:
+            touched.update(self._sample(sampling, result.sample_logits))
+        return [out for group in touched.values() if (out := self._emit(group)) is not None]
+
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> dict[str, RequestGroup]:
+        try:
+            outputs = [(requests, self.sampler(logits, requests))]
+        except Exception:  # find the request whose options failed (e.g. a custom logits processor)
+            outputs = []
+            for i, request in enumerate(requests):
+                try:
+                    outputs.append(([request], self.sampler(logits[i:i + 1], [request])))
+                except Exception as error:
+                    self._fail([request], f"sampling failed: {error}")
+        touched = {}
+        for batch, out in outputs:
+            for i, request in enumerate(batch):
+                if request.is_finished:
+                    continue
+                token = out.token_ids[i]
+                append_token(request, token, out.logprobs[i] if out.logprobs else None,
+                             out.top_logprobs[i] if out.top_logprobs else None, self._decode_token)
+                self.num_generated_tokens_total += 1
+                if check_stop(request, token, self.max_model_len):
+                    finalize_text(request)
+                    self.scheduler.finish(request)
+                touched[request.group_id] = self.groups[request.group_id]
+        return touched
+
+    def _emit(self, group: RequestGroup) -> RequestOutput | None:
+        output = group_output(group)
+        if group.finished:
+            self.groups.pop(group.request_id, None)
+        return output
+
+    def _fail(self, requests: list[Request], message: str) -> list[RequestOutput]:
+        outputs = []
+        for request in requests:
+            request.error, request.finish_reason = message, "error"
+            self.scheduler.finish(request)
+            group = self.groups.get(request.group_id)
+            if group is not None and group.finished:
+                outputs.append(self._emit(group))
+        return [o for o in outputs if o is not None]
+
+    def _add_prompt_logprobs(self, item, logits: torch.Tensor) -> None:
+        request = item.request
+        first = request.num_computed_tokens - item.num_new_tokens   # already advanced by update_after_step
+        # Logits at position p predict token p + 1; only prompt tokens are scored here.
+        targets = request.prompt_token_ids[first + 1:min(first + item.num_new_tokens + 1, request.num_prompt_tokens)]
+        if not targets:
+            return
+        k = request.sampling_params.prompt_logprobs
+        scored = prompt_logprobs(logits[:len(targets)], torch.tensor(targets, device=logits.device), k)
+        for target, position in zip(targets, scored):
+            ranked = sorted(position.items(), key=lambda item: item[1], reverse=True)[:k]
+            entry = {tid: Logprob(lp, rank, self._decode_token(tid)) for rank, (tid, lp) in enumerate(ranked, 1)}
+            entry.setdefault(target, Logprob(position[target], None, self._decode_token(target)))
+            request.prompt_logprobs.append(entry)
+
+    def _decode_token(self, token_id: int) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def stats(self) -> dict:
+        blocks = self.block_manager
+        return {
+            "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+            "num_requests": len(self.groups),
+            "kv_cache_usage": blocks.usage, "num_free_blocks": blocks.num_free_blocks,
+            "num_total_blocks": blocks.num_blocks,
+            "prefix_cache_queries": blocks.prefix_queries, "prefix_cache_hits": blocks.prefix_hits,
+            "prefix_cache_hit_rate": blocks.prefix_hits / blocks.prefix_queries if blocks.prefix_queries else 0.0,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens_total": self.num_prompt_tokens_total,
+            "generation_tokens_total": self.num_generated_tokens_total,
+        }
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RequestError(f"device {name!r} was asked for but no CUDA GPU is available")
+    return device
+
+
+def _kv_spec(hf_config, dtype: torch.dtype) -> KVCacheSpec:
+    num_heads = getattr(hf_config, "num_attention_heads", None) or hf_config.n_head
+    hidden = getattr(hf_config, "hidden_size", None) or hf_config.n_embd
+    head_dim = getattr(hf_config, "head_dim", None) or hidden // num_heads
+    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+    num_layers = getattr(hf_config, "num_hidden_layers", None) or hf_config.n_layer
+    return KVCacheSpec(num_layers, num_kv_heads, head_dim, dtype)

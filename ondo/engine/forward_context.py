@@ -1,0 +1,34 @@
+"""The per-step context that attention layers read: models see tensors, never requests."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from ondo.layers.attention import AttentionMetadata
+
+
+@dataclass
+class ForwardContext:
+    attn_metadata: AttentionMetadata
+    kv_caches: list[torch.Tensor]   # per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
+
+
+_current: ForwardContext | None = None
+
+
+def get_forward_context() -> ForwardContext:
+    if _current is None:
+        raise RuntimeError("attention ran outside a forward context: call the model through the ModelRunner")
+    return _current
+
+
+@contextmanager
+def set_forward_context(context: ForwardContext):
+    global _current
+    previous, _current = _current, context
+    try:
+        yield context
+    finally:
+        _current = previous

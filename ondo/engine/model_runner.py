@@ -1,0 +1,106 @@
+"""Turns a SchedulerOutput into one flat token batch, runs the model once, and returns logits.
+
+No padding: the tokens of every scheduled request are concatenated; positions, the slot mapping and
+the attention metadata tell the attention layers which tokens belong together.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ondo.engine.forward_context import ForwardContext, set_forward_context
+from ondo.engine.scheduler import SchedulerOutput
+from ondo.layers.attention import AttentionMetadata
+
+
+@dataclass
+class ModelRunnerOutput:
+    sample_logits: torch.Tensor                  # [num_sampling_requests, vocab] float32, in schedule order
+    sample_indices: list[int]                    # which scheduled items sample (indices into scheduled)
+    prompt_logits: dict[int, torch.Tensor]       # scheduled index -> [num_new_tokens, vocab] for prompt_logprobs
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, spec: KVCacheSpec, num_blocks: int, block_size: int,
+                 device: torch.device):
+        self.model, self.spec, self.device = model, spec, device
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+        self.pin_memory = device.type == "cuda"
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
+        input_ids, positions, meta, sample_rows, sample_indices = self._prepare(output)
+        with set_forward_context(ForwardContext(meta, self.kv_caches)):
+            hidden = self.model(input_ids, positions)                    # [T, hidden]
+        prompt_logits = {}
+        start = 0
+        for i, item in enumerate(output.scheduled):
+            if item.request.wants_prompt_logprobs and item.request.num_computed_tokens < item.request.num_prompt_tokens:
+                prompt_logits[i] = self.model.compute_logits(hidden[start:start + item.num_new_tokens])
+            start += item.num_new_tokens
+        sample_logits = self.model.compute_logits(hidden[sample_rows])   # [num_sampling, vocab]
+        return ModelRunnerOutput(sample_logits, sample_indices, prompt_logits)
+
+    def _prepare(self, output: SchedulerOutput):
+        scheduled = output.scheduled
+        num_tokens = output.num_batched_tokens
+        input_ids = np.empty(num_tokens, dtype=np.int64)
+        positions = np.empty(num_tokens, dtype=np.int64)
+        query_lens, seq_lens, tables = [], [], []
+        sample_rows, sample_indices = [], []
+        start = 0
+        for i, item in enumerate(scheduled):
+            request, n = item.request, item.num_new_tokens
+            first = request.num_computed_tokens
+            input_ids[start:start + n] = request.token_ids(first, first + n)
+            positions[start:start + n] = np.arange(first, first + n)
+            query_lens.append(n)
+            seq_lens.append(first + n)
+            tables.append(request.block_table)
+            if item.samples:
+                sample_rows.append(start + n - 1)
+                sample_indices.append(i)
+            start += n
+        table_array = np.array(tables[0] if len(tables) == 1 else _pad(tables), dtype=np.int32).reshape(len(tables), -1)
+        block_ids = table_array[np.repeat(np.arange(len(tables)), query_lens), positions // self.block_size]
+        slot_mapping = block_ids.astype(np.int64) * self.block_size + positions % self.block_size
+        query_start_loc = np.zeros(len(scheduled) + 1, dtype=np.int32)
+        np.cumsum(query_lens, out=query_start_loc[1:])
+        meta = AttentionMetadata(
+            slot_mapping=self._to_device(slot_mapping),
+            query_start_loc=self._to_device(query_start_loc),
+            seq_lens=self._to_device(np.array(seq_lens, dtype=np.int32)),
+            block_tables=self._to_device(table_array),
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
+            is_decode=max(query_lens) == 1)
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        return self._to_device(input_ids), self._to_device(positions), meta, rows, sample_indices
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cpu":
+            return tensor
+        if self.pin_memory:
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
+
+def _pad(tables: list[list[int]]) -> list[list[int]]:
+    width = max(len(t) for t in tables)
+    return [t + [0] * (width - len(t)) for t in tables]

@@ -1,0 +1,134 @@
+"""Token-budget scheduling, one rule for everything (as vLLM's v1).
+
+Each request has `num_computed_tokens` and a target, `num_tokens` (prompt + output so far). Every step
+hands out at most `max_num_batched_tokens` new tokens so that computed catches up with target:
+prefill, chunked prefill, decode and prefix-cache hits are all that rule. Running requests are
+served first; when the block pool runs dry the newest running request is preempted (its blocks
+freed, its tokens kept) and recomputed later, so nothing is lost.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from ondo.engine.block_manager import BlockManager
+from ondo.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int      # tokens computed this step, starting at request.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the end of the known tokens, so a new token is sampled."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    num_batched_tokens: int
+    preempted: list[Request]
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 enable_chunked_prefill: bool = True):
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+
+        for request in list(self.running):
+            if budget == 0 or request in preempted:
+                continue
+            num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new == 0:
+                continue
+            while not self.blocks.allocate(request, request.num_computed_tokens + num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            if request in preempted:
+                continue
+            scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+
+        if not preempted:  # admit new work only when the running set is not short of blocks
+            self._admit_waiting(scheduled, budget)
+        return SchedulerOutput(scheduled, sum(s.num_new_tokens for s in scheduled), preempted)
+
+    def _admit_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> None:
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting.popleft()
+            leader = request.prefill_leader
+            if leader is not None and not leader.is_finished and leader.num_computed_tokens < leader.num_prompt_tokens:
+                skipped.append(request)   # wait for the sibling's prompt blocks to share them
+                continue
+            if request.num_computed_tokens == 0 and not request.block_table:
+                request.num_computed_tokens = self.blocks.match_prefix(request)
+                request.num_cached_tokens = request.num_computed_tokens
+            num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new == 0 or not self.blocks.allocate(request, request.num_computed_tokens + num_new):
+                self.waiting.appendleft(request)
+                break
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
+
+    def _chunk(self, num_remaining: int, budget: int) -> int:
+        if num_remaining <= budget:
+            return num_remaining
+        return budget if self.enable_chunked_prefill else 0
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.blocks.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def update_after_step(self, output: SchedulerOutput) -> None:
+        """The forward ran: advance computed counts and publish newly full blocks to the prefix cache."""
+        for item in output.scheduled:
+            item.request.num_computed_tokens += item.num_new_tokens
+            self.blocks.cache_full_blocks(item.request)
+
+    def finish(self, request: Request) -> None:
+        """Remove a finished or aborted request and free its blocks."""
+        request.status = RequestStatus.FINISHED
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            try:
+                self.waiting.remove(request)
+            except ValueError:
+                pass
+        self.blocks.free(request)

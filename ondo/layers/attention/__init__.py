@@ -1,0 +1,73 @@
+"""Paged attention: the layer models call, the metadata the runner builds, and backend selection.
+
+A backend writes the step's new K/V into the paged cache and attends every query to the cached keys
+of its own sequence (causal, optional sliding window and soft-capping). `torch_backend` is the
+portable reference; fast GPU backends implement the same `forward` signature.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor      # [num_tokens] int64: cache slot (block * block_size + offset) of each new token
+    query_start_loc: torch.Tensor   # [num_seqs + 1] int32: seq i's queries are tokens [qsl[i], qsl[i+1])
+    seq_lens: torch.Tensor          # [num_seqs] int32: tokens of each sequence after this step (cached + new)
+    block_tables: torch.Tensor      # [num_seqs, max_blocks] int32: block ids, padded with 0
+    max_query_len: int
+    max_seq_len: int
+    query_lens_cpu: list[int]       # host copies, so the portable backend never syncs with the device
+    seq_lens_cpu: list[int]
+    is_decode: bool                 # every sequence has exactly one query token
+
+
+class AttentionBackend(Protocol):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, *, scale: float, sliding_window: int | None,
+                logit_softcap: float | None) -> torch.Tensor: ...
+
+
+_backend: AttentionBackend | None = None
+
+
+def set_attention_backend(backend: AttentionBackend) -> None:
+    """Chosen once by the model runner for the device it runs on."""
+    global _backend
+    _backend = backend
+
+
+def get_attention_backend() -> AttentionBackend:
+    global _backend
+    if _backend is None:
+        from ondo.layers.attention.torch_backend import TorchAttentionBackend
+        _backend = TorchAttentionBackend()
+    return _backend
+
+
+class Attention(nn.Module):
+    """Multi-head attention over the paged KV cache of layer `layer_idx` (GQA when num_kv_heads < num_heads)."""
+
+    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int, layer_idx: int,
+                 sliding_window: int | None = None, logit_softcap: float | None = None):
+        super().__init__()
+        self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
+        self.scale, self.layer_idx = scale, layer_idx
+        self.sliding_window, self.logit_softcap = sliding_window, logit_softcap
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from ondo.engine.forward_context import get_forward_context
+
+        context = get_forward_context()
+        num_tokens = q.shape[0]
+        out = get_attention_backend().forward(
+            q.view(num_tokens, self.num_heads, self.head_dim),        # [T, H, D]
+            k.view(num_tokens, self.num_kv_heads, self.head_dim),     # [T, KVH, D]
+            v.view(num_tokens, self.num_kv_heads, self.head_dim),
+            context.kv_caches[self.layer_idx], context.attn_metadata,
+            scale=self.scale, sliding_window=self.sliding_window, logit_softcap=self.logit_softcap)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -1,0 +1,79 @@
+"""Portable paged attention in plain PyTorch: the reference every fast backend is tested against.
+
+Decode steps (one query per sequence) run as one batched attention over the gathered, padded K/V;
+sequences with several queries (prefill chunks) run one at a time. Works on CPU and GPU.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ondo.layers.attention import AttentionMetadata
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    num_kv_heads, head_dim = k.shape[1:]
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the first `num_tokens` positions of each sequence: [num_seqs, num_tokens, KVH, D] each."""
+    num_seqs = block_tables.shape[0]
+    block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
+    num_blocks = -(-num_tokens // block_size)
+    blocks = kv_cache[:, block_tables[:, :num_blocks].long()]  # [2, S, nb, block_size, KVH, D]
+    kv = blocks.reshape(2, num_seqs, num_blocks * block_size, num_kv_heads, head_dim)[:, :, :num_tokens]
+    return kv[0], kv[1]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+           logit_softcap: float | None) -> torch.Tensor:
+    """q [S, H, Q, D], k/v [S, KVH, K, D], mask [S, 1, Q, K] bool (True = may attend) -> [S, H, Q, D]."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if logit_softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale      # [S, H, Q, K]
+    scores = logit_softcap * torch.tanh(scores / logit_softcap)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+
+
+def visibility_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, seq_lens: torch.Tensor,
+                    sliding_window: int | None) -> torch.Tensor:
+    """query_pos [S, Q], key_pos [K], seq_lens [S] -> [S, 1, Q, K]: causal, inside the sequence and the window."""
+    qp, kp = query_pos[:, :, None], key_pos[None, None, :]
+    mask = (kp <= qp) & (kp < seq_lens[:, None, None])
+    if sliding_window is not None:
+        mask &= (qp - kp) < sliding_window
+    return mask[:, None]
+
+
+class TorchAttentionBackend:
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, *, scale, sliding_window, logit_softcap):
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+        if meta.is_decode:
+            return self._decode(q, kv_cache, meta, scale, sliding_window, logit_softcap)
+        out = torch.empty_like(q)
+        start = 0
+        for i, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+            seq_q = q[start:start + query_len]                                   # [Q, H, D]
+            keys, values = gather_kv(kv_cache, meta.block_tables[i:i + 1], seq_len)  # [1, K, KVH, D]
+            query_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)[None]
+            key_pos = torch.arange(seq_len, device=q.device)
+            mask = visibility_mask(query_pos, key_pos, meta.seq_lens[i:i + 1].to(q.device), sliding_window)
+            o = attend(seq_q.transpose(0, 1)[None], keys.transpose(1, 2), values.transpose(1, 2),
+                       mask, scale, logit_softcap)                               # [1, H, Q, D]
+            out[start:start + query_len] = o[0].transpose(0, 1)
+            start += query_len
+        return out
+
+    def _decode(self, q, kv_cache, meta, scale, sliding_window, logit_softcap):
+        keys, values = gather_kv(kv_cache, meta.block_tables, meta.max_seq_len)   # [S, K, KVH, D]
+        seq_lens = meta.seq_lens.to(q.device).long()
+        key_pos = torch.arange(meta.max_seq_len, device=q.device)
+        mask = visibility_mask((seq_lens - 1)[:, None], key_pos, seq_lens, sliding_window)
+        o = attend(q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2), mask, scale, logit_softcap)
+        return o[:, :, 0]                                                        # [S, H, D]

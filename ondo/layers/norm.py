@@ -1,0 +1,31 @@
+"""RMSNorm (Llama, Qwen) and its Gemma variant, with the residual add folded in."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * (offset + weight), computed in float32 like transformers.
+
+    Gemma stores `weight` as a delta from 1 (offset=1.0); Llama and Qwen store the scale itself.
+    With `residual`, computes x = x + residual first and returns (normed, x): the pre-norm block pattern.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, offset: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden_size) if offset else torch.ones(hidden_size))
+        self.eps, self.offset = eps, offset
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma multiplies in float32 before casting back
+            return (normed * (self.offset + self.weight.float())).to(x.dtype)
+        return self.weight * normed.to(x.dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x

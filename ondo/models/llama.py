@@ -1,0 +1,112 @@
+"""Llama family: Llama 2/3.x, Mistral, SmolLM2, open_llama. Parameter names follow transformers'
+LlamaForCausalLM; q/k/v and gate/up are merged into one matrix each (see models/weights.py)."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ondo.layers.activation import GatedActivation
+from ondo.layers.attention import Attention
+from ondo.layers.linear import MergedLinear
+from ondo.layers.norm import RMSNorm
+from ondo.layers.rotary import RotaryEmbedding, apply_rotary
+from ondo.models.weights import LLAMA_STACKED, load_weights
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool, sliding_window: int | None = None):
+        super().__init__()
+        self.head_dim = head_dim_of(config)
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=o_bias)
+        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads,
+                              layer_idx, sliding_window=sliding_window)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))     # [T, H*D], [T, KVH*D], [T, KVH*D]
+        q, k = self.rotate(q, k, cos, sin)
+        return self.o_proj(self.attn(q, k, v))
+
+    def rotate(self, q, k, cos, sin):
+        return apply_rotary(q, cos, sin, self.head_dim), apply_rotary(k, cos, sin, self.head_dim)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config, bias: bool = False):
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=bias)
+        self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
+        self.act = GatedActivation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, attention: nn.Module | None = None):
+        super().__init__()
+        bias = getattr(config, "attention_bias", False)
+        sliding_window = getattr(config, "sliding_window", None)
+        self.self_attn = attention or LlamaAttention(config, layer_idx, qkv_bias=bias, o_bias=bias,
+                                                     sliding_window=sliding_window)
+        self.mlp = LlamaMLP(config, bias=getattr(config, "mlp_bias", False))
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden, residual, cos, sin):
+        hidden, residual = self.input_layernorm(hidden, residual) if residual is not None else \
+            (self.input_layernorm(hidden), hidden)
+        hidden = self.self_attn(hidden, cos, sin)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, layer_cls=LlamaDecoderLayer):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(layer_cls(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config, head_dim_of(config))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)                  # [T, hidden]
+        cos, sin = self.rotary_emb(positions, hidden.dtype)    # [T, rot_dim]
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, cos, sin)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    stacked_params = LLAMA_STACKED
+    model_cls = LlamaModel
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = self.model_cls(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()                    # [n, vocab]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        tied = getattr(self.config, "tie_word_embeddings", False)
+        weights = ((n, t) for n, t in weights if not (tied and n == "lm_head.weight"))
+        return load_weights(self, weights, self.stacked_params)

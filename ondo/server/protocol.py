@@ -1,0 +1,242 @@
+"""The HTTP API's request and response bodies: OpenAI's shapes plus ondo's decoding extras.
+
+Requests forbid unknown fields and check types strictly (a string is not a number), so a typo
+is a 400 that names the field instead of an option silently ignored. OpenAI fields that ondo
+does not implement (tools, response_format, ...) are declared so that setting one gets a 400
+saying so (see `unsupported_fields`). Value ranges are checked by `SamplingParams`, the single
+place that knows them, so the API and the offline engine answer a bad value the same way.
+"""
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+
+def _integral_float_to_int(value: Any) -> Any:
+    # JSON clients sometimes send 5.0 for 5; anything else must already be an int.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_integral_float_to_int)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class SamplingFields(_Request):
+    """Decoding options shared by /v1/completions and /v1/chat/completions."""
+
+    model: str | None = Field(None, description="Must name the served model when given.")
+    n: Int = Field(1, description="Choices returned for each prompt.")
+    best_of: Int | None = Field(None, description="Sequences generated; the n most likely are returned.")
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: Int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: Int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100].")
+    user: str | None = Field(None, description="Accepted for compatibility; not used.")
+    # ondo's extras (vLLM's names).
+    top_k: Int | None = Field(None, description="-1 = off, else >= 1.")
+    min_p: float | None = None
+    typical_p: float | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: Int | None = None
+    min_tokens: Int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[Int] | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    bad_words: list[str] | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[Int] | list[list[Int]]
+    echo: bool = False
+    logprobs: Int | None = Field(None, description="Top log-probs returned per token (0..20).")
+    suffix: str | None = Field(None, description="Not supported.")
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = Field(
+        None, description="Text, or a list of {\"type\": \"text\", \"text\": ...} parts.")
+    name: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: Int | None = None
+    logprobs: bool = False
+    top_logprobs: Int | None = Field(None, description="0..20; needs logprobs=true.")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Extra variables for the chat template (e.g. enable_thinking).")
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    # OpenAI fields ondo does not implement: a 400 when set to anything but their neutral value.
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+    service_tier: Any = None
+    store: Any = None
+    metadata: Any = None
+
+
+# Neutral values of unsupported fields: sending them changes nothing, so they are accepted.
+_NEUTRAL = {
+    "tool_choice": ("none",),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+    "service_tier": ("auto", "default"),
+    "store": (False,),
+}
+_UNSUPPORTED = ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
+                "response_format", "audio", "modalities", "prediction", "reasoning_effort",
+                "web_search_options", "service_tier", "store", "metadata", "suffix")
+
+
+def unsupported_fields(request: BaseModel) -> list[str]:
+    """Names of the OpenAI fields set on `request` that ondo does not implement."""
+    names = []
+    for name in _UNSUPPORTED:
+        value = getattr(request, name, None)
+        if value is not None and value not in _NEUTRAL.get(name, ()):
+            names.append(name)
+    return names
+
+
+class TokenizeRequest(_Request):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[Int]
+
+
+# ---- responses -----------------------------------------------------------------------------------
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = Field(None, description="The stop string or token id that ended it.")
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "ondo"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

@@ -1,0 +1,198 @@
+"""The tokenizer ondo runs with: a thin, uniform wrapper over a Hugging Face tokenizer.
+
+`load_tokenizer` accepts a Hugging Face model folder (tokenizer.json / tokenizer_config.json /
+vocabulary files) or a `.gguf` file, whose embedded vocabulary is converted to a fast tokenizer.
+Everything the engine needs -- special ids, the tokens that end a chat turn, encode/decode and
+chat templating -- is exposed on `Tokenizer` so the rest of ondo never branches on the source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from ondo.tokenizer.chat_template import (
+    ChatTemplateError,
+    render_chat_template,
+    resolve_chat_template,
+)
+
+# Tokens with which common chat templates close a turn. A model that emits one of them has
+# finished its answer even when its configured EOS is a different token.
+_END_OF_TURN_TOKENS = (
+    "<|im_end|>",  # ChatML: Qwen, SmolLM
+    "<|eot_id|>",  # Llama 3
+    "<|eom_id|>",  # Llama 3 tool calls
+    "<end_of_turn>",  # Gemma
+    "<|end|>",  # Phi 3
+    "<|endoftext|>",
+    "</s>",
+    "<|end_of_text|>",
+)
+
+
+class Tokenizer:
+    """A loaded tokenizer plus the chat template and stop tokens the model uses."""
+
+    def __init__(
+        self,
+        hf: PreTrainedTokenizerBase,
+        *,
+        chat_template: str | None = None,
+        extra_eos_token_ids: list[int] | tuple[int, ...] = (),
+    ) -> None:
+        self.hf = hf
+        self.vocab_size: int = len(hf)
+        self.bos_token_id: int | None = hf.bos_token_id
+        self.eos_token_id: int | None = hf.eos_token_id
+        self.chat_template: str | None = chat_template if chat_template is not None else _hf_template(hf)
+        self.all_special_ids: frozenset[int] = frozenset(hf.all_special_ids)
+        self.end_of_turn_token_ids: frozenset[int] = self._find_end_of_turn_ids(extra_eos_token_ids)
+
+    def _find_end_of_turn_ids(self, extra_eos_token_ids) -> frozenset[int]:
+        ids = {i for i in extra_eos_token_ids if 0 <= i < self.vocab_size}
+        if self.eos_token_id is not None:
+            ids.add(self.eos_token_id)
+        template = self.chat_template or ""
+        vocab = self.hf.get_vocab()
+        for token in _END_OF_TURN_TOKENS:
+            # Only tokens the template really closes turns with: a base model's "</s>" is
+            # already its EOS, and an unrelated special token must not stop generation.
+            if token in template and token in vocab:
+                ids.add(vocab[token])
+        return frozenset(ids)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        # A prompt rendered by a chat template often starts with the BOS text already; the
+        # tokenizer then adds a second BOS, which degrades many models. Keep exactly one.
+        bos = self.bos_token_id
+        if add_special_tokens and bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+            ids = ids[1:]
+        return ids
+
+    def decode(
+        self,
+        ids: list[int],
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> str:
+        if not spaces_between_special_tokens and not skip_special_tokens:
+            # Fast tokenizers have no such switch: join the pieces between special tokens.
+            return _decode_without_special_spaces(self, ids)
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
+        **template_kwargs: Any,
+    ) -> str:
+        """The conversation rendered by the model's chat template, as text."""
+        if self.chat_template is None:
+            raise ChatTemplateError(
+                "this model has no chat template: use a raw text prompt (generate) or pass "
+                "--chat-template / chat_template=<jinja string or file>"
+            )
+        return render_chat_template(
+            self.hf,
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+            **template_kwargs,
+        )
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
+        **template_kwargs: Any,
+    ) -> list[int]:
+        """The conversation rendered by the chat template, as prompt token ids."""
+        text = self.render_chat(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+            **template_kwargs,
+        )
+        # The template writes BOS itself where the model wants one (as transformers assumes).
+        return self.encode(text, add_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token_id}, eos={self.eos_token_id}, "
+            f"end_of_turn={sorted(self.end_of_turn_token_ids)}, chat_template={self.chat_template is not None})"
+        )
+
+
+def _hf_template(hf: PreTrainedTokenizerBase) -> str | None:
+    template = getattr(hf, "chat_template", None)
+    if isinstance(template, dict):
+        # Several named templates: the "default" one is what a plain chat uses.
+        template = template.get("default") or next(iter(template.values()), None)
+    return template or None
+
+
+def _decode_without_special_spaces(tokenizer: Tokenizer, ids: list[int]) -> str:
+    special = tokenizer.all_special_ids
+    pieces: list[str] = []
+    run: list[int] = []
+    for token_id in ids:
+        if token_id in special:
+            if run:
+                pieces.append(tokenizer.hf.decode(run, skip_special_tokens=False))
+                run = []
+            pieces.append(tokenizer.hf.convert_ids_to_tokens(token_id))
+        else:
+            run.append(token_id)
+    if run:
+        pieces.append(tokenizer.hf.decode(run, skip_special_tokens=False))
+    return "".join(pieces)
+
+
+def _generation_config_eos_ids(folder: Path) -> list[int]:
+    """EOS ids listed in generation_config.json (Llama 3 lists several)."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return []
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    if eos is None:
+        return []
+    return [int(i) for i in (eos if isinstance(eos, list) else [eos])]
+
+
+def load_tokenizer(source: str | os.PathLike, *, chat_template: str | None = None) -> Tokenizer:
+    """Load the tokenizer of a Hugging Face model folder or a GGUF file.
+
+    `chat_template` (a jinja string or the path of a file holding one) replaces the model's own.
+    """
+    path = Path(source)
+    override = resolve_chat_template(chat_template)
+    if path.is_file() and path.suffix == ".gguf":
+        from ondo.loader.gguf import load_gguf_tokenizer
+
+        tokenizer = load_gguf_tokenizer(path)
+        if override is not None:
+            tokenizer = Tokenizer(tokenizer.hf, chat_template=override,
+                                  extra_eos_token_ids=tuple(tokenizer.end_of_turn_token_ids))
+        return tokenizer
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer source must be a model folder or a .gguf file, got {str(source)!r}")
+    hf = AutoTokenizer.from_pretrained(str(path))
+    return Tokenizer(hf, chat_template=override, extra_eos_token_ids=_generation_config_eos_ids(path))
