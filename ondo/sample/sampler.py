@@ -1,44 +1,311 @@
-"""Batched sampler (first version: greedy and temperature)."""
+"""The batched sampler: one call per engine step turns each request's logits into its next token.
+
+Processors run in this fixed order (each is skipped when no request in the batch uses it, and
+runs only on the rows that do when some do not):
+
+ 1. custom `logits_processors` of the request, in the order given: `fn(output_token_ids, logits)`
+    (or `fn(prompt_token_ids, output_token_ids, logits)`), logits `[vocab]`
+ 2. `repetition_penalty` (transformers' form, over prompt and output tokens), then
+    `presence_penalty` and `frequency_penalty` (OpenAI's form, over output tokens only)
+ 3. `no_repeat_ngram_size` (over prompt and output tokens)
+ 4. bad words (`Request.bad_words_token_ids`, matched against prompt and output tokens)
+ 5. `logit_bias`
+ 6. `allowed_token_ids`
+ 7. minimum length: EOS and stop token ids get -inf until `Request.min_tokens` tokens exist
+
+If these leave a row without any finite logit (contradicting options, e.g. allowed_token_ids
+that are all bad words), that row falls back to its raw logits rather than sampling garbage.
+Greedy rows then take the argmax. Sampling rows go on with
+
+ 8. temperature -> top_k -> top_p -> min_p -> typical_p -> epsilon_cutoff -> eta_cutoff
+ 9. sampling by exponential race, `argmax(probs / Exp(1) noise)`: a row whose request has a
+    `generator` draws its noise from it alone, so a seeded request yields the same tokens alone
+    and inside any batch; the other rows share torch's default generator.
+
+Log-probabilities are the raw `log_softmax` of the model's logits, before any processor
+(vLLM's default "raw_logprobs"): they describe the model, not the decoding options.
+
+Everything stays on `logits.device`; the only device -> host copy is the final `.tolist()`.
+"""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
+
+from ondo.sample import logits_processors as lp
 
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]
-    logprobs: list[float] | None
-    top_logprobs: list[list[tuple[int, float]]] | None
+    token_ids: list[int]  # the chosen token of each request
+    logprobs: list[float] | None  # raw log-prob of each chosen token; None when nobody needs them
+    top_logprobs: list[list[tuple[int, float]]] | None  # the top `logprobs=k` (token, log-prob) per
+    # request, most likely first ([] for requests that asked for none); None when nobody asked
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, requests: list) -> SamplerOutput:
-        raw_logprobs = torch.log_softmax(logits, dim=-1)  # [num_reqs, vocab]
-        greedy = torch.tensor([r.sampling_params.greedy for r in requests], device=logits.device)
-        temps = torch.tensor([max(r.sampling_params.temperature, 1e-5) for r in requests],
-                             device=logits.device, dtype=logits.dtype)
-        probs = torch.softmax(logits / temps[:, None], dim=-1)
-        noise = torch.empty_like(probs)
-        for i, r in enumerate(requests):
-            noise[i].exponential_(generator=r.generator)
-        sampled = (probs / noise).argmax(dim=-1)
-        tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
-        chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0]
-        return SamplerOutput(tokens.tolist(), chosen.tolist(), None)
+    """`Sampler()(logits [num_requests, vocab] float32, requests) -> SamplerOutput`.
+
+    A request provides: sampling_params, prompt_token_ids, output_token_ids, generator,
+    eos_token_ids (empty when ignore_eos), stop_token_ids, bad_words_token_ids, min_tokens,
+    num_output_tokens (see docs/architecture.md, "Sampler")."""
+
+    def __call__(self, logits: torch.Tensor, requests: Sequence[Any]) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != len(requests):
+            raise ValueError(f"logits must be [num_requests={len(requests)}, vocab], "
+                             f"got {tuple(logits.shape)}")
+        raw_logits = logits
+        logits = self.apply_processors(logits, requests)
+        token_ids = self._choose(logits, requests)
+        return _pack_output(raw_logits, token_ids, requests)
+
+    # ---- steps 1-7: processors shared by greedy and sampling rows ------------------------------
+
+    def apply_processors(self, logits: torch.Tensor, requests: Sequence[Any]) -> torch.Tensor:
+        """Steps 1-7 (see the module docstring); returns new logits, the input is left intact."""
+        vocab_size = logits.shape[1]
+        device = logits.device
+        params = [r.sampling_params for r in requests]
+        raw_logits = logits
+        masked = False  # did a processor put -inf anywhere? (then check for empty rows)
+
+        custom = [i for i, p in enumerate(params) if p.logits_processors]
+        if custom:
+            logits = logits.clone()  # user code may edit in place; the raw logits stay intact
+            for i in custom:
+                for fn in params[i].logits_processors:
+                    logits[i] = _call_custom(fn, requests[i], logits[i])
+            masked = True
+
+        rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        if rows:
+            history = [_history(requests[i]) for i in rows]
+            seen = lp.token_presence(lp.padded_right(history, vocab_size, device), vocab_size)
+            penalty = _row_values(params, rows, "repetition_penalty", device)
+            logits = _on_rows(logits, rows, lambda x: lp.apply_repetition_penalty(x, seen, penalty))
+
+        rows = [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
+        if rows:
+            outputs = [requests[i].output_token_ids for i in rows]
+            counts = lp.token_counts(lp.padded_right(outputs, vocab_size, device), vocab_size)
+            presence = _row_values(params, rows, "presence_penalty", device)
+            frequency = _row_values(params, rows, "frequency_penalty", device)
+            logits = _on_rows(logits, rows, lambda x: lp.apply_presence_frequency(
+                x, counts, presence, frequency))
+
+        for size in sorted({p.no_repeat_ngram_size for p in params} - {0}):
+            rows = [i for i, p in enumerate(params) if p.no_repeat_ngram_size == size]
+            sequences = lp.padded_left([_history(requests[i]) for i in rows], -1, device)
+            logits = _on_rows(logits, rows, lambda x: lp.apply_no_repeat_ngram(x, sequences, size))
+            masked = True
+
+        rows = [i for i, r in enumerate(requests) if r.bad_words_token_ids]
+        if rows:
+            logits = _on_rows(logits, rows, _bad_words_step([requests[i] for i in rows], device))
+            masked = True
+
+        entries = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items()]
+        if entries:
+            row_ids, token_ids, bias = zip(*entries)
+            logits = lp.apply_logit_bias(logits, _long(row_ids, device), _long(token_ids, device),
+                                         torch.tensor(bias, dtype=logits.dtype).to(device))
+
+        entries = [(i, t) for i, p in enumerate(params) for t in (p.allowed_token_ids or ())]
+        if entries:
+            row_ids, token_ids = zip(*entries)
+            restricted = [p.allowed_token_ids is not None for p in params]
+            logits = lp.apply_allowed_tokens(logits, _long(row_ids, device), _long(token_ids, device),
+                                             torch.tensor(restricted).to(device))
+            masked = True
+
+        entries = [(i, t) for i, r in enumerate(requests) if _short_of_minimum(r)
+                   for t in set(r.eos_token_ids) | set(r.stop_token_ids)]
+        if entries:
+            row_ids, token_ids = zip(*entries)
+            logits = lp.apply_token_ban(logits, _long(row_ids, device), _long(token_ids, device))
+            masked = True
+
+        if masked:
+            empty = torch.isneginf(logits).all(dim=-1, keepdim=True)  # [rows, 1]
+            logits = torch.where(empty, raw_logits, logits)
+        return logits
+
+    # ---- steps 8-9: greedy argmax or warpers + sampling ----------------------------------------
+
+    def _choose(self, logits: torch.Tensor, requests: Sequence[Any]) -> torch.Tensor:
+        params = [r.sampling_params for r in requests]
+        sampling = [i for i, p in enumerate(params) if not p.greedy]
+        if not sampling:
+            return logits.argmax(dim=-1)  # [rows]
+        if len(sampling) == len(requests):
+            return draw(warp(logits, params), [r.generator for r in requests])
+        token_ids = logits.argmax(dim=-1)  # [rows]; the sampling rows are overwritten below
+        index = _long(sampling, logits.device)
+        sampled = draw(warp(logits.index_select(0, index), [params[i] for i in sampling]),
+                       [requests[i].generator for i in sampling])
+        return token_ids.index_copy(0, index, sampled)
 
 
-def prompt_logprobs(logits: torch.Tensor, target_ids: torch.Tensor, k: int):
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logp.gather(1, target_ids[:, None])[:, 0].tolist()
-    top = logp.topk(k, dim=-1) if k > 0 else None
-    out = []
-    for i, t in enumerate(target_ids.tolist()):
-        d = {t: chosen[i]}
-        if top is not None:
-            for v, j in zip(top.values[i].tolist(), top.indices[i].tolist()):
-                d.setdefault(j, v)
-        out.append(d)
-    return out
+def warp(logits: torch.Tensor, params: Sequence[Any]) -> torch.Tensor:
+    """Step 8 on the logits of sampling rows: temperature -> top_k -> top_p -> min_p ->
+    typical_p -> epsilon_cutoff -> eta_cutoff, each only when a row uses it."""
+    device = logits.device
+    all_rows = range(len(params))
+    if any(p.temperature != 1.0 for p in params):
+        logits = lp.apply_temperature(logits, _row_values(params, all_rows, "temperature", device))
+    use_top_k = any(p.top_k != -1 for p in params)
+    use_top_p = any(p.top_p < 1.0 for p in params)
+    if use_top_k or use_top_p:
+        top_k = (_long([p.top_k if p.top_k != -1 else logits.shape[1] for p in params], device)
+                 if use_top_k else None)
+        top_p = _row_values(params, all_rows, "top_p", device) if use_top_p else None
+        logits = lp.apply_top_k_top_p(logits, top_k, top_p)
+    if any(p.min_p > 0 for p in params):
+        logits = lp.apply_min_p(logits, _row_values(params, all_rows, "min_p", device))
+    rows = [i for i, p in enumerate(params) if p.typical_p < 1.0]
+    if rows:
+        mass = _row_values(params, rows, "typical_p", device)
+        logits = _on_rows(logits, rows, lambda x: lp.apply_typical(x, mass))
+    if any(p.epsilon_cutoff > 0 for p in params):
+        epsilon = _row_values(params, all_rows, "epsilon_cutoff", device)
+        logits = lp.apply_epsilon_cutoff(logits, epsilon)
+    if any(p.eta_cutoff > 0 for p in params):
+        logits = lp.apply_eta_cutoff(logits, _row_values(params, all_rows, "eta_cutoff", device))
+    return logits
+
+
+def draw(logits: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Step 9: one token per row from softmax(logits), by exponential race. A row with a
+    generator takes its noise from that generator alone (always vocab draws per step)."""
+    probs = logits.softmax(dim=-1)  # [rows, vocab]
+    noise = torch.empty_like(probs)  # [rows, vocab]: Exp(1) draws
+    if any(g is None for g in generators):
+        noise.exponential_()
+    for row, generator in enumerate(generators):
+        if generator is None:
+            continue
+        if generator.device.type == noise.device.type:
+            noise[row].exponential_(generator=generator)
+        else:  # a host generator for device logits: draw on its device, then copy
+            draws = torch.empty(noise.shape[1], device=generator.device)
+            noise[row].copy_(draws.exponential_(generator=generator))
+    # An Exp(1) draw can be exactly 0; the floor keeps probs / noise finite (and 0 for p = 0).
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    return (probs / noise).argmax(dim=-1)  # [rows]
+
+
+def _pack_output(raw_logits: torch.Tensor, token_ids: torch.Tensor,
+                 requests: Sequence[Any]) -> SamplerOutput:
+    """Chosen tokens and, when asked, their raw log-probs and the top-k, in one host copy."""
+    params = [r.sampling_params for r in requests]
+    need_logprobs = any(p.logprobs is not None or p.best_of > p.n for p in params)
+    if not need_logprobs:
+        return SamplerOutput(token_ids.tolist(), None, None)
+    log_probs = raw_logits.float().log_softmax(dim=-1)  # [rows, vocab]
+    chosen = log_probs.gather(1, token_ids[:, None])  # [rows, 1]
+    k_max = min(max(p.logprobs or 0 for p in params), raw_logits.shape[1])
+    columns = [token_ids[:, None].double(), chosen.double()]
+    if k_max:
+        top = log_probs.topk(k_max, dim=-1)  # [rows, k_max]
+        columns += [top.indices.double(), top.values.double()]
+    host = torch.cat(columns, dim=1).tolist()  # float64 holds token ids and float32 exactly
+    tokens = [int(row[0]) for row in host]
+    chosen_logprobs = [row[1] for row in host]
+    if not k_max:
+        return SamplerOutput(tokens, chosen_logprobs, None)
+    top_logprobs = []
+    for p, row in zip(params, host):
+        k = p.logprobs or 0
+        top_logprobs.append([(int(t), v) for t, v in zip(row[2:2 + k], row[2 + k_max:2 + k_max + k])])
+    return SamplerOutput(tokens, chosen_logprobs, top_logprobs)
+
+
+def prompt_logprobs(logits: torch.Tensor, target_ids: torch.Tensor | Sequence[int],
+                    k: int) -> list[dict[int, float]]:
+    """Raw log-probs of prompt tokens: `logits[i]` ([n, vocab], the model's output at prompt
+    position i) scored against `target_ids[i]` (the prompt token at position i + 1).
+    Returns one dict per position: the target token first, then the top k (the target may be
+    among them, so a dict holds k or k + 1 entries)."""
+    log_probs = logits.float().log_softmax(dim=-1)  # [n, vocab]
+    targets = torch.as_tensor(target_ids, dtype=torch.long, device=logits.device)  # [n]
+    columns = [targets[:, None].double(), log_probs.gather(1, targets[:, None]).double()]
+    k = min(k, logits.shape[1])
+    if k > 0:
+        top = log_probs.topk(k, dim=-1)  # [n, k]
+        columns += [top.indices.double(), top.values.double()]
+    result = []
+    for row in torch.cat(columns, dim=1).tolist():
+        entry = {int(row[0]): row[1]}
+        for t, v in zip(row[2:2 + k], row[2 + k:]):
+            entry.setdefault(int(t), v)
+        result.append(entry)
+    return result
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+
+def _on_rows(logits: torch.Tensor, rows: Sequence[int],
+             fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Apply `fn` to the listed rows only (to all of them at once when every row is listed)."""
+    if len(rows) == logits.shape[0]:
+        return fn(logits)
+    index = _long(rows, logits.device)
+    return logits.index_copy(0, index, fn(logits.index_select(0, index)))
+
+
+def _row_values(params: list[Any], rows: Sequence[int], name: str,
+                device: torch.device) -> torch.Tensor:
+    return torch.tensor([float(getattr(params[i], name)) for i in rows]).to(device)  # [len(rows)]
+
+
+def _long(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
+def _history(request: Any) -> list[int]:
+    return list(request.prompt_token_ids) + list(request.output_token_ids)
+
+
+def _last_tokens(request: Any, count: int) -> list[int]:
+    """The newest `count` tokens of prompt + output, without copying the whole prompt."""
+    output = list(request.output_token_ids[-count:]) if count else []
+    missing = count - len(output)
+    prompt = list(request.prompt_token_ids[-missing:]) if missing > 0 else []
+    return prompt + output
+
+
+def _short_of_minimum(request: Any) -> bool:
+    return request.num_output_tokens < request.min_tokens
+
+
+def _bad_words_step(requests: list[Any], device: torch.device) -> Callable:
+    """Build the tensors of step 4 for the rows that ban words; return the function to apply."""
+    width = max(1, max(len(w) - 1 for r in requests for w in r.bad_words_token_ids))
+    tails = lp.padded_left([_last_tokens(r, width) for r in requests], -2, device)  # [rows, width]
+    words = [(row, w) for row, r in enumerate(requests) for w in r.bad_words_token_ids]
+    word_rows = _long([row for row, _ in words], device)
+    # Same width as the tails; a one-token word has the prefix [-1] (= anything), always matching.
+    prefixes = lp.padded_left([w[:-1] for _, w in words], -1, device)  # [words, width]
+    last = _long([w[-1] for _, w in words], device)
+    return lambda x: lp.apply_bad_words(x, tails, word_rows, prefixes, last)
+
+
+def _call_custom(fn: Callable, request: Any, logits: torch.Tensor) -> torch.Tensor:
+    """vLLM's per-request processor: fn(output_ids, logits), or fn(prompt_ids, output_ids, logits)."""
+    try:
+        arity = len(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # builtins without a signature: assume the common form
+        arity = 2
+    if arity == 3:
+        result = fn(list(request.prompt_token_ids), list(request.output_token_ids), logits)
+    else:
+        result = fn(list(request.output_token_ids), logits)
+    if not isinstance(result, torch.Tensor) or result.shape != logits.shape:
+        raise ValueError(f"logits processor {fn!r} must return a tensor of shape "
+                         f"{tuple(logits.shape)}, got {getattr(result, 'shape', type(result))}")
+    return result

@@ -22,6 +22,16 @@ def _integral_float_to_int(value: Any) -> Any:
 Int = Annotated[int, BeforeValidator(_integral_float_to_int)]
 
 
+def _ranged(description: str | None = None, default: Any = None, **bounds: float) -> Any:
+    """A field whose allowed range is documented in the OpenAPI schema (the playground reads it
+    there) but checked by SamplingParams, so the error message is the engine's own."""
+    names = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
+    extra = {names[k]: v for k, v in bounds.items() if k in names}
+    if "not_value" in bounds:
+        extra["not"] = {"const": bounds["not_value"]}
+    return Field(default, description=description, json_schema_extra=extra)
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -34,37 +44,37 @@ class SamplingFields(_Request):
     """Decoding options shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = Field(None, description="Must name the served model when given.")
-    n: Int = Field(1, description="Choices returned for each prompt.")
-    best_of: Int | None = Field(None, description="Sequences generated; the n most likely are returned.")
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens: Int | None = None
-    stop: str | list[str] | None = None
+    n: Int = _ranged("Choices returned for each prompt.", 1, ge=1)
+    best_of: Int | None = _ranged("Sequences generated; the n most likely are returned.", ge=1)
+    temperature: float | None = _ranged("0 = greedy.", ge=0)
+    top_p: float | None = _ranged("Nucleus sampling: the smallest set of tokens with this much mass.", gt=0, le=1)
+    max_tokens: Int | None = _ranged("Most tokens to generate (prompt + max_tokens must fit the context).", ge=1)
+    stop: str | list[str] | None = Field(None, description="Strings that end the generation (not returned).")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: Int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    seed: Int | None = _ranged("Same seed, same tokens.", ge=-(2**63), le=2**64 - 1)
+    presence_penalty: float | None = _ranged(ge=-2, le=2)
+    frequency_penalty: float | None = _ranged(ge=-2, le=2)
     logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100].")
     user: str | None = Field(None, description="Accepted for compatibility; not used.")
     # ondo's extras (vLLM's names).
-    top_k: Int | None = Field(None, description="-1 = off, else >= 1.")
-    min_p: float | None = None
-    typical_p: float | None = None
-    repetition_penalty: float | None = None
-    no_repeat_ngram_size: Int | None = None
-    min_tokens: Int | None = None
+    top_k: Int | None = _ranged("Keep the k most likely tokens; -1 = off.", ge=-1, not_value=0)
+    min_p: float | None = _ranged("Drop tokens less likely than min_p x the most likely one.", ge=0, le=1)
+    typical_p: float | None = _ranged("Locally typical sampling mass.", gt=0, le=1)
+    repetition_penalty: float | None = _ranged("> 1 discourages tokens already in the prompt or output.", gt=0)
+    no_repeat_ngram_size: Int | None = _ranged("No n-gram of this size occurs twice; 0 = off.", ge=0)
+    min_tokens: Int | None = _ranged("EOS and stop tokens are blocked until this many tokens exist.", ge=0)
     ignore_eos: bool | None = None
     stop_token_ids: list[Int] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
-    bad_words: list[str] | None = None
+    bad_words: list[str] | None = Field(None, description="Words never generated.")
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[Int] | list[list[Int]]
     echo: bool = False
-    logprobs: Int | None = Field(None, description="Top log-probs returned per token (0..20).")
+    logprobs: Int | None = _ranged("Top log-probs returned per token.", ge=0, le=20)
     suffix: str | None = Field(None, description="Not supported.")
 
 
@@ -77,9 +87,9 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
-    max_completion_tokens: Int | None = None
+    max_completion_tokens: Int | None = _ranged("Same as max_tokens (OpenAI's newer name).", ge=1)
     logprobs: bool = False
-    top_logprobs: Int | None = Field(None, description="0..20; needs logprobs=true.")
+    top_logprobs: Int | None = _ranged("Top log-probs returned per token; needs logprobs=true.", ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="Extra variables for the chat template (e.g. enable_thinking).")
     add_generation_prompt: bool = True

@@ -187,11 +187,7 @@ def load_tokenizer(source: str | os.PathLike, *, chat_template: str | None = Non
     if path.is_file() and path.suffix == ".gguf":
         from ondo.loader.gguf import load_gguf_tokenizer
 
-        tokenizer = load_gguf_tokenizer(path)
-        if override is not None:
-            tokenizer = Tokenizer(tokenizer.hf, chat_template=override,
-                                  extra_eos_token_ids=tuple(tokenizer.end_of_turn_token_ids))
-        return tokenizer
+        return load_gguf_tokenizer(path, chat_template=override)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer source must be a model folder or a .gguf file, got {str(source)!r}")
     hf = AutoTokenizer.from_pretrained(str(path))

@@ -35,7 +35,9 @@ def _gemma3_config() -> Gemma3TextConfig:
 # Each family exercises its own features: GQA everywhere, a head_dim that differs from
 # hidden / heads where the family allows it, tied and untied heads, sliding windows and soft caps.
 FAMILY_CONFIGS = {
-    "llama": lambda: LlamaConfig(**_COMMON, head_dim=32, rope_theta=500_000.0),
+    "llama": lambda: LlamaConfig(**_COMMON, head_dim=32, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
     "mistral": lambda: MistralConfig(**_COMMON, sliding_window=SLIDING_WINDOW),
     "qwen2": lambda: Qwen2Config(**_COMMON, use_sliding_window=True, sliding_window=SLIDING_WINDOW,
                                  max_window_layers=1),

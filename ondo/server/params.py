@@ -1,0 +1,167 @@
+"""From an API request to what the engine takes: prompt token ids and SamplingParams.
+
+Everything that can be wrong with a request is found here, before the engine sees it, and
+answered with a 400 that names the field: option ranges (through SamplingParams), prompts that
+do not fit the context, token ids outside the vocabulary, unsupported OpenAI fields.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jinja2
+
+from ondo.sampling_params import SamplingParams, SamplingParamsError
+from ondo.server.errors import APIError, bad_request, param_of
+from ondo.server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SamplingFields,
+    unsupported_fields,
+)
+
+# A request fans out into prompts x best_of sequences; bound it so one call cannot fill the server.
+MAX_SEQUENCES_PER_REQUEST = 256
+MAX_LOGPROBS = 20
+
+# Request fields handed to SamplingParams under the same name when set.
+_PASSED_THROUGH = ("n", "best_of", "temperature", "top_p", "stop", "seed", "presence_penalty",
+                   "frequency_penalty", "logit_bias", "top_k", "min_p", "typical_p",
+                   "repetition_penalty", "no_repeat_ngram_size", "min_tokens", "ignore_eos",
+                   "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output",
+                   "bad_words")
+# Arguments of apply_chat_template that chat_template_kwargs must not override.
+_RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "continue_final_message",
+                             "tools", "tokenize", "conversation", "return_dict"}
+
+
+def check_supported(request: SamplingFields) -> None:
+    unsupported = unsupported_fields(request)
+    if unsupported:
+        name = unsupported[0]
+        raise bad_request(f"'{name}' is not supported by ondo; leave it out", name)
+    if request.stream_options is not None and not request.stream:
+        raise bad_request("stream_options is only allowed with stream=true", "stream_options")
+
+
+def sampling_params(request: SamplingFields, *, max_tokens: int | None, max_tokens_field: str,
+                    logprobs: int | None, logprobs_field: str, num_prompts: int = 1) -> SamplingParams:
+    """The request's SamplingParams; a bad value is a 400 naming the request's own field."""
+    kwargs: dict[str, Any] = {name: getattr(request, name) for name in _PASSED_THROUGH
+                              if getattr(request, name) is not None}
+    kwargs["max_tokens"] = max_tokens
+    if logprobs is not None:
+        kwargs["logprobs"] = logprobs
+    renamed = {"max_tokens": max_tokens_field, "logprobs": logprobs_field}
+    try:
+        params = SamplingParams(**kwargs)
+    except SamplingParamsError as exc:
+        param = param_of(str(exc), set(kwargs) | {"logit_bias"})
+        raise bad_request(_rename_in_message(str(exc), param, renamed), renamed.get(param, param)) from None
+    if logprobs is not None and logprobs > MAX_LOGPROBS:
+        raise bad_request(f"{logprobs_field} must be in [0, {MAX_LOGPROBS}], got {logprobs}", logprobs_field)
+    sequences = params.best_of * num_prompts
+    if sequences > MAX_SEQUENCES_PER_REQUEST:
+        raise bad_request(
+            f"a request may generate at most {MAX_SEQUENCES_PER_REQUEST} sequences "
+            f"(prompts x best_of), got {num_prompts} x {params.best_of} = {sequences}",
+            "best_of" if request.best_of is not None else "n")
+    if request.stream and params.best_of > params.n:
+        raise bad_request(f"best_of > n needs stream=false (the best sequences are known only at "
+                          f"the end), got n={params.n}, best_of={params.best_of}", "best_of")
+    return params
+
+
+def _rename_in_message(message: str, param: str | None, renamed: dict[str, str]) -> str:
+    target = renamed.get(param) if param else None
+    return message.replace(param, target, 1) if target and target != param else message
+
+
+def completion_prompts(request: CompletionRequest, tokenizer: Any | None,
+                       vocab_size: int) -> list[tuple[str | None, list[int]]]:
+    """(prompt text or None, prompt token ids) for each prompt of a /v1/completions request."""
+    prompt = request.prompt
+    if isinstance(prompt, str):
+        items: list[str | list[int]] = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        items = [prompt]  # one prompt as token ids
+    else:
+        items = list(prompt)
+    if not items:
+        raise bad_request("prompt must not be empty", "prompt")
+    prompts = []
+    for item in items:
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise bad_request("this model has no tokenizer: send prompts as token id lists", "prompt")
+            ids = tokenizer.encode(item)
+            text = item
+        else:
+            ids = list(item)
+            check_token_ids(ids, vocab_size, "prompt")
+            text = None
+        if not ids:
+            raise bad_request("prompt must not be empty (it encodes to no tokens)", "prompt")
+        prompts.append((text, ids))
+    return prompts
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise bad_request(f"{param} token ids must be in [0, {vocab_size}), got {bad[0]}", param)
+
+
+def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int,
+                  prompt_field: str, max_tokens_field: str) -> None:
+    """A 400 when the prompt, or the prompt plus the tokens asked for, exceeds the context."""
+    if prompt_len >= max_model_len:
+        raise bad_request(
+            f"the prompt has {prompt_len} tokens but this model's context holds {max_model_len}: "
+            f"no room left to generate; shorten the prompt", prompt_field)
+    if max_tokens is not None and prompt_len + max_tokens > max_model_len:
+        raise bad_request(
+            f"this model's context holds {max_model_len} tokens, but {prompt_len + max_tokens} were "
+            f"asked for ({prompt_len} in the prompt + {max_tokens} {max_tokens_field}); set "
+            f"{max_tokens_field} to at most {max_model_len - prompt_len}", max_tokens_field)
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template wants them: text content only, "developer" as "system"."""
+    converted = []
+    for i, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise bad_request(
+                        f"messages[{i}].content[{j}] must be {{\"type\": \"text\", \"text\": <string>}}: "
+                        f"only text is supported, got type {part.get('type')!r}", "messages")
+                texts.append(part["text"])
+            content = "".join(texts)
+        entry: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
+                                 "content": content or ""}
+        if message.name is not None:
+            entry["name"] = message.name
+        converted.append(entry)
+    return converted
+
+
+def chat_prompt_ids(request: ChatCompletionRequest | Any, tokenizer: Any) -> list[int]:
+    """The conversation rendered by the model's chat template, as token ids (400 if it can't be)."""
+    if not request.messages:
+        raise bad_request("messages must hold at least one message", "messages")
+    kwargs = dict(request.chat_template_kwargs or {})
+    reserved = sorted(_RESERVED_TEMPLATE_KWARGS & set(kwargs))
+    if reserved:
+        raise bad_request(f"chat_template_kwargs must not set {reserved[0]!r}; use the request "
+                          f"field of that name", "chat_template_kwargs")
+    try:
+        return tokenizer.apply_chat_template(
+            chat_messages(request.messages), add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message, **kwargs)
+    except APIError:
+        raise
+    except (ValueError, TypeError, KeyError, jinja2.TemplateError) as exc:
+        raise bad_request(f"the chat template could not render these messages: {exc}", "messages") from None

@@ -1,0 +1,103 @@
+"""The HTTP routes. Handlers stay thin: parsing is pydantic's, checks are params.py's,
+generation is serving_*.py's."""
+from __future__ import annotations
+
+import secrets
+from importlib import metadata
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ondo.server.errors import APIError, bad_request
+from ondo.server.params import chat_prompt_ids, check_token_ids
+from ondo.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                                  CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
+                                  ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
+from ondo.server.serving import ServerState
+from ondo.server.serving_chat import create_chat_completion
+from ondo.server.serving_completion import create_completion
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503)}
+_STREAM = {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+           "description": "The response, or with stream=true server-sent events ending in `data: [DONE]`."}
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.ondo
+
+
+def require_api_key(request: Request, authorization: str | None = Header(
+        None, description="`Bearer <key>` when the server was started with an API key.")) -> None:
+    expected = state_of(request).api_key
+    if expected is None:
+        return
+    given = (authorization or "").removeprefix("Bearer ").strip()
+    if not authorization or not secrets.compare_digest(given.encode(), expected.encode()):
+        raise APIError(401, "a valid API key is required: send the header 'Authorization: Bearer <key>'",
+                       code="invalid_api_key")
+
+
+router = APIRouter()
+api = APIRouter(dependencies=[Depends(require_api_key)], responses=_ERRORS)
+
+
+@router.get("/health", summary="200 once the model is loaded, 503 before", responses={503: {"model": ErrorResponse}})
+def health(request: Request) -> dict[str, str]:
+    state_of(request).check_ready()
+    return {"status": "ok"}
+
+
+@router.get("/version")
+def version() -> dict[str, str]:
+    try:
+        return {"version": metadata.version("ondo")}
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        from ondo import __version__
+
+        return {"version": __version__}
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
+def metrics(request: Request) -> Response:
+    return Response(state_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@api.get("/v1/models")
+def list_models(request: Request) -> ModelList:
+    state = state_of(request)
+    state.check_ready()
+    return ModelList(data=[ModelCard(id=state.model_name, max_model_len=state.max_model_len)])
+
+
+@api.post("/v1/completions", response_model=CompletionResponse, responses={200: _STREAM})
+async def completions(body: CompletionRequest, request: Request) -> CompletionResponse | StreamingResponse:
+    return await create_completion(state_of(request), body, request)
+
+
+@api.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={200: _STREAM})
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | StreamingResponse:
+    return await create_chat_completion(state_of(request), body, request)
+
+
+@api.post("/tokenize", summary="Token ids of a prompt, or of a conversation through the chat template")
+def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    state = state_of(request)
+    state.check_model(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise bad_request("give exactly one of 'prompt' and 'messages'", "prompt")
+    if body.messages is not None:
+        tokens = chat_prompt_ids(body, state.tokenizer)
+    else:
+        tokens = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    return TokenizeResponse(count=len(tokens), max_model_len=state.max_model_len, tokens=tokens)
+
+
+@api.post("/detokenize")
+def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    state = state_of(request)
+    state.check_model(body.model)
+    check_token_ids(body.tokens, state.engine.engine.vocab_size, "tokens")
+    return DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens))
+

@@ -1,0 +1,101 @@
+"""POST /v1/chat/completions: the conversation goes through the model's chat template."""
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from ondo.outputs import RequestOutput
+from ondo.server.errors import bad_request
+from ondo.server.params import chat_prompt_ids, check_context, check_supported, sampling_params
+from ondo.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest,
+                                  ChatCompletionResponse, ChatLogprobs)
+from ondo.server.serving import (SSE_DONE, Job, ServerState, chat_logprob_entries, collect_finals,
+                                 finish_reason_of, job_outputs, new_id, positions, sse, sse_error,
+                                 start_job, until_disconnected)
+
+
+async def create_chat_completion(state: ServerState, body: ChatCompletionRequest,
+                                 raw_request: Request) -> ChatCompletionResponse | StreamingResponse:
+    state.check_model(body.model)
+    check_supported(body)
+    if body.max_tokens is not None and body.max_completion_tokens is not None \
+            and body.max_tokens != body.max_completion_tokens:
+        raise bad_request("give max_completion_tokens or max_tokens, not both with different values "
+                          f"(got {body.max_completion_tokens} and {body.max_tokens})", "max_completion_tokens")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+    max_tokens_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    # max_tokens None = up to the end of the context, as OpenAI does for chat.
+    params = sampling_params(body, max_tokens=max_tokens, max_tokens_field=max_tokens_field,
+                             logprobs=top_logprobs, logprobs_field="top_logprobs")
+    prompt_ids = chat_prompt_ids(body, state.tokenizer)
+    check_context(len(prompt_ids), max_tokens, state.max_model_len, "messages", max_tokens_field)
+    job = await start_job(state, new_id("chatcmpl"), [(None, prompt_ids)], params)
+    if body.stream:
+        return StreamingResponse(_stream(state, job, body, top_logprobs), media_type="text/event-stream")
+    finals = await until_disconnected(raw_request, collect_finals(state, job))
+    final = finals.get(job.streams[0].request_id)
+    choices = []
+    for completion in sorted(final.outputs, key=lambda c: c.index) if final else []:
+        logprobs = None
+        if top_logprobs is not None:
+            items = positions(completion, 0, len(completion.token_ids))
+            logprobs = ChatLogprobs(content=chat_logprob_entries(items, top_logprobs, state.tokenizer))
+        choices.append(ChatChoice(index=completion.index, message=AssistantMessage(content=completion.text),
+                                  logprobs=logprobs, finish_reason=finish_reason_of(completion),
+                                  stop_reason=completion.stop_reason))
+    return ChatCompletionResponse(id=job.response_id, model=job.model, choices=choices, usage=job.usage(finals))
+
+
+async def _stream(state: ServerState, job: Job, body: ChatCompletionRequest,
+                  top_logprobs: int | None) -> AsyncIterator[str]:
+    created = int(time.time())
+    tokenizer = state.engine.engine.tokenizer
+    finished: set[int] = set()
+    finals: dict[str, RequestOutput] = {}
+
+    def chunk(index: int, delta: dict, logprobs: list | None = None, finish_reason: str | None = None,
+              stop_reason: int | str | None = None) -> str:
+        choice = {"index": index, "delta": delta,
+                  "logprobs": {"content": [e.model_dump() for e in logprobs]} if logprobs is not None else None,
+                  "finish_reason": finish_reason}
+        if finish_reason is not None:
+            choice["stop_reason"] = stop_reason
+        return sse({"id": job.response_id, "object": "chat.completion.chunk", "created": created,
+                    "model": job.model, "choices": [choice]})
+
+    try:
+        # The role comes first, before any token: clients show the turn at once.
+        for index in range(job.params.n):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        async for output in job_outputs(state, job):
+            finals[output.request_id] = output
+            for completion in output.outputs:
+                if completion.index in finished:
+                    continue
+                if not (completion.text_delta or completion.finished
+                        or (top_logprobs is not None and completion.token_ids_delta)):
+                    continue
+                logprobs = None
+                if top_logprobs is not None:
+                    end = len(completion.token_ids)
+                    items = positions(completion, end - len(completion.token_ids_delta), end)
+                    logprobs = chat_logprob_entries(items, top_logprobs, tokenizer)
+                delta = {"content": completion.text_delta} if completion.text_delta else {}
+                if completion.finished:
+                    finished.add(completion.index)
+                yield chunk(completion.index, delta, logprobs, completion.finish_reason, completion.stop_reason)
+        for index in range(job.params.n):
+            if index not in finished:  # ended without finishing: the server is shutting down
+                yield chunk(index, {}, None, "abort")
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield sse({"id": job.response_id, "object": "chat.completion.chunk", "created": created,
+                       "model": job.model, "choices": [], "usage": job.usage(finals).model_dump()})
+    except Exception as exc:  # noqa: BLE001 -- the status line is sent: report in the stream
+        yield sse_error(exc)
+    yield SSE_DONE

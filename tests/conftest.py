@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random-weight models saved in tmp dirs, built with transformers."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("ONDO_NO_PROGRESS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def build_tiny_llama(path, vocab_size: int = 320, seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    fields = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**fields)).eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """(folder, transformers model) of a 2-layer random Llama without a tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    return path, build_tiny_llama(path)

@@ -1,0 +1,33 @@
+"""A stand-in for the engine's Request with exactly the attributes the sampler reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ondo.sampling_params import SamplingParams
+
+
+@dataclass
+class FakeRequest:
+    sampling_params: SamplingParams = field(default_factory=SamplingParams)
+    prompt_token_ids: list[int] = field(default_factory=lambda: [1, 2, 3])
+    output_token_ids: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    eos_token_ids: frozenset[int] = frozenset()
+    stop_token_ids: frozenset[int] = frozenset()
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
+    min_tokens: int = 0
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+
+def request(prompt=(1, 2, 3), output=(), seed=None, eos=(), stop=(), bad_words=(), min_tokens=0,
+            **params) -> FakeRequest:
+    """A request with the given SamplingParams keywords; a seed gets its own generator."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return FakeRequest(SamplingParams(**params), list(prompt), list(output), generator,
+                       frozenset(eos), frozenset(stop), [list(w) for w in bad_words], min_tokens)
