@@ -109,7 +109,8 @@ class AsyncEngine:
         """Abort every request, stop the loop and join the thread."""
         self._stopping = True
         self._wake.set()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+        # A load in progress cannot be interrupted; the daemon thread ends with the process.
+        if self._ready.is_set() and self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
 
     def abort_all(self) -> None:

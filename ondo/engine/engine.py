@@ -45,7 +45,9 @@ class Engine:
 
         spec = _kv_spec(self.hf_config, self.dtype)
         self.num_blocks = self._num_kv_blocks(spec)
-        self.runner = ModelRunner(self.model, spec, self.num_blocks, config.block_size, self.device)
+        self.runner = ModelRunner(self.model, spec, self.num_blocks, config.block_size, self.device,
+                                  enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs,
+                                  max_model_len=self.max_model_len)
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         # Without chunked prefill a whole prompt must fit in one step's budget.
         budget = config.max_num_batched_tokens if config.enable_chunked_prefill else \

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ondo.layers.attention import AttentionMetadata
+from ondo.layers.attention import AttentionBackend, AttentionMetadata
 
 
 @dataclass
 class ForwardContext:
     attn_metadata: AttentionMetadata
     kv_caches: list[torch.Tensor]   # per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
+    attention_backend: AttentionBackend | None = None   # None = the portable torch backend
 
 
 _current: ForwardContext | None = None

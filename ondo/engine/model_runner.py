@@ -35,18 +35,31 @@ class KVCacheSpec:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, spec: KVCacheSpec, num_blocks: int, block_size: int,
-                 device: torch.device):
+                 device: torch.device, *, enforce_eager: bool = True, max_num_seqs: int = 1,
+                 max_model_len: int = 0):
         self.model, self.spec, self.device = model, spec, device
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
         self.pin_memory = device.type == "cuda"
+        self.backend = None if enforce_eager else _fast_backend(device, spec.dtype)
+        self.cuda_graphs = None
+        if self.backend is not None:
+            from ondo.engine.cuda_graphs import CudaGraphRunner
+
+            self.cuda_graphs = CudaGraphRunner(model, self.kv_caches, self.backend, max_num_seqs,
+                                               max_model_len, block_size, device)
+            self.cuda_graphs.capture()
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
-        input_ids, positions, meta, sample_rows, sample_indices = self._prepare(output)
-        with set_forward_context(ForwardContext(meta, self.kv_caches)):
-            hidden = self.model(input_ids, positions)                    # [T, hidden]
+        graphs = self.cuda_graphs
+        if graphs is not None and output.num_batched_tokens == len(output.scheduled) and graphs.fits(len(output.scheduled)):
+            hidden, sample_rows, sample_indices = self._run_graph(output)
+        else:
+            input_ids, positions, meta, sample_rows, sample_indices = self._prepare(output)
+            with set_forward_context(ForwardContext(meta, self.kv_caches, self.backend)):
+                hidden = self.model(input_ids, positions)                # [T, hidden]
         prompt_logits = {}
         start = 0
         for i, item in enumerate(output.scheduled):
@@ -55,6 +68,21 @@ class ModelRunner:
             start += item.num_new_tokens
         sample_logits = self.model.compute_logits(hidden[sample_rows])   # [num_sampling, vocab]
         return ModelRunnerOutput(sample_logits, sample_indices, prompt_logits)
+
+    def _run_graph(self, output: SchedulerOutput):
+        """A decode-only step (one new token per request) through the captured graphs."""
+        n = len(output.scheduled)
+        requests = [item.request for item in output.scheduled]
+        positions = np.fromiter((r.num_computed_tokens for r in requests), dtype=np.int64, count=n)
+        # Usually the last sampled token, but a 1-token chunk of a prompt takes that prompt token.
+        input_ids = np.fromiter((r.token_ids(r.num_computed_tokens, r.num_computed_tokens + 1)[0]
+                                 for r in requests), dtype=np.int64, count=n)
+        tables = np.array(_pad([r.block_table for r in requests]), dtype=np.int32)
+        block_ids = tables[np.arange(n), positions // self.block_size]
+        slot_mapping = block_ids.astype(np.int64) * self.block_size + positions % self.block_size
+        hidden = self.cuda_graphs.run(input_ids, positions, slot_mapping, (positions + 1).astype(np.int32), tables)
+        sample_indices = [i for i, item in enumerate(output.scheduled) if item.samples]
+        return hidden, torch.tensor(sample_indices, dtype=torch.long, device=self.device), sample_indices
 
     def _prepare(self, output: SchedulerOutput):
         scheduled = output.scheduled
@@ -99,6 +127,15 @@ class ModelRunner:
         if self.pin_memory:
             tensor = tensor.pin_memory()
         return tensor.to(self.device, non_blocking=True)
+
+
+def _fast_backend(device: torch.device, dtype: torch.dtype):
+    """The Triton backend on a CUDA GPU in half precision; None (portable path) elsewhere."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    from ondo.layers.attention import triton_backend
+
+    return triton_backend.TritonAttentionBackend() if triton_backend.is_available() else None
 
 
 def _pad(tables: list[list[int]]) -> list[list[int]]:

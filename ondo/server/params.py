@@ -45,18 +45,22 @@ def check_supported(request: SamplingFields) -> None:
 
 
 def sampling_params(request: SamplingFields, *, max_tokens: int | None, max_tokens_field: str,
-                    logprobs: int | None, logprobs_field: str, num_prompts: int = 1) -> SamplingParams:
+                    logprobs: int | None, logprobs_field: str, vocab_size: int,
+                    num_prompts: int = 1) -> SamplingParams:
     """The request's SamplingParams; a bad value is a 400 naming the request's own field."""
     kwargs: dict[str, Any] = {name: getattr(request, name) for name in _PASSED_THROUGH
                               if getattr(request, name) is not None}
     kwargs["max_tokens"] = max_tokens
     if logprobs is not None:
         kwargs["logprobs"] = logprobs
-    renamed = {"max_tokens": max_tokens_field, "logprobs": logprobs_field}
+    # SamplingParams speaks of best_of even when the client only set n.
+    renamed = {"max_tokens": max_tokens_field, "logprobs": logprobs_field,
+               "best_of": "best_of" if request.best_of is not None else "n"}
     try:
         params = SamplingParams(**kwargs)
+        params.check_token_ids(vocab_size)
     except SamplingParamsError as exc:
-        param = param_of(str(exc), set(kwargs) | {"logit_bias"})
+        param = param_of(str(exc), set(_PASSED_THROUGH) | set(renamed))
         raise bad_request(_rename_in_message(str(exc), param, renamed), renamed.get(param, param)) from None
     if logprobs is not None and logprobs > MAX_LOGPROBS:
         raise bad_request(f"{logprobs_field} must be in [0, {MAX_LOGPROBS}], got {logprobs}", logprobs_field)
@@ -73,7 +77,8 @@ def sampling_params(request: SamplingFields, *, max_tokens: int | None, max_toke
 
 
 def _rename_in_message(message: str, param: str | None, renamed: dict[str, str]) -> str:
-    target = renamed.get(param) if param else None
+    # Only the option names of the request's own API (logprobs -> top_logprobs for chat).
+    target = renamed.get(param) if param in ("max_tokens", "logprobs") else None
     return message.replace(param, target, 1) if target and target != param else message
 
 

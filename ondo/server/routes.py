@@ -32,8 +32,8 @@ def require_api_key(request: Request, authorization: str | None = Header(
     expected = state_of(request).api_key
     if expected is None:
         return
-    given = (authorization or "").removeprefix("Bearer ").strip()
-    if not authorization or not secrets.compare_digest(given.encode(), expected.encode()):
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), expected.encode()):
         raise APIError(401, "a valid API key is required: send the header 'Authorization: Bearer <key>'",
                        code="invalid_api_key")
 

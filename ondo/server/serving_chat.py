@@ -32,7 +32,8 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     # max_tokens None = up to the end of the context, as OpenAI does for chat.
     params = sampling_params(body, max_tokens=max_tokens, max_tokens_field=max_tokens_field,
-                             logprobs=top_logprobs, logprobs_field="top_logprobs")
+                             logprobs=top_logprobs, logprobs_field="top_logprobs",
+                             vocab_size=state.engine.engine.vocab_size)
     prompt_ids = chat_prompt_ids(body, state.tokenizer)
     check_context(len(prompt_ids), max_tokens, state.max_model_len, "messages", max_tokens_field)
     job = await start_job(state, new_id("chatcmpl"), [(None, prompt_ids)], params)

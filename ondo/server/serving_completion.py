@@ -29,7 +29,8 @@ async def create_completion(state: ServerState, body: CompletionRequest,
     prompts = completion_prompts(body, tokenizer, state.engine.engine.vocab_size)
     params = sampling_params(body, max_tokens=body.max_tokens if body.max_tokens is not None else DEFAULT_MAX_TOKENS,
                              max_tokens_field="max_tokens", logprobs=body.logprobs, logprobs_field="logprobs",
-                             num_prompts=len(prompts))
+                             num_prompts=len(prompts),
+                             vocab_size=state.engine.engine.vocab_size)
     for _, ids in prompts:
         # The default of 16 is cut to the room left; only a max_tokens the client chose is an error.
         check_context(len(ids), body.max_tokens, state.max_model_len, "prompt", "max_tokens")

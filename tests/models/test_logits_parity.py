@@ -8,11 +8,12 @@ prefix, and as decode steps after a prefill.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import (FAMILIES, VOCAB, PagedDriver, build_tiny_model, load_ondo_model, read_safetensors,
-                         reference_logits)
+from tiny_models import (FAMILIES, VOCAB, PagedDriver, build_tiny_model, load_ondo_model, load_ondo_weights,
+                         read_safetensors, reference_logits)
 
 from ondo.layers.attention import Attention
 
@@ -24,7 +25,7 @@ PROMPT_LENGTHS = (29, 7, 40, 1)
 class Family:
     name: str
     model: torch.nn.Module
-    folder: object
+    folder: Path
     prompts: list[list[int]]
     references: list[torch.Tensor]   # per prompt: transformers' logits [len, vocab]
 
@@ -123,7 +124,7 @@ def test_the_prompts_exercise_windows_and_caps(families, name, switch_off):
 def test_gpt2_loads_checkpoints_without_the_transformer_prefix(families):
     family = families("gpt2")
     bare = ((n.removeprefix("transformer."), t) for n, t in read_safetensors(family.folder))
-    model = load_ondo_model(family.folder, weights=bare)
+    model = load_ondo_weights(family.folder, bare)
     expected = family.model.state_dict()
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)

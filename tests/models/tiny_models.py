@@ -11,8 +11,10 @@ from safetensors import safe_open
 from transformers import (AutoConfig, AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPT2Config,
                           LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
+from ondo.config import EngineConfig
 from ondo.engine.forward_context import ForwardContext, set_forward_context
 from ondo.layers.attention import Attention, AttentionMetadata
+from ondo.loader import load_model
 from ondo.models.registry import get_model_class
 
 VOCAB = 384
@@ -66,10 +68,12 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(noise * 0.15)
 
 
-def build_tiny_model(family: str, folder: Path, seed: int = 0):
+def build_tiny_model(family: str, folder: Path, seed: int = 0, **config_overrides):
     """Saves a random float32 transformers model of `family` (and a word-level tokenizer) to `folder`;
     returns the transformers model, in eval mode, as the reference."""
     config = FAMILY_CONFIGS[family]()
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     randomize_(model, seed)
@@ -97,12 +101,18 @@ def read_safetensors(folder: Path):
                 yield name, f.get_tensor(name)
 
 
-def load_ondo_model(folder: Path, weights=None) -> torch.nn.Module:
-    """Builds ondo's class for the folder's config and loads the checkpoint; checks that every
-    parameter was filled and no checkpoint tensor was left over."""
+def load_ondo_model(folder: Path) -> torch.nn.Module:
+    """The model as the engine loads it (the loader checks that every parameter is filled)."""
+    loaded, _ = load_model(EngineConfig(model=str(folder), dtype="float32", device="cpu"), torch.device("cpu"))
+    return loaded.model
+
+
+def load_ondo_weights(folder: Path, weights) -> torch.nn.Module:
+    """ondo's class for the folder's config, filled from `weights`; checks that every parameter was
+    filled and no tensor was left over."""
     config = AutoConfig.from_pretrained(folder)
     model = get_model_class(config)(config).float().eval()
-    loaded = model.load_weights(read_safetensors(folder) if weights is None else weights)
+    loaded = model.load_weights(weights)
     unexpected = sorted(n for n in loaded if n.startswith("unexpected:"))
     missing = sorted(set(dict(model.named_parameters())) - loaded)
     assert not unexpected and not missing, f"unexpected {unexpected}, missing {missing}"

@@ -41,7 +41,10 @@ def reference_distribution(name: str, value: float) -> list[float]:
 def sample_counts(**params) -> list[int]:
     torch.manual_seed(0)  # unseeded rows use the default generator
     logits = torch.tensor(PROBS).log().expand(DRAWS, -1).contiguous()  # [draws, vocab]
-    reqs = [request(**params) for _ in range(DRAWS)]
+    shared = request(**params).sampling_params
+    reqs = [request() for _ in range(DRAWS)]
+    for r in reqs:
+        r.sampling_params = shared
     tokens = Sampler()(logits, reqs).token_ids
     return [tokens.count(t) for t in range(len(PROBS))]
 

