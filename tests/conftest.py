@@ -36,3 +36,36 @@ def tiny_llama(tmp_path_factory):
     """(folder, transformers model) of a 2-layer random Llama without a tokenizer."""
     path = tmp_path_factory.mktemp("tiny-llama")
     return path, build_tiny_llama(path)
+
+
+def builtin_gguf_path():
+    from ondo.loader import builtin_model_path
+
+    return builtin_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory):
+    """The built-in model's real tokenizer (byte-level BPE, chat template) saved as an HF folder."""
+    from transformers import AutoTokenizer
+
+    gguf = builtin_gguf_path()
+    path = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_with_tokenizer(tmp_path_factory, smollm2_tokenizer_dir):
+    """A 2-layer random Llama over the real SmolLM2 tokenizer: text in, text out, fast."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("tiny-llama-tok")
+    for item in smollm2_tokenizer_dir.iterdir():
+        shutil.copy(item, path / item.name)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = build_tiny_llama(path, vocab_size=len(tokenizer), seed=5, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+    return path, model

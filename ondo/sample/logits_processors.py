@@ -20,18 +20,31 @@ import torch
 NEG_INF = float("-inf")
 
 
-def padded_right(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
-    """Token lists as one int64 tensor `[len(rows), longest]`, padded at the end with `pad`."""
-    width = max(1, max(len(r) for r in rows))
-    flat = [list(r) + [pad] * (width - len(r)) for r in rows]
-    return torch.tensor(flat, dtype=torch.long).to(device, non_blocking=True)
+def host_to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor, copied without waiting for the device (no sync)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
-def padded_left(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
-    """Token lists as one int64 tensor `[len(rows), longest]`, padded at the start with `pad`."""
-    width = max(1, max(len(r) for r in rows))
-    flat = [[pad] * (width - len(r)) + list(r) for r in rows]
-    return torch.tensor(flat, dtype=torch.long).to(device, non_blocking=True)
+def _scalar(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.full((), value, dtype=dtype, device=device)  # filled on the device: no copy
+
+
+def padded_right(rows: Sequence[torch.Tensor], pad: int, device: torch.device) -> torch.Tensor:
+    """Host int64 token tensors as one device tensor `[len(rows), longest]`, padded at the end."""
+    return _padded(rows, pad, "right", device)
+
+
+def padded_left(rows: Sequence[torch.Tensor], pad: int, device: torch.device) -> torch.Tensor:
+    """Host int64 token tensors as one device tensor `[len(rows), longest]`, padded at the start."""
+    return _padded(rows, pad, "left", device)
+
+
+def _padded(rows: Sequence[torch.Tensor], pad: int, side: str, device: torch.device) -> torch.Tensor:
+    batch = torch.nn.utils.rnn.pad_sequence(list(rows), batch_first=True, padding_value=pad,
+                                            padding_side=side)  # [rows, longest]
+    if batch.shape[1] == 0:  # every row empty: one column of padding keeps shapes simple
+        batch = torch.full((len(rows), 1), pad, dtype=torch.long)
+    return batch.to(device, non_blocking=True)
 
 
 def token_presence(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -104,7 +117,7 @@ def apply_bad_words(logits: torch.Tensor, sequence_tails: torch.Tensor, word_row
     matches = ((word_prefixes == tails) | (word_prefixes == -1)).all(dim=-1)  # [W]
     targets = torch.where(matches, word_last, vocab_size)  # [W]
     banned = torch.zeros(rows, vocab_size + 1, dtype=torch.bool, device=logits.device)
-    banned.index_put_((word_rows, targets), torch.tensor(True, device=logits.device))
+    banned.index_put_((word_rows, targets), _scalar(True, torch.bool, logits.device))
     return logits.masked_fill(banned[:, :vocab_size], NEG_INF)
 
 
@@ -119,7 +132,7 @@ def apply_allowed_tokens(logits: torch.Tensor, rows: torch.Tensor, token_ids: to
     """vLLM's allowed_token_ids: in each restricted row, every token not listed gets -inf.
     rows, token_ids: [entries] (row, allowed token) pairs; restricted_rows: [rows] bool."""
     disallowed = restricted_rows[:, None].expand_as(logits).clone()  # [rows, vocab]
-    disallowed.index_put_((rows, token_ids), torch.tensor(False, device=logits.device))
+    disallowed.index_put_((rows, token_ids), _scalar(False, torch.bool, logits.device))
     return logits.masked_fill(disallowed, NEG_INF)
 
 
@@ -127,7 +140,7 @@ def apply_token_ban(logits: torch.Tensor, rows: torch.Tensor, token_ids: torch.T
     """-inf at (rows[i], token_ids[i]): transformers' MinLengthLogitsProcessor and
     MinNewTokensLengthLogitsProcessor, fed with the rows still short of their minimum and their
     EOS and stop token ids."""
-    return logits.index_put((rows, token_ids), torch.tensor(NEG_INF, device=logits.device))
+    return logits.index_put((rows, token_ids), _scalar(NEG_INF, logits.dtype, logits.device))
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:

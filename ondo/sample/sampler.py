@@ -37,6 +37,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ondo.sample import logits_processors as lp
+from ondo.sample.token_history import TokenHistory
 
 
 @dataclass
@@ -52,7 +53,12 @@ class Sampler:
 
     A request provides: sampling_params, prompt_token_ids, output_token_ids, generator,
     eos_token_ids (empty when ignore_eos), stop_token_ids, bad_words_token_ids, min_tokens,
-    num_output_tokens (see docs/architecture.md, "Sampler")."""
+    num_output_tokens (see docs/architecture.md, "Sampler").
+
+    Keep one Sampler for the engine's lifetime: it caches token histories between steps."""
+
+    def __init__(self) -> None:
+        self._history = TokenHistory()
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[Any]) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(requests):
@@ -83,14 +89,14 @@ class Sampler:
 
         rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         if rows:
-            history = [_history(requests[i]) for i in rows]
+            history = [self._history.full(requests[i]) for i in rows]
             seen = lp.token_presence(lp.padded_right(history, vocab_size, device), vocab_size)
             penalty = _row_values(params, rows, "repetition_penalty", device)
             logits = _on_rows(logits, rows, lambda x: lp.apply_repetition_penalty(x, seen, penalty))
 
         rows = [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
         if rows:
-            outputs = [requests[i].output_token_ids for i in rows]
+            outputs = [self._history.output(requests[i]) for i in rows]
             counts = lp.token_counts(lp.padded_right(outputs, vocab_size, device), vocab_size)
             presence = _row_values(params, rows, "presence_penalty", device)
             frequency = _row_values(params, rows, "frequency_penalty", device)
@@ -99,27 +105,27 @@ class Sampler:
 
         for size in sorted({p.no_repeat_ngram_size for p in params} - {0}):
             rows = [i for i, p in enumerate(params) if p.no_repeat_ngram_size == size]
-            sequences = lp.padded_left([_history(requests[i]) for i in rows], -1, device)
+            sequences = lp.padded_left([self._history.full(requests[i]) for i in rows], -1, device)
             logits = _on_rows(logits, rows, lambda x: lp.apply_no_repeat_ngram(x, sequences, size))
             masked = True
 
         rows = [i for i, r in enumerate(requests) if r.bad_words_token_ids]
         if rows:
-            logits = _on_rows(logits, rows, _bad_words_step([requests[i] for i in rows], device))
+            logits = _on_rows(logits, rows, self._bad_words_step([requests[i] for i in rows], device))
             masked = True
 
         entries = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items()]
         if entries:
             row_ids, token_ids, bias = zip(*entries)
             logits = lp.apply_logit_bias(logits, _long(row_ids, device), _long(token_ids, device),
-                                         torch.tensor(bias, dtype=logits.dtype).to(device))
+                                         lp.host_to_device(bias, logits.dtype, device))
 
         entries = [(i, t) for i, p in enumerate(params) for t in (p.allowed_token_ids or ())]
         if entries:
             row_ids, token_ids = zip(*entries)
             restricted = [p.allowed_token_ids is not None for p in params]
             logits = lp.apply_allowed_tokens(logits, _long(row_ids, device), _long(token_ids, device),
-                                             torch.tensor(restricted).to(device))
+                                             lp.host_to_device(restricted, torch.bool, device))
             masked = True
 
         entries = [(i, t) for i, r in enumerate(requests) if _short_of_minimum(r)
@@ -133,6 +139,19 @@ class Sampler:
             empty = torch.isneginf(logits).all(dim=-1, keepdim=True)  # [rows, 1]
             logits = torch.where(empty, raw_logits, logits)
         return logits
+
+    def _bad_words_step(self, requests: list[Any], device: torch.device) -> Callable:
+        """Build the tensors of step 4 for the rows that ban words; return the function to apply."""
+        width = max(1, max(len(w) - 1 for r in requests for w in r.bad_words_token_ids))
+        tails = lp.padded_left([self._history.full(r)[-width:] for r in requests], -2,
+                               device)  # [rows, width]
+        words = [(row, w) for row, r in enumerate(requests) for w in r.bad_words_token_ids]
+        word_rows = _long([row for row, _ in words], device)
+        # Same width as the tails; a one-token word has the prefix [-1] (= anything): always matches.
+        prefixes = lp.padded_left([torch.tensor(w[:-1], dtype=torch.long) for _, w in words], -1,
+                                  device)  # [words, width]
+        last = _long([w[-1] for _, w in words], device)
+        return lambda x: lp.apply_bad_words(x, tails, word_rows, prefixes, last)
 
     # ---- steps 8-9: greedy argmax or warpers + sampling ----------------------------------------
 
@@ -260,39 +279,16 @@ def _on_rows(logits: torch.Tensor, rows: Sequence[int],
 
 def _row_values(params: list[Any], rows: Sequence[int], name: str,
                 device: torch.device) -> torch.Tensor:
-    return torch.tensor([float(getattr(params[i], name)) for i in rows]).to(device)  # [len(rows)]
+    values = [float(getattr(params[i], name)) for i in rows]
+    return lp.host_to_device(values, torch.float32, device)  # [len(rows)]
 
 
 def _long(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
-
-
-def _history(request: Any) -> list[int]:
-    return list(request.prompt_token_ids) + list(request.output_token_ids)
-
-
-def _last_tokens(request: Any, count: int) -> list[int]:
-    """The newest `count` tokens of prompt + output, without copying the whole prompt."""
-    output = list(request.output_token_ids[-count:]) if count else []
-    missing = count - len(output)
-    prompt = list(request.prompt_token_ids[-missing:]) if missing > 0 else []
-    return prompt + output
+    return lp.host_to_device(values, torch.long, device)
 
 
 def _short_of_minimum(request: Any) -> bool:
     return request.num_output_tokens < request.min_tokens
-
-
-def _bad_words_step(requests: list[Any], device: torch.device) -> Callable:
-    """Build the tensors of step 4 for the rows that ban words; return the function to apply."""
-    width = max(1, max(len(w) - 1 for r in requests for w in r.bad_words_token_ids))
-    tails = lp.padded_left([_last_tokens(r, width) for r in requests], -2, device)  # [rows, width]
-    words = [(row, w) for row, r in enumerate(requests) for w in r.bad_words_token_ids]
-    word_rows = _long([row for row, _ in words], device)
-    # Same width as the tails; a one-token word has the prefix [-1] (= anything), always matching.
-    prefixes = lp.padded_left([w[:-1] for _, w in words], -1, device)  # [words, width]
-    last = _long([w[-1] for _, w in words], device)
-    return lambda x: lp.apply_bad_words(x, tails, word_rows, prefixes, last)
 
 
 def _call_custom(fn: Callable, request: Any, logits: torch.Tensor) -> torch.Tensor:

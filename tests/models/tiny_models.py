@@ -144,8 +144,9 @@ class PagedDriver:
         blocks_per_seq = math.ceil(max_len / block_size)
         num_blocks = num_seqs * blocks_per_seq + 1
         generator = torch.Generator().manual_seed(seed)
-        self.kv_caches = [torch.randn(2, num_blocks, block_size, m.num_kv_heads, m.head_dim, generator=generator) * 10
-                          for m in layers]
+        dtype = next(model.parameters()).dtype
+        self.kv_caches = [(torch.randn(2, num_blocks, block_size, m.num_kv_heads, m.head_dim, generator=generator)
+                           * 10).to(dtype) for m in layers]
         pool = torch.randperm(num_blocks, generator=generator).tolist()
         self.block_tables = [pool[i * blocks_per_seq:(i + 1) * blocks_per_seq] for i in range(num_seqs)]
 

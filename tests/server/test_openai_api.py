@@ -141,10 +141,11 @@ def test_chat_logprobs_are_ranked_and_cover_every_token(client):
 
 
 def test_stop_string_cuts_the_text_and_says_stop(client):
-    options = dict(model=MODEL, prompt="Count:", max_tokens=10, temperature=0, extra_body=LONG)
+    # Seeded sampling: a varied text (greedy on random weights repeats one token), the same each time.
+    options = dict(model=MODEL, prompt="Count:", max_tokens=10, temperature=1.0, seed=5, extra_body=LONG)
     full = client.completions.create(**options).choices[0].text
     stop = full[len(full) // 2:len(full) // 2 + 3]
-    assert stop.strip(), f"pick a stop string from {full!r}"
+    assert stop.strip() and full.index(stop) > 0, f"pick another stop string from {full!r}"
     stopped = client.completions.create(stop=[stop], **options).choices[0]
     assert stopped.finish_reason == "stop"
     assert stopped.text == full[:full.index(stop)]
@@ -152,7 +153,7 @@ def test_stop_string_cuts_the_text_and_says_stop(client):
 
 
 def test_stop_token_ids_end_the_generation(client, tiny_server):
-    options = dict(model=MODEL, prompt="Count:", max_tokens=8, temperature=0, logprobs=0)
+    options = dict(model=MODEL, prompt="Count:", max_tokens=8, temperature=1.0, seed=5, logprobs=0)
     tokens = client.completions.create(**options, extra_body=LONG).choices[0].logprobs.tokens
     # A generated token whose text maps back to exactly that one token id, seen there first.
     for position in range(1, len(tokens)):

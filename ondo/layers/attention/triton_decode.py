@@ -137,7 +137,8 @@ def decode_tile_config(head_dim: int) -> tuple[int, int, int]:
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                  *, scale: float, sliding_window: int | None, logit_softcap: float | None,
-                 num_splits: int, out: torch.Tensor | None = None) -> torch.Tensor:
+                 num_splits: int, out: torch.Tensor | None = None,
+                 tile_config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """q [S, H, D] (one query per sequence, at position seq_lens[i] - 1) -> [S, H, D].
 
     kv_cache [2, num_blocks, block_size, KVH, D]; block_tables [S, max_blocks] int32; seq_lens [S] int32
@@ -150,7 +151,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         out = torch.empty((num_seqs, num_heads, head_dim), dtype=q.dtype, device=q.device)   # [S, H, D]
     if num_seqs == 0:
         return out
-    block_n, num_warps, num_stages = decode_tile_config(head_dim)
+    block_n, num_warps, num_stages = tile_config or decode_tile_config(head_dim)
     block_d = triton.next_power_of_2(head_dim)
     split = num_splits > 1
     if split:
