@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import InitVar, dataclass, field, fields
 from typing import Any, Callable, Mapping
 
+from ondo.sample.generation_config import generation_config_kwargs
 from ondo.sample.validation import (
     SamplingParamsError,
     as_bool,
@@ -32,34 +33,6 @@ LogitsProcessorFn = Callable[[list, Any], Any]
 # Below this temperature dividing the logits overflows float32; such requests sample greedily
 # (vLLM draws the same line).
 GREEDY_TEMPERATURE = 1e-5
-
-# Options from_generation_config() takes from a GenerationConfig as they are.
-_GENERATE_OPTIONS = (
-    "do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff",
-    "eta_cutoff", "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "max_new_tokens",
-    "min_new_tokens", "max_length", "min_length", "num_return_sequences", "stop_strings",
-)
-_TRANSFORMERS_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
-                       "num_return_sequences": "n", "stop_strings": "stop"}
-
-# transformers' generate() options that change the output and that ondo does not implement.
-# from_generation_config() refuses them when they are set to anything but their neutral value.
-_UNSUPPORTED_GENERATE_OPTIONS = {
-    "num_beams": 1,
-    "num_beam_groups": 1,
-    "penalty_alpha": None,
-    "diversity_penalty": 0.0,
-    "guidance_scale": None,
-    "constraints": None,
-    "force_words_ids": None,
-    "forced_bos_token_id": None,
-    "forced_eos_token_id": None,
-    "exponential_decay_length_penalty": None,
-    "dola_layers": None,
-    "watermarking_config": None,
-    "top_h": None,
-    "begin_suppress_tokens": None,
-}
 
 
 @dataclass(frozen=True)
@@ -263,36 +236,7 @@ class SamplingParams:
         overrides win over the config. As in transformers, max_new_tokens wins over max_length,
         and a length given in the overrides replaces both of the config's. Options that change
         the output and that ondo does not implement (beam search, ...) raise SamplingParamsError."""
-        values = config if isinstance(config, Mapping) else config.to_dict()
-        values = {k: v for k, v in values.items() if v is not None}
-        for name, neutral in _UNSUPPORTED_GENERATE_OPTIONS.items():
-            if name in values and values[name] != neutral and values[name] not in ([], {}):
-                raise SamplingParamsError(f"{name} is not supported by ondo, got {values[name]!r}")
-        taken = _rename_transformers_names(
-            {name: values[name] for name in _GENERATE_OPTIONS if name in values})
-        if taken.get("top_k") == 0:
-            taken["top_k"] = -1  # transformers spells "off" as 0
-        if "max_tokens" in taken:
-            taken.pop("max_length", None)
-        elif "max_length" in taken:
-            taken["max_tokens"] = None  # transformers' limit replaces vLLM's default of 16
-        # Tokens suppressed at every step are one-token bad words.
-        suppressed = [[t] for t in values.get("suppress_tokens") or []]
-        if suppressed:
-            taken["bad_words_ids"] = list(taken.get("bad_words_ids") or []) + suppressed
-        for seq, bias in _sequence_bias_items(values.get("sequence_bias")):
-            if len(seq) != 1:
-                raise SamplingParamsError(
-                    f"sequence_bias is supported for single tokens only, got {list(seq)!r}")
-            taken.setdefault("logit_bias", {})[seq[0]] = bias
-        overrides = _rename_transformers_names(overrides)
-        if "max_tokens" in overrides or "max_length" in overrides:
-            taken.pop("max_tokens", None)
-            taken.pop("max_length", None)
-        if "min_tokens" in overrides or "min_length" in overrides:
-            taken.pop("min_tokens", None)
-            taken.pop("min_length", None)
-        return cls(**{**taken, **overrides})
+        return cls(**generation_config_kwargs(config, overrides))
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (logits_processors by name), e.g. for logs."""
@@ -301,21 +245,11 @@ class SamplingParams:
         return out
 
 
-def _rename_transformers_names(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """{"max_new_tokens": 5} -> {"max_tokens": 5}, unless the vLLM name is there too (then the
-    constructor reports the clash)."""
-    out = dict(kwargs)
-    for alias, name in _TRANSFORMERS_NAMES.items():
-        if alias in out and name not in out:
-            out[name] = out.pop(alias)
-    return out
-
-
 def _alias(name: str, value: Any, default: Any, alias: str, alias_value: Any) -> Any:
     """Fold a transformers spelling into its vLLM field; both given and different is an error."""
     if alias_value is None:
         return value
-    if value != default and value != alias_value:
+    if value is not None and value != default and value != alias_value:
         raise SamplingParamsError(
             f"give {name} or {alias}, not both: got {name}={value!r}, {alias}={alias_value!r}")
     return alias_value
@@ -343,8 +277,11 @@ def _as_logit_bias(value: Any) -> dict[int, float]:
     bias = {}
     for key, val in value.items():
         # JSON objects have string keys: the OpenAI API sends {"50256": -100}.
-        if isinstance(key, str) and key.strip().lstrip("-").isdigit():
-            key = int(key)
+        if isinstance(key, str):
+            try:
+                key = int(key)
+            except ValueError:
+                pass  # reported below as a non-integer token id
         token = as_int("logit_bias token id", key, ge=0)
         bias[token] = as_number(f"logit_bias[{token}]", val, ge=-100, le=100)
     return bias
@@ -359,11 +296,3 @@ def _as_processors(value: Any) -> list[LogitsProcessorFn]:
         if not callable(proc):
             raise SamplingParamsError(f"logits_processors must hold callables, got {proc!r}")
     return list(value)
-
-
-def _sequence_bias_items(value: Any) -> list[tuple[tuple[int, ...], float]]:
-    if not value:
-        return []
-    if isinstance(value, Mapping):
-        return [(tuple(k), float(v)) for k, v in value.items()]
-    return [(tuple(k), float(v)) for k, v in value]  # transformers' list-of-pairs form

@@ -148,6 +148,16 @@ def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.
     return logits / temperature[:, None]
 
 
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor, k_max: int) -> torch.Tensor:
+    """transformers' TopKLogitsWarper alone, through topk(k_max) rather than a full sort (much
+    cheaper for a large vocabulary). top_k: [rows] int, >= vocab = off; k_max: the largest
+    top_k below the vocabulary size in the batch."""
+    top_values = logits.topk(k_max, dim=-1).values  # [rows, k_max], descending
+    kth = top_values.gather(1, (top_k.clamp(1, k_max) - 1)[:, None])  # [rows, 1]
+    kth = kth.masked_fill(top_k[:, None] >= logits.shape[1], NEG_INF)  # rows without top_k
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
                       top_p: torch.Tensor | None) -> torch.Tensor:
     """transformers' TopKLogitsWarper then TopPLogitsWarper, sharing one sort.

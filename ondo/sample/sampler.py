@@ -176,13 +176,14 @@ def warp(logits: torch.Tensor, params: Sequence[Any]) -> torch.Tensor:
     all_rows = range(len(params))
     if any(p.temperature != 1.0 for p in params):
         logits = lp.apply_temperature(logits, _row_values(params, all_rows, "temperature", device))
-    use_top_k = any(p.top_k != -1 for p in params)
-    use_top_p = any(p.top_p < 1.0 for p in params)
-    if use_top_k or use_top_p:
-        top_k = (_long([p.top_k if p.top_k != -1 else logits.shape[1] for p in params], device)
-                 if use_top_k else None)
-        top_p = _row_values(params, all_rows, "top_p", device) if use_top_p else None
-        logits = lp.apply_top_k_top_p(logits, top_k, top_p)
+    vocab_size = logits.shape[1]
+    k_values = [p.top_k if p.top_k != -1 else vocab_size for p in params]
+    k_used = [k for k in k_values if k < vocab_size]  # a top_k >= vocab keeps every token
+    top_k = _long(k_values, device) if k_used else None
+    if any(p.top_p < 1.0 for p in params):  # one sort serves top_k and top_p
+        logits = lp.apply_top_k_top_p(logits, top_k, _row_values(params, all_rows, "top_p", device))
+    elif top_k is not None:
+        logits = lp.apply_top_k(logits, top_k, max(k_used))
     if any(p.min_p > 0 for p in params):
         logits = lp.apply_min_p(logits, _row_values(params, all_rows, "min_p", device))
     rows = [i for i, p in enumerate(params) if p.typical_p < 1.0]

@@ -158,4 +158,7 @@ def test_processors_no_request_uses_never_run(monkeypatch):
     Sampler()(logits, [request(), request(temperature=0), request(seed=1)])
     assert called == []
     Sampler()(logits, [request(), request(top_k=4), request(min_p=0.1)])
-    assert called == ["apply_top_k_top_p", "apply_min_p"]
+    assert called == ["apply_top_k", "apply_min_p"]
+    called.clear()
+    Sampler()(logits[:2], [request(temperature=0.5, top_p=0.9), request(top_k=3)])
+    assert called == ["apply_temperature", "apply_top_k_top_p"]

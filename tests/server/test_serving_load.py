@@ -99,7 +99,8 @@ def test_full_waiting_queue_answers_429(tmp_path, tiny_model_dir):
         body = {"model": MODEL, "prompt": "Busy", "max_tokens": 240, "stream": True, "ignore_eos": True}
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as running:
-            next(sse_events(running))
+            events = sse_events(running)  # kept: closing the iterator would close the connection
+            next(events)
             with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as waiting:
                 assert waiting.status_code == 200
                 assert server.metrics()["ondo_num_requests_waiting"] == 1
