@@ -243,7 +243,8 @@ def main() -> int:
     bench_decode(1, 8192, [] if quick else [8, 16, 32, 64])
     bench_decode(1, 32768, [])
     bench_decode(16, 8192, [])
-    prefill_sweep = [] if quick else [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 128, 4, 2)]
+    prefill_sweep = [] if quick else [(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 4, 3),
+                                      (128, 32, 8, 2), (64, 64, 8, 2), (128, 64, 4, 2)]
     bench_prefill(8, 0, 1024, prefill_sweep)
     bench_prefill(8, 1536, 512, [])
     bench_kv_write(8192)

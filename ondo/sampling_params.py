@@ -85,6 +85,15 @@ class SamplingParams:
         if num_beams is not None and as_int("num_beams", num_beams) != 1:
             raise SamplingParamsError(
                 f"num_beams must be 1: beam search is not supported, got {num_beams!r}")
+        # Checked under their own names first, so that an error names what the caller wrote.
+        if max_new_tokens is not None:
+            max_new_tokens = as_int("max_new_tokens", max_new_tokens, ge=1)
+        if min_new_tokens is not None:
+            min_new_tokens = as_int("min_new_tokens", min_new_tokens, ge=0)
+        if num_return_sequences is not None:
+            num_return_sequences = as_int("num_return_sequences", num_return_sequences, ge=1)
+        if stop_strings is not None:
+            stop_strings = as_str_list("stop_strings", stop_strings)
         self._set("max_tokens", _alias("max_tokens", self.max_tokens, 16,
                                        "max_new_tokens", max_new_tokens))
         self._set("min_tokens", _alias("min_tokens", self.min_tokens, 0,

@@ -187,6 +187,9 @@ INVALID = {
     "logits_processors": st.just([1]) | st.just(len),
     "do_sample": st.just("false") | st.just(0),
     "truncate_prompt_tokens": st.integers(max_value=0),
+    "max_new_tokens": st.integers(max_value=0) | st.just("8"),
+    "num_return_sequences": st.integers(max_value=0),
+    "stop_strings": st.just([""]) | st.just([3]),
 }
 
 
@@ -204,7 +207,9 @@ ANYTHING = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(ma
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from([f.name for f in dataclasses.fields(SamplingParams)]), ANYTHING)
+@given(st.sampled_from([f.name for f in dataclasses.fields(SamplingParams)]
+                       + ["max_new_tokens", "min_new_tokens", "num_return_sequences", "num_beams",
+                          "stop_strings"]), ANYTHING)
 def test_any_value_either_constructs_or_raises_sampling_params_error(field, value):
     try:
         SamplingParams(**{field: value})

@@ -169,7 +169,7 @@ class Engine:
     def _generator(self, seed: int | None, index: int) -> torch.Generator | None:
         if seed is None:
             return None
-        return torch.Generator(device=self.device).manual_seed(seed + index)
+        return torch.Generator(device=self.device).manual_seed((seed + index) % 2**64)
 
     def abort_request(self, request_id: str) -> None:
         group = self.groups.pop(request_id, None)

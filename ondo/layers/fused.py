@@ -4,6 +4,8 @@ activations. Each is one Triton launch on CUDA tensors and plain PyTorch elsewhe
 The kernels round where the layer modules (norm.py, rotary.py, activation.py) round, so on the GPU a
 model gives the same tokens with or without them: RMSNorm scales in float32 and casts before (Llama) or
 after (Gemma, `offset=1`) the weight; rotary rounds each product like the unfused `x*cos + rot(x)*sin`.
+They compile with `enable_fp_fusion=False`: otherwise the compiler contracts a rounded product and the
+following add into one fused multiply-add (`fma.rn.bf16`), and the rounding the modules do is lost.
 """
 from __future__ import annotations
 
@@ -121,7 +123,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         _rms_norm_kernel[(x2d.shape[0],)](
             x2d, res2d, weight, out, res_out, x2d.stride(0), res2d.stride(0), out.stride(0), res_out.stride(0),
             hidden, eps, offset, HAS_RESIDUAL=residual is not None, HAS_OFFSET=offset != 0.0, BLOCK=block,
-            num_warps=min(max(block // 512, 1), 16))
+            num_warps=min(max(block // 512, 1), 16), enable_fp_fusion=False)
     if residual is None:
         return out.view(x.shape)
     return out.view(x.shape), res_out.view(x.shape)
@@ -163,7 +165,8 @@ def apply_rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
             q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), cos.stride(0),
             NUM_Q_HEADS=q3.shape[1], NUM_K_HEADS=k3.shape[1], HALF=half,
             BLOCK_HQ=triton.next_power_of_2(q3.shape[1]), BLOCK_HK=triton.next_power_of_2(k3.shape[1]),
-            BLOCK_HALF=triton.next_power_of_2(half), HAS_POSITIONS=positions is not None, num_warps=4)
+            BLOCK_HALF=triton.next_power_of_2(half), HAS_POSITIONS=positions is not None, num_warps=4,
+            enable_fp_fusion=False)
 
 
 def _apply_rotary_torch(x3, cos, sin, positions):
@@ -198,5 +201,6 @@ def _gated(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
     block = min(triton.next_power_of_2(inter), 1024)
     if x2d.shape[0]:
         _gated_act_kernel[(x2d.shape[0], triton.cdiv(inter, block))](
-            x2d, out, x2d.stride(0), out.stride(0), inter, GELU_TANH=gelu_tanh, BLOCK=block, num_warps=4)
+            x2d, out, x2d.stride(0), out.stride(0), inter, GELU_TANH=gelu_tanh, BLOCK=block, num_warps=4,
+            enable_fp_fusion=False)
     return out.view(*x.shape[:-1], inter)

@@ -29,21 +29,34 @@ def _scalar(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.full((), value, dtype=dtype, device=device)  # filled on the device: no copy
 
 
-def padded_right(rows: Sequence[torch.Tensor], pad: int, device: torch.device) -> torch.Tensor:
-    """Host int64 token tensors as one device tensor `[len(rows), longest]`, padded at the end."""
+def padded_right(rows: Sequence[torch.Tensor | list[int]], pad: int,
+                 device: torch.device) -> torch.Tensor:
+    """Token rows (host int64 tensors or lists) as one device tensor `[len(rows), longest]`,
+    padded at the end with `pad`."""
     return _padded(rows, pad, "right", device)
 
 
-def padded_left(rows: Sequence[torch.Tensor], pad: int, device: torch.device) -> torch.Tensor:
-    """Host int64 token tensors as one device tensor `[len(rows), longest]`, padded at the start."""
-    return _padded(rows, pad, "left", device)
+def padded_left(rows: Sequence[torch.Tensor | list[int]], pad: int, device: torch.device,
+                width: int | None = None) -> torch.Tensor:
+    """Token rows (host int64 tensors or lists) as one device tensor `[len(rows), width]`
+    (default: the longest row), padded at the start with `pad`."""
+    return _padded(rows, pad, "left", device, width)
 
 
-def _padded(rows: Sequence[torch.Tensor], pad: int, side: str, device: torch.device) -> torch.Tensor:
-    batch = torch.nn.utils.rnn.pad_sequence(list(rows), batch_first=True, padding_value=pad,
+def _padded(rows, pad: int, side: str, device: torch.device,
+            width: int | None = None) -> torch.Tensor:
+    if width is None:
+        width = max(1, max(len(r) for r in rows))  # >= 1 column keeps shapes simple
+    if all(isinstance(r, list) for r in rows):  # short lists: pad in Python, convert once
+        fill = [[pad] * (width - len(r)) for r in rows]
+        flat = [r + f if side == "right" else f + r for r, f in zip(rows, fill)]
+        return host_to_device(flat, torch.long, device)
+    batch = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(r, dtype=torch.long) for r in rows],
+                                            batch_first=True, padding_value=pad,
                                             padding_side=side)  # [rows, longest]
-    if batch.shape[1] == 0:  # every row empty: one column of padding keeps shapes simple
-        batch = torch.full((len(rows), 1), pad, dtype=torch.long)
+    if batch.shape[1] < width:  # widen to the width asked for
+        room = torch.full((len(rows), width - batch.shape[1]), pad, dtype=torch.long)
+        batch = torch.cat([batch, room] if side == "right" else [room, batch], dim=1)
     return batch.to(device, non_blocking=True)
 
 

@@ -143,13 +143,13 @@ class Sampler:
     def _bad_words_step(self, requests: list[Any], device: torch.device) -> Callable:
         """Build the tensors of step 4 for the rows that ban words; return the function to apply."""
         width = max(1, max(len(w) - 1 for r in requests for w in r.bad_words_token_ids))
-        tails = lp.padded_left([self._history.full(r)[-width:] for r in requests], -2,
-                               device)  # [rows, width]
+        tails = lp.padded_left([self._history.tail(r, width) for r in requests], -2, device,
+                               width)  # [rows, width]
         words = [(row, w) for row, r in enumerate(requests) for w in r.bad_words_token_ids]
         word_rows = _long([row for row, _ in words], device)
         # Same width as the tails; a one-token word has the prefix [-1] (= anything): always matches.
-        prefixes = lp.padded_left([torch.tensor(w[:-1], dtype=torch.long) for _, w in words], -1,
-                                  device)  # [words, width]
+        prefixes = lp.padded_left([list(w[:-1]) for _, w in words], -1, device,
+                                  width)  # [words, width]
         last = _long([w[-1] for _, w in words], device)
         return lambda x: lp.apply_bad_words(x, tails, word_rows, prefixes, last)
 

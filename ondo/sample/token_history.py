@@ -22,6 +22,7 @@ class _Entry:
     prompt: torch.Tensor  # [prompt_len] int64
     output: torch.Tensor  # [capacity] int64; the first `length` hold output tokens
     length: int
+    last_token: int  # output[length - 1] as a Python int, to check cheaply that it still holds
 
 
 class TokenHistory:
@@ -39,7 +40,16 @@ class TokenHistory:
 
     def full(self, request: Any) -> torch.Tensor:
         """Prompt then output, [prompt_len + num_output_tokens] int64 on the host."""
-        return torch.cat([self.prompt(request), self.output(request)])
+        entry = self._entry(request)
+        return torch.cat([entry.prompt, entry.output[:entry.length]])
+
+    def tail(self, request: Any, count: int) -> torch.Tensor:
+        """The newest `count` tokens of prompt + output (fewer if the sequence is shorter)."""
+        entry = self._entry(request)
+        if entry.length >= count:
+            return entry.output[entry.length - count:entry.length]
+        missing = count - entry.length
+        return torch.cat([entry.prompt[-missing:], entry.output[:entry.length]])
 
     def _entry(self, request: Any) -> _Entry:
         key = id(request)
@@ -60,6 +70,7 @@ class TokenHistory:
             entry.output[entry.length:entry.length + len(new)] = torch.as_tensor(
                 list(new), dtype=torch.long)
             entry.length += len(new)
+            entry.last_token = int(new[-1])
         return entry
 
     def _new_entry(self, request: Any) -> _Entry:
@@ -69,7 +80,7 @@ class TokenHistory:
         except TypeError:  # not weak-referenceable: convert every step, never cache
             ref = None
         entry = _Entry(ref, torch.as_tensor(list(request.prompt_token_ids), dtype=torch.long),
-                       torch.empty(64, dtype=torch.long), 0)
+                       torch.empty(64, dtype=torch.long), 0, -1)
         if ref is not None:
             self._entries[key] = entry
         return entry
@@ -81,4 +92,4 @@ def _still_a_prefix(entry: _Entry, output_ids: Any) -> bool:
     if entry.length == 0:
         return True
     return (len(output_ids) >= entry.length
-            and int(entry.output[entry.length - 1]) == output_ids[entry.length - 1])
+            and entry.last_token == output_ids[entry.length - 1])

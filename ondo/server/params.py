@@ -114,7 +114,7 @@ def completion_prompts(request: CompletionRequest, tokenizer: Any | None,
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
-        raise bad_request(f"{param} token ids must be in [0, {vocab_size}), got {bad[0]}", param)
+        raise bad_request(f"{param} must hold token ids in [0, {vocab_size}), got {bad[0]}", param)
 
 
 def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int,

@@ -112,6 +112,14 @@ def test_bad_words_match_transformers(seed):
     assert torch.isneginf(out).sum() > 2
 
 
+def test_bad_word_longer_than_every_history():
+    words = [[1, 2, 3, 4, 5, 6], [9]]
+    reqs = [request(prompt=[1, 2], bad_words=words)]
+    logits = random_logits(1, 8)
+    out = Sampler().apply_processors(logits, reqs)
+    assert_same(out[0], hf_apply(NoBadWordsLogitsProcessor(words), [1, 2], logits[0]))
+
+
 def test_min_new_tokens_matches_transformers():
     eos, stop = {2}, {7, 9}
     cases = [(3, 1), (3, 3), (0, 0), (5, 4)]  # (min_tokens, tokens generated so far)

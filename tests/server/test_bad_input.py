@@ -49,7 +49,7 @@ def assert_error(response: httpx.Response, status: int, *fragments: str, param: 
     ({**CHAT, "n": 2, "best_of": 1}, ["n must be <= best_of, got n=2, best_of=1"], "n"),
     ({**CHAT, "n": 300}, ["at most 256 sequences", "300"], "n"),
     ({**COMPLETION, "logprobs": 21}, ["logprobs must be in [0, 20], got 21"], "logprobs"),
-    ({**COMPLETION, "prompt": [1, 2, 10**9]}, ["prompt token ids must be in [0, 49152), got 1000000000"], "prompt"),
+    ({**COMPLETION, "prompt": [1, 2, 10**9]}, ["prompt must hold token ids in [0, 49152), got 1000000000"], "prompt"),
     ({**COMPLETION, "prompt": []}, ["prompt must not be empty"], "prompt"),
     ({**CHAT, "stream": True, "best_of": 3}, ["best_of > n needs stream=false"], "best_of"),
 ])

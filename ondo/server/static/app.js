@@ -1,0 +1,440 @@
+"use strict";
+// The ondo playground: a chat tab and a completion tab over the server's OpenAI-compatible API.
+// Every decoding option is a field; its allowed range is read from the server's OpenAPI schema and
+// checked here before sending, and the server checks again: a 400 is shown next to the field it
+// names. Model output is only ever inserted as text (append / textContent), never as HTML.
+
+const FIELDS = [
+  // kind: int | float | bool | stops | ids | json; placeholder: what the server does when empty.
+  { name: "max_tokens", label: "Max length", kind: "int", placeholder: "chat: to the end of the context; completion: 16" },
+  { name: "min_tokens", label: "Min length", kind: "int", placeholder: "0" },
+  { name: "temperature", label: "Temperature", kind: "float", placeholder: "1.0 (0 = greedy)" },
+  { name: "top_p", label: "Top-p", kind: "float", placeholder: "1.0" },
+  { name: "top_k", label: "Top-k", kind: "int", placeholder: "-1 (off)" },
+  { name: "min_p", label: "Min-p", kind: "float", placeholder: "0 (off)" },
+  { name: "typical_p", label: "Typical-p", kind: "float", placeholder: "1.0 (off)" },
+  { name: "repetition_penalty", label: "Repetition penalty", kind: "float", placeholder: "1.0 (off)" },
+  { name: "presence_penalty", label: "Presence penalty", kind: "float", placeholder: "0" },
+  { name: "frequency_penalty", label: "Frequency penalty", kind: "float", placeholder: "0" },
+  { name: "no_repeat_ngram_size", label: "No-repeat n-gram size", kind: "int", placeholder: "0 (off)" },
+  { name: "seed", label: "Seed", kind: "int", placeholder: "random" },
+  { name: "n", label: "Choices (n)", kind: "int", placeholder: "1" },
+  { name: "best_of", label: "Best of", kind: "int", placeholder: "= n" },
+  { name: "stop", label: "Stop strings", kind: "stops", placeholder: "one per line" },
+  { name: "stop_token_ids", label: "Stop token ids", kind: "ids", placeholder: "e.g. 2, 13" },
+  { name: "logit_bias", label: "Logit bias", kind: "json", placeholder: '{"token id": bias in [-100, 100]}' },
+  { name: "ignore_eos", label: "Ignore EOS", kind: "bool", checked: false },
+  { name: "skip_special_tokens", label: "Skip special tokens", kind: "bool", checked: true },
+];
+// Server error params that belong to another element than a field of the same name.
+const PARAM_TARGETS = { max_completion_tokens: "max_tokens", messages: "messages", prompt: "prompt" };
+
+const $ = (id) => document.getElementById(id);
+const state = { mode: "chat", history: [], ranges: {}, modelName: null, controller: null, ready: false };
+
+// ---- fields ----------------------------------------------------------------------------------
+
+function rangeText(range) {
+  const low = range.minimum ?? range.exclusiveMinimum;
+  const high = range.maximum ?? range.exclusiveMaximum;
+  if (low !== undefined && high !== undefined) {
+    return `in ${range.minimum !== undefined ? "[" : "("}${low}, ${high}${range.maximum !== undefined ? "]" : ")"}`;
+  }
+  if (low !== undefined) return `${range.minimum !== undefined ? ">=" : ">"} ${low}`;
+  if (high !== undefined) return `${range.maximum !== undefined ? "<=" : "<"} ${high}`;
+  return "";
+}
+
+function buildFields() {
+  const form = $("fields");
+  form.replaceChildren();
+  for (const field of FIELDS) {
+    const wrapper = document.createElement("label");
+    wrapper.className = field.kind === "bool" ? "field checkbox" : "field";
+    const label = document.createElement("span");
+    label.className = "label";
+    label.textContent = field.label;
+    const range = state.ranges[field.name];
+    // 64-bit bounds (the seed's) say nothing useful on screen; the check still applies.
+    const shown = range && Math.max(...Object.values(range).filter(Number.isFinite).map(Math.abs)) < 1e9;
+    if (shown && rangeText(range)) {
+      const hint = document.createElement("span");
+      hint.className = "range";
+      hint.textContent = field.name === "top_k" ? "-1 or >= 1" : rangeText(range);
+      label.append(" ", hint);
+    }
+    let input;
+    if (field.kind === "bool") {
+      input = document.createElement("input");
+      input.type = "checkbox";
+      input.checked = field.checked;
+    } else if (field.kind === "stops" || field.kind === "json") {
+      input = document.createElement("textarea");
+      input.rows = 2;
+    } else {
+      input = document.createElement("input");
+      input.type = "text";
+      input.inputMode = field.kind === "int" ? "numeric" : "decimal";
+    }
+    input.id = `field-${field.name}`;
+    input.name = field.name;
+    if (field.placeholder) input.placeholder = field.placeholder;
+    input.addEventListener("input", () => clearError(field.name));
+    const error = document.createElement("span");
+    error.className = "field-error";
+    error.id = `error-${field.name}`;
+    if (field.kind === "bool") wrapper.append(input, label, error);
+    else wrapper.append(label, input, error);
+    form.append(wrapper);
+  }
+}
+
+// Returns [value or undefined when empty, error message or null]; messages match the server's.
+function parseField(field) {
+  const input = $(`field-${field.name}`);
+  if (field.kind === "bool") return [input.checked === field.checked ? undefined : input.checked, null];
+  const raw = input.value.trim();
+  if (raw === "") return [undefined, null];
+  const name = field.name;
+  if (field.kind === "int" || field.kind === "float") {
+    const value = Number(raw);
+    if (!Number.isFinite(value)) return [undefined, `${name} must be a number, got '${raw}'`];
+    if (field.kind === "int" && !Number.isInteger(value)) return [undefined, `${name} must be an integer, got ${raw}`];
+    const range = state.ranges[name] || {};
+    const ok = (range.minimum === undefined || value >= range.minimum)
+      && (range.exclusiveMinimum === undefined || value > range.exclusiveMinimum)
+      && (range.maximum === undefined || value <= range.maximum)
+      && (range.exclusiveMaximum === undefined || value < range.exclusiveMaximum)
+      && (range.not === undefined || value !== range.not.const);
+    if (!ok) {
+      const allowed = range.not ? `${rangeText(range)} and not ${range.not.const}` : rangeText(range);
+      return [undefined, `${name} must be ${allowed}, got ${raw}`];
+    }
+    return [value, null];
+  }
+  if (field.kind === "stops") return [raw.split("\n").filter((line) => line !== ""), null];
+  if (field.kind === "ids") {
+    const ids = raw.split(/[\s,]+/).filter(Boolean).map(Number);
+    const bad = ids.find((id) => !Number.isInteger(id) || id < 0);
+    return bad === undefined ? [ids, null] : [undefined, `${name} must hold token ids >= 0, got ${bad}`];
+  }
+  try {
+    const value = JSON.parse(raw);
+    if (value && typeof value === "object" && !Array.isArray(value)) return [value, null];
+  } catch (_) { /* reported below */ }
+  return [undefined, `${name} must be a JSON object of token id -> bias, like {"13": -100}`];
+}
+
+function collectOptions() {
+  const options = {};
+  let valid = true;
+  for (const field of FIELDS) {
+    const [value, error] = parseField(field);
+    if (error) { showFieldError(field.name, error); valid = false; }
+    else if (value !== undefined) options[field.name] = value;
+  }
+  if (options.min_tokens !== undefined && options.max_tokens !== undefined && options.min_tokens > options.max_tokens) {
+    showFieldError("min_tokens", `min_tokens (${options.min_tokens}) must be <= max_tokens (${options.max_tokens})`);
+    valid = false;
+  }
+  return valid ? options : null;
+}
+
+function showFieldError(param, message) {
+  const target = PARAM_TARGETS[param] || param;
+  const error = $(`error-${target}`);
+  if (!error) return false;
+  error.textContent = message;
+  const input = $(`field-${target}`);
+  if (input) input.classList.add("invalid");
+  return true;
+}
+
+function clearError(name) {
+  const error = $(`error-${name}`);
+  if (error) error.textContent = "";
+  const input = $(`field-${name}`);
+  if (input) input.classList.remove("invalid");
+}
+
+function clearAllErrors() {
+  for (const field of FIELDS) clearError(field.name);
+  clearError("messages");
+  clearError("prompt");
+  showBanner(null);
+}
+
+function showBanner(message) {
+  const banner = $("banner");
+  banner.textContent = message || "";
+  banner.hidden = !message;
+}
+
+// ---- talking to the server -----------------------------------------------------------------------
+
+function headers() {
+  const key = $("api-key").value.trim();
+  return key ? { "Content-Type": "application/json", Authorization: `Bearer ${key}` } : { "Content-Type": "application/json" };
+}
+
+async function* sseData(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      for (const line of event.split("\n")) {
+        if (line.startsWith("data: ")) yield line.slice(6);
+      }
+    }
+  }
+}
+
+// Sends one request and streams its choices into `view` (see replyView). Returns usage or null.
+async function run(path, body, view) {
+  const controller = new AbortController();
+  state.controller = controller;
+  const started = performance.now();
+  let firstTokenAt = null;
+  let chunks = 0;
+  let usage = null;
+  setBusy(true);
+  try {
+    const response = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal });
+    if (!response.ok) {
+      const payload = await response.json().catch(() => ({ error: { message: `HTTP ${response.status}` } }));
+      const error = payload.error || { message: `HTTP ${response.status}` };
+      if (!showFieldError(error.param, error.message)) showBanner(error.message);
+      view.fail();
+      return null;
+    }
+    if (!body.stream) {
+      const payload = await response.json();
+      firstTokenAt = performance.now();
+      for (const choice of payload.choices) view.append(choice.index, choice.message ? choice.message.content : choice.text, choice.finish_reason);
+      usage = payload.usage;
+    } else {
+      for await (const data of sseData(response)) {
+        if (data === "[DONE]") break;
+        const chunk = JSON.parse(data);
+        if (chunk.error) { showBanner(chunk.error.message); break; }
+        if (chunk.usage) usage = chunk.usage;
+        for (const choice of chunk.choices || []) {
+          const text = choice.delta ? choice.delta.content : choice.text;
+          if (text && firstTokenAt === null) firstTokenAt = performance.now();
+          if (text) chunks += 1;
+          view.append(choice.index, text || "", choice.finish_reason);
+        }
+      }
+    }
+  } catch (error) {
+    if (error.name !== "AbortError") showBanner(`request failed: ${error.message}`);
+  } finally {
+    const stopped = controller.signal.aborted;
+    state.controller = null;
+    setBusy(false);
+    view.done(stopped);
+    showStats(started, firstTokenAt, performance.now(), usage ? usage.completion_tokens : chunks, stopped);
+  }
+  return usage;
+}
+
+function showStats(started, firstTokenAt, ended, tokens, stopped) {
+  if (firstTokenAt === null) { $("stats").textContent = stopped ? "stopped before the first token" : ""; return; }
+  const ttft = firstTokenAt - started;
+  const decodeSeconds = (ended - firstTokenAt) / 1000;
+  const rate = tokens > 1 && decodeSeconds > 0 ? (tokens - 1) / decodeSeconds : tokens / ((ended - started) / 1000);
+  $("stats").textContent = `${tokens} tokens · ${rate.toFixed(1)} tokens/s · first token ${ttft.toFixed(0)} ms${stopped ? " · stopped" : ""}`;
+}
+
+function setBusy(busy) {
+  $("send").disabled = busy || !state.ready;
+  $("stop").disabled = !busy;
+}
+
+// A reply area holding one block per choice; text goes in with append(), which never parses HTML.
+function replyView(container) {
+  const choices = new Map();
+  container.classList.add("streaming");
+  const block = (index) => {
+    if (!choices.has(index)) {
+      const element = document.createElement("div");
+      element.className = "choice";
+      element.dataset.index = String(index);
+      const content = document.createElement("span");
+      content.className = "content";
+      const finish = document.createElement("span");
+      finish.className = "finish";
+      element.append(content, finish);
+      container.append(element);
+      choices.set(index, { element, content, finish, text: "" });
+    }
+    return choices.get(index);
+  };
+  return {
+    append(index, text, finishReason) {
+      const choice = block(index);
+      choice.text += text;
+      choice.content.append(text);
+      if (finishReason) choice.finish.textContent = finishReason === "length" ? "max length reached" : finishReason === "stop" ? "" : finishReason;
+      container.scrollIntoView({ block: "end" });
+    },
+    fail() { container.classList.add("failed"); },
+    done(stopped) {
+      container.classList.remove("streaming");
+      if (stopped) for (const choice of choices.values()) choice.finish.textContent = "stopped";
+    },
+    text(index) { return choices.has(index) ? choices.get(index).text : ""; },
+  };
+}
+
+// ---- the two tabs --------------------------------------------------------------------------------
+
+function addMessage(role, text) {
+  const list = $("messages");
+  list.querySelector(".empty")?.remove();
+  const message = document.createElement("div");
+  message.className = `message ${role}`;
+  const who = document.createElement("div");
+  who.className = "role";
+  who.textContent = role === "user" ? "You" : "Assistant";
+  const body = document.createElement("div");
+  body.className = "body";
+  if (text !== undefined) body.textContent = text;
+  message.append(who, body);
+  list.append(message);
+  return { message, body };
+}
+
+async function sendChat(options) {
+  const input = $("chat-input");
+  const text = input.value;
+  if (!text.trim()) { showFieldError("messages", "type a message first"); return; }
+  const system = $("system-prompt").value.trim();
+  const messages = [...(system ? [{ role: "system", content: system }] : []), ...state.history, { role: "user", content: text }];
+  const user = addMessage("user", text);
+  input.value = "";
+  const reply = addMessage("assistant");
+  const view = replyView(reply.body);
+  const stream = !(options.best_of > (options.n || 1));
+  const body = { model: state.modelName, messages, stream, ...options };
+  if (stream) body.stream_options = { include_usage: true };
+  await run("v1/chat/completions", body, view);
+  if (reply.body.classList.contains("failed")) {
+    user.message.remove();
+    reply.message.remove();
+    input.value = text;  // give the message back so it can be sent again once fixed
+    return;
+  }
+  state.history.push({ role: "user", content: text }, { role: "assistant", content: view.text(0) });
+}
+
+async function sendCompletion(options) {
+  const prompt = $("completion-prompt").value;
+  if (!prompt) { showFieldError("prompt", "write a prompt first"); return; }
+  const output = $("completion-output");
+  output.replaceChildren();
+  output.classList.remove("failed", "streaming");
+  const echo = $("completion-echo").checked;
+  const stream = !(options.best_of > (options.n || 1));
+  const body = { model: state.modelName, prompt, echo, stream, ...options };
+  if (stream) body.stream_options = { include_usage: true };
+  await run("v1/completions", body, replyView(output));
+}
+
+async function send() {
+  if (state.controller || !state.ready) return;
+  clearAllErrors();
+  $("stats").textContent = "";
+  const options = collectOptions();
+  if (!options) return;
+  if (state.mode === "chat") await sendChat(options);
+  else await sendCompletion(options);
+}
+
+function setMode(mode) {
+  state.mode = mode;
+  for (const tab of document.querySelectorAll(".tab")) {
+    const active = tab.dataset.mode === mode;
+    tab.classList.toggle("active", active);
+    tab.setAttribute("aria-selected", String(active));
+  }
+  $("chat-panel").hidden = mode !== "chat";
+  $("completion-panel").hidden = mode !== "completion";
+}
+
+function clearConversation() {
+  if (state.controller) state.controller.abort();
+  state.history = [];
+  const list = $("messages");
+  const empty = document.createElement("p");
+  empty.className = "empty";
+  empty.textContent = "Ask something. Answers stream in token by token.";
+  list.replaceChildren(empty);
+  $("completion-output").replaceChildren();
+  $("stats").textContent = "";
+  clearAllErrors();
+}
+
+// ---- start-up: schema ranges, health, model name -------------------------------------------------
+
+async function loadRanges() {
+  try {
+    const schema = await (await fetch("openapi.json")).json();
+    const properties = schema.components.schemas.ChatCompletionRequest.properties;
+    for (const [name, property] of Object.entries(properties)) {
+      const range = {};
+      for (const key of ["minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum", "not"]) {
+        if (property[key] !== undefined) range[key] = property[key];
+      }
+      if (Object.keys(range).length) state.ranges[name] = range;
+    }
+  } catch (_) {
+    showBanner("could not read the API schema: the server will still check every option");
+  }
+  buildFields();
+}
+
+async function watchHealth() {
+  const status = $("status");
+  let healthy = false;
+  try { healthy = (await fetch("health")).ok; } catch (_) { healthy = false; }
+  if (healthy && !state.modelName) {
+    const response = await fetch("v1/models", { headers: headers() });
+    if (response.ok) state.modelName = (await response.json()).data[0].id;
+    else if (response.status === 401) showBanner("this server needs an API key: enter it under Connection");
+  }
+  state.ready = healthy && Boolean(state.modelName);
+  $("model-name").textContent = state.modelName || "";
+  status.textContent = state.ready ? "ready" : healthy ? "needs API key" : "loading model…";
+  status.className = `status ${state.ready ? "ready" : "loading"}`;
+  setBusy(Boolean(state.controller));
+  setTimeout(watchHealth, state.ready ? 10000 : 1000);
+}
+
+function init() {
+  $("api-key").value = localStorage.getItem("ondo-api-key") || "";
+  $("api-key").addEventListener("change", () => { localStorage.setItem("ondo-api-key", $("api-key").value.trim()); state.modelName = null; });
+  for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => setMode(tab.dataset.mode));
+  $("send").addEventListener("click", send);
+  $("stop").addEventListener("click", () => state.controller && state.controller.abort());
+  $("clear").addEventListener("click", clearConversation);
+  $("chat-input").addEventListener("input", () => clearError("messages"));
+  $("completion-prompt").addEventListener("input", () => clearError("prompt"));
+  $("chat-input").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); send(); }
+  });
+  $("completion-prompt").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) { event.preventDefault(); send(); }
+  });
+  loadRanges();
+  watchHealth();
+}
+
+init();
