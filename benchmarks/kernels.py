@@ -6,7 +6,8 @@ to what plain PyTorch offers on the same shapes (SDPA on contiguous K/V, varlen_
 Llama-3-8B attention heads (32 query, 8 KV, head_dim 128), bf16, block_size 16, block tables scattered
 over the pool. Times are medians of triton.testing.do_bench (L2 flushed before each call). Decode is
 also timed as a CUDA graph of 16 calls over distinct caches (launch gaps removed), the way the engine
-replays it. Bandwidth counts the fewest bytes the op must move: K/V read once, outputs written once.
+replays it; "eager" decode rows can be host-bound (see the host_launch rows: host time per call).
+Bandwidth counts the fewest bytes the op must move: K/V read once, outputs written once.
 """
 from __future__ import annotations
 
@@ -219,6 +220,45 @@ def bench_fused(tokens, hidden, inter):
         record("fused", f"{act}_and_mul torch [{tokens},{inter}]", bench_ms(lambda: module(gate_up)), nbytes=nbytes)
 
 
+def host_us(fn, calls=300) -> float:
+    """Host time per call, GPU work left queued: what an eager (non-graph) step pays to launch it."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def bench_launch_cost():
+    """Small decode-sized calls, where launching costs more than running: the case for CUDA graphs."""
+    backend = TritonAttentionBackend()
+    kw = dict(scale=SCALE, sliding_window=None, logit_softcap=None)
+    q, kv_cache, (meta,) = paged_problem(1, 2048, 1)
+    k, v = torch.randn(2, 1, KVH, D, device="cuda", dtype=DT)
+    cases = [("backend.forward decode 1x2048 (write + 2 kernels)", lambda: backend.forward(q, k, v, kv_cache, meta, **kw))]
+    q, kv_cache, (meta,) = paged_problem(1, 2048, 64)
+    k, v = torch.randn(2, 64, KVH, D, device="cuda", dtype=DT)
+    cases.append(("backend.forward prefill 64 tokens (write + 1 kernel)",
+                  lambda: backend.forward(q, k, v, kv_cache, meta, **kw)))
+    x, res = torch.randn(2, 64, 4096, device="cuda", dtype=DT)
+    weight = torch.ones(4096, device="cuda", dtype=DT)
+    qkv = torch.randn(64, (H + 2 * KVH) * D, device="cuda", dtype=DT)
+    qv, kv, _ = qkv.split([H * D, KVH * D, KVH * D], -1)
+    cos, sin = torch.randn(2, 64, D, device="cuda", dtype=DT)
+    gate_up = torch.randn(64, 2 * 14336, device="cuda", dtype=DT)
+    cases += [("fused.rms_norm + residual [64, 4096]", lambda: fused.rms_norm(x, weight, 1e-6, res)),
+              ("fused.apply_rotary_ [64 tokens]", lambda: fused.apply_rotary_(qv, kv, cos, sin, D)),
+              ("fused.silu_and_mul [64, 14336]", lambda: fused.silu_and_mul(gate_up)),
+              ("torch add_ (one tiny eager op)", lambda: x.add_(0))]
+    for name, fn in cases:
+        record("host_launch", name, host_us(fn) / 1e3)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-json", help="write every measurement here")
@@ -249,6 +289,7 @@ def main() -> int:
     bench_prefill(8, 1536, 512, [])
     bench_kv_write(8192)
     bench_fused(4096, 4096, 14336)
+    bench_launch_cost()
     print(f"\n{'group':<14}{'name':<52}{'us':>10}{'TB/s':>8}{'TFLOP/s':>9}  (copy {copy_tbps:.2f} TB/s, {props.name})")
     for r in rows:
         print(f"{r['group']:<14}{r['name']:<52}{r['us']:>10}{r.get('TBps', ''):>8}{r.get('TFLOPs', ''):>9}"

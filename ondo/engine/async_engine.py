@@ -21,10 +21,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ondo.config import EngineConfig
 from ondo.outputs import RequestOutput
 from ondo.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+_EMPTY_STEP_S = 0.001  # a step this fast that produced nothing scheduled nothing
 
 
 class QueueFullError(RuntimeError):
@@ -71,7 +74,7 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="ondo-engine", daemon=True)
 
     @classmethod
-    def from_config(cls, config: Any, max_waiting: int | None = None) -> "AsyncEngine":
+    def from_config(cls, config: EngineConfig, max_waiting: int | None = None) -> "AsyncEngine":
         from ondo.engine.engine import Engine
 
         return cls(lambda: Engine(config), max_waiting=max_waiting)
@@ -253,12 +256,16 @@ class AsyncEngine:
             self._deliver(stream, [Finished(stream.request_id, error)])
 
     def _step(self) -> None:
+        start_s = time.perf_counter()
         try:
             outputs = self._engine.step()
         except Exception as exc:  # noqa: BLE001 -- fail the running requests, keep serving
             logger.exception("engine step failed; failing the %d running requests", len(self._streams))
             self._abort_everything(RuntimeError(f"the engine failed while generating: {exc}"))
             return
+        if not outputs and time.perf_counter() - start_s < _EMPTY_STEP_S:
+            # Nothing could be scheduled (requests waiting on each other): don't spin on the GIL.
+            self._wake.wait(_EMPTY_STEP_S)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Any]]] = {}
         for output in outputs:
             stream = self._streams.get(output.request_id)

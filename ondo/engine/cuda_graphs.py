@@ -49,7 +49,7 @@ class CudaGraphRunner:
             seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs], max_query_len=1,
             max_seq_len=self.max_model_len, query_lens_cpu=[1] * bs, seq_lens_cpu=[self.max_model_len] * bs,
             is_decode=True)
-        return ForwardContext(meta, self.kv_caches, self.backend)
+        return ForwardContext(meta, self.kv_caches, self.backend, use_fused_ops=True)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -57,11 +57,12 @@ class CudaGraphRunner:
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.buckets):   # largest first: smaller graphs reuse its memory
             with set_forward_context(self._context(bs)):
-                self.model(self.input_ids[:bs], self.positions[:bs])   # warm-up: compiles the kernels
+                self.model.compute_logits(self.model(self.input_ids[:bs], self.positions[:bs]))  # warm-up: compiles
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self.outputs[bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+                    hidden = self.model(self.input_ids[:bs], self.positions[:bs])     # [bs, hidden]
+                    self.outputs[bs] = self.model.compute_logits(hidden)              # [bs, vocab]
             self.graphs[bs] = graph
         torch.cuda.synchronize(self.device)
         logger.info("captured %d CUDA graphs (batch sizes up to %d) in %.1f s",
@@ -72,7 +73,7 @@ class CudaGraphRunner:
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray,
             seq_lens: np.ndarray, block_tables: np.ndarray) -> torch.Tensor:
-        """Replay for one decode step of n sequences; returns hidden states [n, hidden]."""
+        """Replay for one decode step of n sequences; returns their logits [n, vocab] (float32)."""
         n = len(input_ids)
         bs = next(b for b in self.buckets if b >= n)
         host = self.host

@@ -14,6 +14,7 @@ class ForwardContext:
     attn_metadata: AttentionMetadata
     kv_caches: list[torch.Tensor]   # per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
     attention_backend: AttentionBackend | None = None   # None = the portable torch backend
+    use_fused_ops: bool = False     # Triton RMSNorm / rotary / gated activation (CUDA fast path)
 
 
 _current: ForwardContext | None = None
@@ -23,6 +24,11 @@ def get_forward_context() -> ForwardContext:
     if _current is None:
         raise RuntimeError("attention ran outside a forward context: call the model through the ModelRunner")
     return _current
+
+
+def fused_ops_enabled() -> bool:
+    """Whether layers should call the fused kernels of ondo.layers.fused in this forward."""
+    return _current is not None and _current.use_fused_ops
 
 
 @contextmanager

@@ -53,13 +53,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
-        graphs = self.cuda_graphs
-        if graphs is not None and output.num_batched_tokens == len(output.scheduled) and graphs.fits(len(output.scheduled)):
-            hidden, sample_rows, sample_indices = self._run_graph(output)
-        else:
-            input_ids, positions, meta, sample_rows, sample_indices = self._prepare(output)
-            with set_forward_context(ForwardContext(meta, self.kv_caches, self.backend)):
-                hidden = self.model(input_ids, positions)                # [T, hidden]
+        if self._graph_step(output):
+            return self._run_graph(output)
+        input_ids, positions, meta, sample_rows, sample_indices = self._prepare(output)
+        with set_forward_context(ForwardContext(meta, self.kv_caches, self.backend, self.backend is not None)):
+            hidden = self.model(input_ids, positions)                    # [T, hidden]
         prompt_logits = {}
         start = 0
         for i, item in enumerate(output.scheduled):
@@ -69,7 +67,14 @@ class ModelRunner:
         sample_logits = self.model.compute_logits(hidden[sample_rows])   # [num_sampling, vocab]
         return ModelRunnerOutput(sample_logits, sample_indices, prompt_logits)
 
-    def _run_graph(self, output: SchedulerOutput):
+    def _graph_step(self, output: SchedulerOutput) -> bool:
+        """Decode-only steps (one token per request) that no prompt_logprobs request needs eager."""
+        graphs, n = self.cuda_graphs, len(output.scheduled)
+        return (graphs is not None and output.num_batched_tokens == n and graphs.fits(n)
+                and not any(s.request.wants_prompt_logprobs and s.request.num_computed_tokens < s.request.num_prompt_tokens
+                            for s in output.scheduled))
+
+    def _run_graph(self, output: SchedulerOutput) -> ModelRunnerOutput:
         """A decode-only step (one new token per request) through the captured graphs."""
         n = len(output.scheduled)
         requests = [item.request for item in output.scheduled]
@@ -80,9 +85,11 @@ class ModelRunner:
         tables = np.array(_pad([r.block_table for r in requests]), dtype=np.int32)
         block_ids = tables[np.arange(n), positions // self.block_size]
         slot_mapping = block_ids.astype(np.int64) * self.block_size + positions % self.block_size
-        hidden = self.cuda_graphs.run(input_ids, positions, slot_mapping, (positions + 1).astype(np.int32), tables)
+        logits = self.cuda_graphs.run(input_ids, positions, slot_mapping, (positions + 1).astype(np.int32), tables)
         sample_indices = [i for i, item in enumerate(output.scheduled) if item.samples]
-        return hidden, torch.tensor(sample_indices, dtype=torch.long, device=self.device), sample_indices
+        if len(sample_indices) < n:   # a 1-token prompt chunk among the decodes samples nothing
+            logits = logits[self._to_device(np.array(sample_indices, dtype=np.int64))]
+        return ModelRunnerOutput(logits, sample_indices, {})
 
     def _prepare(self, output: SchedulerOutput):
         scheduled = output.scheduled

@@ -31,7 +31,7 @@ def append_token(request: Request, token_id: int, logprob: float | None,
                  top: list[tuple[int, float]] | None, decode_token) -> None:
     request.output_token_ids.append(token_id)
     if logprob is not None:
-        request.cumulative_logprob += logprob
+        request.cumulative_logprob = (request.cumulative_logprob or 0.0) + logprob
     if request.logprobs is not None:
         position: PositionLogprobs = {}
         for rank, (tid, lp) in enumerate(top or [], start=1):
@@ -110,7 +110,7 @@ def group_output(group: RequestGroup) -> RequestOutput | None:
     if best_of > group.n:
         if not finished:
             return None
-        ranked = sorted(group.children, key=lambda r: r.cumulative_logprob, reverse=True)[:group.n]
+        ranked = sorted(group.children, key=lambda r: r.cumulative_logprob or 0.0, reverse=True)[:group.n]
         outputs = [completion_of(r) for r in ranked]
         for i, output in enumerate(outputs):
             output.index = i

@@ -43,7 +43,7 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks so far
     num_preemptions: int = 0
 
-    cumulative_logprob: float = 0.0
+    cumulative_logprob: float | None = None   # None unless the sampler computed log-probs
     logprobs: list[PositionLogprobs] | None = None
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     output_text: str = ""

@@ -5,6 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ondo.engine.forward_context import fused_ops_enabled
+from ondo.layers import fused
+
 _ACTIVATIONS = {
     "silu": F.silu,
     "swish": F.silu,
@@ -21,11 +24,18 @@ def get_activation(name: str):
     return _ACTIVATIONS[name]
 
 
+_FUSED = {"silu": fused.silu_and_mul, "swish": fused.silu_and_mul, "gelu_pytorch_tanh": fused.gelu_tanh_and_mul,
+          "gelu_new": fused.gelu_tanh_and_mul, "gelu_fast": fused.gelu_tanh_and_mul}
+
+
 class GatedActivation(nn.Module):
     def __init__(self, name: str):
         super().__init__()
         self.act = get_activation(name)
+        self.fused = _FUSED.get(name)
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None and gate_up.is_cuda and fused_ops_enabled():
+            return self.fused(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)   # [T, I] each
         return self.act(gate) * up

@@ -4,6 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ondo.engine.forward_context import fused_ops_enabled
+from ondo.layers import fused
+
 
 class RMSNorm(nn.Module):
     """y = x / rms(x) * (offset + weight), computed in float32 like transformers.
@@ -25,6 +28,8 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if x.is_cuda and fused_ops_enabled():
+            return fused.rms_norm(x, self.weight, self.eps, residual, self.offset)
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ondo.engine.forward_context import fused_ops_enabled
+from ondo.layers import fused
 from ondo.layers.activation import GatedActivation
 from ondo.layers.attention import Attention
 from ondo.layers.linear import MergedLinear
@@ -36,6 +38,9 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v))
 
     def rotate(self, q, k, cos, sin):
+        if q.is_cuda and fused_ops_enabled():
+            fused.apply_rotary_(q, k, cos, sin, self.head_dim)   # in place on the qkv views
+            return q, k
         return apply_rotary(q, cos, sin, self.head_dim), apply_rotary(k, cos, sin, self.head_dim)
 
 

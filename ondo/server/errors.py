@@ -44,6 +44,8 @@ class APIError(Exception):
 
 def error_body(status: int, message: str, param: str | None = None,
                code: str | int | None = None) -> dict[str, Any]:
+    # A message may quote the client's text, lone surrogates included; those cannot be UTF-8.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"),
                       "param": param, "code": code if code is not None else status}}
 
@@ -90,7 +92,14 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
         shown = shown[:77] + "..."
     same_field = [e for e in errors if [p for p in e.get("loc", ()) if p != "body"][:1] == loc[:1]]
     if len(same_field) > 1 and any(isinstance(p, str) and _BRANCH_LABEL.match(p) for p in loc):
+        # A union: a branch of the right type that refused the value says why; else no type fits.
+        refused = next((e for e in same_field if e.get("type") == "value_error"), None)
+        if refused is not None:
+            where = ".".join(str(p) for p in refused["loc"] if p != "body" and not (isinstance(p, str) and _BRANCH_LABEL.match(p)))
+            return f"'{where}': {refused['msg'].removeprefix('Value error, ')}", param
         return f"'{param}' has the wrong type: none of its allowed forms accept {shown}", param
+    if first.get("type") == "value_error":
+        return f"'{path}': {first['msg'].removeprefix('Value error, ')}", param
     return f"'{path}': {first.get('msg')}, got {shown}", param
 
 

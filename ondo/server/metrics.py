@@ -50,8 +50,9 @@ class ServerMetrics:
                                      registry=self.registry)
         self.generation_tokens = Counter("ondo_generation_tokens", "Tokens generated.",
                                          registry=self.registry)
-        self.requests_finished = Counter("ondo_request_success", "Requests finished, by finish reason.",
-                                         ["finish_reason"], registry=self.registry)
+        self.requests_finished = Counter(
+            "ondo_requests_finished", "Requests finished, by finish reason (abort: the client left or the server stopped).",
+            ["finish_reason"], registry=self.registry)
         self.ttft = Histogram("ondo_time_to_first_token_seconds", "Time from arrival to the first token.",
                               buckets=_TTFT_BUCKETS_S, registry=self.registry)
         self.time_per_token = Histogram("ondo_time_per_output_token_seconds",

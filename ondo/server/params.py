@@ -17,6 +17,7 @@ from ondo.server.protocol import (
     ChatMessage,
     CompletionRequest,
     SamplingFields,
+    encodable,
     unsupported_fields,
 )
 
@@ -143,7 +144,10 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                     raise bad_request(
                         f"messages[{i}].content[{j}] must be {{\"type\": \"text\", \"text\": <string>}}: "
                         f"only text is supported, got type {part.get('type')!r}", "messages")
-                texts.append(part["text"])
+                try:
+                    texts.append(encodable(part["text"]))
+                except ValueError as exc:
+                    raise bad_request(f"messages[{i}].content[{j}].{exc}", "messages") from None
             content = "".join(texts)
         entry: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
                                  "content": content or ""}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 
 def _integral_float_to_int(value: Any) -> Any:
@@ -20,6 +20,19 @@ def _integral_float_to_int(value: Any) -> Any:
 
 
 Int = Annotated[int, BeforeValidator(_integral_float_to_int)]
+
+
+def encodable(text: str) -> str:
+    # JSON may carry lone UTF-16 surrogates ("\ud800"); no tokenizer can encode them.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text must be valid Unicode: {exc.object[exc.start:exc.end]!r} at position "
+                         f"{exc.start} is a lone surrogate") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(encodable)]
 
 
 def _ranged(description: str | None = None, default: Any = None, **bounds: float) -> Any:
@@ -49,7 +62,7 @@ class SamplingFields(_Request):
     temperature: float | None = _ranged("0 = greedy.", ge=0)
     top_p: float | None = _ranged("Nucleus sampling: the smallest set of tokens with this much mass.", gt=0, le=1)
     max_tokens: Int | None = _ranged("Most tokens to generate (prompt + max_tokens must fit the context).", ge=1)
-    stop: str | list[str] | None = Field(None, description="Strings that end the generation (not returned).")
+    stop: Text | list[Text] | None = Field(None, description="Strings that end the generation (not returned).")
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: Int | None = _ranged("Same seed, same tokens.", ge=-(2**63), le=2**64 - 1)
@@ -68,11 +81,11 @@ class SamplingFields(_Request):
     stop_token_ids: list[Int] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
-    bad_words: list[str] | None = Field(None, description="Words never generated.")
+    bad_words: list[Text] | None = Field(None, description="Words never generated.")
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[Int] | list[list[Int]]
+    prompt: Text | list[Text] | list[Int] | list[list[Int]]
     echo: bool = False
     logprobs: Int | None = _ranged("Top log-probs returned per token.", ge=0, le=20)
     suffix: str | None = Field(None, description="Not supported.")
@@ -80,7 +93,7 @@ class CompletionRequest(SamplingFields):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict[str, Any]] | None = Field(
+    content: Text | list[dict[str, Any]] | None = Field(
         None, description="Text, or a list of {\"type\": \"text\", \"text\": ...} parts.")
     name: str | None = None
 
@@ -136,7 +149,7 @@ def unsupported_fields(request: BaseModel) -> list[str]:
 
 class TokenizeRequest(_Request):
     model: str | None = None
-    prompt: str | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True

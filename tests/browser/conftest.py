@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))  # the shared live_server helpers
 
-from live_server import build_tiny_llama, live_server, save_smollm2_tokenizer  # noqa: E402
+from live_server import TINY_CONTEXT, live_server  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -18,10 +18,9 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
 @pytest.fixture(scope="session")
-def playground_server(request, tmp_path_factory):
-    tokenizer = save_smollm2_tokenizer(request.config.cache.mkdir("ondo-smollm2-tokenizer"))
-    model = build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
-    with live_server(tmp_path_factory.mktemp("logs"), {"model": str(model)}, served_model_name="tiny") as server:
+def playground_server(tmp_path_factory, tiny_llama_with_tokenizer):
+    engine = {"model": str(tiny_llama_with_tokenizer[0]), "max_model_len": TINY_CONTEXT}
+    with live_server(tmp_path_factory.mktemp("logs"), engine, served_model_name="tiny") as server:
         yield server
 
 

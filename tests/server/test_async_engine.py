@@ -14,8 +14,8 @@ LONG = dict(ignore_eos=True, temperature=1.0)
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    engine = AsyncEngine.from_config(EngineConfig(model=str(tiny_model_dir), max_num_seqs=4)).start()
+def engine(tiny_engine):
+    engine = AsyncEngine.from_config(EngineConfig(**tiny_engine, max_num_seqs=4)).start()
     assert engine.wait_until_loaded(300) and engine.is_ready, engine.load_error
     yield engine
     engine.shutdown()
@@ -80,8 +80,8 @@ def test_a_bad_request_fails_alone(engine):
     assert wait_for_idle(engine)["num_free_blocks"] == engine.stats()["num_total_blocks"]
 
 
-def test_full_waiting_queue_refuses_new_requests(tiny_model_dir):
-    engine = AsyncEngine.from_config(EngineConfig(model=str(tiny_model_dir), max_num_seqs=1), max_waiting=1).start()
+def test_full_waiting_queue_refuses_new_requests(tiny_engine):
+    engine = AsyncEngine.from_config(EngineConfig(**tiny_engine, max_num_seqs=1), max_waiting=1).start()
     assert engine.wait_until_loaded(300)
 
     async def main():

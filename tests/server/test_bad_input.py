@@ -80,6 +80,30 @@ def test_malformed_bodies_and_wrong_types_are_400(tiny_server, raw, fragments, p
     assert_error(post(tiny_server.url, "/v1/chat/completions", raw), 400, *fragments, param=param)
 
 
+@pytest.mark.parametrize("path, raw, fragments, param", [
+    ("/v1/completions", b'{"prompt": "ok \\ud800"}', ["'prompt'", "lone surrogate", "position 3"], "prompt"),
+    ("/v1/completions", b'{"prompt": ["ok", "\\udfff"]}', ["'prompt.1'", "lone surrogate"], "prompt"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+     ["'messages.0.content'", "lone surrogate"], "messages"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
+     ["messages[0].content[0].text", "lone surrogate"], "messages"),
+])
+def test_text_that_is_not_unicode_is_refused(tiny_server, path, raw, fragments, param):
+    # JSON can carry lone UTF-16 surrogates; no tokenizer can encode them.
+    assert_error(post(tiny_server.url, path, raw), 400, *fragments, param=param)
+
+
+def test_an_unknown_model_name_that_is_not_unicode_is_still_a_404(tiny_server):
+    assert_error(post(tiny_server.url, "/v1/completions", b'{"prompt": "x", "model": "\\ud800"}'), 404,
+                 "does not exist", param="model")
+
+
+def test_chat_template_kwargs_cannot_override_request_fields(tiny_server):
+    body = {**CHAT, "chat_template_kwargs": {"add_generation_prompt": False}}
+    assert_error(post(tiny_server.url, "/v1/chat/completions", body), 400,
+                 "chat_template_kwargs must not set 'add_generation_prompt'", param="chat_template_kwargs")
+
+
 @pytest.mark.parametrize("field, value", [
     ("tools", [{"type": "function", "function": {"name": "f"}}]),
     ("response_format", {"type": "json_object"}),
@@ -151,8 +175,8 @@ def test_schema_ranges_agree_with_the_server(tiny_server):
 
 
 @pytest.fixture(scope="module")
-def keyed_server(tmp_path_factory, tiny_model_dir):
-    with live_server(tmp_path_factory.mktemp("keyed"), {"model": str(tiny_model_dir)}, api_key="s3cret",
+def keyed_server(tmp_path_factory, tiny_engine):
+    with live_server(tmp_path_factory.mktemp("keyed"), tiny_engine, api_key="s3cret",
                      served_model_name=MODEL) as server:
         yield server
 

@@ -34,6 +34,10 @@ def test_chat_prompt_is_the_models_chat_template(client, tiny_server, tiny_model
     expected_ids = hf.encode(text, add_special_tokens=False)
     assert tokenize(tiny_server.url, messages=messages) == expected_ids
 
+    without_prompt = hf.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    assert tokenize(tiny_server.url, messages=messages, add_generation_prompt=False) == \
+        hf.encode(without_prompt, add_special_tokens=False)
+
     response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, extra_body=LONG)
     assert response.object == "chat.completion"
     choice = response.choices[0]

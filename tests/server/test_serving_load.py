@@ -27,7 +27,7 @@ def wait_until_idle(server, timeout_s: float = 20) -> dict[str, float]:
 
 def aborted_count(server) -> float:
     text = httpx.get(f"{server.url}/metrics").text
-    line = next((l for l in text.splitlines() if l.startswith('ondo_request_success_total{finish_reason="abort"}')), None)
+    line = next((l for l in text.splitlines() if l.startswith('ondo_requests_finished_total{finish_reason="abort"}')), None)
     return float(line.split()[-1]) if line else 0.0
 
 
@@ -92,9 +92,9 @@ def test_metrics_count_tokens_and_latencies(client, tiny_server):
     assert 0 <= after["ondo_prefix_cache_hit_rate"] <= 1
 
 
-def test_full_waiting_queue_answers_429(tmp_path, tiny_model_dir):
+def test_full_waiting_queue_answers_429(tmp_path, tiny_engine):
     # One running slot and one waiting place: the third concurrent request is refused.
-    engine = {"model": str(tiny_model_dir), "max_num_seqs": 1}
+    engine = {**tiny_engine, "max_num_seqs": 1}
     with live_server(tmp_path, engine, max_waiting=1, served_model_name=MODEL) as server:
         body = {"model": MODEL, "prompt": "Busy", "max_tokens": 240, "stream": True, "ignore_eos": True}
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
