@@ -44,8 +44,6 @@ def run_server(engine_config: EngineConfig, host: str, port: int, api_key: str |
         max_waiting = engine_config.max_waiting
     if max_waiting is not None and max_waiting < 1:
         raise ValueError(f"max_waiting must be >= 1 (or None for no bound), got {max_waiting}")
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     engine = AsyncEngine.from_config(engine_config, max_waiting=max_waiting)
     app = create_app(engine, served_model_name=served_model_name, api_key=api_key or None)
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level="info",

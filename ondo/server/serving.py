@@ -8,6 +8,7 @@ import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -33,9 +34,14 @@ class ServerState:
 
     @property
     def model_name(self) -> str:
+        """--served-model-name, else the model as the user named it (vLLM's habit), else the
+        built-in model's file name without its folder."""
         if self._served_model_name:
             return self._served_model_name
-        return self.engine.engine.model_name if self.engine.is_ready else "loading"
+        if not self.engine.is_ready:
+            return "loading"
+        engine = self.engine.engine
+        return engine.config.model or Path(engine.model_name).stem
 
     @property
     def tokenizer(self) -> Any:
