@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random-weight models saved in tmp dirs, built with transformers."""
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
@@ -69,3 +70,24 @@ def tiny_llama_with_tokenizer(tmp_path_factory, smollm2_tokenizer_dir):
     model = build_tiny_llama(path, vocab_size=len(tokenizer), seed=5, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id)
     return path, model
+
+
+def run_async(coroutine):
+    """asyncio.run in a fresh thread. Playwright's sync API (the browser tests) leaves an event loop
+    marked as running in the main thread, where asyncio.run would then refuse to start."""
+    import threading
+
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = asyncio.run(coroutine)
+        except BaseException as error:  # re-raised in the caller's thread
+            result["error"] = error
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")

@@ -38,8 +38,13 @@ class CudaGraphRunner:
         self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
-        self.host = {name: torch.zeros_like(getattr(self, name), device="cpu").pin_memory()
-                     for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables")}
+        # Two sets of pinned host buffers, used in turn: with decode steps launched ahead (async_decode.py)
+        # a step's buffers are written while the previous step's copies may still be queued.
+        self.host_sets = [{name: torch.zeros_like(getattr(self, name), device="cpu").pin_memory()
+                           for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables")}
+                          for _ in range(2)]
+        self.host_copied: list[torch.cuda.Event | None] = [None, None]   # recorded after each set's copies
+        self.num_runs = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
@@ -71,13 +76,23 @@ class CudaGraphRunner:
     def fits(self, num_seqs: int) -> bool:
         return bool(self.graphs) and num_seqs <= self.buckets[-1]
 
-    def run(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray,
-            seq_lens: np.ndarray, block_tables: np.ndarray) -> torch.Tensor:
-        """Replay for one decode step of n sequences; returns their logits [n, vocab] (float32)."""
-        n = len(input_ids)
-        bs = next(b for b in self.buckets if b >= n)
-        host = self.host
-        host["input_ids"][:n].numpy()[:] = input_ids
+    def bucket(self, num_seqs: int) -> int:
+        return next(b for b in self.buckets if b >= num_seqs)
+
+    def run(self, input_ids: np.ndarray | None, positions: np.ndarray, slot_mapping: np.ndarray,
+            seq_lens: np.ndarray, block_tables: np.ndarray, *,
+            device_input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay for one decode step of n sequences; returns their logits [n, vocab] (float32).
+        The token ids come from the host (`input_ids`) or, already on the device, from `device_input_ids`."""
+        n = len(positions)
+        bs = self.bucket(n)
+        which = self.num_runs % 2
+        self.num_runs += 1
+        if self.host_copied[which] is not None:
+            self.host_copied[which].synchronize()   # returns at once unless that set's copies are still queued
+        host = self.host_sets[which]
+        if input_ids is not None:
+            host["input_ids"][:n].numpy()[:] = input_ids
         host["positions"][:n].numpy()[:] = positions
         host["slot_mapping"][:bs].fill_(-1)
         host["slot_mapping"][:n].numpy()[:] = slot_mapping
@@ -85,8 +100,15 @@ class CudaGraphRunner:
         host["seq_lens"][:n].numpy()[:] = seq_lens
         width = block_tables.shape[1]
         host["block_tables"][:n, :width].numpy()[:] = block_tables
-        for name in ("input_ids", "positions", "slot_mapping", "seq_lens"):
+        for name in ("positions", "slot_mapping", "seq_lens"):
             getattr(self, name)[:bs].copy_(host[name][:bs], non_blocking=True)
+        if device_input_ids is None:
+            self.input_ids[:bs].copy_(host["input_ids"][:bs], non_blocking=True)
+        else:   # padding rows keep earlier (valid) token ids; their outputs are dropped
+            self.input_ids[:n].copy_(device_input_ids)
         self.block_tables[:n, :width].copy_(host["block_tables"][:n, :width], non_blocking=True)
+        event = self.host_copied[which] or torch.cuda.Event()
+        event.record()
+        self.host_copied[which] = event
         self.graphs[bs].replay()
         return self.outputs[bs][:n]

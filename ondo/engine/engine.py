@@ -8,6 +8,7 @@ import time
 import torch
 
 from ondo.config import EngineConfig
+from ondo.engine.async_decode import DecodeOverlap
 from ondo.engine.block_manager import BlockManager
 from ondo.engine.model_runner import KVCacheSpec, ModelRunner
 from ondo.engine.output_processor import (RequestGroup, append_token, check_stop, finalize_text,
@@ -16,7 +17,7 @@ from ondo.engine.request import Request
 from ondo.engine.scheduler import Scheduler
 from ondo.loader import load_model
 from ondo.outputs import Logprob, RequestOutput
-from ondo.sample.sampler import Sampler, prompt_logprobs
+from ondo.sample.sampler import Sampler, SamplerOutput, prompt_logprobs
 from ondo.sampling_params import SamplingParams
 
 logger = logging.getLogger("ondo")
@@ -57,6 +58,8 @@ class Engine:
         self.groups: dict[str, RequestGroup] = {}
         self.num_prompt_tokens_total = 0
         self.num_generated_tokens_total = 0
+        # Decode steps launched one ahead of the host (CUDA graphs only: elsewhere the host is the device).
+        self.decode_overlap = DecodeOverlap(self) if self.runner.cuda_graphs is not None else None
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.0f MiB); max_model_len %d",
                     self.num_blocks, config.block_size, self.num_blocks * config.block_size,
                     self.num_blocks * config.block_size * spec.bytes_per_token() / 2**20, self.max_model_len)
@@ -186,9 +189,15 @@ class Engine:
     # ---- the step --------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.decode_overlap is not None:
+            return self.decode_overlap.step()
         schedule = self.scheduler.schedule()
         if schedule.is_empty:
             return []
+        return self.run_schedule(schedule)
+
+    def run_schedule(self, schedule) -> list[RequestOutput]:
+        """The synchronous step: forward, sample (waiting for the tokens), stop checks, outputs."""
         try:
             result = self.runner.execute(schedule)
         except Exception as error:  # a failed forward fails the requests in it, never the engine
@@ -201,7 +210,7 @@ class Engine:
         touched: dict[str, RequestGroup] = {}
         if sampling:
             touched.update(self._sample(sampling, result.sample_logits))
-        return [out for group in touched.values() if (out := self._emit(group)) is not None]
+        return self.emit(touched)
 
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> dict[str, RequestGroup]:
         try:
@@ -215,18 +224,27 @@ class Engine:
                     self._fail([request], f"sampling failed: {error}")
         touched = {}
         for batch, out in outputs:
-            for i, request in enumerate(batch):
-                if request.is_finished:
-                    continue
-                token = out.token_ids[i]
-                append_token(request, token, out.logprobs[i] if out.logprobs else None,
-                             out.top_logprobs[i] if out.top_logprobs else None, self._decode_token)
-                self.num_generated_tokens_total += 1
-                if check_stop(request, token, self.max_model_len):
-                    finalize_text(request)
-                    self.scheduler.finish(request)
-                touched[request.group_id] = self.groups[request.group_id]
+            touched.update(self.apply_sampled(batch, out))
         return touched
+
+    def apply_sampled(self, batch: list[Request], out: SamplerOutput) -> dict[str, RequestGroup]:
+        """Append each request's new token, check its stops (finishing it); returns the groups touched."""
+        touched = {}
+        for i, request in enumerate(batch):
+            if request.is_finished:
+                continue
+            token = out.token_ids[i]
+            append_token(request, token, out.logprobs[i] if out.logprobs else None,
+                         out.top_logprobs[i] if out.top_logprobs else None, self._decode_token)
+            self.num_generated_tokens_total += 1
+            if check_stop(request, token, self.max_model_len):
+                finalize_text(request)
+                self.scheduler.finish(request)
+            touched[request.group_id] = self.groups[request.group_id]
+        return touched
+
+    def emit(self, touched: dict[str, RequestGroup]) -> list[RequestOutput]:
+        return [out for group in touched.values() if (out := self._emit(group)) is not None]
 
     def _emit(self, group: RequestGroup) -> RequestOutput | None:
         output = group_output(group)

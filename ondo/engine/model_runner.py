@@ -52,10 +52,15 @@ class ModelRunner:
             self.cuda_graphs.capture()
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, output: SchedulerOutput, input_ids: torch.Tensor | None = None) -> ModelRunnerOutput:
+        """`input_ids` ([num_scheduled] on the device) is for a decode step launched before its input
+        tokens reached the host (see async_decode.py): one token per request, every request samples."""
         if self._graph_step(output):
-            return self._run_graph(output)
-        input_ids, positions, meta, sample_rows, sample_indices = self._prepare(output)
+            return self._run_graph(output, input_ids)
+        if input_ids is not None:
+            _, positions, meta, sample_rows, sample_indices = self._prepare(output, with_input_ids=False)
+        else:
+            input_ids, positions, meta, sample_rows, sample_indices = self._prepare(output)
         with set_forward_context(ForwardContext(meta, self.kv_caches, self.backend, self.backend is not None)):
             hidden = self.model(input_ids, positions)                    # [T, hidden]
         prompt_logits = {}
@@ -74,24 +79,37 @@ class ModelRunner:
                 and not any(s.request.wants_prompt_logprobs and s.request.num_computed_tokens < s.request.num_prompt_tokens
                             for s in output.scheduled))
 
-    def _run_graph(self, output: SchedulerOutput) -> ModelRunnerOutput:
+    def batch_bucket(self, num_seqs: int) -> int:
+        """The padded batch size a decode step of `num_seqs` runs at: rows of two decode steps in the same
+        bucket are computed by the same kernels, whatever the other rows hold."""
+        graphs = self.cuda_graphs
+        return graphs.bucket(num_seqs) if graphs is not None and graphs.fits(num_seqs) else num_seqs
+
+    def _run_graph(self, output: SchedulerOutput, device_input_ids: torch.Tensor | None) -> ModelRunnerOutput:
         """A decode-only step (one new token per request) through the captured graphs."""
         n = len(output.scheduled)
         requests = [item.request for item in output.scheduled]
         positions = np.fromiter((r.num_computed_tokens for r in requests), dtype=np.int64, count=n)
-        # Usually the last sampled token, but a 1-token chunk of a prompt takes that prompt token.
-        input_ids = np.fromiter((r.token_ids(r.num_computed_tokens, r.num_computed_tokens + 1)[0]
-                                 for r in requests), dtype=np.int64, count=n)
+        input_ids = None
+        if device_input_ids is None:
+            # Usually the last sampled token, but a 1-token chunk of a prompt takes that prompt token.
+            input_ids = np.fromiter((r.token_ids(r.num_computed_tokens, r.num_computed_tokens + 1)[0]
+                                     for r in requests), dtype=np.int64, count=n)
         tables = np.array(_pad([r.block_table for r in requests]), dtype=np.int32)
         block_ids = tables[np.arange(n), positions // self.block_size]
         slot_mapping = block_ids.astype(np.int64) * self.block_size + positions % self.block_size
-        logits = self.cuda_graphs.run(input_ids, positions, slot_mapping, (positions + 1).astype(np.int32), tables)
+        logits = self.cuda_graphs.run(input_ids, positions, slot_mapping, (positions + 1).astype(np.int32), tables,
+                                      device_input_ids=device_input_ids)
+        if device_input_ids is not None:
+            return ModelRunnerOutput(logits, list(range(n)), {})
         sample_indices = [i for i, item in enumerate(output.scheduled) if item.samples]
         if len(sample_indices) < n:   # a 1-token prompt chunk among the decodes samples nothing
-            logits = logits[self._to_device(np.array(sample_indices, dtype=np.int64))]
+            logits = logits[self.to_device(np.array(sample_indices, dtype=np.int64))]
         return ModelRunnerOutput(logits, sample_indices, {})
 
-    def _prepare(self, output: SchedulerOutput):
+    def _prepare(self, output: SchedulerOutput, with_input_ids: bool = True):
+        """Flat inputs and metadata; without `with_input_ids` the token ids are left to the caller and every
+        request samples (a decode step launched ahead of its input tokens)."""
         scheduled = output.scheduled
         num_tokens = output.num_batched_tokens
         input_ids = np.empty(num_tokens, dtype=np.int64)
@@ -102,12 +120,13 @@ class ModelRunner:
         for i, item in enumerate(scheduled):
             request, n = item.request, item.num_new_tokens
             first = request.num_computed_tokens
-            input_ids[start:start + n] = request.token_ids(first, first + n)
+            if with_input_ids:
+                input_ids[start:start + n] = request.token_ids(first, first + n)
             positions[start:start + n] = np.arange(first, first + n)
             query_lens.append(n)
             seq_lens.append(first + n)
             tables.append(request.block_table)
-            if item.samples:
+            if item.samples or not with_input_ids:
                 sample_rows.append(start + n - 1)
                 sample_indices.append(i)
             start += n
@@ -117,17 +136,17 @@ class ModelRunner:
         query_start_loc = np.zeros(len(scheduled) + 1, dtype=np.int32)
         np.cumsum(query_lens, out=query_start_loc[1:])
         meta = AttentionMetadata(
-            slot_mapping=self._to_device(slot_mapping),
-            query_start_loc=self._to_device(query_start_loc),
-            seq_lens=self._to_device(np.array(seq_lens, dtype=np.int32)),
-            block_tables=self._to_device(table_array),
+            slot_mapping=self.to_device(slot_mapping),
+            query_start_loc=self.to_device(query_start_loc),
+            seq_lens=self.to_device(np.array(seq_lens, dtype=np.int32)),
+            block_tables=self.to_device(table_array),
             max_query_len=max(query_lens), max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
             is_decode=max(query_lens) == 1)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        return self._to_device(input_ids), self._to_device(positions), meta, rows, sample_indices
+        return self.to_device(input_ids), self.to_device(positions), meta, rows, sample_indices
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+    def to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(array)
         if self.device.type == "cpu":
             return tensor

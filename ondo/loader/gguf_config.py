@@ -123,9 +123,11 @@ def _gemma_fields(metadata: dict[str, Any], arch: str, fields: dict[str, Any], r
     extra: dict[str, Any] = {
         "query_pre_attn_scalar": query_pre_attn_scalar,
         "sliding_window": int(_require(metadata, f"{arch}.attention.sliding_window")),
-        "attn_logit_softcapping": metadata.get(f"{arch}.attn_logit_softcapping"),
-        "final_logit_softcapping": metadata.get(f"{arch}.final_logit_softcapping"),
     }
+    # Absent soft-caps keep the config class default (Gemma 2: 50/30, Gemma 3: none).
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if metadata.get(f"{arch}.{cap}") is not None:
+            extra[cap] = float(metadata[f"{arch}.{cap}"])
     if arch == "gemma2":
         extra["rope_parameters"] = rope
         extra["layer_types"] = [

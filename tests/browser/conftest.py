@@ -17,14 +17,14 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def playground_server(tmp_path_factory, tiny_llama_with_tokenizer):
     engine = {"model": str(tiny_llama_with_tokenizer[0]), "max_model_len": TINY_CONTEXT}
     with live_server(tmp_path_factory.mktemp("logs"), engine, served_model_name="tiny") as server:
         yield server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser():
     if shutil.which(CHROMIUM) is None:
         pytest.skip("Chromium is not installed: apt-get install -y chromium")

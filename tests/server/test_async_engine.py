@@ -9,6 +9,7 @@ import pytest
 from ondo.config import EngineConfig
 from ondo.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from ondo.sampling_params import SamplingParams
+from tests.conftest import run_async
 
 LONG = dict(ignore_eos=True, temperature=1.0)
 
@@ -41,7 +42,7 @@ def test_concurrent_requests_stream_cumulative_outputs(engine):
         return await asyncio.gather(*(collect(engine, f"r{i}", f"Prompt {i}", SamplingParams(max_tokens=6 + i, **LONG))
                                       for i in range(6)))  # more than max_num_seqs: some wait their turn
 
-    for i, outputs in enumerate(asyncio.run(main())):
+    for i, outputs in enumerate(run_async(main())):
         final = outputs[-1]
         assert final.finished and all(not o.finished for o in outputs[:-1])
         completion = final.outputs[0]
@@ -58,7 +59,7 @@ def test_leaving_the_stream_aborts_and_frees_kv_blocks(engine):
                 break
         await stream.aclose()
 
-    asyncio.run(main())
+    run_async(main())
     stats = wait_for_idle(engine)
     assert stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_total_blocks"]
 
@@ -75,7 +76,7 @@ def test_a_bad_request_fails_alone(engine):
                                  collect(engine, "twin", "b", SamplingParams(max_tokens=5, **LONG)))
         return await good
 
-    outputs = asyncio.run(main())
+    outputs = run_async(main())
     assert outputs[-1].outputs[0].finish_reason == "length"
     assert wait_for_idle(engine)["num_free_blocks"] == engine.stats()["num_total_blocks"]
 
@@ -96,7 +97,7 @@ def test_full_waiting_queue_refuses_new_requests(tiny_engine):
         assert not any(o.finished for o in outputs)
 
     try:
-        asyncio.run(main())
+        run_async(main())
         assert wait_for_idle(engine)["num_free_blocks"] == engine.stats()["num_total_blocks"]
     finally:
         engine.shutdown()
@@ -114,4 +115,4 @@ def test_a_failed_load_is_reported_not_raised():
         with pytest.raises(EngineDeadError):
             await engine.add_request("x", "hi", SamplingParams())
 
-    asyncio.run(main())
+    run_async(main())

@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from live_server import live_server, sse_events
+from tests.conftest import run_async
 
 MODEL = "tiny"
 
@@ -47,7 +48,7 @@ def test_32_concurrent_streaming_clients_all_finish(async_client, tiny_server):
     async def run_all():
         return await asyncio.gather(*(one(i) for i in range(32)))
 
-    results = asyncio.run(run_all())
+    results = run_async(run_all())
     assert [finish for finish, _ in results] == ["length"] * 32
     assert all(text for _, text in results)
     metrics = wait_until_idle(tiny_server)

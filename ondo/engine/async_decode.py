@@ -1,0 +1,178 @@
+"""Decode steps launched one step ahead of the host ("async scheduling").
+
+A synchronous decode step leaves the GPU idle while the host builds inputs, waits for the sampled
+tokens, checks stops and schedules the next step. Here, once decode step N is launched, step N+1 is
+launched too, before N's tokens reach the host: N's sampled ids stay on the device and become N+1's
+input ids, while positions, slots and sequence lengths are known on the host (one past N's). The host
+then reads N's tokens (a copy queued behind N) and does N's stop checks and outputs while N+1 runs.
+
+The scheduler stays the one judge of what runs. Step N+1 is a guess made before N's tokens are
+known; at the next `step()` the real schedule is built and compared with it:
+ - the same requests in the same order, one token each: the launched step is adopted;
+ - the same but for requests that finished meanwhile (EOS, a stop token or string, an abort), with
+   the batch padded to the same graph size: adopted, the finished rows' tokens dropped. A row of a
+   decode graph is computed by the same kernels whatever the other rows hold, so the other rows'
+   tokens are those a fresh step would give;
+ - otherwise it is discarded and the real schedule runs. A discarded step wrote only K/V of known
+   tokens, at positions that the next step writes again or into freed blocks (the stream orders those
+   writes before any later use of the blocks); nothing of it reaches the outputs.
+
+Only all-greedy batches whose sampling does not read the newest token on the host are launched ahead:
+no logprobs, penalties, no_repeat_ngram, bad words or custom logits processors, and min_tokens reached.
+Every other step takes the synchronous path, `Engine.run_schedule`, unchanged.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ondo.engine.request import Request
+from ondo.engine.scheduler import ScheduledRequest, SchedulerOutput
+from ondo.outputs import RequestOutput
+from ondo.sample.sampler import SamplerOutput
+
+if TYPE_CHECKING:
+    from ondo.engine.engine import Engine
+
+logger = logging.getLogger("ondo")
+
+
+@dataclass
+class LaunchedStep:
+    """A decode step queued on the device whose tokens the host has not read yet."""
+    requests: list[Request]            # the batch's rows, in order
+    token_ids: torch.Tensor            # [rows] int64 on the device: the greedy tokens
+    host_token_ids: torch.Tensor       # [rows] int64 host copy, valid once `copied` has completed
+    copied: torch.cuda.Event | None    # None when the device is the host
+
+    def read(self) -> list[int]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host_token_ids.tolist()
+
+
+def samples_without_host_history(request: Request) -> bool:
+    """True when the sampler's choice for this request needs none of its tokens on the host: greedy,
+    and only history-free processors (logit_bias, allowed_token_ids) apply."""
+    params = request.sampling_params
+    return (params.greedy and params.logprobs is None and params.best_of <= params.n
+            and not params.logits_processors and params.repetition_penalty == 1.0
+            and not params.presence_penalty and not params.frequency_penalty
+            and not params.no_repeat_ngram_size and not request.bad_words_token_ids
+            and not request.wants_prompt_logprobs)
+
+
+class DecodeOverlap:
+    """Drives `Engine.step()` with decode steps launched one ahead (see the module docstring)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.ahead: LaunchedStep | None = None
+        self.num_adopted = 0       # steps launched ahead and adopted (wholly or but finished rows)
+        self.num_discarded = 0     # steps launched ahead that the real schedule did not match
+
+    def step(self) -> list[RequestOutput]:
+        engine = self.engine
+        ahead, self.ahead = self.ahead, None
+        schedule = engine.scheduler.schedule()
+        rows = self._matching_rows(ahead, schedule) if ahead is not None else None
+        if rows is not None:
+            self.num_adopted += 1
+            engine.scheduler.update_after_step(schedule)
+            current = ahead
+        else:
+            self.num_discarded += ahead is not None
+            if schedule.is_empty:
+                return []
+            if not self._launchable(schedule):
+                return engine.run_schedule(schedule)
+            requests = [item.request for item in schedule.scheduled]
+            try:
+                result = engine.runner.execute(schedule)
+                engine.scheduler.update_after_step(schedule)
+                current = self._sample(requests, result.sample_logits)
+            except Exception as error:  # as the synchronous path: fail the requests, never the engine
+                logger.exception("model forward failed")
+                return engine._fail(requests, f"model forward failed: {error}")
+            rows = list(range(len(requests)))
+        requests = [item.request for item in schedule.scheduled]
+        self.ahead = self._launch_ahead(requests, rows, current)
+        host_tokens = current.read()
+        sampled = SamplerOutput([host_tokens[row] for row in rows], None, None)
+        return engine.emit(engine.apply_sampled(requests, sampled))
+
+    # ---- deciding -------------------------------------------------------------------------------
+
+    def _launchable(self, schedule: SchedulerOutput) -> bool:
+        """A decode-only step (one sampled token per request) of requests the device can sample alone."""
+        return all(item.num_new_tokens == 1 and item.samples and samples_without_host_history(item.request)
+                   for item in schedule.scheduled)
+
+    def _matching_rows(self, ahead: LaunchedStep, schedule: SchedulerOutput) -> list[int] | None:
+        """Rows of `ahead` giving the scheduled requests' tokens, or None when it is not the step the
+        scheduler chose."""
+        requests = [item.request for item in schedule.scheduled]
+        if not requests or any(item.num_new_tokens != 1 for item in schedule.scheduled):
+            return None
+        if requests == ahead.requests:
+            return list(range(len(requests)))
+        survivors = [i for i, r in enumerate(ahead.requests) if not r.is_finished]
+        bucket = self.engine.runner.batch_bucket
+        if [ahead.requests[i] for i in survivors] == requests and bucket(len(requests)) == bucket(len(ahead.requests)):
+            return survivors
+        return None
+
+    def _finishes_by_length(self, request: Request) -> bool:
+        """True when the token being sampled now is the request's last by max_tokens / max_model_len."""
+        return (request.num_output_tokens + 1 >= request.max_tokens
+                or request.num_tokens + 1 >= self.engine.max_model_len)
+
+    # ---- launching ------------------------------------------------------------------------------
+
+    def _launch_ahead(self, requests: list[Request], rows: list[int], current: LaunchedStep) -> LaunchedStep | None:
+        """Launch the decode step after `current` for the requests that cannot finish by length in it,
+        when the scheduler would most likely choose that step too; None when it would not."""
+        scheduler = self.engine.scheduler
+        if scheduler.running != requests:      # someone was left out of this step (token budget)
+            return None
+        keep = [i for i, r in enumerate(requests) if not self._finishes_by_length(r)]
+        batch = [requests[i] for i in keep]
+        if not batch or len(batch) > scheduler.max_num_batched_tokens:
+            return None
+        if scheduler.waiting and len(batch) < scheduler.max_num_seqs:   # the scheduler would admit one
+            return None
+        # The sampler sees each request one token short: min_tokens masking must be over already.
+        if not all(r.num_output_tokens >= r.min_tokens for r in batch):
+            return None
+        blocks = scheduler.blocks
+        if not all(blocks.allocate(r, r.num_computed_tokens + 1) for r in batch):
+            return None   # blocks taken so far are the ones the next schedule allocates anyway
+        token_rows = [rows[i] for i in keep]
+        try:
+            input_ids = self._gather(current.token_ids, token_rows)       # [len(batch)]
+            schedule = SchedulerOutput([ScheduledRequest(r, 1) for r in batch], len(batch), [])
+            result = self.engine.runner.execute(schedule, input_ids)
+            return self._sample(batch, result.sample_logits)
+        except Exception:   # the real schedule will run this step again and report any failure
+            logger.exception("decode step launched ahead failed")
+            return None
+
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> LaunchedStep:
+        """The sampler's greedy choice (processors, then argmax), left on the device; the host copy queued."""
+        token_ids = self.engine.sampler.apply_processors(logits, requests).argmax(dim=-1)   # [rows]
+        if token_ids.device.type == "cpu":
+            return LaunchedStep(requests, token_ids, token_ids, None)
+        host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+        host.copy_(token_ids, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return LaunchedStep(requests, token_ids, host, copied)
+
+    def _gather(self, token_ids: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        if rows == list(range(len(rows))):
+            return token_ids[:len(rows)]
+        return token_ids[self.engine.runner.to_device(np.array(rows, dtype=np.int64))]
