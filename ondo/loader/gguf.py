@@ -27,6 +27,7 @@ from transformers import PretrainedConfig
 
 from ondo.loader.gguf_config import GGUF_ARCHITECTURES, GGUFConfigError, build_config
 from ondo.loader.gguf_reader import GGUFFile, GGUFFormatError, GGUFTensorInfo
+from ondo.loader.gguf_tokenizer import load_gguf_tokenizer
 from ondo.tokenizer.tokenizer import Tokenizer
 
 __all__ = ["GGUFModel", "load_gguf", "load_gguf_tokenizer", "GGUFConfigError", "GGUFFormatError"]
@@ -128,19 +129,6 @@ def _warn_ignored_tensors(gguf: GGUFFile) -> None:
             "positions beyond the original context length behave like plain RoPE",
             stacklevel=3,
         )
-
-
-def load_gguf_tokenizer(path: str | Path, *, chat_template: str | None = None) -> Tokenizer:
-    """The tokenizer embedded in a GGUF file (vocabulary, merges, special ids, chat template).
-
-    transformers converts the metadata to a fast tokenizer exactly as `AutoTokenizer(gguf_file=)`
-    does, but without re-reading the whole file to build a model config first.
-    """
-    from transformers.tokenization_utils_tokenizers import TokenizersBackend
-
-    path = Path(path)
-    hf = TokenizersBackend.from_pretrained(str(path.parent), gguf_file=path.name)
-    return Tokenizer(hf, chat_template=chat_template)
 
 
 def _generation_defaults(gguf: GGUFFile, tokenizer: Tokenizer) -> dict:
