@@ -62,6 +62,8 @@ class ChatSession:
 
             self.notice(f"chatting with {self.engine.model_name}. {COMMANDS}. "
                         f"Ctrl-C stops an answer, Ctrl-D exits.")
+        elif self.show_stats:
+            self.notice(f"[model {self.engine.model_name}, loaded in {self.engine.load_time_s:.1f} s]")
         previous = signal.signal(signal.SIGINT, self.sigint)
         try:
             while True:

@@ -35,6 +35,8 @@ def run_generate(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts_file) if args.prompts_file is not None else [prompt]
     params = sampling_params(args, max_tokens=DEFAULT_GENERATE_MAX_TOKENS)
     engine = load_engine(engine_config(args, model))
+    if args.stats:
+        print(f"[model {engine.model_name}, loaded in {engine.load_time_s:.1f} s]", file=sys.stderr)
     engine_prompts = []
     for index, item in enumerate(prompts):
         try:

@@ -30,7 +30,6 @@ class _Parser(argparse.ArgumentParser):
 
 # (flag, type, help): each becomes the SamplingParams field of the same name; unset ones keep its default.
 _SAMPLING_OPTIONS = [
-    ("--max-tokens", int, "tokens to generate at most"),
     ("--min-tokens", int, "tokens to generate before EOS may end the answer (default 0)"),
     ("--temperature", float, "0 = greedy (default 1.0)"),
     ("--top-p", float, "nucleus mass kept, in (0, 1] (default 1.0 = off)"),
@@ -51,8 +50,10 @@ _SAMPLING_OPTIONS = [
 ]
 
 
-def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+def _add_sampling_options(parser: argparse.ArgumentParser, max_tokens_default: str) -> None:
     group = parser.add_argument_group("decoding options (SamplingParams)")
+    group.add_argument("--max-tokens", type=int, metavar="INT",
+                       help=f"tokens to generate at most (default {max_tokens_default})")
     for flag, kind, text in _SAMPLING_OPTIONS:
         group.add_argument(flag, type=kind, metavar=kind.__name__.upper(), help=text)
     group.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
@@ -125,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     generate = commands.add_parser(
-        "generate", help="complete a prompt, streaming the text",
+        "generate", usage="%(prog)s [options] [MODEL] PROMPT\n       %(prog)s [options] [MODEL] --prompts-file FILE",
+        help="complete a prompt, streaming the text",
         description="Complete PROMPT (raw text, like /v1/completions; --chat applies the chat template) and "
                     "stream the text to stdout. Several prompts (--prompts-file) run as one batch.",
         epilog=f"MODEL is optional. With two arguments they are MODEL and PROMPT. With one, it is the PROMPT and "
@@ -133,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                f"that is an existing path, or looks like one (./x, /x, ~/x, x.gguf), is refused as a prompt. "
                f"Put '--' before a prompt that starts with '-'. Examples:  ondo generate 'Once upon a time'   "
                f"ondo generate ./my-model 'Hello' --max-tokens 64 --temperature 0")
-    generate.add_argument("inputs", nargs="*", metavar="[MODEL] PROMPT")
+    generate.add_argument("inputs", nargs="*", metavar="[MODEL] PROMPT",
+                          help="MODEL: an HF model folder, a .gguf file or a config.json (optional); "
+                               "PROMPT: the text to complete")
     generate.add_argument("--prompts-file", metavar="FILE",
                           help="one prompt per line, or JSONL of {\"prompt\": text or token ids} / "
                                "{\"messages\": [...]} objects ('-' = stdin); all run as one batch")
@@ -142,30 +146,29 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--json", action="store_true",
                           help="print each full RequestOutput as one line of JSON instead of streaming text")
     generate.add_argument("--stats", action="store_true", help="print token counts and speed on stderr")
-    _add_sampling_options(generate)
+    _add_sampling_options(generate, str(DEFAULT_GENERATE_MAX_TOKENS))
     _add_engine_options(generate)
 
     chat = commands.add_parser(
-        "chat", help="chat with a model in the terminal",
+        "chat", usage="%(prog)s [options] [MODEL]", help="chat with a model in the terminal",
         description="A multi-turn chat: type a message, the answer streams back. Commands: /reset clears the "
                     "history, /system TEXT sets the system prompt (/system alone removes it), /exit leaves. "
                     "Ctrl-C stops the answer being written (the partial answer stays in the history; "
                     "nothing is kept if the model had not written anything yet); Ctrl-D or the end of stdin exits.",
         epilog=f"MODEL is optional: without it {BUILTIN} runs. Answers go to stdout, notices to stderr; "
-               f"stdin may be a pipe (one message per line). Answers run until the model ends its turn "
-               f"unless --max-tokens is given.")
-    chat.add_argument("model", nargs="?", metavar="MODEL")
+               f"stdin may be a pipe (one message per line).")
+    chat.add_argument("model", nargs="?", metavar="MODEL", help="an HF model folder, a .gguf file or a config.json")
     chat.add_argument("--system", metavar="TEXT", help="system prompt")
     chat.add_argument("--stats", action="store_true", help="after each answer, print token counts and speed on stderr")
-    _add_sampling_options(chat)
+    _add_sampling_options(chat, "none: until the model ends its turn or the context is full")
     _add_engine_options(chat)
 
     serve = commands.add_parser(
-        "serve", help="serve the OpenAI-compatible API and the web playground",
+        "serve", usage="%(prog)s [options] [MODEL]", help="serve the OpenAI-compatible API and the web playground",
         description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics and the "
                     "playground. SIGTERM or Ctrl-C stop the server.",
         epilog=f"MODEL is optional: without it {BUILTIN} is served.")
-    serve.add_argument("model", nargs="?", metavar="MODEL")
+    serve.add_argument("model", nargs="?", metavar="MODEL", help="an HF model folder, a .gguf file or a config.json")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--api-key", default=os.environ.get("ONDO_API_KEY"),
@@ -193,7 +196,7 @@ def sampling_params(args: argparse.Namespace, **defaults):
     from ondo.sampling_params import SamplingParams
 
     names = [flag[2:].replace("-", "_") for flag, _, _ in _SAMPLING_OPTIONS]
-    names += ["stop", "stop_token_ids", "bad_words", "ignore_eos", "include_stop_str_in_output", "skip_special_tokens"]
+    names += ["max_tokens", "stop", "stop_token_ids", "bad_words", "ignore_eos", "include_stop_str_in_output", "skip_special_tokens"]
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.logit_bias:
         given["logit_bias"] = dict(args.logit_bias)

@@ -161,7 +161,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype) -> GGUFModel:
     for name in gguf.tensors:  # fail on an unknown tensor now, not halfway through loading
         hf_tensor_name(name, gguf.architecture)
     _warn_ignored_tensors(gguf)
-    tokenizer = load_gguf_tokenizer(path)
+    tokenizer = load_gguf_tokenizer(path, model_type=config.model_type)
     return GGUFModel(
         config=config,
         weights=_iter_weights(gguf, config, dtype),

@@ -58,7 +58,7 @@ class GGUFTensorInfo:
 class GGUFFile:
     """An opened GGUF file: `metadata` (key -> value) and `tensors` (name -> descriptor)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, metadata_only: bool = False) -> None:
         self.path = Path(path)
         self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
         self._pos = 0
@@ -76,10 +76,12 @@ class GGUFFile:
         for _ in range(kv_count):
             key = self._read_string()
             self.metadata[key] = self._read_value(self._unpack("<I"))
+        self.tensors: dict[str, GGUFTensorInfo] = {}
+        if metadata_only:
+            return
         descriptors = [self._read_tensor_descriptor() for _ in range(tensor_count)]
         alignment = int(self.metadata.get("general.alignment", _DEFAULT_ALIGNMENT))
         data_start = -(-self._pos // alignment) * alignment
-        self.tensors: dict[str, GGUFTensorInfo] = {}
         for name, shape, ggml_type, offset in descriptors:
             info = GGUFTensorInfo(name, shape, ggml_type, data_start + offset)
             if info.offset + info.num_bytes > len(self._data):
@@ -150,3 +152,8 @@ class GGUFFile:
         except ValueError:
             raise GGUFFormatError(f"{self.path}: tensor {name} has unknown ggml type {type_id}") from None
         return name, tuple(reversed(dims)), ggml_type, offset
+
+
+def read_architecture(path: str | Path) -> str:
+    """`general.architecture` of a GGUF file, reading only its metadata."""
+    return GGUFFile(path, metadata_only=True).architecture

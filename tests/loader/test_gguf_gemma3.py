@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ondo.engine.detokenizer import IncrementalDetokenizer
-from ondo.loader.gguf import load_gguf, load_gguf_tokenizer
+from ondo.loader.gguf import load_gguf
 from tests.tokenizer.model_files import gemma3_gguf_path
 
 CONFIG_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
@@ -31,12 +31,17 @@ def gemma3_path():
 
 
 @pytest.fixture(scope="module")
-def gemma3_tokenizer(gemma3_path):
-    return load_gguf_tokenizer(gemma3_path)
+def gemma3_model(gemma3_path):
+    return load_gguf(gemma3_path, torch.float32)
 
 
-def test_gemma3_config(gemma3_path):
-    config = load_gguf(gemma3_path, torch.float32).config
+@pytest.fixture(scope="module")
+def gemma3_tokenizer(gemma3_model):
+    return gemma3_model.tokenizer
+
+
+def test_gemma3_config(gemma3_model):
+    config = gemma3_model.config
     assert config.architectures == ["Gemma3ForCausalLM"]
     assert config.model_type == "gemma3_text"
     assert (config.num_hidden_layers, config.hidden_size, config.head_dim) == (18, 640, 256)
@@ -88,12 +93,12 @@ def test_gemma3_tokenizer_matches_transformers(gemma3_path, gemma3_tokenizer):
 
 
 @pytest.mark.slow
-def test_gemma3_matches_transformers(gemma3_path):
+def test_gemma3_matches_transformers(gemma3_path, gemma3_model):
     from transformers import AutoModelForCausalLM
 
     reference = AutoModelForCausalLM.from_pretrained(str(gemma3_path.parent), gguf_file=gemma3_path.name,
                                                      dtype=torch.float32)
-    ours = load_gguf(gemma3_path, torch.float32)
+    ours = gemma3_model
     for field in CONFIG_FIELDS:
         assert getattr(ours.config, field) == getattr(reference.config, field), field
     reference_state = reference.state_dict()

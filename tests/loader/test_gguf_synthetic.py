@@ -144,11 +144,19 @@ def test_family_matches_transformers(family_files):
         torch.testing.assert_close(tensor, original_state[key], rtol=0, atol=atol, msg=key)
 
 
-def test_tokenizer_and_generation_defaults(family_files):
+def test_tokenizer_matches_auto_tokenizer(family_files):
+    from transformers import AutoTokenizer
+
     _, _, path = family_files
     loaded = load_gguf(path, torch.float32)
     tok = loaded.tokenizer
-    assert (tok.bos_token_id, tok.eos_token_id, tok.vocab_size) == (BOS, EOS, len(TOKENS))
+    reference = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert type(tok.hf) is type(reference)
+    assert (tok.bos_token_id, tok.eos_token_id) == (BOS, EOS)
+    assert tok.vocab_size == len(reference)
+    assert tok.all_special_ids == frozenset(reference.all_special_ids)
+    for text in ("a test 한", "<s>tt</s>", ""):
+        assert tok.encode(text) == reference.encode(text)
     assert tok.decode(tok.encode("a test 한")) == "a test 한"
     assert loaded.generation_defaults["eos_token_id"] == [EOS]
     assert loaded.generation_defaults["bos_token_id"] == BOS

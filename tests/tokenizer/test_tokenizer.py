@@ -91,6 +91,7 @@ def test_missing_source_is_a_clear_error(tmp_path):
         load_tokenizer(tmp_path / "nope")
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_tokenizer_matches_transformers(smollm2_path, smollm2_tokenizer):
     reference = AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
     tok = smollm2_tokenizer
