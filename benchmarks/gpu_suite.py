@@ -40,17 +40,15 @@ def workloads(args: argparse.Namespace) -> tuple[argparse.Namespace, argparse.Na
 
 
 def run_engine(args: argparse.Namespace, engine: str) -> dict:
-    common.set_threads(args.threads)
     spec = common.resolve_model(args.model, args.load_format)
-    vocab = common.vocab_size(spec)
     single, batch = workloads(args)
     started = time.perf_counter()
     runner = common.build_runner(engine, args, spec, max_model_len=args.max_model_len or common.round_up(2048 + 256),
                                  max_num_seqs=args.max_num_seqs or 256)
     print(f"[{args.model} / {engine}] loaded in {runner.load_s:.1f} s", flush=True)
-    rows = latency.measure(runner, engine, single, vocab)
+    rows = latency.measure(runner, engine, single, runner.vocab_size)
     print(f"[{args.model} / {engine}] latency done at {time.perf_counter() - started:.0f} s", flush=True)
-    rows += throughput.measure(runner, engine, batch, vocab)
+    rows += throughput.measure(runner, engine, batch, runner.vocab_size)
     print(f"[{args.model} / {engine}] throughput done at {time.perf_counter() - started:.0f} s", flush=True)
     return {"engine": engine, "rows": common.finish_rows(rows, runner), "details": runner.details,
             "env": common.environment(runner.device)}

@@ -44,12 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_engine(args: argparse.Namespace, engine: str) -> dict:
-    common.set_threads(args.threads)
     spec = common.resolve_model(args.model, args.load_format)
     longest = max([args.prompt_len + args.output_len] + [n + 1 for n in args.ttft_prompt_len])
     runner = common.build_runner(engine, args, spec, max_model_len=args.max_model_len or common.round_up(longest),
                                  max_num_seqs=args.max_num_seqs or 1)
-    rows = measure(runner, engine, args, common.vocab_size(spec))
+    rows = measure(runner, engine, args, runner.vocab_size)
     return {"engine": engine, "rows": common.finish_rows(rows, runner), "details": runner.details,
             "env": common.environment(runner.device)}
 

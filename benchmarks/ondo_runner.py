@@ -23,7 +23,7 @@ class OndoRunner:
         self.llm = LLM(model=spec.ondo_model, **options)
         self.load_s = time.perf_counter() - start   # weights, KV cache and (on a GPU) graph capture
         engine = self.llm.engine
-        self.device = str(engine.device)
+        self.device, self.vocab_size = str(engine.device), engine.vocab_size
         self.details = {"dtype": str(engine.dtype).removeprefix("torch."), "kv_blocks": engine.num_blocks,
                         "max_model_len": engine.max_model_len, "max_num_seqs": max_num_seqs,
                         "max_num_batched_tokens": engine.config.max_num_batched_tokens,

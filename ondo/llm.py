@@ -41,10 +41,14 @@ class LLM:
         if self.tokenizer is None:
             raise RequestError("this model has no tokenizer, so it cannot chat")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
-            for conversation in conversations]
+        if self.tokenizer.chat_template is None:
+            # A base model has no chat format: it gets the messages' text as a raw prompt.
+            prompts = ["\n\n".join(str(m.get("content", "")) for m in conversation) for conversation in conversations]
+        else:
+            prompts = [self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
+                for conversation in conversations]
         return self._run(list(zip(prompts, _as_params_list(sampling_params, len(prompts)))))
 
     def _run(self, work: list[tuple[Prompt, SamplingParams]]) -> list[RequestOutput]:

@@ -44,6 +44,7 @@ class HFRunner:
         self.model = model.to(self.device).eval()
         common.sync(self.device)
         self.load_s = time.perf_counter() - start
+        self.vocab_size = self.model.config.get_text_config().vocab_size
         self.details = {"dtype": str(self.dtype).removeprefix("torch."),
                         "attn_implementation": self.model.config._attn_implementation}
 

@@ -41,7 +41,7 @@ class LlamaCppRunner:
         self.load_s = time.perf_counter() - start
         self.device = "cpu"
         self.details = {"llama_cpp": llama_cpp.__version__, "threads": threads}
-        self._vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.llm._model.model))
+        self.vocab_size = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.llm._model.model))
         self._parallel_ctx, self._parallel_seqs, self._batch = None, 0, None
 
     def latency(self, prompt: list[int], output_len: int) -> dict:
@@ -107,7 +107,7 @@ class LlamaCppRunner:
 
     def _argmax(self, ctx, index: int) -> int:
         logits = self.lib.llama_get_logits_ith(ctx, index)
-        return int(np.ctypeslib.as_array(logits, shape=(self._vocab,)).argmax())
+        return int(np.ctypeslib.as_array(logits, shape=(self.vocab_size,)).argmax())
 
     def close(self) -> None:
         if self._parallel_ctx is not None:

@@ -43,11 +43,15 @@ def run_generate(args: argparse.Namespace) -> int:
             engine_prompts.append(to_engine_prompt(item, engine.tokenizer, args.chat, args.system))
         except ValueError as error:
             raise CLIError(_label(index, len(prompts)) + str(error)) from None
+    if args.max_tokens is None:   # the default length must not overflow a short context
+        params_list = [_fit_default_length(params, prompt, engine) for prompt in engine_prompts]
+    else:
+        params_list = [params] * len(engine_prompts)
     start = time.perf_counter()
     if not args.json and len(prompts) == 1 and params.n == 1 and params.best_of == 1:
-        outputs = [_stream(engine, engine_prompts[0], params)]
+        outputs = [_stream(engine, engine_prompts[0], params_list[0])]
     else:
-        outputs = _run_batch(engine, engine_prompts, params, args.json)
+        outputs = _run_batch(engine, engine_prompts, params_list, args.json)
     failed = False
     for index, out in enumerate(outputs):
         if out.error:
@@ -160,9 +164,17 @@ def _stream(engine, prompt, params):
     return last
 
 
-def _run_batch(engine, prompts: list, params, as_json: bool) -> list:
+def _fit_default_length(params, prompt, engine):
+    ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) and engine.tokenizer is not None else prompt
+    room = engine.max_model_len - len(ids)
+    if 1 <= room < params.max_tokens:
+        return dataclasses.replace(params, max_tokens=room)
+    return params   # a prompt without room is reported by the engine
+
+
+def _run_batch(engine, prompts: list, params_list: list, as_json: bool) -> list:
     added = []
-    for index, prompt in enumerate(prompts):
+    for index, (prompt, params) in enumerate(zip(prompts, params_list)):
         try:
             engine.add_request(str(index), prompt, params)
         except ValueError as error:

@@ -210,12 +210,14 @@ def engine_config(args: argparse.Namespace, model: str | None, **extra):
 
     given = {name: getattr(args, name) for name in _ENGINE_FIELDS if getattr(args, name) is not None}
     config = EngineConfig(model=model, **given, **extra)
-    _check_model_exists(config)
+    _check_paths_exist(config)
     return config
 
 
-def _check_model_exists(config) -> None:
-    """Fail before anything loads (and before a server starts listening) when MODEL is not there."""
+def _check_paths_exist(config) -> None:
+    """Fail before anything loads (and before a server starts listening) when a file is not there."""
+    if config.tokenizer is not None and not Path(config.tokenizer).expanduser().exists():
+        raise CLIError(f"tokenizer not found: {config.tokenizer} (give a tokenizer folder or a .gguf file)")
     if config.model is None or Path(config.model).expanduser().exists():
         return
     if config.load_format == "dummy":

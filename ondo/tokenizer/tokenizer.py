@@ -35,6 +35,10 @@ _END_OF_TURN_TOKENS = (
 )
 
 
+class TokenizerLoadError(ValueError):
+    """The tokenizer files of a model folder are missing or unreadable."""
+
+
 class Tokenizer:
     """A loaded tokenizer plus the chat template and stop tokens the model uses."""
 
@@ -57,13 +61,13 @@ class Tokenizer:
         ids = {i for i in extra_eos_token_ids if 0 <= i < self.vocab_size}
         if self.eos_token_id is not None:
             ids.add(self.eos_token_id)
+        # Only tokens the template really closes turns with: a base model's "</s>" is already
+        # its EOS, and an unrelated special token must not stop generation.
         template = self.chat_template or ""
-        vocab = self.hf.get_vocab()
-        for token in _END_OF_TURN_TOKENS:
-            # Only tokens the template really closes turns with: a base model's "</s>" is
-            # already its EOS, and an unrelated special token must not stop generation.
-            if token in template and token in vocab:
-                ids.add(vocab[token])
+        candidates = [token for token in _END_OF_TURN_TOKENS if token in template]
+        if candidates:
+            vocab = self.hf.get_vocab()  # ~0.5 s for a 256k vocabulary: only when needed
+            ids.update(vocab[token] for token in candidates if token in vocab)
         return frozenset(ids)
 
     def __len__(self) -> int:
@@ -171,7 +175,10 @@ def _generation_config_eos_ids(folder: Path) -> list[int]:
     path = folder / "generation_config.json"
     if not path.is_file():
         return []
-    eos = json.loads(path.read_text()).get("eos_token_id")
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError):
+        return []  # the model loader reports a malformed generation_config.json
     if eos is None:
         return []
     return [int(i) for i in (eos if isinstance(eos, list) else [eos])]
@@ -188,7 +195,12 @@ def load_tokenizer(source: str | os.PathLike, *, chat_template: str | None = Non
         from ondo.loader.gguf import load_gguf_tokenizer
 
         return load_gguf_tokenizer(path, chat_template=override)
+    if path.is_file():  # tokenizer.json / tokenizer_config.json: its folder holds the rest
+        path = path.parent
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer source must be a model folder or a .gguf file, got {str(source)!r}")
-    hf = AutoTokenizer.from_pretrained(str(path))
+    try:
+        hf = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as error:
+        raise TokenizerLoadError(f"cannot load a tokenizer from {str(path)!r}: {error}") from error
     return Tokenizer(hf, chat_template=override, extra_eos_token_ids=_generation_config_eos_ids(path))

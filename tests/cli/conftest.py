@@ -2,6 +2,7 @@
 transformers (seconds), so the tests combine their checks into few runs."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -103,3 +104,23 @@ def reference_llm(cli_model):
     from ondo import LLM
 
     return LLM(str(cli_model))
+
+
+@pytest.fixture()
+def run_main(capsys):
+    """`ondo ARGS` in this process: fast (torch is imported already) where a subprocess adds nothing.
+    Returns (exit status, stdout, stderr)."""
+    from ondo.cli import main
+
+    level = logging.getLogger("ondo").level
+
+    def run(*args) -> tuple[int, str, str]:
+        try:
+            status = main([str(a) for a in args])
+        except SystemExit as stop:   # argparse's own errors and --help
+            status = stop.code
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    yield run
+    logging.getLogger("ondo").setLevel(level)   # main() quiets ondo's logger

@@ -26,17 +26,17 @@ def test_turns_reset_system_and_exit(cli_model, reference_llm):
     user = {"role": "user", "content": "Hello there"}
     system = {"role": "system", "content": "Answer in French."}
     first = answer([user])
-    second = answer([user, {"role": "assistant", "content": first}, user])
-    after_system = answer([system, user])
+    two_turns = [user, {"role": "assistant", "content": first}, user]
+    second = answer(two_turns)
+    # /system keeps the history (after /reset: the third turn) and puts the system prompt first.
+    after_system = answer([system] + two_turns)
     # Greedy: the same conversation gives the same answer, so /reset really starts over.
     assert result.stdout == "".join(f"{text}\n" for text in (first, second, first, after_system))
 
     prompt_tokens = [int(m[1]) for m in STATS.finditer(result.stderr)]
     template = reference_llm.tokenizer.apply_chat_template
-    assert prompt_tokens == [len(template([user])),
-                             len(template([user, {"role": "assistant", "content": first}, user])),
-                             len(template([user])),
-                             len(template([system, user]))]
+    assert prompt_tokens == [len(template([user])), len(template(two_turns)), len(template([user])),
+                             len(template([system] + two_turns))]
 
 
 def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(cli_model):

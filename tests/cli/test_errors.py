@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 
-from ondo.cli import main
 from tests.cli.conftest import run_ondo
 
 
@@ -21,26 +19,10 @@ def test_subprocess_errors_are_one_line(cli_model, args, message):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(message), result.stderr
 
 
-@pytest.fixture()
-def run_main(capsys):
-    """`ondo ARGS` in this process (fast: torch is imported already); returns (status, stderr)."""
-    level = logging.getLogger("ondo").level
-
-    def run(*args) -> tuple[int, str]:
-        try:
-            status = main([str(a) for a in args])
-        except SystemExit as stop:   # argparse's own errors
-            status = stop.code
-        return status, capsys.readouterr().err
-
-    yield run
-    logging.getLogger("ondo").setLevel(level)
-
-
 @pytest.fixture(scope="module")
 def unknown_architecture(tmp_path_factory):
     path = tmp_path_factory.mktemp("unknown-arch")
-    (path / "config.json").write_text(json.dumps({"architectures": ["FooForCausalLM"], "model_type": "foo"}))
+    (path / "config.json").write_text(json.dumps({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox"}))
     return path
 
 
@@ -63,9 +45,10 @@ def test_in_process_errors_are_one_line(run_main, cli_model, tiny_llama, unknown
         (["generate", "./typo-model.gguf"], "model not found: ./typo-model.gguf"),
         (["generate", "--prompts-file", tmp_path / "missing.txt"], "prompts file not found"),
         (["generate", model, "--prompts-file", bad_jsonl], f"{bad_jsonl}:2: \"prompt\" must be a string"),
-        (["generate", unknown_architecture, "hi"], "FooForCausalLM"),
+        (["generate", unknown_architecture, "hi"], "GPTNeoXForCausalLM"),
         (["generate", model, "hi", "--checkpoint", tmp_path / "nope.pt"], "nope.pt"),
         (["generate", tiny_llama[0], "hi"], "no tokenizer"),
+        (["generate", model, "hi", "--tokenizer", tmp_path / "none"], "tokenizer not found"),
         (["chat", tiny_llama[0]], "this model has no tokenizer, so it cannot chat"),
         (["chat", model, "--n", 2], "chat shows one answer per turn: n must be 1, got 2"),
         (["serve", model, "--port", 70000], "port must be in [0, 65535], got 70000"),
@@ -73,20 +56,19 @@ def test_in_process_errors_are_one_line(run_main, cli_model, tiny_llama, unknown
         (["serve", "/no/such/model"], "model not found: /no/such/model"),
     ]
     for args, message in cases:
-        status, stderr = run_main(*args)
+        status, _, stderr = run_main(*args)
         assert status == 2, (args, stderr)
         assert stderr.startswith("error: ") and stderr.count("\n") == 1, (args, stderr)
         assert message in stderr, (args, stderr)
 
 
-def test_help_documents_every_command(run_main, capsys):
+def test_help_documents_every_command(run_main):
     for command, must_mention in [("generate", ["--prompts-file", "--json", "--chat", "--top-p", "--max-model-len",
                                                 "A lone argument"]),
                                   ("chat", ["/reset", "/system", "/exit", "Ctrl-C", "--system"]),
                                   ("serve", ["--host", "--port", "--api-key", "--max-waiting", "--served-model-name"])]:
-        with pytest.raises(SystemExit) as stop:
-            main([command, "--help"])
-        assert stop.value.code == 0
-        text = " ".join(capsys.readouterr().out.split())
+        status, stdout, _ = run_main(command, "--help")
+        assert status == 0
+        text = " ".join(stdout.split())
         for phrase in must_mention + ["MODEL", "built-in"]:
             assert phrase in text, (command, phrase)

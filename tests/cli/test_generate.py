@@ -79,6 +79,14 @@ def test_chat_flag_renders_the_template_with_the_system_prompt(cli_model, refere
     assert [len(c["token_ids"]) for c in output["outputs"]] == [3, 3]
 
 
+def test_default_length_fits_a_short_context(run_main, cli_model, reference_llm):
+    # The default --max-tokens (256) is longer than this context: the answer fills what is left.
+    status, stdout, stderr = run_main("generate", cli_model, "Hello", "--max-model-len", 40, "--ignore-eos", "--json")
+    assert status == 0, stderr
+    output = json.loads(stdout)
+    assert len(output["outputs"][0]["token_ids"]) == 40 - len(reference_llm.tokenizer.encode("Hello"))
+
+
 @pytest.mark.slow
 def test_builtin_model_runs_when_model_is_left_out():
     result = run_ondo("generate", "The capital of France is", "--max-tokens", 8, "--temperature", 0, "--stats")

@@ -55,6 +55,10 @@ def test_gemma3_config(gemma3_model):
 
 def test_gemma3_tokenizer_adds_bos_and_has_no_template(gemma3_tokenizer):
     tok = gemma3_tokenizer
+    # The class AutoTokenizer picks for Gemma (tests/loader/test_gguf_synthetic.py checks the
+    # choice against AutoTokenizer); it makes <mask> special too.
+    assert type(tok.hf).__name__ == "GemmaTokenizer"
+    assert tok.all_special_ids == {0, 1, 2, 3, 4}
     assert tok.hf.convert_ids_to_tokens([tok.bos_token_id, tok.eos_token_id]) == ["<bos>", "<eos>"]
     ids = tok.encode("Hello")
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
@@ -77,19 +81,6 @@ def test_gemma3_rare_characters_use_byte_tokens(gemma3_tokenizer):
     tok = gemma3_tokenizer
     ids = tok.encode(TEXTS[2], add_special_tokens=False)
     assert any(tok.hf.convert_ids_to_tokens(i).startswith("<0x") for i in ids)
-
-
-@pytest.mark.slow
-def test_gemma3_tokenizer_matches_transformers(gemma3_path, gemma3_tokenizer):
-    from transformers import AutoTokenizer
-
-    reference = AutoTokenizer.from_pretrained(str(gemma3_path.parent), gguf_file=gemma3_path.name)
-    assert gemma3_tokenizer.vocab_size == len(reference)
-    assert gemma3_tokenizer.all_special_ids == frozenset(reference.all_special_ids)
-    for text in TEXTS:
-        ids = gemma3_tokenizer.encode(text)
-        assert ids == reference.encode(text)
-        assert gemma3_tokenizer.decode(ids) == reference.decode(ids, skip_special_tokens=True)
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from ondo.tokenizer import Tokenizer, load_tokenizer
+from ondo.tokenizer import Tokenizer, TokenizerLoadError, load_tokenizer
 from tests.tokenizer.conftest import CHATML_TEMPLATE, build_tiny_bpe
 
 TEXTS = [
@@ -89,6 +89,14 @@ def test_spaces_between_special_tokens(tiny_bpe_folder):
 def test_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="model folder or a .gguf file"):
         load_tokenizer(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TokenizerLoadError, match="cannot load a tokenizer from .*empty"):
+        load_tokenizer(tmp_path / "empty")
+
+
+def test_tokenizer_file_path_loads_its_folder(tiny_bpe_folder):
+    tok = load_tokenizer(tiny_bpe_folder / "tokenizer.json")
+    assert tok.encode("Hello") == load_tokenizer(tiny_bpe_folder).encode("Hello")
 
 
 @pytest.mark.slow
