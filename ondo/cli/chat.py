@@ -33,18 +33,25 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 class _SigintHandler:
-    """While an answer streams, Ctrl-C only sets `interrupted`; at the prompt it raises
-    KeyboardInterrupt, which discards the line being typed."""
+    """Ctrl-C while a line is being read raises KeyboardInterrupt, which drops that line. Anywhere
+    else it only sets `interrupted`, which the answer loop checks between engine steps."""
 
     def __init__(self) -> None:
-        self.streaming = False
+        self.reading = False
         self.interrupted = False
 
     def __call__(self, signum, frame) -> None:
-        if self.streaming:
-            self.interrupted = True
-        else:
+        if self.reading:
             raise KeyboardInterrupt
+        self.interrupted = True
+
+    def read_line(self, prompt: str) -> str:
+        self.interrupted = False   # a Ctrl-C from here on is about the next answer
+        self.reading = True
+        try:
+            return input(prompt)
+        finally:
+            self.reading = False
 
 
 class ChatSession:
@@ -57,6 +64,8 @@ class ChatSession:
 
     def run(self) -> int:
         """Read messages until /exit or the end of stdin; returns the exit status."""
+        previous = signal.signal(signal.SIGINT, self.sigint)
+        # Announced once Ctrl-C is handled: from here on it never ends the chat.
         if self.interactive:
             import readline  # noqa: F401  (line editing and history for input())
 
@@ -64,20 +73,17 @@ class ChatSession:
                         f"Ctrl-C stops an answer, Ctrl-D exits.")
         elif self.show_stats:
             self.notice(f"[model {self.engine.model_name}, loaded in {self.engine.load_time_s:.1f} s]")
-        previous = signal.signal(signal.SIGINT, self.sigint)
         try:
             while True:
                 try:
-                    line = input(">>> " if self.interactive else "")
+                    line = self.sigint.read_line(">>> " if self.interactive else "")
+                    if not self.handle(line.strip()):
+                        return 0
                 except EOFError:
                     if self.interactive:
                         print()
                     return 0
-                try:
-                    if not self.handle(line.strip()):
-                        return 0
-                except KeyboardInterrupt:
-                    # Ctrl-C at the prompt, or in the instant between an answer's end and the prompt.
+                except KeyboardInterrupt:   # Ctrl-C at the prompt: the chat goes on
                     self.notice("")
         finally:
             signal.signal(signal.SIGINT, previous)
@@ -149,21 +155,17 @@ class ChatSession:
     def _stream(self, request_id: str):
         """Print the answer as it comes; returns (the text printed, the last RequestOutput)."""
         text, last = "", None
-        self.sigint.interrupted, self.sigint.streaming = False, True
-        try:
-            while self.engine.has_unfinished_requests():
-                if self.sigint.interrupted:
-                    self.engine.abort_request(request_id)
-                    break
-                for out in self.engine.step():
-                    delta = out.outputs[0].text_delta
-                    if delta:
-                        sys.stdout.write(delta)
-                        sys.stdout.flush()
-                        text += delta
-                    last = out
-        finally:
-            self.sigint.streaming = False
+        while self.engine.has_unfinished_requests():
+            if self.sigint.interrupted:
+                self.engine.abort_request(request_id)
+                break
+            for out in self.engine.step():
+                delta = out.outputs[0].text_delta
+                if delta:
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+                    text += delta
+                last = out
         sys.stdout.write("\n\n" if self.interactive else "\n")
         sys.stdout.flush()
         return text, last
