@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: setup
+	@echo "ondo: serving the built-in model at http://127.0.0.1:8000 (playground at /, API at /v1, docs at /docs)"
 	$(PY) -m ondo.cli serve --host 127.0.0.1 --port 8000
 
 test: setup
