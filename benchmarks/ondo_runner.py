@@ -26,7 +26,7 @@ class OndoRunner:
         self.device, self.vocab_size = str(engine.device), engine.vocab_size
         self.details = {"dtype": str(engine.dtype).removeprefix("torch."), "kv_blocks": engine.num_blocks,
                         "max_model_len": engine.max_model_len, "max_num_seqs": max_num_seqs,
-                        "max_num_batched_tokens": engine.config.max_num_batched_tokens,
+                        "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
                         "weights_load_s": round(engine.load_time_s, 3),
                         "cuda_graphs": engine.runner.cuda_graphs is not None}
         self._ids = itertools.count()

@@ -25,7 +25,7 @@ class EngineConfig:
     seed: int | None = None                 # seeds the shared RNG of unseeded requests; None = random
     max_model_len: int | None = None         # default: the model's context length, capped at 8192 on the CPU
     max_num_seqs: int = 64                   # requests in one step at most
-    max_num_batched_tokens: int = 2048       # token budget of one step
+    max_num_batched_tokens: int | None = None  # token budget of one step; None = 8192 on a GPU, 2048 on the CPU
     block_size: int = 16                     # tokens per KV block
     kv_cache_memory_bytes: int | None = None # default: derived from gpu_memory_utilization or CPU RAM
     gpu_memory_utilization: float = 0.9
@@ -41,7 +41,8 @@ class EngineConfig:
         _check(_is_int(self.max_num_seqs) and self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs!r}")
         _check(_is_int(self.block_size) and self.block_size in (8, 16, 32, 64, 128),
                f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size!r}")
-        _check(_is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= self.block_size,
+        _check(self.max_num_batched_tokens is None or
+               (_is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= self.block_size),
                f"max_num_batched_tokens must be >= block_size ({self.block_size}), got {self.max_num_batched_tokens!r}")
         _check(self.max_model_len is None or (_is_int(self.max_model_len) and self.max_model_len >= 1),
                f"max_model_len must be >= 1, got {self.max_model_len!r}")

@@ -33,25 +33,29 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 class _SigintHandler:
-    """Ctrl-C while a line is being read raises KeyboardInterrupt, which drops that line. Anywhere
-    else it only sets `interrupted`, which the answer loop checks between engine steps."""
+    """Ctrl-C while a terminal line is being typed raises KeyboardInterrupt, which drops that line.
+    Anywhere else it only sets `interrupted`, which the answer loop checks between engine steps.
+    From a pipe no line is being typed, and raising there could lose lines already read into
+    stdin's buffer, so Ctrl-C between answers is ignored."""
 
-    def __init__(self) -> None:
+    def __init__(self, interactive: bool) -> None:
+        self.interactive = interactive
         self.reading = False
         self.interrupted = False
 
     def __call__(self, signum, frame) -> None:
-        if self.reading:
+        if self.reading and self.interactive:
             raise KeyboardInterrupt
         self.interrupted = True
 
     def read_line(self, prompt: str) -> str:
-        self.interrupted = False   # a Ctrl-C from here on is about the next answer
         self.reading = True
         try:
-            return input(prompt)
+            line = input(prompt)
         finally:
             self.reading = False
+        self.interrupted = False   # a Ctrl-C from here on is about the answer to this line
+        return line
 
 
 class ChatSession:
@@ -59,7 +63,7 @@ class ChatSession:
         self.engine, self.params, self.system, self.show_stats = engine, params, system, show_stats
         self.history: list[dict] = []   # user and assistant turns, without the system prompt
         self.interactive = sys.stdin.isatty()
-        self.sigint = _SigintHandler()
+        self.sigint = _SigintHandler(self.interactive)
         self.turns = 0
 
     def run(self) -> int:

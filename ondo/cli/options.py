@@ -76,7 +76,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     add("--device", help="auto | cpu | cuda | cuda:N (default auto: cuda when available)")
     add("--max-model-len", type=int, metavar="TOKENS", help="context length (default: the model's, <= 8192 on the CPU)")
     add("--max-num-seqs", type=int, metavar="N", help="requests in one step at most (default 64)")
-    add("--max-num-batched-tokens", type=int, metavar="N", help="token budget of one step (default 2048)")
+    add("--max-num-batched-tokens", type=int, metavar="N", help="token budget of one step (default 8192 on a GPU, 2048 on the CPU)")
     add("--block-size", type=int, metavar="N", help="tokens per KV block: 8, 16, 32, 64 or 128 (default 16)")
     add("--kv-cache-memory-bytes", type=_byte_size, metavar="SIZE",
         help="KV cache budget: bytes or 512MiB, 2GiB... (default: from --gpu-memory-utilization, or 2 GiB on the CPU)")

@@ -14,7 +14,7 @@ from ondo.engine.model_runner import KVCacheSpec, ModelRunner
 from ondo.engine.output_processor import (RequestGroup, append_token, check_stop, finalize_text,
                                           group_output)
 from ondo.engine.request import Request
-from ondo.engine.scheduler import Scheduler
+from ondo.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from ondo.loader import load_model
 from ondo.outputs import Logprob, RequestOutput
 from ondo.sample.sampler import Sampler, SamplerOutput, prompt_logprobs
@@ -50,9 +50,10 @@ class Engine:
                                   enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs,
                                   max_model_len=self.max_model_len)
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
-        # Without chunked prefill a whole prompt must fit in one step's budget.
-        budget = config.max_num_batched_tokens if config.enable_chunked_prefill else \
-            max(config.max_num_batched_tokens, self.max_model_len)
+        # A GPU needs big steps to be busy; the CPU keeps steps short so decodes are not starved.
+        budget = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
+        if not config.enable_chunked_prefill:   # a whole prompt must then fit in one step's budget
+            budget = max(budget, self.max_model_len)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget, config.enable_chunked_prefill)
         self.sampler = Sampler()
         self.groups: dict[str, RequestGroup] = {}
@@ -60,11 +61,25 @@ class Engine:
         self.num_generated_tokens_total = 0
         # Decode steps launched one ahead of the host (CUDA graphs only: elsewhere the host is the device).
         self.decode_overlap = DecodeOverlap(self) if self.runner.cuda_graphs is not None else None
+        if self.device.type == "cuda":
+            self._warm_up()
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.0f MiB); max_model_len %d",
                     self.num_blocks, config.block_size, self.num_blocks * config.block_size,
                     self.num_blocks * config.block_size * spec.bytes_per_token() / 2**20, self.max_model_len)
 
     # ---- start-up ------------------------------------------------------------------------------
+
+    def _warm_up(self) -> None:
+        """One full-budget prefill and one short one, so the first user request does not pay for
+        compiling kernels and choosing GEMM algorithms for those shapes."""
+        longest = min(self.scheduler.max_num_batched_tokens, self.max_model_len - 1, self.num_blocks * self.config.block_size)
+        for num_tokens in (longest, 8):
+            request = Request("warm-up", "warm-up", 0, [0] * num_tokens, SamplingParams(), 1, 0,
+                              frozenset(), frozenset(), [])
+            if self.block_manager.allocate(request, num_tokens):
+                self.runner.execute(SchedulerOutput([ScheduledRequest(request, num_tokens)], num_tokens, []))
+                self.block_manager.free(request)
+        torch.cuda.synchronize(self.device)
 
     def _eos_ids(self, generation_config: dict) -> frozenset[int]:
         ids: set[int] = set()

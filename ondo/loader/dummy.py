@@ -33,9 +33,10 @@ def known_config(name: str):
 
 @torch.no_grad()
 def randomize(model: nn.Module, seed: int = 0) -> None:
-    generator = torch.Generator().manual_seed(seed)
+    generators: dict[torch.device, torch.Generator] = {}   # drawn where the weights live: fast on a GPU
     for name, param in model.named_parameters():
         if name.endswith("norm.weight") or ".ln_" in name:
             continue  # keep norm scales as built (ones, or zeros for Gemma's offset form)
-        noise = torch.randn(param.shape, generator=generator, dtype=torch.float32) * 0.02
+        generator = generators.setdefault(param.device, torch.Generator(param.device).manual_seed(seed))
+        noise = torch.randn(param.shape, generator=generator, dtype=torch.float32, device=param.device) * 0.02
         param.copy_(noise.to(param.dtype))

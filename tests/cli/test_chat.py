@@ -42,7 +42,7 @@ def test_turns_reset_system_and_exit(cli_model, reference_llm):
 def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(cli_model):
     cli = LiveCLI("chat", cli_model, "--max-tokens", 4000, "--ignore-eos", "--stats")
     cli.wait_for(lambda: "[model " in cli.stderr, "the chat to start")
-    cli.interrupt()   # Ctrl-C at the prompt only drops the line being typed
+    cli.interrupt()   # Ctrl-C between answers does not end the chat
     for turn in (1, 2):
         before = len(cli.stdout)
         cli.send_line("Tell me a very long story")
