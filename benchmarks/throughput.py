@@ -64,15 +64,18 @@ def measure(runner, engine: str, args: argparse.Namespace, vocab: int) -> list[d
     warmup_len = min(args.output_len, 4)
     if engine == "ondo":
         runner.generate(sets["warmup"], common.greedy_params(warmup_len))
-        greedy = [runner.generate(p, common.greedy_params(args.output_len)) for p in sets["timed"]]
-        rows = [_row("ondo", "greedy", greedy, args.num_prompts)]
-        if args.workload == "mixed":
-            mixed_sets = common.prompt_sets(args.num_prompts, args.prompt_len, vocab, args.seed + 500,
-                                            args.num_iters)["timed"]
-            mixed = [runner.generate(p, common.mixed_params(len(p), args.output_len, args.seed + i))
-                     for i, p in enumerate(mixed_sets)]
-            rows.append(_row("ondo", "mixed", mixed, args.num_prompts))
-        return rows
+        if args.workload != "mixed":
+            greedy = [runner.generate(p, common.greedy_params(args.output_len)) for p in sets["timed"]]
+            return [_row("ondo", "greedy", greedy, args.num_prompts)]
+        runner.generate(sets["warmup"], common.mixed_params(len(sets["warmup"]), warmup_len, args.seed))
+        # Greedy and mixed iterations alternate, so that a busy spell on a shared machine hits both alike.
+        mixed_sets = common.prompt_sets(args.num_prompts, args.prompt_len, vocab, args.seed + 500, args.num_iters)["timed"]
+        greedy, mixed = [], []
+        for i, (greedy_prompts, mixed_prompts) in enumerate(zip(sets["timed"], mixed_sets)):
+            greedy.append(runner.generate(greedy_prompts, common.greedy_params(args.output_len)))
+            mixed.append(runner.generate(mixed_prompts, common.mixed_params(len(mixed_prompts), args.output_len,
+                                                                            args.seed + i)))
+        return [_row("ondo", "greedy", greedy, args.num_prompts), _row("ondo", "mixed", mixed, args.num_prompts)]
     if engine == "transformers":
         batch_size = args.hf_batch_size or min(args.num_prompts, 64)
         runner.generate(sets["warmup"][:batch_size], warmup_len, batch_size)

@@ -131,7 +131,7 @@ class Engine:
         params.check_token_ids(self.vocab_size)
         max_tokens = params.resolve_max_tokens(len(prompt_ids), self.max_model_len)
         if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise RequestError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) "
+            raise RequestError(f"the prompt ({_tokens(len(prompt_ids))}) plus max_tokens ({params.max_tokens}) "
                                f"is longer than the context ({self.max_model_len} tokens)")
         needed_blocks = -(-(len(prompt_ids) + max_tokens) // self.config.block_size)
         if needed_blocks > self.num_blocks:
@@ -310,6 +310,10 @@ class Engine:
             "prompt_tokens_total": self.num_prompt_tokens_total,
             "generation_tokens_total": self.num_generated_tokens_total,
         }
+
+
+def _tokens(count: int) -> str:
+    return f"{count} token" if count == 1 else f"{count} tokens"
 
 
 def _resolve_device(name: str) -> torch.device:

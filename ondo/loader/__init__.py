@@ -119,6 +119,8 @@ def _folder_tokenizer(config: EngineConfig, folder: Path):
     from ondo.tokenizer.tokenizer import load_tokenizer
 
     source = Path(config.tokenizer) if config.tokenizer else folder
+    if config.tokenizer and not source.exists():
+        raise ModelLoadError(f"tokenizer not found: {source} (give a tokenizer folder, tokenizer.json or a .gguf)")
     has_files = source.is_file() or any((source / n).exists() for n in
                                         ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"))
     return load_tokenizer(source, chat_template=config.chat_template) if has_files else None
