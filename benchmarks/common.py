@@ -325,12 +325,13 @@ def _cell(value) -> str:
     return str(value)
 
 
-def add_ratios(rows: list[dict], key: str) -> None:
-    """`<key>_vs_ondo` on every row: the row's figure over ondo's (how many times ondo's speed)."""
-    base = next((r.get(key) for r in rows if r.get("engine", "").startswith("ondo") and r.get(key)), None)
+def add_ratios(rows: list[dict], key: str, lower_is_better: bool = False) -> None:
+    """`vs_ondo` on every row: the row's speed over ondo's in the same table (2.0 = twice as fast as ondo), from
+    `key`, a rate, or a time when `lower_is_better`."""
+    base = next((r.get(key) for r in rows if r.get("engine") == "ondo" and r.get(key)), None)
     for row in rows:
         if base and row.get(key):
-            row["vs_ondo"] = round(row[key] / base, 3)
+            row["vs_ondo"] = round(base / row[key] if lower_is_better else row[key] / base, 3)
 
 
 def write_json(path: str | None, payload: dict) -> None:

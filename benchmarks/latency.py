@@ -19,7 +19,7 @@ import argparse
 import common
 
 COLUMNS = [("engine", "engine"), ("prompt_len", "prompt"), ("output_tokens", "new tokens"),
-           ("ttft_ms", "TTFT ms"), ("decode_tok_s", "decode tok/s"), ("vs_ondo", "x ondo"),
+           ("ttft_ms", "TTFT ms"), ("decode_tok_s", "decode tok/s"), ("vs_ondo", "speed vs ondo"),
            ("e2e_s", "end-to-end s"), ("load_s", "load s"), ("peak_rss_mb", "peak RSS MB")]
 
 
@@ -81,7 +81,10 @@ def main() -> None:
             for row in result.get("rows", [{"engine": result["engine"], "error": result.get("error")}])]
     for prompt_len in sorted({r.get("prompt_len") for r in rows if r.get("prompt_len")}):
         same = [r for r in rows if r.get("prompt_len") == prompt_len]
-        common.add_ratios(same, "decode_tok_s" if same[0].get("decode_tok_s") else "ttft_ms")
+        if same[0].get("decode_tok_s"):
+            common.add_ratios(same, "decode_tok_s")
+        else:
+            common.add_ratios(same, "ttft_ms", lower_is_better=True)
     title = f"{spec.label}: one request, greedy, threads {args.threads or 'default'}"
     common.print_table(title, rows, COLUMNS)
     common.write_json(args.output_json, {"benchmark": "latency", "model": spec.label, "args": vars(args),

@@ -21,7 +21,7 @@ import common
 
 COLUMNS = [("engine", "engine"), ("workload", "workload"), ("requests", "requests"),
            ("output_tokens", "out tokens"), ("elapsed_s", "seconds"), ("output_tok_s", "out tok/s"),
-           ("total_tok_s", "total tok/s"), ("vs_ondo", "x ondo"), ("load_s", "load s"),
+           ("total_tok_s", "total tok/s"), ("vs_ondo", "speed vs ondo"), ("load_s", "load s"),
            ("peak_rss_mb", "peak RSS MB")]
 
 

@@ -29,16 +29,25 @@ def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: in
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
            logit_softcap: float | None) -> torch.Tensor:
-    """q [S, H, Q, D], k/v [S, KVH, K, D], mask [S, 1, Q, K] bool (True = may attend) -> [S, H, Q, D]."""
-    group = q.shape[1] // k.shape[1]
+    """q [S, H, Q, D], k/v [S, KVH, K, D], mask [S, 1, Q, K] bool (True = may attend) -> [S, H, Q, D].
+
+    GQA without copying K/V: the G query heads that share a KV head are folded into the query
+    dimension (query head h = kv_head * G + g, as transformers' repeat_kv orders them).
+    """
+    num_seqs, num_heads, num_queries, head_dim = q.shape
+    group = num_heads // k.shape[1]
     if group > 1:
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        q = q.reshape(num_seqs, k.shape[1], group * num_queries, head_dim)   # rows g * Q + query
+        if num_queries > 1:
+            mask = mask.repeat(1, 1, group, 1)                                # [S, 1, G * Q, K]
     if logit_softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale      # [S, H, Q, K]
-    scores = logit_softcap * torch.tanh(scores / logit_softcap)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale       # [S, KVH, G * Q, K]
+        scores = logit_softcap * torch.tanh(scores / logit_softcap)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+    return out.reshape(num_seqs, num_heads, num_queries, head_dim)
 
 
 def visibility_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, seq_lens: torch.Tensor,
