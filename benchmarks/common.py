@@ -57,6 +57,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto = float32 on the CPU, the model's half type (else bfloat16) on a GPU")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--quantization", default=None, choices=["int8", "int4", "nf4", "none"],
+                        help="ondo: quantize a folder (or dummy weights) while loading; 'none' dequantizes a GGUF")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (and llama.cpp threads)")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="ondo: requests per step (default: all of them, at most 256)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="ondo: token budget of one step")

@@ -8,6 +8,12 @@ import time
 import common
 
 
+def weight_bytes(model) -> int:
+    """Bytes of every parameter and buffer (packed weights, scales, norms; shared tensors once)."""
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 class OndoRunner:
     name = "ondo"
 
@@ -16,7 +22,7 @@ class OndoRunner:
 
         options = dict(load_format=spec.load_format, dtype=args.dtype, device=args.device,
                        max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=args.seed,
-                       enforce_eager=args.enforce_eager)
+                       enforce_eager=args.enforce_eager, quantization=getattr(args, "quantization", None))
         if args.max_num_batched_tokens:
             options["max_num_batched_tokens"] = args.max_num_batched_tokens
         start = time.perf_counter()
@@ -28,7 +34,9 @@ class OndoRunner:
                         "max_model_len": engine.max_model_len, "max_num_seqs": max_num_seqs,
                         "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
                         "weights_load_s": round(engine.load_time_s, 3),
-                        "cuda_graphs": engine.runner.cuda_graphs is not None}
+                        "cuda_graphs": engine.runner.cuda_graphs is not None,
+                        "quantization": getattr(args, "quantization", None),
+                        "weight_bytes": weight_bytes(engine.model)}
         self._ids = itertools.count()
 
     def generate(self, prompts: list[list[int]], params) -> dict:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "dummy")
+_QUANTIZATIONS = (None, "int8", "int4", "nf4", "none")
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,9 @@ class EngineConfig:
     enforce_eager: bool = False              # turns the fast paths (CUDA graphs, fused kernels) off
     load_format: str = "auto"                # "dummy" = random weights from a config (benchmarks)
     max_waiting: int | None = None           # waiting-queue bound (server); None = unbounded
+    # None = as the checkpoint holds it (GGUF blocks stay packed; a folder's quantization_config is read);
+    # "int8" | "int4" | "nf4" quantize a dense folder while loading; "none" dequantizes a GGUF file.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
@@ -52,6 +56,8 @@ class EngineConfig:
                f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes!r}")
         _check(self.max_waiting is None or (_is_int(self.max_waiting) and self.max_waiting >= 1),
                f"max_waiting must be >= 1, got {self.max_waiting!r}")
+        _check(self.quantization in _QUANTIZATIONS,
+               f"quantization must be one of {list(_QUANTIZATIONS[1:])} or None, got {self.quantization!r}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 

@@ -16,6 +16,7 @@ from dataclasses import InitVar, dataclass, field, fields
 from typing import Any, Callable, Mapping
 
 from ondo.sample.generation_config import generation_config_kwargs
+from ondo.sample.structured import StructuredOutputsParams, as_structured_outputs
 from ondo.sample.validation import (
     SamplingParamsError,
     as_bool,
@@ -25,7 +26,7 @@ from ondo.sample.validation import (
     as_str_list,
 )
 
-__all__ = ["SamplingParams", "SamplingParamsError", "LogitsProcessorFn"]
+__all__ = ["SamplingParams", "SamplingParamsError", "StructuredOutputsParams", "LogitsProcessorFn"]
 
 # (output token ids so far, logits [vocab]) -> new logits [vocab]; vLLM's per-request processor.
 LogitsProcessorFn = Callable[[list, Any], Any]
@@ -61,7 +62,7 @@ class SamplingParams:
     no_repeat_ngram_size: int = 0  # 0 = off
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    max_tokens: int | None = 16  # None = until the context is full
+    max_tokens: int | None = 16  # None = until the context is full; 0 = score the prompt only
     min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens exist
     max_length: int | None = None  # transformers: prompt + output tokens
     min_length: int | None = None  # transformers: prompt + output tokens
@@ -73,6 +74,8 @@ class SamplingParams:
     logits_processors: list[LogitsProcessorFn] = field(default_factory=list)
     do_sample: bool | None = None  # transformers: False = greedy; None = decided by temperature
     truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens
+    # JSON schema / regex / choice / EBNF the output must follow (a dict of its fields is accepted).
+    structured_outputs: StructuredOutputsParams | None = None
     # transformers' spellings, folded into the fields above by __post_init__.
     max_new_tokens: InitVar[int | None] = None
     min_new_tokens: InitVar[int | None] = None
@@ -139,7 +142,8 @@ class SamplingParams:
         for flag in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
                      "spaces_between_special_tokens", "detokenize"):
             s(flag, as_bool(flag, getattr(self, flag)))
-        if self.max_tokens is not None:
+        # 0 computes the prompt and samples nothing (scoring); checked once prompt_logprobs is.
+        if self.max_tokens is not None and not _is_zero_int(self.max_tokens):
             s("max_tokens", as_int("max_tokens", self.max_tokens, ge=1))
         s("min_tokens", as_int("min_tokens", self.min_tokens, ge=0))
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -156,10 +160,13 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 s(name, as_int(name, getattr(self, name), ge=0))
+        if self.max_tokens == 0 and self.prompt_logprobs is None:   # 0 is for scoring prompts only
+            raise SamplingParamsError("max_tokens must be >= 1, got 0")
         if self.truncate_prompt_tokens is not None:
             s("truncate_prompt_tokens", as_int("truncate_prompt_tokens",
                                                self.truncate_prompt_tokens, ge=1))
         s("logits_processors", _as_processors(self.logits_processors))
+        s("structured_outputs", as_structured_outputs(self.structured_outputs))
         if self.do_sample is not None:
             s("do_sample", as_bool("do_sample", self.do_sample))
             if self.do_sample and self.temperature == 0:
@@ -252,6 +259,10 @@ class SamplingParams:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["logits_processors"] = [getattr(p, "__name__", repr(p)) for p in self.logits_processors]
         return out
+
+
+def _is_zero_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value == 0
 
 
 def _alias(name: str, value: Any, default: Any, alias: str, alias_value: Any) -> Any:

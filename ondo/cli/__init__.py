@@ -37,7 +37,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = engine_config(args, args.model, max_waiting=args.max_waiting)
     from ondo.server import run_server
 
-    run_server(config, args.host, args.port, args.api_key, args.max_waiting, args.served_model_name)
+    run_server(config, args.host, args.port, args.api_key, args.max_waiting, args.served_model_name,
+               tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
     return 0
 
 

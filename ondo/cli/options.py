@@ -67,12 +67,20 @@ def _add_sampling_options(parser: argparse.ArgumentParser, max_tokens_default: s
     group.add_argument("--include-stop-str-in-output", action="store_true", default=None)
     group.add_argument("--keep-special-tokens", dest="skip_special_tokens", action="store_false", default=None,
                        help="show special tokens in the text")
+    shape = parser.add_argument_group("structured output (one of these)")
+    shape.add_argument("--json-schema", metavar="FILE", help="the output is JSON following the schema in FILE")
+    shape.add_argument("--json-object", action="store_true", default=None, help="the output is a JSON object")
+    shape.add_argument("--regex", metavar="PATTERN", help="the whole output matches PATTERN")
+    shape.add_argument("--choice", action="append", metavar="TEXT",
+                       help="the output is exactly one of these (repeatable)")
+    shape.add_argument("--grammar", metavar="FILE", help="the output follows the EBNF grammar in FILE (rule root)")
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine options (EngineConfig)")
     add = group.add_argument
-    add("--dtype", help="auto | float32 | bfloat16 | float16 (default auto: float32 on the CPU)")
+    add("--dtype", help="auto | float32 | bfloat16 | float16 (default auto: float32 on the CPU, "
+                        "bfloat16 for packed weights where the CPU has it)")
     add("--device", help="auto | cpu | cuda | cuda:N (default auto: cuda when available)")
     add("--max-model-len", type=int, metavar="TOKENS", help="context length (default: the model's, <= 8192 on the CPU)")
     add("--max-num-seqs", type=int, metavar="N", help="requests in one step at most (default 64)")
@@ -89,11 +97,15 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     add("--tokenizer", metavar="PATH", help="tokenizer folder or .gguf (default: the model's)")
     add("--seed", type=int, help="random seed: the engine's and, in generate and chat, each request's")
     add("--load-format", metavar="FORMAT", help="auto | dummy (random weights, for benchmarks) (default auto)")
+    add("--quantization", metavar="METHOD",
+        help="int8 | int4 | nf4: quantize a model folder while loading; none: dequantize a GGUF file "
+             "(default: as stored: GGUF blocks stay packed, a folder's quantization_config is read)")
 
 
 _ENGINE_FIELDS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                   "kv_cache_memory_bytes", "gpu_memory_utilization", "enforce_eager", "enable_prefix_caching",
-                  "enable_chunked_prefill", "checkpoint", "chat_template", "tokenizer", "seed", "load_format")
+                  "enable_chunked_prefill", "checkpoint", "chat_template", "tokenizer", "seed", "load_format",
+                  "quantization")
 
 
 def _logit_bias(text: str) -> tuple[int, float]:
@@ -176,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=int, metavar="N",
                        help="waiting requests at most; more are answered 503 (default unbounded)")
     serve.add_argument("--served-model-name", metavar="NAME", help="model name the API reports and accepts")
+    serve.add_argument("--tool-call-parser", choices=("auto", "hermes", "llama3_json", "mistral", "none"),
+                       default="auto", help="how tool calls are read from chat answers (default auto: from the "
+                                            "chat template; hermes when it does not render tools)")
+    serve.add_argument("--reasoning-parser", choices=("auto", "qwen3", "deepseek_r1", "none"), default="auto",
+                       help="split <think>...</think> off as reasoning_content (default auto: when the chat "
+                            "template mentions <think>)")
     _add_engine_options(serve)
     return parser
 
@@ -202,7 +220,45 @@ def sampling_params(args: argparse.Namespace, **defaults):
         given["logit_bias"] = dict(args.logit_bias)
     if args.seed is not None:
         given["seed"] = args.seed
+    structured = structured_outputs(args)
+    if structured is not None:
+        given["structured_outputs"] = structured
     return SamplingParams(**{**defaults, **given})
+
+
+_SHAPE_FLAGS = {"json_schema": "--json-schema", "json_object": "--json-object", "regex": "--regex",
+                "choice": "--choice", "grammar": "--grammar"}
+_SHAPE_FIELDS = {"json_schema": "json", "json_object": "json_object", "regex": "regex", "choice": "choice",
+                 "grammar": "grammar"}
+
+
+def structured_outputs(args: argparse.Namespace):
+    """StructuredOutputsParams from --json-schema / --json-object / --regex / --choice / --grammar."""
+    from ondo.sample.structured import StructuredOutputError, StructuredOutputsParams
+
+    given = [name for name in _SHAPE_FLAGS if getattr(args, name, None) is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise CLIError(f"give one of {', '.join(_SHAPE_FLAGS.values())}; got {_SHAPE_FLAGS[given[0]]} "
+                       f"and {_SHAPE_FLAGS[given[1]]}")
+    name = given[0]
+    value = getattr(args, name)
+    if name in ("json_schema", "grammar"):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise CLIError(f"{_SHAPE_FLAGS[name]} file not found: {value}")
+        value = path.read_text(encoding="utf-8")
+    try:
+        return StructuredOutputsParams(**{_SHAPE_FIELDS[name]: value})
+    except StructuredOutputError as error:
+        field = f"structured_outputs.{error.field}"
+        raise CLIError(str(error).replace(field, f"{_SHAPE_FLAGS[name]} {_shown(name, getattr(args, name))}", 1)
+                       if error.field else str(error)) from None
+
+
+def _shown(name: str, value) -> str:
+    return repr(value) if name in ("regex", "choice") else str(value)
 
 
 def engine_config(args: argparse.Namespace, model: str | None, **extra):

@@ -18,7 +18,8 @@ known; at the next `step()` the real schedule is built and compared with it:
    writes before any later use of the blocks); nothing of it reaches the outputs.
 
 Only all-greedy batches whose sampling does not read the newest token on the host are launched ahead:
-no logprobs, penalties, no_repeat_ngram, bad words or custom logits processors, and min_tokens reached.
+no logprobs, penalties, no_repeat_ngram, bad words, custom logits processors or structured output (a
+grammar's mask needs the previous token on the host), and min_tokens reached.
 Every other step takes the synchronous path, `Engine.run_schedule`, unchanged.
 """
 from __future__ import annotations
@@ -63,7 +64,9 @@ def samples_without_host_history(request: Request) -> bool:
             and not params.logits_processors and params.repetition_penalty == 1.0
             and not params.presence_penalty and not params.frequency_penalty
             and not params.no_repeat_ngram_size and not request.bad_words_token_ids
-            and not request.wants_prompt_logprobs)
+            and not request.wants_prompt_logprobs
+            # a grammar's mask depends on the previous token, which is not on the host yet
+            and params.structured_outputs is None)
 
 
 class DecodeOverlap:

@@ -4,6 +4,11 @@ A full block is identified by a hash chained over every token before it (its par
 and its own tokens), so two requests share a block only when their whole prefix up to it is equal.
 Freed blocks keep their hash and stay findable until the pool needs them again (least recently
 freed first), so a later request with the same prefix skips recomputing it.
+
+With `grow_lazily` (the CPU, whose KV memory is committed only when first written, see
+`ModelRunner`), never-used blocks are handed out only when no freed block is left, so resident
+memory follows the peak number of blocks in use instead of creeping up to the whole budget; the
+price is that freed prefix blocks are reused (and forgotten) sooner.
 """
 from __future__ import annotations
 
@@ -17,20 +22,25 @@ def chain_hash(parent: int | None, tokens: list[int]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 grow_lazily: bool = False):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # hash -> block id
         # Blocks with no owner, oldest first; cached ones among them are evicted only when popped.
-        self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        # With grow_lazily, never-used blocks wait apart in `unused` (lowest id first).
+        self.grow_lazily = grow_lazily
+        self.unused: list[int] = list(range(num_blocks - 1, -1, -1)) if grow_lazily else []
+        self.free_blocks: OrderedDict[int, None] = OrderedDict(
+            (i, None) for i in ([] if grow_lazily else range(num_blocks)))
         self.prefix_queries = 0      # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0         # of those, tokens found
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_blocks)
+        return len(self.free_blocks) + len(self.unused)
 
     @property
     def usage(self) -> float:
@@ -70,7 +80,10 @@ class BlockManager:
         if needed > self.num_free_blocks:
             return False
         for _ in range(needed):
-            block, _ = self.free_blocks.popitem(last=False)
+            if self.free_blocks:
+                block, _ = self.free_blocks.popitem(last=False)
+            else:
+                block = self.unused.pop()
             self._evict(block)
             self.ref_counts[block] = 1
             request.block_table.append(block)

@@ -49,13 +49,15 @@ class Engine:
         self.runner = ModelRunner(self.model, spec, self.num_blocks, config.block_size, self.device,
                                   enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs,
                                   max_model_len=self.max_model_len)
-        self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching,
+                                          grow_lazily=self.device.type == "cpu")
         # A GPU needs big steps to be busy; the CPU keeps steps short so decodes are not starved.
         budget = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
         if not config.enable_chunked_prefill:   # a whole prompt must then fit in one step's budget
             budget = max(budget, self.max_model_len)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget, config.enable_chunked_prefill)
         self.sampler = Sampler()
+        self.grammars = None   # GrammarCache, built at the first request with structured output
         self.groups: dict[str, RequestGroup] = {}
         self.num_prompt_tokens_total = 0
         self.num_generated_tokens_total = 0
@@ -140,6 +142,9 @@ class Engine:
         bad_words = params.bad_words_token_ids(self.tokenizer) if self.tokenizer is not None else \
             [list(w) for w in params.bad_words_ids]
         eos = frozenset() if params.ignore_eos else self.eos_token_ids
+        grammars = self._grammar_cache() if params.structured_outputs is not None else None
+        if grammars is not None:
+            grammars.check(params.structured_outputs)   # compiled (or cached) and able to start
         group = RequestGroup(request_id, prompt_text, prompt_ids, params.n)
         now = time.monotonic()
         for index in range(best_of):
@@ -150,6 +155,8 @@ class Engine:
                 stop_token_ids=frozenset(params.stop_token_ids), bad_words_token_ids=bad_words,
                 generator=self._generator(params.seed, index), arrival_s=now,
                 prefill_leader=group.children[0] if index else None)
+            if grammars is not None:   # each sibling follows the grammar on its own
+                child.structured = grammars.new_state(params.structured_outputs)
             if params.logprobs is not None:
                 child.logprobs = []
             if params.prompt_logprobs is not None:
@@ -163,6 +170,15 @@ class Engine:
             self.scheduler.add(child)
         self.groups[request_id] = group
         self.num_prompt_tokens_total += len(prompt_ids)
+
+    def _grammar_cache(self):
+        if self.tokenizer is None:
+            raise RequestError("structured output needs the model's tokenizer, and this model has none")
+        if self.grammars is None:
+            from ondo.sample.grammar_cache import GrammarCache
+
+            self.grammars = GrammarCache(self.tokenizer.hf, self.vocab_size, list(self.eos_token_ids))
+        return self.grammars
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -222,22 +238,36 @@ class Engine:
         for index, logits in result.prompt_logits.items():
             self._add_prompt_logprobs(schedule.scheduled[index], logits)
         sampling = [schedule.scheduled[i].request for i in result.sample_indices]
-        touched: dict[str, RequestGroup] = {}
+        touched = self._finish_scored(schedule)
         if sampling:
             touched.update(self._sample(sampling, result.sample_logits))
         return self.emit(touched)
 
+    def _finish_scored(self, schedule: SchedulerOutput) -> dict[str, RequestGroup]:
+        """Score-only requests (max_tokens=0) end once their whole prompt is computed: their
+        prompt log-probs are the result and nothing is sampled."""
+        touched = {}
+        for item in schedule.scheduled:
+            request = item.request
+            if request.max_tokens == 0 and request.num_computed_tokens >= request.num_prompt_tokens:
+                request.finish_reason = "length"
+                self.scheduler.finish(request)
+                touched[request.group_id] = self.groups[request.group_id]
+        return touched
+
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> dict[str, RequestGroup]:
+        touched = {}
         try:
             outputs = [(requests, self.sampler(logits, requests))]
-        except Exception:  # find the request whose options failed (e.g. a custom logits processor)
+        except Exception:  # find the request whose options failed (e.g. a custom logits processor, a grammar)
             outputs = []
             for i, request in enumerate(requests):
                 try:
                     outputs.append(([request], self.sampler(logits[i:i + 1], [request])))
                 except Exception as error:
-                    self._fail([request], f"sampling failed: {error}")
-        touched = {}
+                    request.error, request.finish_reason = f"sampling failed: {error}", "error"
+                    self.scheduler.finish(request)
+                    touched[request.group_id] = self.groups[request.group_id]   # emitted with the others
         for batch, out in outputs:
             touched.update(self.apply_sampled(batch, out))
         return touched

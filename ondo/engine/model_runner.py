@@ -5,6 +5,8 @@ the attention metadata tell the attention layers which tokens belong together.
 """
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +42,7 @@ class ModelRunner:
         self.model, self.spec, self.device = model, spec, device
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+        self.kv_caches = _allocate_kv_caches(shape, spec, device)
         self.pin_memory = device.type == "cuda"
         self.backend = None if enforce_eager else _fast_backend(device, spec.dtype)
         self.cuda_graphs = None
@@ -167,3 +169,15 @@ def _fast_backend(device: torch.device, dtype: torch.dtype):
 def _pad(tables: list[list[int]]) -> list[list[int]]:
     width = max(len(t) for t in tables)
     return [t + [0] * (width - len(t)) for t in tables]
+
+
+def _allocate_kv_caches(shape: tuple[int, ...], spec: KVCacheSpec, device: torch.device) -> list[torch.Tensor]:
+    """One zeroed cache tensor per layer. On the CPU they are views of one anonymous memory map: its
+    pages read as zeros and are committed only when first written, so the budget is an upper bound
+    on resident memory, not a reservation (the block manager hands out used blocks first)."""
+    if device.type != "cpu":
+        return [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+    per_layer = math.prod(shape)
+    buffer = mmap.mmap(-1, per_layer * spec.num_layers * spec.dtype.itemsize)
+    flat = torch.frombuffer(buffer, dtype=spec.dtype)
+    return [flat[i * per_layer:(i + 1) * per_layer].view(shape) for i in range(spec.num_layers)]

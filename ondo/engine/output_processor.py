@@ -1,7 +1,8 @@
 """After sampling: append tokens, detokenize, check every stop condition, and build RequestOutputs.
 
-Stop conditions, in order: EOS / stop_token_ids (once min_tokens is reached), stop strings (matched
-across token boundaries on the detokenized text), then the length limit. While a stop string could
+Stop conditions, in order: a constrained request's grammar terminated (its stop token taken); EOS /
+stop_token_ids (once min_tokens is reached), stop strings (matched across token boundaries on the
+detokenized text), then the length limit. While a stop string could
 still be forming, its possible beginning is held back from the stream, so streamed text is always a
 prefix of the final text.
 """
@@ -30,6 +31,11 @@ class RequestGroup:
 def append_token(request: Request, token_id: int, logprob: float | None,
                  top: list[tuple[int, float]] | None, decode_token) -> None:
     request.output_token_ids.append(token_id)
+    if request.structured is not None:
+        try:
+            request.structured.accept(token_id)
+        except ValueError as error:  # the grammar refused the token: check_stop fails the request
+            request.error = str(error)
     if logprob is not None:
         request.cumulative_logprob = (request.cumulative_logprob or 0.0) + logprob
     if request.logprobs is not None:
@@ -46,6 +52,11 @@ def append_token(request: Request, token_id: int, logprob: float | None,
 def check_stop(request: Request, token_id: int, max_model_len: int) -> bool:
     """Sets finish_reason / stop_reason and truncates the text at a stop string; True when finished."""
     params = request.sampling_params
+    if request.error is not None:
+        return _finish(request, "error", None)
+    if request.structured is not None and request.structured.is_terminated:
+        # The grammar ended and its stop token was taken (allowed even before min_tokens).
+        return _finish(request, "stop", None)
     if request.num_output_tokens > request.min_tokens:  # the sampler masked EOS and stops until then
         if token_id in request.eos_token_ids:
             return _finish(request, "stop", None)

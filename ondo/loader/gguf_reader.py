@@ -105,10 +105,14 @@ class GGUFFile:
             # bfloat16 is the upper half of a float32: widen by shifting into the high bits.
             halves = raw.view(np.uint16).astype(np.uint32) << 16
             return halves.view(np.float32).reshape(info.shape)
+        return dequantize(self.read_raw(name), info.ggml_type).reshape(info.shape)
+
+    def read_raw(self, name: str) -> np.ndarray:
+        """The tensor's blocks as stored, a read-only view of the memory map: uint8 [..., bytes per row]."""
+        info = self.tensors[name]
         block_size, type_size = GGML_QUANT_SIZES[info.ggml_type]
         row_bytes = info.shape[-1] // block_size * type_size
-        blocks = raw.reshape(*info.shape[:-1], row_bytes)  # [..., bytes per row]
-        return dequantize(blocks, info.ggml_type).reshape(info.shape)
+        return self._data[info.offset : info.offset + info.num_bytes].reshape(*info.shape[:-1], row_bytes)
 
     # -- header parsing ---------------------------------------------------------------------
 

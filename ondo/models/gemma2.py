@@ -9,7 +9,7 @@ from torch import nn
 
 from ondo.layers.activation import GatedActivation
 from ondo.layers.attention import Attention
-from ondo.layers.linear import MergedLinear
+from ondo.layers.linear import Linear, MergedLinear, VocabEmbedding, LMHead
 from ondo.layers.norm import RMSNorm
 from ondo.layers.rotary import RotaryEmbedding
 from ondo.models.llama import LlamaAttention, LlamaForCausalLM, head_dim_of
@@ -41,7 +41,7 @@ class GemmaMLP(nn.Module):
         super().__init__()
         size = config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=False)
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=False)
+        self.down_proj = Linear(size, config.hidden_size, bias=False)
         self.act = GatedActivation(config.hidden_activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +69,7 @@ class Gemma2DecoderLayer(nn.Module):
 class Gemma2Model(nn.Module):
     def __init__(self, config, layer_cls=Gemma2DecoderLayer):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         # A buffer so it follows the model's dtype: transformers rounds sqrt(hidden) to the weight
         # dtype before multiplying (sqrt(3072) = 55.43 becomes 55.5 in bfloat16).
         self.register_buffer("embed_scale", torch.tensor(config.hidden_size ** 0.5), persistent=False)
@@ -98,5 +98,5 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # Capped in float32 (transformers caps in the model dtype): same in float32, closer in bfloat16.
-        logits = self.lm_head(hidden).float()                                        # [n, vocab]
+        logits = self.lm_head.project(hidden).float()                        # [n, vocab]
         return soft_cap(logits, getattr(self.config, "final_logit_softcapping", None))

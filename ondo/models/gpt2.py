@@ -1,6 +1,6 @@
 """GPT-2 family (GPT-2, KoGPT2): learned position embeddings, pre-LayerNorm blocks, a combined
 q/k/v projection (`c_attn`) and a plain GeLU MLP. Checkpoints store their projections as `Conv1D`
-weights laid out [in, out]; they are transposed into `nn.Linear` [out, in] on load."""
+weights laid out [in, out]; they are transposed to the HF Linear layout [out, in] on load."""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -10,6 +10,7 @@ from torch import nn
 
 from ondo.layers.activation import get_activation
 from ondo.layers.attention import Attention
+from ondo.layers.linear import Linear, VocabEmbedding, LMHead
 from ondo.models.weights import load_weights
 
 # Projections that transformers stores as Conv1D ([in, out]).
@@ -25,8 +26,8 @@ class GPT2Attention(nn.Module):
         scale = self.head_dim ** -0.5 if getattr(config, "scale_attn_weights", True) else 1.0
         if getattr(config, "scale_attn_by_inverse_layer_idx", False):
             scale /= float(layer_idx + 1)
-        self.c_attn = nn.Linear(hidden, 3 * hidden, bias=True)
-        self.c_proj = nn.Linear(hidden, hidden, bias=True)
+        self.c_attn = Linear(hidden, 3 * hidden, bias=True)
+        self.c_proj = Linear(hidden, hidden, bias=True)
         self.attn = Attention(self.num_heads, self.head_dim, scale, self.num_heads, layer_idx)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -38,8 +39,8 @@ class GPT2MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         inner = config.n_inner if getattr(config, "n_inner", None) is not None else 4 * config.hidden_size
-        self.c_fc = nn.Linear(config.hidden_size, inner, bias=True)
-        self.c_proj = nn.Linear(inner, config.hidden_size, bias=True)
+        self.c_fc = Linear(config.hidden_size, inner, bias=True)
+        self.c_proj = Linear(inner, config.hidden_size, bias=True)
         self.act = get_activation(config.activation_function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +63,7 @@ class GPT2Block(nn.Module):
 class GPT2Model(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wte = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
@@ -81,15 +82,14 @@ class GPT2LMHeadModel(nn.Module):
             raise ValueError("add_cross_attention must be False for a decoder-only GPT-2, got True")
         self.config = config
         self.transformer = GPT2Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if getattr(config, "tie_word_embeddings", True):
-            self.lm_head.weight = self.transformer.wte.weight
+        tied = getattr(config, "tie_word_embeddings", True)
+        self.lm_head = self.transformer.wte if tied else LMHead(config.hidden_size, config.vocab_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.transformer(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()                          # [n, vocab]
+        return self.lm_head.project(hidden).float()                        # [n, vocab]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         tied = getattr(self.config, "tie_word_embeddings", True)

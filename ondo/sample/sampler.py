@@ -3,6 +3,8 @@
 Processors run in this fixed order (each is skipped when no request in the batch uses it, and
 runs only on the rows that do when some do not):
 
+ 0. structured output: rows with a grammar (`Request.structured`) get -inf at every token their
+    grammar does not allow now (one bitmask for the batch, applied on the device)
  1. custom `logits_processors` of the request, in the order given: `fn(output_token_ids, logits)`
     (or `fn(prompt_token_ids, output_token_ids, logits)`), logits `[vocab]`
  2. `repetition_penalty` (transformers' form, over prompt and output tokens), then
@@ -14,7 +16,8 @@ runs only on the rows that do when some do not):
  7. minimum length: EOS and stop token ids get -inf until `Request.min_tokens` tokens exist
 
 If these leave a row without any finite logit (contradicting options, e.g. allowed_token_ids
-that are all bad words), that row falls back to its raw logits rather than sampling garbage.
+that are all bad words), that row falls back to its raw logits rather than sampling garbage --
+for a constrained row, to its logits after step 0 only: a grammar is never given up.
 Greedy rows then take the argmax. Sampling rows go on with
 
  8. temperature -> top_k -> top_p -> min_p -> typical_p -> epsilon_cutoff -> eta_cutoff
@@ -37,6 +40,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ondo.sample import logits_processors as lp
+from ondo.sample.structured import apply_token_bitmask, fill_bitmask
 from ondo.sample.token_history import TokenHistory
 
 
@@ -53,7 +57,7 @@ class Sampler:
 
     A request provides: sampling_params, prompt_token_ids, output_token_ids, generator,
     eos_token_ids (empty when ignore_eos), stop_token_ids, bad_words_token_ids, min_tokens,
-    num_output_tokens (see docs/architecture.md, "Sampler").
+    num_output_tokens, and structured (a GrammarState or None) (see docs/architecture.md, "Sampler").
 
     Keep one Sampler for the engine's lifetime: it caches token histories between steps."""
 
@@ -69,15 +73,21 @@ class Sampler:
         token_ids = self._choose(logits, requests)
         return _pack_output(raw_logits, token_ids, requests)
 
-    # ---- steps 1-7: processors shared by greedy and sampling rows ------------------------------
+    # ---- steps 0-7: processors shared by greedy and sampling rows ------------------------------
 
     def apply_processors(self, logits: torch.Tensor, requests: Sequence[Any]) -> torch.Tensor:
-        """Steps 1-7 (see the module docstring); returns new logits, the input is left intact."""
+        """Steps 0-7 (see the module docstring); returns new logits, the input is left intact."""
         vocab_size = logits.shape[1]
         device = logits.device
         params = [r.sampling_params for r in requests]
-        raw_logits = logits
         masked = False  # did a processor put -inf anywhere? (then check for empty rows)
+
+        rows = [i for i, r in enumerate(requests) if getattr(r, "structured", None) is not None]
+        if rows:
+            bitmask = fill_bitmask([requests[i].structured for i in rows], vocab_size)  # [rows, words]
+            bitmask = bitmask.to(device, non_blocking=True)
+            logits = _on_rows(logits, rows, lambda x: apply_token_bitmask(x, bitmask))
+        raw_logits = logits  # what an emptied row falls back to: the grammar's mask stays
 
         custom = [i for i, p in enumerate(params) if p.logits_processors]
         if custom:

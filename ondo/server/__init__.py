@@ -36,8 +36,10 @@ class _Server(uvicorn.Server):
 
 
 def run_server(engine_config: EngineConfig, host: str, port: int, api_key: str | None,
-               max_waiting: int | None, served_model_name: str | None) -> None:
-    """Serve `engine_config`'s model until SIGTERM/SIGINT; exits 1 if the model fails to load."""
+               max_waiting: int | None, served_model_name: str | None, *,
+               tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> None:
+    """Serve `engine_config`'s model until SIGTERM/SIGINT; exits 1 if the model fails to load.
+    tool_call_parser / reasoning_parser: None or "auto" = chosen from the chat template."""
     from ondo.server.app import create_app
 
     if max_waiting is None:
@@ -45,7 +47,8 @@ def run_server(engine_config: EngineConfig, host: str, port: int, api_key: str |
     if max_waiting is not None and max_waiting < 1:
         raise ValueError(f"max_waiting must be >= 1 (or None for no bound), got {max_waiting}")
     engine = AsyncEngine.from_config(engine_config, max_waiting=max_waiting)
-    app = create_app(engine, served_model_name=served_model_name, api_key=api_key or None)
+    app = create_app(engine, served_model_name=served_model_name, api_key=api_key or None,
+                     tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser)
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level="info",
                                     timeout_graceful_shutdown=10), engine)
 

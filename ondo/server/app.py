@@ -25,7 +25,8 @@ _DESCRIPTION = """OpenAI-compatible API of ondo, a self-hosted LLM inference eng
 OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`. The playground is at `/`."""
 
 
-def create_app(engine: AsyncEngine, served_model_name: str | None = None, api_key: str | None = None) -> FastAPI:
+def create_app(engine: AsyncEngine, served_model_name: str | None = None, api_key: str | None = None,
+               tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> FastAPI:
     """The app serving `engine`; the engine is started (loaded) when the app starts."""
 
     @asynccontextmanager
@@ -40,7 +41,7 @@ def create_app(engine: AsyncEngine, served_model_name: str | None = None, api_ke
     from ondo import __version__
 
     app = FastAPI(title="ondo", version=__version__, description=_DESCRIPTION, lifespan=lifespan)
-    app.state.ondo = ServerState(engine, served_model_name, api_key)
+    app.state.ondo = ServerState(engine, served_model_name, api_key, tool_call_parser, reasoning_parser)
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(api)

@@ -2,14 +2,17 @@
 
 Everything that can be wrong with a request is found here, before the engine sees it, and
 answered with a 400 that names the field: option ranges (through SamplingParams), prompts that
-do not fit the context, token ids outside the vocabulary, unsupported OpenAI fields.
+do not fit the context, token ids outside the vocabulary, unsupported OpenAI fields, and a bad
+schema, regex or grammar in response_format / guided_*.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jinja2
 
+from ondo.sample.structured import StructuredOutputError, StructuredOutputsParams
 from ondo.sampling_params import SamplingParams, SamplingParamsError
 from ondo.server.errors import APIError, bad_request, param_of
 from ondo.server.protocol import (
@@ -45,13 +48,53 @@ def check_supported(request: SamplingFields) -> None:
         raise bad_request("stream_options is only allowed with stream=true", "stream_options")
 
 
+# Request fields that ask for structured output, and the StructuredOutputsParams field each fills.
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def structured_outputs(request: Any) -> StructuredOutputsParams | None:
+    """The constraint of response_format or one guided_* field; a 400 naming the field when it is
+    invalid or when several are given."""
+    given = [name for name in _GUIDED if getattr(request, name, None) is not None]
+    response_format = getattr(request, "response_format", None)
+    if response_format is not None and response_format.type != "text":
+        given.insert(0, "response_format")
+    if not given:
+        return None
+    if len(given) > 1:
+        raise bad_request(f"give one of response_format (json_object / json_schema), "
+                          f"{', '.join(_GUIDED)}; got {given[0]} and {given[1]}", given[1])
+    name = given[0]
+    if name == "response_format":
+        if response_format.type == "json_object":
+            kwargs: dict[str, Any] = {"json_object": True}
+        elif response_format.json_schema is None or response_format.json_schema.schema_ is None:
+            raise bad_request("response_format.json_schema.schema is required with type json_schema",
+                              "response_format")
+        else:
+            kwargs = {"json": response_format.json_schema.schema_}
+        field = "response_format.json_schema.schema" if "json" in kwargs else "response_format"
+    else:
+        kwargs, field = {_GUIDED[name]: getattr(request, name)}, name
+    try:
+        return StructuredOutputsParams(**kwargs)
+    except StructuredOutputError as exc:
+        # "structured_outputs.json is not ..." -> "guided_json is not ...": the request's own field.
+        message = str(exc)
+        if exc.field is not None:
+            message = message.replace(f"structured_outputs.{exc.field}", field, 1)
+        raise bad_request(message, name) from None
+
+
 def sampling_params(request: SamplingFields, *, max_tokens: int | None, max_tokens_field: str,
                     logprobs: int | None, logprobs_field: str, vocab_size: int,
-                    num_prompts: int = 1) -> SamplingParams:
-    """The request's SamplingParams; a bad value is a 400 naming the request's own field."""
+                    num_prompts: int = 1, structured: StructuredOutputsParams | None = None) -> SamplingParams:
+    """The request's SamplingParams; a bad value is a 400 naming the request's own field.
+    `structured`: a constraint decided by the caller (a forced tool call) instead of the request's."""
     kwargs: dict[str, Any] = {name: getattr(request, name) for name in _PASSED_THROUGH
                               if getattr(request, name) is not None}
     kwargs["max_tokens"] = max_tokens
+    kwargs["structured_outputs"] = structured if structured is not None else structured_outputs(request)
     if logprobs is not None:
         kwargs["logprobs"] = logprobs
     # SamplingParams speaks of best_of even when the client only set n.
@@ -133,7 +176,8 @@ def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int,
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as the chat template wants them: text content only, "developer" as "system"."""
+    """Messages as the chat template wants them: text content only, "developer" as "system",
+    tool call arguments as objects (templates write them with `tojson`)."""
     converted = []
     for i, message in enumerate(messages):
         content = message.content
@@ -153,12 +197,27 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                                  "content": content or ""}
         if message.name is not None:
             entry["name"] = message.name
+        for key in ("tool_call_id", "reasoning_content"):
+            if getattr(message, key, None) is not None:
+                entry[key] = getattr(message, key)
+        if getattr(message, "tool_calls", None):
+            entry["tool_calls"] = [_template_tool_call(call, f"messages[{i}].tool_calls[{j}]")
+                                   for j, call in enumerate(message.tool_calls)]
         converted.append(entry)
     return converted
 
 
-def chat_prompt_ids(request: ChatCompletionRequest | Any, tokenizer: Any) -> list[int]:
-    """The conversation rendered by the model's chat template, as token ids (400 if it can't be)."""
+def _template_tool_call(call: Any, where: str) -> dict[str, Any]:
+    try:
+        arguments = json.loads(call.function.arguments) if call.function.arguments.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise bad_request(f"{where}.function.arguments must be a JSON text: {exc}", "messages") from None
+    return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
+
+
+def chat_prompt_ids(request: ChatCompletionRequest | Any, tokenizer: Any, tool_plan: Any = None) -> list[int]:
+    """The conversation rendered by the model's chat template, as token ids (400 if it can't be).
+    `tool_plan` (tool_choice.ToolPlan): the tools to show the model, if any."""
     if not request.messages:
         raise bad_request("messages must hold at least one message", "messages")
     kwargs = dict(request.chat_template_kwargs or {})
@@ -167,9 +226,13 @@ def chat_prompt_ids(request: ChatCompletionRequest | Any, tokenizer: Any) -> lis
         raise bad_request(f"chat_template_kwargs must not set {reserved[0]!r}; use the request "
                           f"field of that name", "chat_template_kwargs")
     try:
+        from ondo.server.tool_choice import template_messages
+
+        messages = template_messages(chat_messages(request.messages), tool_plan)
+        tools = tool_plan.tools if tool_plan is not None and not tool_plan.describe_in_system else None
         return tokenizer.apply_chat_template(
-            chat_messages(request.messages), add_generation_prompt=request.add_generation_prompt,
-            continue_final_message=request.continue_final_message, **kwargs)
+            messages, add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message, tools=tools, **kwargs)
     except APIError:
         raise
     except (ValueError, TypeError, KeyError, jinja2.TemplateError) as exc:

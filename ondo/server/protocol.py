@@ -2,7 +2,7 @@
 
 Requests forbid unknown fields and check types strictly (a string is not a number), so a typo
 is a 400 that names the field instead of an option silently ignored. OpenAI fields that ondo
-does not implement (tools, response_format, ...) are declared so that setting one gets a 400
+does not implement (audio, prediction, ...) are declared so that setting one gets a 400
 saying so (see `unsupported_fields`). Value ranges are checked by `SamplingParams`, the single
 place that knows them, so the API and the offline engine answer a bad value the same way.
 """
@@ -53,6 +53,18 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Request):
+    name: str = Field(description="A name for the schema (OpenAI requires one; ondo does not use it).")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="The JSON schema.")
+    strict: bool | None = Field(None, description="Accepted; the output always follows the schema.")
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = Field(None, description="With type json_schema.")
+
+
 class SamplingFields(_Request):
     """Decoding options shared by /v1/completions and /v1/chat/completions."""
 
@@ -82,20 +94,68 @@ class SamplingFields(_Request):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     bad_words: list[Text] | None = Field(None, description="Words never generated.")
+    # Structured output: OpenAI's response_format, or one of vLLM's guided_* fields.
+    response_format: ResponseFormat | None = Field(
+        None, description="{\"type\": \"json_object\"} or {\"type\": \"json_schema\", \"json_schema\": "
+                          "{\"name\": ..., \"schema\": {...}}}: the output follows it.")
+    guided_json: dict[str, Any] | Text | None = Field(None, description="A JSON schema the output follows.")
+    guided_regex: Text | None = Field(None, description="A regex the whole output matches.")
+    guided_choice: list[Text] | None = Field(None, description="The output is exactly one of these.")
+    guided_grammar: Text | None = Field(None, description="An EBNF grammar (rule `root`) the output follows.")
 
 
 class CompletionRequest(SamplingFields):
     prompt: Text | list[Text] | list[Int] | list[list[Int]]
     echo: bool = False
-    logprobs: Int | None = _ranged("Top log-probs returned per token.", ge=0, le=20)
+    logprobs: Int | None = _ranged("Top log-probs returned per token (with echo, prompt tokens too).", ge=0, le=20)
     suffix: str | None = Field(None, description="Not supported.")
+    max_tokens: Int | None = _ranged("Most tokens to generate; 0 = only score the prompt (with echo or "
+                                     "prompt_logprobs).", ge=0)
+    prompt_logprobs: Int | None = _ranged("vLLM's extra: log-probs of every prompt token and its top k, "
+                                          "returned in each choice's prompt_logprobs.", ge=0, le=20)
+
+
+class FunctionCall(_Request):
+    name: str
+    arguments: str = Field(description="The arguments as a JSON text.")
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[dict[str, Any]] | None = Field(
         None, description="Text, or a list of {\"type\": \"text\", \"text\": ...} parts.")
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant turn's tool calls.")
+    tool_call_id: str | None = Field(None, description="The call a tool message answers.")
+    reasoning_content: str | None = Field(None, description="An assistant turn's reasoning (given to templates "
+                                                            "that show it).")
+
+
+class FunctionDefinition(_Request):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON schema of the arguments.")
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -107,13 +167,14 @@ class ChatCompletionRequest(SamplingFields):
         None, description="Extra variables for the chat template (e.g. enable_thinking).")
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    tools: list[ChatTool] | None = Field(None, description="Functions the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="auto (default with tools), none, required, or {\"type\": \"function\", "
+                          "\"function\": {\"name\": ...}}; required and named calls are enforced by a grammar.")
+    parallel_tool_calls: bool | None = Field(None, description="false = at most one call (with required).")
     # OpenAI fields ondo does not implement: a 400 when set to anything but their neutral value.
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
@@ -126,14 +187,11 @@ class ChatCompletionRequest(SamplingFields):
 
 # Neutral values of unsupported fields: sending them changes nothing, so they are accepted.
 _NEUTRAL = {
-    "tool_choice": ("none",),
-    "response_format": ({"type": "text"},),
     "modalities": (["text"],),
     "service_tier": ("auto", "default"),
     "store": (False,),
 }
-_UNSUPPORTED = ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
-                "response_format", "audio", "modalities", "prediction", "reasoning_effort",
+_UNSUPPORTED = ("functions", "function_call", "audio", "modalities", "prediction", "reasoning_effort",
                 "web_search_options", "service_tier", "store", "metadata", "suffix")
 
 
@@ -178,12 +236,20 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = []
 
 
+class PromptLogprob(BaseModel):
+    logprob: float | None
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = Field(None, description="The stop string or token id that ended it.")
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = Field(
+        None, description="With prompt_logprobs: per prompt token (null for the first), token id -> log-prob.")
 
 
 class CompletionResponse(BaseModel):
@@ -211,7 +277,10 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    reasoning_content: str | None = Field(None, description="The model's reasoning (<think>...</think>), "
+                                                            "when a reasoning parser splits it off.")
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):

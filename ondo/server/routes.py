@@ -17,6 +17,10 @@ from ondo.server.protocol import (ChatCompletionRequest, ChatCompletionResponse,
 from ondo.server.serving import ServerState
 from ondo.server.serving_chat import create_chat_completion
 from ondo.server.serving_completion import create_completion
+from ondo.server.protocol_anthropic import AnthropicError, AnthropicRoute, MessagesRequest, MessagesResponse
+from ondo.server.protocol_responses import ResponseObject, ResponsesRequest
+from ondo.server.serving_messages import create_message
+from ondo.server.serving_responses import create_response, get_response
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503)}
 _STREAM = {"content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -101,3 +105,50 @@ def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     check_token_ids(body.tokens, state.engine.engine.vocab_size, "tokens")
     return DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens))
 
+
+# ---- other dialects: OpenAI's Responses API, Anthropic's Messages API ---------------------------
+
+_EVENTS = "With stream=true, server-sent events named after their `type` ({})."
+
+
+@api.post("/v1/responses", response_model=ResponseObject, tags=["OpenAI Responses"],
+          summary="OpenAI's Responses API: text or messages in, one assistant message out",
+          responses={200: {**_STREAM, "description": _EVENTS.format("response.created ... response.completed")}})
+async def responses(body: ResponsesRequest, request: Request) -> ResponseObject | StreamingResponse:
+    return await create_response(state_of(request), body, request)
+
+
+@api.get("/v1/responses/{response_id}", response_model=ResponseObject, tags=["OpenAI Responses"],
+         summary="A stored response (kept in memory, least recently used forgotten first)")
+def retrieve_response(response_id: str, request: Request) -> ResponseObject:
+    return get_response(state_of(request), response_id)
+
+
+def require_anthropic_api_key(request: Request, x_api_key: str | None = Header(
+        None, description="The API key, as Anthropic's clients send it (Authorization: Bearer works too)."),
+        authorization: str | None = Header(None)) -> None:
+    expected = state_of(request).api_key
+    if expected is None:
+        return
+    scheme, _, bearer = (authorization or "").partition(" ")
+    given = x_api_key if x_api_key is not None else bearer if scheme.lower() == "bearer" else ""
+    if not secrets.compare_digest(given.strip().encode(), expected.encode()):
+        raise APIError(401, "a valid API key is required: send the header 'x-api-key: <key>' "
+                            "(or 'Authorization: Bearer <key>')", code="invalid_api_key")
+
+
+anthropic = APIRouter(route_class=AnthropicRoute, dependencies=[Depends(require_anthropic_api_key)],
+                      tags=["Anthropic Messages"],
+                      responses={status: {"model": AnthropicError} for status in (400, 401, 404, 429, 503)})
+
+
+@anthropic.post("/v1/messages", response_model=MessagesResponse,
+                summary="Anthropic's Messages API: system + messages in, one text block out",
+                responses={200: {**_STREAM, "description": _EVENTS.format(
+                    "message_start, content_block_start, ping, content_block_delta ..., content_block_stop, "
+                    "message_delta, message_stop")}})
+async def messages(body: MessagesRequest, request: Request) -> MessagesResponse | StreamingResponse:
+    return await create_message(state_of(request), body, request)
+
+
+router.include_router(anthropic)

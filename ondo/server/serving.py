@@ -26,9 +26,13 @@ T = TypeVar("T")
 class ServerState:
     """The engine, its metrics and the serving options; shared by every route."""
 
-    def __init__(self, engine: AsyncEngine, served_model_name: str | None, api_key: str | None) -> None:
+    def __init__(self, engine: AsyncEngine, served_model_name: str | None, api_key: str | None,
+                 tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> None:
         self.engine = engine
         self.api_key = api_key
+        # Chat answers: None / "auto" = chosen from the chat template, "none" = off (see serving_chat.py).
+        self.tool_call_parser = tool_call_parser
+        self.reasoning_parser = reasoning_parser
         self._served_model_name = served_model_name
         self.metrics = ServerMetrics(engine.stats)
 

@@ -1,4 +1,8 @@
-"""POST /v1/chat/completions: the conversation goes through the model's chat template."""
+"""POST /v1/chat/completions: the conversation goes through the model's chat template.
+
+With tools, or a model that thinks aloud, each answer goes through an `AnswerParser`
+(chat_output.py) that splits it into reasoning_content, content and tool_calls, whole or streamed.
+"""
 from __future__ import annotations
 
 import time
@@ -9,9 +13,14 @@ from fastapi.responses import StreamingResponse
 
 from ondo.outputs import RequestOutput
 from ondo.server.errors import bad_request
-from ondo.server.params import chat_prompt_ids, check_context, check_supported, sampling_params
+from ondo.server.chat_output import AnswerParser
+from ondo.server.params import (chat_prompt_ids, check_context, check_supported, sampling_params,
+                                structured_outputs)
 from ondo.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest,
                                   ChatCompletionResponse, ChatLogprobs)
+from ondo.server.reasoning import reasoning_parser_for
+from ondo.server.tool_choice import plan_tools
+from ondo.server.tool_parsers import detect_tool_parser
 from ondo.server.serving import (SSE_DONE, Job, ServerState, chat_logprob_entries, collect_finals,
                                  finish_reason_of, job_outputs, new_id, positions, sse, sse_error,
                                  start_job, until_disconnected)
@@ -30,15 +39,28 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     max_tokens_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    tokenizer = state.tokenizer
+    parser_name = getattr(state, "tool_call_parser", None)
+    if parser_name in (None, "auto"):
+        parser_name = detect_tool_parser(tokenizer.chat_template)
+    plan = plan_tools(body, tokenizer.chat_template, parser_name)
+    if plan.structured is not None and structured_outputs(body) is not None:
+        raise bad_request("tool_choice required or a named function is enforced by a grammar and cannot be "
+                          "combined with response_format or guided_*", "tool_choice")
     # max_tokens None = up to the end of the context, as OpenAI does for chat.
     params = sampling_params(body, max_tokens=max_tokens, max_tokens_field=max_tokens_field,
                              logprobs=top_logprobs, logprobs_field="top_logprobs",
-                             vocab_size=state.engine.engine.vocab_size)
-    prompt_ids = chat_prompt_ids(body, state.tokenizer)
+                             vocab_size=state.engine.engine.vocab_size, structured=plan.structured)
+    prompt_ids = chat_prompt_ids(body, tokenizer, plan)
     check_context(len(prompt_ids), max_tokens, state.max_model_len, "messages", max_tokens_field)
+    # A grammar shapes the answer from its first token: there is no thinking to split off then.
+    reasoning = None if params.structured_outputs is not None else reasoning_parser_for(
+        getattr(state, "reasoning_parser", None), tokenizer.chat_template, body.chat_template_kwargs,
+        tokenizer.decode(prompt_ids[-8:], skip_special_tokens=False))
+    parsers = [AnswerParser(reasoning, plan.parser) for _ in range(params.n)]
     job = await start_job(state, new_id("chatcmpl"), [(None, prompt_ids)], params)
     if body.stream:
-        return StreamingResponse(_stream(state, job, body, top_logprobs), media_type="text/event-stream")
+        return StreamingResponse(_stream(state, job, body, top_logprobs, parsers), media_type="text/event-stream")
     finals = await until_disconnected(raw_request, collect_finals(state, job))
     final = finals.get(job.streams[0].request_id)
     choices = []
@@ -47,14 +69,21 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
         if top_logprobs is not None:
             items = positions(completion, 0, len(completion.token_ids))
             logprobs = ChatLogprobs(content=chat_logprob_entries(items, top_logprobs, state.tokenizer))
-        choices.append(ChatChoice(index=completion.index, message=AssistantMessage(content=completion.text),
-                                  logprobs=logprobs, finish_reason=finish_reason_of(completion),
+        parser = parsers[completion.index]
+        fields = parser.message(completion.text) if parser.active else {"content": completion.text}
+        choices.append(ChatChoice(index=completion.index, message=AssistantMessage(**fields), logprobs=logprobs,
+                                  finish_reason=_finish_reason(completion, bool(fields.get("tool_calls"))),
                                   stop_reason=completion.stop_reason))
     return ChatCompletionResponse(id=job.response_id, model=job.model, choices=choices, usage=job.usage(finals))
 
 
+def _finish_reason(completion, called_tools: bool) -> str:
+    reason = finish_reason_of(completion)
+    return "tool_calls" if called_tools and reason == "stop" else reason
+
+
 async def _stream(state: ServerState, job: Job, body: ChatCompletionRequest,
-                  top_logprobs: int | None) -> AsyncIterator[str]:
+                  top_logprobs: int | None, parsers: list[AnswerParser]) -> AsyncIterator[str]:
     created = int(time.time())
     tokenizer = state.engine.engine.tokenizer
     finished: set[int] = set()
@@ -87,10 +116,21 @@ async def _stream(state: ServerState, job: Job, body: ChatCompletionRequest,
                     end = len(completion.token_ids)
                     items = positions(completion, end - len(completion.token_ids_delta), end)
                     logprobs = chat_logprob_entries(items, top_logprobs, tokenizer)
-                delta = {"content": completion.text_delta} if completion.text_delta else {}
+                parser = parsers[completion.index]
+                if not parser.active:
+                    deltas = [{"content": completion.text_delta}] if completion.text_delta else []
+                else:
+                    deltas = parser.deltas(completion.text, completion.finished)
+                finish_reason = None
                 if completion.finished:
                     finished.add(completion.index)
-                yield chunk(completion.index, delta, logprobs, completion.finish_reason, completion.stop_reason)
+                    finish_reason = _finish_reason(completion, parser.called_tools)
+                if not deltas and finish_reason is None and logprobs is None:
+                    continue   # the parser holds back a tag that may still be forming
+                for i, delta in enumerate(deltas or [{}]):
+                    last = i == max(len(deltas), 1) - 1
+                    yield chunk(completion.index, delta, logprobs if i == 0 else None,
+                                finish_reason if last else None, completion.stop_reason if last else None)
         for index in range(job.params.n):
             if index not in finished:  # ended without finishing: the server is shutting down
                 yield chunk(index, {}, None, "abort")

@@ -69,3 +69,36 @@ def test_prefix_caching_off_never_matches():
     first.num_computed_tokens = 12
     manager.cache_full_blocks(first)
     assert manager.match_prefix(make_request(range(12), "b")) == 0
+
+
+def test_grow_lazily_reuses_freed_blocks_before_unused_ones():
+    manager = BlockManager(num_blocks=8, block_size=4, grow_lazily=True)
+    first = make_request(list(range(8)))
+    assert manager.allocate(first, 8) and first.block_table == [0, 1]
+    manager.free(first)
+    second = make_request(list(range(100, 112)))
+    assert manager.allocate(second, 12)
+    # the two blocks already written are handed out again before block 2 is touched
+    assert sorted(second.block_table) == [0, 1, 2] and manager.num_free_blocks == 5
+    manager.free(second)
+    assert manager.num_free_blocks == 8
+
+
+def test_cpu_kv_cache_commits_memory_only_when_written():
+    import torch
+
+    from ondo.engine.model_runner import KVCacheSpec, _allocate_kv_caches
+
+    spec = KVCacheSpec(num_layers=4, num_kv_heads=4, head_dim=64, dtype=torch.float32)
+    before = _resident_kib()
+    caches = _allocate_kv_caches((2, 4096, 16, 4, 64), spec, torch.device("cpu"))  # 256 MiB per layer
+    assert int(torch.count_nonzero(caches[3][1, -64:])) == 0                         # reads as zeros
+    grown = _resident_kib() - before
+    assert grown < 64 * 1024, f"{grown} KiB resident after allocating 1 GiB of cache"
+    caches[1][0, :64].fill_(1.0)                                                     # 64 blocks written
+    assert _resident_kib() - before >= grown + 500
+
+
+def _resident_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))

@@ -1,5 +1,8 @@
 """The real GGUF models generate what transformers generates from the same file (dequantized, float32).
 
+ondo runs the file dequantized too (`quantization="none"`), the path transformers takes; that the packed
+path equals this one is tests/layers/test_gguf_packed.py's job.
+
 A divergence is allowed only at a near-tie that the test proves: transformers' top-2 logits at that
 position differ by less than 1e-3; the tokens after it are not compared.
 """
@@ -51,7 +54,7 @@ def assert_same_greedy(ours: list[int], prompt_ids: list[int], reference) -> Non
 @pytest.fixture(scope="module")
 def smollm2():
     path = smollm2_gguf_path()
-    return LLM(str(path), dtype="float32"), transformers_model(path)
+    return LLM(str(path), dtype="float32", quantization="none"), transformers_model(path)
 
 
 def test_builtin_model_answers_paris():
@@ -86,7 +89,7 @@ def test_streamed_korean_on_the_real_model(smollm2):
 
 def test_gemma3_base_model_greedy_matches_transformers():
     path = gemma3_gguf_path()
-    llm, reference = LLM(str(path), dtype="float32"), transformers_model(path)
+    llm, reference = LLM(str(path), dtype="float32", quantization="none"), transformers_model(path)
     assert llm.tokenizer.chat_template is None
     for prompt in RAW_PROMPTS:
         prompt_ids = llm.tokenizer.encode(prompt)

@@ -19,6 +19,7 @@ class FakeRequest:
     stop_token_ids: frozenset[int] = frozenset()
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     min_tokens: int = 0
+    structured: object | None = None  # a GrammarState when the output is constrained
 
     @property
     def num_output_tokens(self) -> int:

@@ -104,9 +104,7 @@ def test_chat_template_kwargs_cannot_override_request_fields(tiny_server):
                  "chat_template_kwargs must not set 'add_generation_prompt'", param="chat_template_kwargs")
 
 
-@pytest.mark.parametrize("field, value", [
-    ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("response_format", {"type": "json_object"}),
+@pytest.mark.parametrize("field, value", [   # tools and response_format are served: test_tools_server.py
     ("functions", [{"name": "f"}]),
     ("audio", {"voice": "alloy"}),
 ])

@@ -58,7 +58,11 @@ async function run(path, body, view) {
     if (!body.stream) {
       const payload = await response.json();
       firstTokenAt = performance.now();
-      for (const choice of payload.choices) view.append(choice.index, choice.message ? choice.message.content : choice.text, choice.finish_reason);
+      for (const choice of payload.choices) {
+        if (choice.message && choice.message.reasoning_content) view.reason(choice.index, choice.message.reasoning_content);
+        view.append(choice.index, choice.message ? choice.message.content || toolCallsText(choice.message.tool_calls) : choice.text,
+                    choice.finish_reason);
+      }
       usage = payload.usage;
     } else {
       for await (const data of sseData(response)) {
@@ -67,7 +71,8 @@ async function run(path, body, view) {
         if (chunk.error) { showBanner(chunk.error.message); break; }
         if (chunk.usage) usage = chunk.usage;
         for (const choice of chunk.choices || []) {
-          const text = choice.delta ? choice.delta.content : choice.text;
+          if (choice.delta && choice.delta.reasoning_content) view.reason(choice.index, choice.delta.reasoning_content);
+          const text = choice.delta ? choice.delta.content || toolCallsText(choice.delta.tool_calls) : choice.text;
           if (text && firstTokenAt === null) firstTokenAt = performance.now();
           if (text) chunks += 1;
           view.append(choice.index, text || "", choice.finish_reason);
@@ -99,6 +104,11 @@ function setBusy(busy) {
   $("stop").disabled = !busy;
 }
 
+// Tool calls shown as text: a call's name when it starts, then its argument chunks.
+function toolCallsText(calls) {
+  return (calls || []).map((call) => (call.function.name ? `${call.function.name}(` : "") + (call.function.arguments || "")).join("");
+}
+
 // A reply area holding one block per choice; text goes in with append(), which never parses HTML.
 function replyView(container) {
   const choices = new Map();
@@ -108,13 +118,15 @@ function replyView(container) {
       const element = document.createElement("div");
       element.className = "choice";
       element.dataset.index = String(index);
+      const reasoning = document.createElement("span");
+      reasoning.className = "reasoning";
       const content = document.createElement("span");
       content.className = "content";
       const finish = document.createElement("span");
       finish.className = "finish";
-      element.append(content, finish);
+      element.append(reasoning, content, finish);
       container.append(element);
-      choices.set(index, { element, content, finish, text: "" });
+      choices.set(index, { element, reasoning, content, finish, text: "" });
     }
     return choices.get(index);
   };
@@ -126,6 +138,7 @@ function replyView(container) {
       if (finishReason) choice.finish.textContent = finishReason === "length" ? "max length reached" : finishReason === "stop" ? "" : finishReason;
       container.scrollIntoView({ block: "end" });
     },
+    reason(index, text) { block(index).reasoning.append(text); },  // the model's <think> part, shown muted
     fail() { container.classList.add("failed"); },
     done(stopped) {
       container.classList.remove("streaming");

@@ -24,9 +24,12 @@ const FIELDS = [
   { name: "logit_bias", label: "Logit bias", kind: "json", placeholder: '{"token id": bias in [-100, 100]}' },
   { name: "ignore_eos", label: "Ignore EOS", kind: "bool", checked: false },
   { name: "skip_special_tokens", label: "Skip special tokens", kind: "bool", checked: true },
+  { name: "json_schema", label: "JSON schema (structured output)", kind: "schema",
+    placeholder: '{"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}' },
 ];
 // Server error params that belong to another element than a field of the same name.
-const PARAM_TARGETS = { max_completion_tokens: "max_tokens", messages: "messages", prompt: "prompt" };
+const PARAM_TARGETS = { max_completion_tokens: "max_tokens", messages: "messages", prompt: "prompt",
+                        response_format: "json_schema" };
 
 const $ = (id) => document.getElementById(id);
 const fieldRanges = {};  // field name -> {minimum, exclusiveMinimum, maximum, exclusiveMaximum, not}
@@ -65,9 +68,9 @@ function buildFields() {
       input = document.createElement("input");
       input.type = "checkbox";
       input.checked = field.checked;
-    } else if (field.kind === "stops" || field.kind === "json") {
+    } else if (field.kind === "stops" || field.kind === "json" || field.kind === "schema") {
       input = document.createElement("textarea");
-      input.rows = 2;
+      input.rows = field.kind === "schema" ? 4 : 2;
     } else {
       input = document.createElement("input");
       input.type = "text";
@@ -119,6 +122,7 @@ function parseField(field) {
     const value = JSON.parse(raw);
     if (value && typeof value === "object" && !Array.isArray(value)) return [value, null];
   } catch (_) { /* reported below */ }
+  if (field.kind === "schema") return [undefined, `${name} must be a JSON schema object, like {"type": "object"}`];
   return [undefined, `${name} must be a JSON object of token id -> bias, like {"13": -100}`];
 }
 
@@ -133,6 +137,10 @@ function collectOptions() {
   if (options.min_tokens !== undefined && options.max_tokens !== undefined && options.min_tokens > options.max_tokens) {
     showFieldError("min_tokens", `min_tokens (${options.min_tokens}) must be <= max_tokens (${options.max_tokens})`);
     valid = false;
+  }
+  if (options.json_schema !== undefined) {  // sent as OpenAI's response_format; the server compiles it
+    options.response_format = { type: "json_schema", json_schema: { name: "playground", schema: options.json_schema } };
+    delete options.json_schema;
   }
   return valid ? options : null;
 }

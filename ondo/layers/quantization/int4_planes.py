@@ -1,0 +1,204 @@
+"""Weights kept as planes of 4-bit codes: the storage behind GGUF blocks, int4 and int4 checkpoints.
+
+Every format here is *affine per group*: along each row, a group of `group` weights shares a scale
+and a minimum, w = scale * code + minimum, with integer codes of `bits` bits. Such a matrix is exactly
+a sum of 4-bit planes, code = sum_p 16^p * code_p, so a 5-, 6- or 8-bit format (Q5_K, Q6_K, Q8_0) is
+two int4 matrices side by side along K multiplied by [x, x]: one kernel call, no rounding.
+
+Storage (`Int4Planes`):
+- `qweight` uint8 [N_pad, P * K_eff / 2]: torch's CPU int4 tile layout (tiles of 64 rows; the byte at
+  [tile, k, d] holds row d in its low nibble and row d + 32 in its high one). N is padded to 64.
+- `scales_and_zeros` [P * K_eff / g, N_pad, 2] in the run dtype: w = (code_p - 8) * scale_p + zero_p.
+- Groups of 16 (Q6_K) are padded to 32 with zero inputs, so K_eff = 2K for them, else K.
+
+Kernels (`apply`): on the CPU, torch's fused int4 kernel (`aten._weight_int4pack_mm_for_cpu`) reads
+the packed bytes directly, for every batch size (fast for bfloat16/float16 activations, exact but
+slow for float32). On a GPU the same layout
+is read by a Triton kernel (`int4_triton.py`) for every batch size, inside the CUDA graphs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ondo.layers.linear import Linear, LinearMethod
+
+TILE_N = 64
+KERNEL_GROUPS = (32, 64, 128, 256)
+# Largest batch the int4 kernels serve (benchmarks/int4_kernel.py): on the CPU, torch's kernel costs
+# about twice a bfloat16 GEMM per row at any batch, while dequantizing the matrix per call costs far
+# more below a few hundred rows, so it serves every batch; that also keeps a prefix-cache hit (one
+# row) on the same arithmetic as the full prefill. The GPU path picks its own kernel by batch.
+CPU_KERNEL_MAX_TOKENS = 1 << 30
+GPU_KERNEL_MAX_TOKENS = 1 << 30
+
+
+@dataclass
+class AffineCodes:
+    """w[n, k] = scale[n, k // group] * codes[n, k] + minimum[n, k // group]."""
+
+    codes: torch.Tensor      # uint8 [N, K], each < 2 ** bits
+    scale: torch.Tensor      # float32 [N, K // group]
+    minimum: torch.Tensor    # float32 [N, K // group]
+    group: int
+    bits: int
+
+    def dequantize(self) -> torch.Tensor:
+        groups = self.codes.float().view(self.codes.shape[0], -1, self.group)        # [N, G, group]
+        return (groups * self.scale[..., None] + self.minimum[..., None]).flatten(1)  # [N, K] float32
+
+    def regroup(self, group: int) -> "AffineCodes":
+        """The same weights described with smaller groups (each scale repeated)."""
+        if group == self.group:
+            return self
+        repeat = self.group // group
+        return AffineCodes(self.codes, self.scale.repeat_interleave(repeat, 1),
+                           self.minimum.repeat_interleave(repeat, 1), group, self.bits)
+
+
+def concat_rows(parts: list[AffineCodes]) -> AffineCodes:
+    """Stack shards (q/k/v, gate/up) that may come in different formats into one matrix."""
+    group, bits = min(p.group for p in parts), max(p.bits for p in parts)
+    parts = [p.regroup(group) for p in parts]
+    return AffineCodes(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+                       torch.cat([p.minimum for p in parts]), group, bits)
+
+
+def pack_tiles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] (N a multiple of 64, each < 16) -> torch's CPU int4 tile layout [N, K / 2]."""
+    n, k = codes.shape
+    tiles = codes.view(n // TILE_N, TILE_N, k).transpose(1, 2)                      # [N/64, K, 64]
+    return (tiles[..., :32] | (tiles[..., 32:] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_tiles(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_tiles`: [N, K / 2] -> uint8 codes [N, K]."""
+    n, half = packed.shape
+    tiles = packed.view(n // TILE_N, 2 * half, 32)                                  # [N/64, K, 32]
+    codes = torch.cat([tiles & 15, tiles >> 4], dim=2)                              # [N/64, K, 64]
+    return codes.transpose(1, 2).reshape(n, 2 * half)
+
+
+class Int4PlanesMethod(LinearMethod):
+    """Storage and kernels of affine-per-group weights; subclasses turn their input into `AffineCodes`."""
+
+    name = "int4-planes"
+
+    def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
+        layer.run_dtype, layer.run_device = dtype, torch.get_default_device()
+        layer.staged = []                                   # (rows, AffineCodes | dense tensor) until loaded
+
+    def load_weight(self, layer: Linear, tensor, rows: slice) -> None:
+        layer.staged.append((rows, self.to_codes(layer, tensor)))
+
+    def to_codes(self, layer: Linear, tensor) -> AffineCodes:
+        raise NotImplementedError
+
+    def finish_loading(self, layer: Linear) -> None:
+        staged = sorted(layer.staged, key=lambda item: item[0].start)
+        covered = sum(rows.stop - rows.start for rows, _ in staged)
+        if covered != layer.out_features:
+            raise ValueError(f"{covered} of {layer.out_features} output rows were loaded")
+        self.store(layer, concat_rows([codes for _, codes in staged]))
+        del layer.staged
+
+    def store(self, layer: Linear, affine: AffineCodes) -> None:
+        n = affine.codes.shape[0]
+        padded16 = affine.group == 16
+        if padded16:                               # pad each group of 16 to 32 with dummy codes
+            affine = _pad_groups_to_32(affine)
+        elif affine.group not in KERNEL_GROUPS:
+            raise ValueError(f"group size must be 16, 32, 64, 128 or 256, got {affine.group}")
+        planes = math.ceil(affine.bits / 4)
+        if planes == 1:
+            codes, scales, zeros = [affine.codes], [affine.scale], [8 * affine.scale + affine.minimum]
+        else:
+            # Wider codes are centred and split into signed 4-bit digits, c - 2^(b-1) = 16 h + l, stored
+            # as l and h + 8, so every zero but the first is 0 and the first stays small: a bfloat16
+            # zero then rounds by a fraction of one step, not of the whole offset.
+            centred = affine.codes.to(torch.int16) - 2 ** (affine.bits - 1)
+            codes = [(centred & 15).to(torch.uint8), ((centred >> 4) + 8).to(torch.uint8)]
+            scales = [affine.scale, affine.scale * 16]
+            zeros = [(8 + 2 ** (affine.bits - 1)) * affine.scale + affine.minimum, torch.zeros_like(affine.scale)]
+        n_pad = -(-n // TILE_N) * TILE_N
+        codes_all = F.pad(torch.cat(codes, dim=1), (0, 0, 0, n_pad - n))            # [N_pad, P*K_eff]
+        sz = torch.stack([torch.cat(scales, 1), torch.cat(zeros, 1)], dim=-1)      # [N, P*G, 2]
+        sz = F.pad(sz, (0, 0, 0, 0, 0, n_pad - n)).transpose(0, 1).contiguous()    # [P*G, N_pad, 2]
+        device = layer.run_device
+        layer.register_buffer("qweight", pack_tiles(codes_all).to(device), persistent=False)
+        layer.register_buffer("scales_and_zeros", sz.to(device=device, dtype=layer.run_dtype), persistent=False)
+        layer.planes, layer.group, layer.padded16 = planes, affine.group, padded16
+        layer.k_eff = codes_all.shape[1] // planes
+
+    def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if self._use_kernel(x):
+            if x.is_cuda:
+                from ondo.layers.quantization.int4_triton import int4_tiles_mm
+
+                out = int4_tiles_mm(self._kernel_input(layer, x), layer.qweight, layer.scales_and_zeros, layer.group)
+            else:
+                out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    self._kernel_input(layer, x), layer.qweight, layer.group, layer.scales_and_zeros)
+            out = out[:, :layer.out_features]                                     # [T, out]
+        else:  # float32 on a GPU, other devices: dequantize a few thousand rows at a time
+            out = torch.cat([F.linear(x, self.dense_weight(layer, rows).to(x.dtype))  # [T, out]
+                             for rows in _row_chunks(layer.out_features)], dim=1)
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*shape[:-1], layer.out_features)
+
+    @staticmethod
+    def _use_kernel(x: torch.Tensor) -> bool:
+        if x.is_cuda:
+            return x.dtype in (torch.bfloat16, torch.float16) and x.shape[0] <= GPU_KERNEL_MAX_TOKENS
+        return x.device.type == "cpu" and x.shape[0] <= CPU_KERNEL_MAX_TOKENS
+
+    def _kernel_input(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if layer.padded16:
+            x = F.pad(x.view(x.shape[0], -1, 16), (0, 16)).flatten(1)              # [T, K_eff]
+        return x.repeat(1, layer.planes) if layer.planes > 1 else x.contiguous()   # [T, P*K_eff]
+
+    def dense_weight(self, layer: Linear, rows: slice | None = None) -> torch.Tensor:
+        """Dequantized rows [n, K] in float32 (all output rows by default)."""
+        rows = rows or slice(0, layer.out_features)
+        tiles = slice(rows.start, -(-rows.stop // TILE_N) * TILE_N)                 # whole tiles only
+        dense = self._rows(layer, unpack_tiles(layer.qweight[tiles]), layer.scales_and_zeros[:, tiles])
+        return dense[:rows.stop - rows.start]
+
+    def embed(self, layer: Linear, token_ids: torch.Tensor) -> torch.Tensor:
+        # Row n sits in tile n // 64 at byte column n % 32 of every k (low nibble for n % 64 < 32).
+        # index_select, not advanced indexing: the latter costs milliseconds per call on a CPU.
+        k_total = layer.qweight.shape[1] * 2
+        tile, d = token_ids // TILE_N, token_ids % TILE_N
+        offsets = (tile * k_total * 32 + d % 32)[:, None] + torch.arange(k_total, device=token_ids.device) * 32
+        packed = layer.qweight.view(-1).index_select(0, offsets.flatten()).view(-1, k_total)  # [T, P*K_eff]
+        codes = torch.where((d < 32)[:, None], packed & 15, packed >> 4)
+        sz = layer.scales_and_zeros.index_select(1, token_ids)
+        return self._rows(layer, codes, sz).to(layer.run_dtype)
+
+    def _rows(self, layer: Linear, codes: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+        """Dequantize code rows [R, P*K_eff] with their scales/zeros [P*G, R, 2] -> [R, K]."""
+        rows = codes.shape[0]
+        groups = codes.view(rows, -1, layer.group).float()                           # [R, P*G, g]
+        scale, zero = sz[..., 0].t().float()[..., None], sz[..., 1].t().float()[..., None]  # [R, P*G, 1]
+        w = ((groups - 8) * scale + zero).view(rows, layer.planes, layer.k_eff)     # [R, P, K_eff]
+        w = w.sum(1) if layer.planes > 1 else w[:, 0]                                # [R, K_eff]
+        if layer.padded16:
+            w = w.view(rows, -1, 32)[..., :16].flatten(1)                            # [R, K]
+        return w
+
+
+def _row_chunks(rows: int, chunk: int = 4096):
+    """Output rows in tiles-aligned chunks, so dequantizing a large matrix needs little scratch memory."""
+    return [slice(start, min(start + chunk, rows)) for start in range(0, rows, chunk)]
+
+
+def _pad_groups_to_32(affine: AffineCodes) -> AffineCodes:
+    n = affine.codes.shape[0]
+    codes = F.pad(affine.codes.view(n, -1, 16), (0, 16)).flatten(1)                 # [N, 2K]
+    return AffineCodes(codes, affine.scale, affine.minimum, 32, affine.bits)

@@ -1,0 +1,119 @@
+"""GGUF weights kept packed: exact block decoding, the packed linear kernels, and whole models whose
+greedy output equals the same file dequantized (the reference path, `quantization="none"`)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf.quants import dequantize, quantize
+
+from ondo import LLM, SamplingParams
+from ondo.layers.linear import Linear, linear_method_scope
+from ondo.layers.quantization.gguf_blocks import PACKED_TYPES, GGUFBlocks, GGUFLinearMethod, decode_blocks
+from tests.tokenizer.model_files import gemma3_gguf_path, smollm2_gguf_path
+
+
+def random_blocks(kind: T, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Blocks of `kind` for an [n, k] matrix: quantized by gguf-py where it can, else random bytes
+    with sane float16 scales (gguf-py has no K-quant quantizer)."""
+    rng = np.random.default_rng(seed)
+    try:
+        return quantize(rng.standard_normal((n, k)).astype(np.float32), kind)
+    except NotImplementedError:
+        elems, size = GGML_QUANT_SIZES[kind]
+        raw = rng.integers(0, 256, (n, k // elems * size), dtype=np.uint8)
+        blocks = raw.reshape(n, k // elems, size)
+        fields = {T.Q4_K: [(0, 0.01), (2, 0.02)], T.Q5_K: [(0, 0.01), (2, 0.02)], T.Q6_K: [(208, 0.003)]}[kind]
+        for offset, value in fields:
+            blocks[..., offset:offset + 2] = np.frombuffer(np.float16(value).tobytes(), np.uint8)
+        return raw
+
+
+def packed_linear(raw: np.ndarray, kind: T, n: int, k: int, dtype: torch.dtype) -> Linear:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with linear_method_scope(lambda layer: GGUFLinearMethod()):
+            layer = Linear(k, n)
+    finally:
+        torch.set_default_dtype(previous)
+    layer.load("weight", GGUFBlocks(kind, (n, k), raw))
+    layer.finish_loading()
+    return layer
+
+
+@pytest.mark.parametrize("kind", PACKED_TYPES, ids=lambda t: t.name)
+def test_blocks_decode_exactly_like_gguf_py(kind):
+    raw = random_blocks(kind, 8, 512)
+    reference = dequantize(raw, kind).reshape(8, 512)
+    np.testing.assert_array_equal(decode_blocks(GGUFBlocks(kind, (8, 512), raw)).dequantize().numpy(), reference)
+
+
+@pytest.mark.parametrize("kind", PACKED_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("num_tokens", [1, 40])   # the int4 kernel and the dequantize + GEMM path
+def test_packed_linear_matches_dequantized(kind, num_tokens):
+    n, k = 96, 512                        # 96 rows: the last 64-row tile is padded
+    raw = random_blocks(kind, n, k, seed=1)
+    weight = torch.from_numpy(dequantize(raw, kind).reshape(n, k))
+    x = torch.randn(num_tokens, k, generator=torch.Generator().manual_seed(0))
+    exact = packed_linear(raw, kind, n, k, torch.float32)
+    torch.testing.assert_close(exact(x), x @ weight.t(), rtol=1e-4, atol=1e-3)   # summation order only
+    half = packed_linear(raw, kind, n, k, torch.bfloat16)
+    reference = x.bfloat16().float() @ weight.t()
+    error = (half(x.bfloat16()).float() - reference).abs().max() / reference.abs().max()
+    assert error < 1e-2, f"bfloat16 relative error {error:.2e}"
+    ids = torch.tensor([0, 31, 32, 63, 64, 95])
+    torch.testing.assert_close(exact.method.embed(exact, ids), weight[ids], rtol=0, atol=0)
+
+
+def test_packed_model_memory_is_the_file_size():
+    path = smollm2_gguf_path()
+    llm = LLM(str(path), max_model_len=256)
+    model = llm.engine.model
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert weight_bytes < 1.1 * path.stat().st_size, (weight_bytes, path.stat().st_size)
+
+
+PROMPTS = ["The history of the Roman Empire", "def fibonacci(n):", "Once upon a time, in a small village,",
+           "The three primary colors are", "Water boils at"]
+NEW_TOKENS = 64
+
+
+def greedy(llm: LLM, logprobs: int):
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=logprobs)
+    return [out.outputs[0] for out in llm.generate(PROMPTS, params)]
+
+
+def assert_packed_equals_dequantized(path, dtype: str):
+    """Greedy tokens of the packed model equal the dequantized model's. A divergence is allowed only at
+    a proven near-tie: the reference's top-2 log-probabilities there differ by less than twice the
+    largest log-probability difference the two models showed on the tokens they agreed on."""
+    packed = greedy(LLM(str(path), dtype=dtype, max_model_len=256), logprobs=1)
+    reference = greedy(LLM(str(path), dtype=dtype, quantization="none", max_model_len=256), logprobs=2)
+    largest, divergences = 0.0, []
+    for ours, ref in zip(packed, reference):
+        agreed = 0
+        for position, (mine, theirs) in enumerate(zip(ours.token_ids, ref.token_ids)):
+            if mine != theirs:
+                divergences.append((ref.logprobs[position], mine))
+                break
+            largest = max(largest, abs(ours.logprobs[position][mine].logprob - ref.logprobs[position][mine].logprob))
+            agreed += 1
+        print(f"{path.name} {dtype}: {agreed}/{NEW_TOKENS} tokens agree on {ref.text[:30]!r}")
+    print(f"{path.name} {dtype}: largest log-probability difference {largest:.4f}")
+    for position_logprobs, mine in divergences:
+        top2 = sorted((lp.logprob for lp in position_logprobs.values()), reverse=True)[:2]
+        gap = top2[0] - top2[1]
+        assert gap < 2 * largest and mine in position_logprobs, f"diverged with a top-2 gap of {gap:.4f}"
+    assert largest < (1e-3 if dtype == "float32" else 0.25)
+
+
+@pytest.mark.slow
+def test_builtin_model_packed_equals_dequantized():
+    assert_packed_equals_dequantized(smollm2_gguf_path(), "bfloat16")
+
+
+@pytest.mark.slow
+def test_gemma3_packed_equals_dequantized():
+    assert_packed_equals_dequantized(gemma3_gguf_path(), "bfloat16")

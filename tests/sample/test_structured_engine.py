@@ -1,0 +1,120 @@
+"""Structured output through the engine, on a tiny random-weight model over the real SmolLM2
+tokenizer: its free text is noise, so every valid output below is the grammar's doing."""
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from ondo import LLM, SamplingParams, SamplingParamsError
+from ondo.engine.async_decode import DecodeOverlap
+from ondo.engine.engine import RequestError
+from ondo.sampling_params import StructuredOutputsParams
+
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 6},
+    "age": {"type": "integer", "minimum": 0, "maximum": 99},
+    "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "minItems": 1, "maxItems": 2}},
+    "required": ["name", "age", "tags"]}
+PROMPTS = ["Tell me about Bob.", "Give me JSON:", "x"]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_with_tokenizer):
+    return LLM(str(tiny_llama_with_tokenizer[0]))
+
+
+def params(constraint: StructuredOutputsParams, **options) -> SamplingParams:
+    return SamplingParams(**{"max_tokens": 64, **options}, structured_outputs=constraint)
+
+
+def texts(outputs) -> list[list[str]]:
+    return [[c.text for c in o.outputs] for o in outputs]
+
+
+def test_every_output_follows_its_schema_greedy_sampled_and_siblings(llm):
+    json_schema = StructuredOutputsParams(json=SCHEMA)
+    outputs = llm.generate(PROMPTS, [params(json_schema, temperature=0),
+                                     params(json_schema, temperature=1.0, seed=7, n=2, best_of=3),
+                                     params(json_schema, temperature=1.3, n=3)])
+    completions = [c for o in outputs for c in o.outputs]
+    assert len(completions) == 6
+    for completion in completions:
+        assert completion.finish_reason == "stop", completion.text
+        jsonschema.validate(json.loads(completion.text), SCHEMA)
+    assert len({c.text for c in completions}) > 1   # siblings follow their own matchers
+    assert llm.engine.grammars.misses >= 1 and llm.engine.grammars.hits >= 5   # compiled once, shared
+
+
+def test_regex_choice_grammar_and_json_object(llm):
+    constraints = [StructuredOutputsParams(regex=r"[A-Z][a-z]{2,5}-[0-9]{3}"),
+                   StructuredOutputsParams(choice=["Paris", "London", "서울"]),
+                   StructuredOutputsParams(grammar='root ::= "(" item ("," item)* ")"\nitem ::= [0-9]'),
+                   StructuredOutputsParams(json_object=True)]
+    outputs = llm.generate(["a", "b", "c", "d"], [params(c, temperature=0.8, seed=1, max_tokens=200)
+                                                  for c in constraints])
+    regex_out, choice_out, grammar_out, object_out = (o.outputs[0] for o in outputs)
+    assert re.fullmatch(r"[A-Z][a-z]{2,5}-[0-9]{3}", regex_out.text)
+    assert choice_out.text in ("Paris", "London", "서울")
+    assert re.fullmatch(r"\([0-9](,[0-9])*\)", grammar_out.text)
+    if object_out.finish_reason == "stop":   # an open-ended object may run to max_tokens on noise
+        assert isinstance(json.loads(object_out.text), dict)
+    else:
+        assert object_out.text.startswith("{")
+
+
+def test_the_request_ends_when_the_grammar_does_even_with_ignore_eos(llm):
+    out = llm.generate("q", params(StructuredOutputsParams(choice=["yes", "no"]), temperature=0,
+                                   ignore_eos=True, max_tokens=50))[0].outputs[0]
+    assert out.text in ("yes", "no") and out.finish_reason == "stop"
+    assert len(out.token_ids) <= 3   # the answer's tokens and the stop token, no more
+
+
+def test_min_tokens_cannot_push_past_the_end_of_the_grammar(llm):
+    out = llm.generate("q", params(StructuredOutputsParams(choice=["yes", "no"]), temperature=0,
+                                   min_tokens=10))[0].outputs[0]
+    assert out.text in ("yes", "no") and out.finish_reason == "stop"
+
+
+def test_stop_strings_and_streaming_deltas(llm):
+    engine = llm.engine
+    constraint = StructuredOutputsParams(json=SCHEMA)
+    engine.add_request("streamed", "Bob:", params(constraint, temperature=0))
+    engine.add_request("stopped", "Bob:", params(constraint, temperature=0, stop=['"age"']))
+    streamed, final = {}, {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            streamed[output.request_id] = streamed.get(output.request_id, "") + output.outputs[0].text_delta
+            final[output.request_id] = output.outputs[0]
+    assert streamed["streamed"] == final["streamed"].text
+    jsonschema.validate(json.loads(final["streamed"].text), SCHEMA)
+    assert final["stopped"].stop_reason == '"age"'
+    assert final["streamed"].text.startswith(final["stopped"].text) and streamed["stopped"] == final["stopped"].text
+
+
+def test_constrained_batches_take_the_synchronous_path_under_async_decode(tiny_llama_with_tokenizer, llm):
+    fast = LLM(str(tiny_llama_with_tokenizer[0]))
+    fast.engine.decode_overlap = DecodeOverlap(fast.engine)   # what CUDA graphs switch on
+    batch = [params(StructuredOutputsParams(json=SCHEMA), temperature=0),
+             SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+             params(StructuredOutputsParams(regex="[a-z]{4}"), temperature=0)]
+    expected = texts(llm.generate(PROMPTS, batch))
+    assert texts(fast.generate(PROMPTS, batch)) == expected
+    jsonschema.validate(json.loads(expected[0][0]), SCHEMA)
+    # Unconstrained greedy requests alone still run ahead.
+    fast.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    assert fast.engine.decode_overlap.num_adopted > 0
+
+
+def test_a_constraint_the_vocabulary_cannot_write_is_refused_when_added(llm):
+    with pytest.raises(SamplingParamsError, match="vocabulary cannot write what it asks for"):
+        llm.generate("x", params(StructuredOutputsParams(regex="\u0004")))   # no token holds this byte
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_model_without_tokenizer_refuses_structured_output(tiny_llama):
+    bare = LLM(str(tiny_llama[0]))
+    with pytest.raises(RequestError, match="structured output needs the model's tokenizer"):
+        bare.generate([[1, 2, 3]], params(StructuredOutputsParams(regex="a")))
