@@ -91,3 +91,12 @@ def run_async(coroutine):
     if "error" in result:
         raise result["error"]
     return result.get("value")
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """Tiny matrices: one thread beats two that wait on each other on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -143,6 +143,11 @@ class LMHead(Linear):
         return self(hidden)                                                  # [T, vocab]
 
 
+def row_chunks(rows: int, chunk: int = 4096) -> list[slice]:
+    """Output rows in chunks, so a method that dequantizes a large matrix needs little scratch memory."""
+    return [slice(start, min(start + chunk, rows)) for start in range(0, rows, chunk)]
+
+
 def linear_layers(model: nn.Module) -> Iterator[tuple[str, Linear]]:
     for name, module in model.named_modules():
         if isinstance(module, Linear):

@@ -11,13 +11,7 @@ from ondo.layers.quantization.prequantized import CheckpointFormat, CheckpointMe
 from tests.layers.gptq_awq_writers import awq_tensors, gptq_tensors, quantize
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Tiny matrices: one thread beats two that wait on each other on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")   # tests/conftest.py
 
 
 def dense(n, k, seed):

@@ -15,13 +15,7 @@ SHAPES = [(64, 64), (96, 128), (37, 64), (320, 256)]        # 37 x 64: a block c
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Tiny matrices: one thread beats two that wait on each other on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")   # tests/conftest.py
 
 
 def weight(shape, dtype, seed=0):

@@ -23,13 +23,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 ERROR_BOUNDS = {"int8": 0.03, "nf4": 0.25, "int4": 0.2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Tiny matrices: one thread beats two that wait on each other on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

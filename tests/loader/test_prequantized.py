@@ -29,13 +29,7 @@ TOLERANCE = 1e-4
 DENSE_ALWAYS = ("model.embed_tokens", "lm_head")       # no quantizer here touches them
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Tiny matrices: one thread beats two that wait on each other on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ondo.layers.linear import Linear, LinearMethod
+from ondo.layers.linear import Linear, LinearMethod, row_chunks
 
 TILE_N = 64
 KERNEL_GROUPS = (32, 64, 128, 256)
@@ -147,7 +147,7 @@ class Int4PlanesMethod(LinearMethod):
             out = out[:, :layer.out_features]                                     # [T, out]
         else:  # float32 on a GPU, other devices: dequantize a few thousand rows at a time
             out = torch.cat([F.linear(x, self.dense_weight(layer, rows).to(x.dtype))  # [T, out]
-                             for rows in _row_chunks(layer.out_features)], dim=1)
+                             for rows in row_chunks(layer.out_features)], dim=1)
         if bias is not None:
             out = out + bias
         return out.reshape(*shape[:-1], layer.out_features)
@@ -191,11 +191,6 @@ class Int4PlanesMethod(LinearMethod):
         if layer.padded16:
             w = w.view(rows, -1, 32)[..., :16].flatten(1)                            # [R, K]
         return w
-
-
-def _row_chunks(rows: int, chunk: int = 4096):
-    """Output rows in tiles-aligned chunks, so dequantizing a large matrix needs little scratch memory."""
-    return [slice(start, min(start + chunk, rows)) for start in range(0, rows, chunk)]
 
 
 def _pad_groups_to_32(affine: AffineCodes) -> AffineCodes:

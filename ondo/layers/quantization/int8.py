@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ondo.layers.linear import Linear, LinearMethod, _check_shape
+from ondo.layers.linear import Linear, LinearMethod, _check_shape, row_chunks
 
 # Largest batch the CPU int8 kernel serves; above it, dequantize + dense GEMM wins.
 CPU_KERNEL_MAX_TOKENS = 16
@@ -98,7 +98,7 @@ class Int8Method(LinearMethod):
             out = torch._weight_int8pack_mm(x.contiguous(), layer.qweight, layer.weight_scale.to(x.dtype))
         else:
             out = torch.cat([F.linear(x, self._rows(layer, rows, x.dtype))          # [T, out]
-                             for rows in _row_chunks(layer.out_features)], dim=1)
+                             for rows in row_chunks(layer.out_features, ROW_CHUNK)], dim=1)
         if bias is not None:
             out = out + bias
         return out.reshape(*shape[:-1], layer.out_features)
@@ -120,6 +120,3 @@ class Int8Method(LinearMethod):
         """Dequantized rows [n, K]: the product is taken in float32, then rounded once to `dtype`."""
         return (layer.qweight[rows].float() * layer.weight_scale[rows, None]).to(dtype)
 
-
-def _row_chunks(rows: int, chunk: int = ROW_CHUNK) -> list[slice]:
-    return [slice(start, min(start + chunk, rows)) for start in range(0, rows, chunk)]
