@@ -27,6 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_args(parser)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="ondo: split the model over N GPUs (one worker process each)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--ttft-prompt-len", type=int, action="append", default=[],
@@ -36,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also run a peer on the same prompts (repeatable)")
     args = parser.parse_args(argv)
     common.check_positive(parser, args, "prompt-len", "output-len", "num-iters", "threads", "max-num-seqs",
-                          "max-model-len")
+                          "max-model-len", "tensor-parallel-size")
     for length in args.ttft_prompt_len:
         if length < 1:
             parser.error(f"--ttft-prompt-len must be >= 1, got {length}")

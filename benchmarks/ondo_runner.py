@@ -25,6 +25,8 @@ class OndoRunner:
                        enforce_eager=args.enforce_eager, quantization=getattr(args, "quantization", None))
         if args.max_num_batched_tokens:
             options["max_num_batched_tokens"] = args.max_num_batched_tokens
+        if getattr(args, "tensor_parallel_size", 1) > 1:
+            options["tensor_parallel_size"] = args.tensor_parallel_size
         start = time.perf_counter()
         self.llm = LLM(model=spec.ondo_model, **options)
         self.load_s = time.perf_counter() - start   # weights, KV cache and (on a GPU) graph capture

@@ -1,169 +1,522 @@
-"""Serving benchmark: many streaming clients against a running OpenAI-compatible server.
+"""Serving benchmark: streaming clients against an OpenAI-compatible server, and the same workload through
+the offline engine in the same run, for the ratio server / offline output tokens per second.
 
-    ondo serve --port 8000 &
-    python benchmarks/serving.py --url http://127.0.0.1:8000 --concurrency 8 --num-requests 64 \
-        --output-json serving.json
+    # recommended: the script starts `ondo serve` itself, runs the clients, stops it, then runs the same
+    # requests through LLM.generate with the same engine options (goal: server >= 90% of offline)
+    python benchmarks/serving.py --launch-server --offline --concurrency 32 --num-requests 64 \\
+        --prompt-len 64 --max-tokens 64 --output-json serving.json
+    python benchmarks/serving.py --launch-server --offline --model llama3-8b --load-format dummy \\
+        --max-num-seqs 256 --concurrency 256 --num-requests 1024 --dataset sharegpt-like --logprobs 0
+    # a server that is already running (ondo, vLLM, llama.cpp's server...)
+    python benchmarks/serving.py --url http://127.0.0.1:8000 --concurrency 8 --request-rate 4
 
-Each client sends a streamed /v1/completions request (fixed-seed synthetic prompts, `ignore_eos` so
-every request generates exactly --max-tokens), waits for it to finish, and sends the next, until
---num-requests are done; --warmup requests run first and are not counted. Reported: requests/s and
-output tokens/s over the whole run, time to first token (TTFT), inter-token latency (ITL: the gap
-between consecutive streamed tokens, one sample per gap) and end-to-end latency, as p50/p90/p99.
-Works against any server that speaks the API (ondo, vLLM, llama.cpp's server with --url and --model).
+Every request is a streamed /v1/completions call with `ignore_eos` and `max_tokens`, so it generates exactly
+the output length the dataset gives it (checked against the usage the server reports). Prompts are random
+token ids (no tokenizer needed; ids in [100, --max-token-id)) or random words (`--prompt-format words`),
+from a fixed --seed. `--dataset fixed` uses --prompt-len / --max-tokens; `random` draws input and output
+lengths uniformly from --input-range / --output-range (default 16-1024 and 16-512 tokens); `sharegpt-like`
+draws them log-uniformly from the same ranges (mostly short requests, a long tail, as in chat logs).
+Requests arrive as a Poisson process of --request-rate per second (inf = all at once), with at most
+--concurrency in flight. --warmup requests (other prompts) run first and are not counted.
+
+Reported: requests/s and output tokens/s, time to first token (TTFT), inter-token latency (ITL: the gap
+between consecutive streamed chunks, one sample per gap) and end-to-end latency as p50/p90/p99; with
+--goodput, the requests/s and tokens/s of the requests that met every target (a request's ITL there is its
+mean gap after the first token, vLLM's TPOT). The offline row is the same requests given to `LLM.generate`
+all at once (the engine's ceiling). A model without a tokenizer streams its text only when a request ends,
+so its TTFT/ITL say nothing per token: --logprobs 0 makes the server send one chunk per token (the offline
+run asks for the same logprobs, so the ratio stays like for like).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import math
+import os
 import platform
 import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
 import httpx
 
+import common
+
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week case "
          "point government company number group problem fact river mountain music garden window story").split()
 
+# Engine options given to `ondo serve` and to LLM(...) alike: (flag, EngineConfig field, type, help).
+ENGINE_OPTIONS = [
+    ("--dtype", "dtype", str, "auto | float32 | bfloat16 | float16"),
+    ("--device", "device", str, "auto | cpu | cuda[:N]"),
+    ("--quantization", "quantization", str, "int8 | int4 | nf4 | none (dequantize a GGUF)"),
+    ("--max-num-seqs", "max_num_seqs", int, "requests in one step at most"),
+    ("--max-num-batched-tokens", "max_num_batched_tokens", int, "token budget of one step"),
+    ("--max-model-len", "max_model_len", int, "context length"),
+    ("--block-size", "block_size", int, "tokens per KV block"),
+    ("--kv-cache-memory-bytes", "kv_cache_memory_bytes", int, "KV cache budget in bytes"),
+    ("--gpu-memory-utilization", "gpu_memory_utilization", float, "share of GPU memory, in (0, 1]"),
+]
+
+
+# ---- the workload ----------------------------------------------------------------------------------
+
+@dataclass
+class WorkItem:
+    prompt: str | list[int]
+    prompt_len: int          # tokens (token-ids) or words (words)
+    output_len: int          # tokens the request must generate
+
+
+def draw_lengths(args: argparse.Namespace, count: int, rng: random.Random) -> list[tuple[int, int]]:
+    if args.dataset == "fixed":
+        return [(args.prompt_len, args.max_tokens)] * count
+
+    def draw(low: int, high: int) -> int:
+        if args.dataset == "random":
+            return rng.randint(low, high)
+        return min(high, int(math.exp(rng.uniform(math.log(low), math.log(high + 1)))))   # log-uniform
+
+    return [(draw(*args.input_range), draw(*args.output_range)) for _ in range(count)]
+
+
+def build_workload(args: argparse.Namespace, count: int, seed: int) -> list[WorkItem]:
+    rng = random.Random(seed)
+    items = []
+    for prompt_len, output_len in draw_lengths(args, count, rng):
+        if args.prompt_format == "words":
+            prompt: str | list[int] = " ".join(rng.choice(WORDS) for _ in range(prompt_len))
+        else:
+            prompt = [rng.randrange(100, args.max_token_id) for _ in range(prompt_len)]
+        items.append(WorkItem(prompt, prompt_len, output_len))
+    return items
+
+
+def arrival_times(count: int, rate: float, seed: int) -> list[float]:
+    """Seconds after the start at which each request is sent: a Poisson process (exponential gaps)."""
+    if math.isinf(rate):
+        return [0.0] * count
+    rng, now, times = random.Random(seed + 7_000), 0.0, []
+    for _ in range(count):
+        times.append(now)
+        now += rng.expovariate(rate)
+    return times
+
+
+# ---- the HTTP clients ------------------------------------------------------------------------------
 
 @dataclass
 class RequestResult:
     ok: bool
-    prompt_words: int
+    prompt_len: int
+    expected_output_tokens: int
+    prompt_tokens: int = 0
     output_tokens: int = 0
+    chunks: int = 0          # streamed events that carried tokens
     ttft_s: float = 0.0
+    last_token_s: float = 0.0
     e2e_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
 
+    @property
+    def complete(self) -> bool:
+        return self.ok and self.output_tokens == self.expected_output_tokens
 
-def make_prompts(count: int, words: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(words)) for _ in range(count)]
+    @property
+    def mean_itl_s(self) -> float:
+        return (self.last_token_s - self.ttft_s) / (self.output_tokens - 1) if self.output_tokens > 1 else 0.0
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> RequestResult:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": True}
-    result = RequestResult(ok=False, prompt_words=len(prompt.split()))
+def carries_tokens(choice: dict, seen_any: bool) -> bool:
+    if choice.get("text") or (choice.get("logprobs") or {}).get("tokens"):
+        return True
+    # A model without a tokenizer sends its one chunk, empty, when the request ends.
+    return not seen_any and choice.get("finish_reason") in ("length", "stop")
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, item: WorkItem, logprobs: int | None) -> RequestResult:
+    body = {"model": model, "prompt": item.prompt, "max_tokens": item.output_len, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    if logprobs is not None:
+        body["logprobs"] = logprobs
+    result = RequestResult(ok=False, prompt_len=item.prompt_len, expected_output_tokens=item.output_len)
     start = time.perf_counter()
     last = None
-    chunks = 0
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
             if response.status_code != 200:
-                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                result.error = f"HTTP {response.status_code}: {(await response.aread())[:300]!r}"
                 return result
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 event = json.loads(line[6:])
                 if "error" in event:
-                    result.error = event["error"].get("message", "error")
+                    result.error = str(event["error"].get("message", "error"))
                     return result
                 if event.get("usage"):
+                    result.prompt_tokens = event["usage"]["prompt_tokens"]
                     result.output_tokens = event["usage"]["completion_tokens"]
-                if any(choice.get("text") for choice in event.get("choices", [])):
+                if any(carries_tokens(choice, last is not None) for choice in event.get("choices", [])):
                     now = time.perf_counter()
                     if last is None:
                         result.ttft_s = now - start
                     else:
                         result.itl_s.append(now - last)
                     last = now
-                    chunks += 1
+                    result.chunks += 1
     except httpx.HTTPError as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         return result
     result.e2e_s = time.perf_counter() - start
-    result.output_tokens = result.output_tokens or chunks
+    result.last_token_s = (last - start) if last is not None else 0.0
     result.ok = last is not None
+    if result.ok and result.output_tokens != item.output_len:
+        result.error = f"asked for {item.output_len} tokens, the server reported {result.output_tokens}"
     return result
 
 
-async def run_clients(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int) -> list[RequestResult]:
-    queue: asyncio.Queue = asyncio.Queue()
-    for prompt in prompts:
-        queue.put_nowait(prompt)
-    results: list[RequestResult] = []
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
-        async def worker() -> None:
-            while not queue.empty():
-                results.append(await one_request(client, url, model, queue.get_nowait(), max_tokens))
+async def run_clients(url: str, model: str, items: list[WorkItem], concurrency: int | None, rate: float,
+                      seed: int, logprobs: int | None) -> tuple[list[RequestResult], float]:
+    """Every request sent at its arrival time once a slot is free; (results in workload order, seconds)."""
+    limit = asyncio.Semaphore(concurrency or len(items))
+    limits = httpx.Limits(max_connections=(concurrency or len(items)) + 4, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(3600), limits=limits) as client:
+        start = time.perf_counter()
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return results
+        async def send(item: WorkItem, at: float) -> RequestResult:
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            async with limit:
+                return await one_request(client, url, model, item, logprobs)
 
+        results = await asyncio.gather(*(send(item, at) for item, at in
+                                         zip(items, arrival_times(len(items), rate, seed))))
+        return list(results), time.perf_counter() - start
+
+
+# ---- figures ---------------------------------------------------------------------------------------
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
     """Nearest-rank p50/p90/p99 in milliseconds."""
     if not values:
         return {"p50_ms": None, "p90_ms": None, "p99_ms": None}
     ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered) + 0.5)) - 1))]  # noqa: E731
+    pick = lambda q: ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]  # noqa: E731
     return {f"p{int(q * 100)}_ms": round(pick(q) * 1000, 2) for q in (0.5, 0.9, 0.99)}
 
 
-def summarize(results: list[RequestResult], elapsed_s: float) -> dict:
+def parse_goodput(parser: argparse.ArgumentParser, specs: list[str] | None) -> dict[str, float]:
+    targets = {}
+    for spec in specs or []:
+        name, _, value = spec.partition(":")
+        if name not in ("ttft", "itl", "e2e"):
+            parser.error(f"--goodput takes ttft:MS, itl:MS and/or e2e:MS, got {spec!r}")
+        try:
+            targets[name] = float(value)
+        except ValueError:
+            parser.error(f"--goodput {name} needs a number of milliseconds, got {spec!r}")
+        if targets[name] <= 0:
+            parser.error(f"--goodput {name} must be > 0 ms, got {value}")
+    return targets
+
+
+def meets(result: RequestResult, targets: dict[str, float]) -> bool:
+    measured = {"ttft": result.ttft_s, "itl": result.mean_itl_s, "e2e": result.e2e_s}
+    return result.complete and all(measured[name] * 1000 <= limit for name, limit in targets.items())
+
+
+def summarize_server(results: list[RequestResult], elapsed_s: float, targets: dict[str, float]) -> dict:
     done = [r for r in results if r.ok]
     output_tokens = sum(r.output_tokens for r in done)
-    return {
+    prompt_tokens = sum(r.prompt_tokens for r in done)
+    summary = {
         "requests": len(results), "completed": len(done), "failed": len(results) - len(done),
-        "elapsed_s": round(elapsed_s, 3),
-        "requests_per_s": round(len(done) / elapsed_s, 3),
-        "output_tokens": output_tokens,
-        "output_tokens_per_s": round(output_tokens / elapsed_s, 2),
+        "complete_length": sum(r.complete for r in results), "elapsed_s": round(elapsed_s, 3),
+        "requests_per_s": round(len(done) / elapsed_s, 3), "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens, "output_tokens_per_s": round(output_tokens / elapsed_s, 2),
+        "total_tokens_per_s": round((prompt_tokens + output_tokens) / elapsed_s, 2),
+        "mean_chunks_per_request": round(sum(r.chunks for r in done) / len(done), 2) if done else 0,
         "ttft": percentiles([r.ttft_s for r in done]),
         "itl": percentiles([gap for r in done for gap in r.itl_s]),
         "e2e": percentiles([r.e2e_s for r in done]),
         "errors": sorted({r.error for r in results if r.error})[:5],
     }
+    if targets:
+        good = [r for r in results if meets(r, targets)]
+        summary["goodput"] = {"targets_ms": targets, "requests": len(good),
+                              "requests_per_s": round(len(good) / elapsed_s, 3),
+                              "output_tokens_per_s": round(sum(r.output_tokens for r in good) / elapsed_s, 2)}
+    return summary
 
 
-def print_table(summary: dict) -> None:
-    print(f"\nrequests {summary['completed']}/{summary['requests']} in {summary['elapsed_s']} s  "
-          f"->  {summary['requests_per_s']} req/s, {summary['output_tokens_per_s']} output tok/s")
-    print(f"{'latency (ms)':<16}{'p50':>10}{'p90':>10}{'p99':>10}")
-    for name, label in (("ttft", "time to first"), ("itl", "inter-token"), ("e2e", "end to end")):
+def print_latencies(summary: dict) -> None:
+    print(f"\n{'server latency (ms)':<22}{'p50':>10}{'p90':>10}{'p99':>10}")
+    for name, label in (("ttft", "time to first token"), ("itl", "inter-token"), ("e2e", "end to end")):
         row = summary[name]
-        print(f"{label:<16}" + "".join(f"{row[k] if row[k] is not None else '-':>10}" for k in ("p50_ms", "p90_ms", "p99_ms")))
+        print(f"{label:<22}" + "".join(f"{row[k] if row[k] is not None else '-':>10}" for k in ("p50_ms", "p90_ms", "p99_ms")))
+    if summary["completed"] and summary["mean_chunks_per_request"] <= 1:
+        print("note: one streamed chunk per request (a model without a tokenizer sends its text at the end): "
+              "TTFT and ITL are not per token; --logprobs 0 makes the server stream every token")
+    if "goodput" in summary:
+        good = summary["goodput"]
+        targets = ", ".join(f"{name} <= {limit:g} ms" for name, limit in good["targets_ms"].items())
+        print(f"goodput ({targets}): {good['requests']}/{summary['requests']} requests, "
+              f"{good['requests_per_s']} req/s, {good['output_tokens_per_s']} output tok/s")
     for error in summary["errors"]:
         print("error:", error)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL (no /v1)")
-    parser.add_argument("--model", default=None, help="model name to send (default: the server's first model)")
-    parser.add_argument("--concurrency", type=int, default=8, help="clients sending at the same time")
-    parser.add_argument("--num-requests", type=int, default=64)
-    parser.add_argument("--warmup", type=int, default=2, help="requests sent first and not counted")
-    parser.add_argument("--prompt-words", type=int, default=64, help="words per synthetic prompt")
-    parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
-    parser.add_argument("--output-json", default=None, help="write the summary and settings here")
-    args = parser.parse_args()
-    if args.concurrency < 1 or args.num_requests < 1:
-        parser.error("--concurrency and --num-requests must be >= 1")
+# ---- the engine: a launched server and the offline run ---------------------------------------------
 
-    url = args.url.rstrip("/")
-    model = args.model or httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
-    prompts = make_prompts(args.warmup + args.num_requests, args.prompt_words, args.seed)
-    if args.warmup:
-        asyncio.run(run_clients(url, model, prompts[:args.warmup], min(args.concurrency, args.warmup), args.max_tokens))
-    start = time.perf_counter()
-    results = asyncio.run(run_clients(url, model, prompts[args.warmup:], args.concurrency, args.max_tokens))
-    summary = summarize(results, time.perf_counter() - start)
-    print_table(summary)
-    if args.output_json:
-        settings = {k: v for k, v in vars(args).items() if k != "output_json"} | {"model": model, "url": url}
-        record = {"benchmark": "serving", "settings": settings, "host": platform.node(), **summary,
-                  "per_request": [asdict(r) | {"itl_s": None} for r in results]}
-        with open(args.output_json, "w") as f:
-            json.dump(record, f, indent=2)
-        print(f"wrote {args.output_json}")
+def engine_options(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields given on the command line (the others keep ondo's defaults on both sides)."""
+    options = {fld: getattr(args, fld) for _, fld, _, _ in ENGINE_OPTIONS if getattr(args, fld) is not None}
+    if args.enforce_eager:
+        options["enforce_eager"] = True
+    if args.no_prefix_caching:
+        options["enable_prefix_caching"] = False
+    return options
+
+
+def serve_command(spec: common.ModelSpec, options: dict, port: int) -> list[str]:
+    command = [sys.executable, "-m", "ondo", "serve", *([spec.ondo_model] if spec.ondo_model else []),
+               "--host", "127.0.0.1", "--port", str(port), "--load-format", spec.load_format]
+    flags = {fld: flag for flag, fld, _, _ in ENGINE_OPTIONS}
+    for name, value in options.items():
+        if name == "enforce_eager":
+            command.append("--enforce-eager")
+        elif name == "enable_prefix_caching":
+            command.append("--no-prefix-caching")
+        else:
+            command += [flags[name], str(value)]
+    return command
+
+
+def _stop_with_parent() -> None:
+    """In the server's process before it starts: SIGTERM when the benchmark dies, even killed (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # 1 = PR_SET_PDEATHSIG
+
+
+class LaunchedServer:
+    """`ondo serve` in a child process, on a free local port, its log in a temporary file."""
+
+    def __init__(self, command_for_port, startup_timeout_s: float):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.command = command_for_port(port)
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="ondo-serve-", suffix=".log", delete=False)
+        print("starting:", " ".join(self.command), f"(log: {self.log.name})", flush=True)
+        started = time.perf_counter()
+        self.process = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT,
+                                        preexec_fn=_stop_with_parent)
+        try:
+            self._wait_until_ready(started, startup_timeout_s)
+        except BaseException:          # a failed start or Ctrl-C: leave no server behind
+            self.stop()
+            raise
+        self.startup_s = time.perf_counter() - started
+
+    def _wait_until_ready(self, started: float, startup_timeout_s: float) -> None:
+        while True:
+            if self.process.poll() is not None:
+                raise SystemExit(f"ondo serve exited with status {self.process.returncode}:\n{self.log_tail()}")
+            if time.perf_counter() - started > startup_timeout_s:
+                raise SystemExit(f"ondo serve was not ready after {startup_timeout_s:g} s "
+                                 f"(--server-timeout):\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+
+    def log_tail(self, lines: int = 30) -> str:
+        self.log.flush()
+        with open(self.log.name) as f:
+            return "".join(f.readlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def run_offline(spec: common.ModelSpec, options: dict, items: list[WorkItem], warmup: list[WorkItem],
+                logprobs: int | None) -> dict:
+    """The same requests through LLM.generate, all at once, after a warm-up on other prompts."""
+    from ondo import LLM, SamplingParams
+
+    def params(batch: list[WorkItem]) -> list:
+        return [SamplingParams(temperature=0, max_tokens=i.output_len, ignore_eos=True, logprobs=logprobs)
+                for i in batch]
+
+    started = time.perf_counter()
+    llm = LLM(model=spec.ondo_model, load_format=spec.load_format, **options)
+    load_s = time.perf_counter() - started
+    device = str(llm.engine.device)
+    if warmup:
+        llm.generate([i.prompt for i in warmup], params(warmup))
+    start = common.now(device)
+    outputs = llm.generate([i.prompt for i in items], params(items))
+    elapsed = common.now(device) - start
+    output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    return {"requests": len(items), "elapsed_s": round(elapsed, 3), "load_s": round(load_s, 2),
+            "complete_length": sum(len(o.outputs[0].token_ids) == i.output_len for o, i in zip(outputs, items)),
+            "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+            "requests_per_s": round(len(items) / elapsed, 3),
+            "output_tokens_per_s": round(output_tokens / elapsed, 2),
+            "total_tokens_per_s": round((prompt_tokens + output_tokens) / elapsed, 2),
+            "env": common.environment(device)}
+
+
+# ---- the command line ------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = parser.add_argument_group("the server")
+    where.add_argument("--launch-server", action="store_true",
+                       help="start `ondo serve` with the model and engine options below, stop it when done")
+    where.add_argument("--url", default=None, help="a running server's base URL, no /v1 (default http://127.0.0.1:8000)")
+    where.add_argument("--served-model-name", default=None, help="model name sent (default: the server's first model)")
+    where.add_argument("--server-timeout", type=float, default=900, help="seconds the launched server may take to load")
+    where.add_argument("--offline", action="store_true",
+                       help="also run the same requests through LLM.generate (after the server part) and print "
+                            "the ratio server / offline output tok/s; with --url the server keeps its memory meanwhile")
+    model = parser.add_argument_group("model and engine (--launch-server and --offline)")
+    model.add_argument("--model", default=None,
+                       help="a config name with --load-format dummy (tiny-llama, qwen3-0.6b, llama3-8b, smollm2-135m), "
+                            "an HF folder or a .gguf file; omitted = the built-in SmolLM2-135M-Instruct GGUF")
+    model.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    for flag, fld, kind, text in ENGINE_OPTIONS:
+        model.add_argument(flag, dest=fld, type=kind, default=None, help=text)
+    model.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs or fused kernels")
+    model.add_argument("--no-prefix-caching", action="store_true")
+    work = parser.add_argument_group("the workload")
+    work.add_argument("--dataset", choices=["fixed", "random", "sharegpt-like"], default="fixed")
+    work.add_argument("--prompt-format", choices=["token-ids", "words"], default="token-ids",
+                      help="token ids need no tokenizer and give exact lengths")
+    work.add_argument("--prompt-len", type=int, default=64, help="fixed: prompt tokens (words with --prompt-format words)")
+    work.add_argument("--max-tokens", type=int, default=128, help="fixed: tokens generated per request")
+    work.add_argument("--input-range", type=int, nargs=2, default=[16, 1024], metavar=("MIN", "MAX"))
+    work.add_argument("--output-range", type=int, nargs=2, default=[16, 512], metavar=("MIN", "MAX"))
+    work.add_argument("--max-token-id", type=int, default=1000, help="prompt ids are drawn from [100, this)")
+    work.add_argument("--num-requests", type=int, default=64)
+    work.add_argument("--warmup", type=int, default=None,
+                      help="requests sent first (other prompts, at most 16 new tokens each) and not counted; "
+                           "default: as many as --concurrency allows in flight, at most 256, so that every batch "
+                           "size the run meets has run once")
+    work.add_argument("--concurrency", type=int, default=8, help="requests in flight at most; 0 = no cap")
+    work.add_argument("--request-rate", type=float, default=math.inf,
+                      help="Poisson arrivals, requests per second (default inf: all at once)")
+    work.add_argument("--logprobs", type=int, default=None, help="sent with every request (and offline)")
+    work.add_argument("--goodput", nargs="+", metavar="NAME:MS",
+                      help="targets a request must meet to count: ttft:MS itl:MS e2e:MS")
+    work.add_argument("--seed", type=int, default=0, help="seeds the prompts, lengths and arrivals")
+    parser.add_argument("--output-json", default=None, help="write every figure and the options here")
+    args = parser.parse_args(argv)
+    common.check_positive(parser, args, "num-requests", "prompt-len", "max-tokens")
+    if args.warmup is None:
+        args.warmup = min(args.concurrency or args.num_requests, args.num_requests, 256)
+    for name in ("concurrency", "warmup"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not args.request_rate > 0:
+        parser.error(f"--request-rate must be > 0 (inf = all at once), got {args.request_rate}")
+    for name in ("input_range", "output_range"):
+        low, high = getattr(args, name)
+        if not 1 <= low <= high:
+            parser.error(f"--{name.replace('_', '-')} must be 1 <= MIN <= MAX, got {low} {high}")
+    if args.max_token_id <= 100:
+        parser.error(f"--max-token-id must be > 100, got {args.max_token_id}")
+    if args.launch_server and args.url:
+        parser.error("give --launch-server or --url, not both")
+    args.goodput_targets = parse_goodput(parser, args.goodput)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    spec = common.resolve_model(args.model, args.load_format) if (args.launch_server or args.offline) else None
+    options = engine_options(args)
+    items = build_workload(args, args.num_requests, args.seed)
+    warmup = [WorkItem(i.prompt, i.prompt_len, min(i.output_len, 16))
+              for i in build_workload(args, args.warmup, args.seed + 10_000)]
+    server = LaunchedServer(lambda port: serve_command(spec, options, port), args.server_timeout) \
+        if args.launch_server else None
+    try:
+        url = server.url if server else (args.url or "http://127.0.0.1:8000").rstrip("/")
+        try:
+            card = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
+        except httpx.HTTPError as exc:
+            raise SystemExit(f"no server answers at {url} ({type(exc).__name__}): start one, or pass --launch-server")
+        name = args.served_model_name or card["id"]
+        longest = max(i.prompt_len + i.output_len for i in items + warmup)
+        if card.get("max_model_len") and longest > card["max_model_len"] and args.prompt_format == "token-ids":
+            raise SystemExit(f"the workload needs up to {longest} tokens per request but the server's context "
+                             f"holds {card['max_model_len']}: raise --max-model-len or lower the lengths")
+        cap = args.concurrency or None
+        print(f"server ready{f' after {server.startup_s:.1f} s' if server else ''}; warm-up: {len(warmup)} requests",
+              flush=True)
+        if warmup:
+            asyncio.run(run_clients(url, name, warmup, min(cap or len(warmup), len(warmup)), math.inf,
+                                    args.seed, args.logprobs))
+        print(f"timed run: {len(items)} requests", flush=True)
+        results, elapsed = asyncio.run(run_clients(url, name, items, cap, args.request_rate, args.seed, args.logprobs))
+    finally:
+        if server:
+            server.stop()
+    summary = summarize_server(results, elapsed, args.goodput_targets)
+    print(f"server: {summary['output_tokens_per_s']} output tok/s" + ("; offline run next" if args.offline else ""),
+          flush=True)
+    offline = run_offline(spec, options, items, warmup, args.logprobs) if args.offline else None
+
+    clients = f"{args.concurrency or 'all'} in flight, rate {args.request_rate:g}/s"
+    rows = [{"run": f"server ({clients})", **summary}]
+    if offline:
+        rows.append({"run": "offline LLM.generate (all at once)", **offline, "completed": offline["requests"]})
+    common.print_table(f"{card['id']}: {args.num_requests} requests, dataset {args.dataset}, prompts as {args.prompt_format}",
+                       rows, [("run", "run"), ("completed", "done"), ("complete_length", "full length"),
+                              ("output_tokens", "out tokens"), ("elapsed_s", "seconds"),
+                              ("requests_per_s", "req/s"), ("output_tokens_per_s", "out tok/s"),
+                              ("total_tokens_per_s", "total tok/s")])
+    print_latencies(summary)
+    ratio = None
+    if offline and offline["output_tokens_per_s"]:
+        ratio = round(summary["output_tokens_per_s"] / offline["output_tokens_per_s"], 3)
+        print(f"\nserver / offline output tok/s: {summary['output_tokens_per_s']} / {offline['output_tokens_per_s']} "
+              f"= {ratio:.1%} (goal: >= 90%)")
+    settings = {k: v for k, v in vars(args).items() if k not in ("output_json", "goodput_targets")}
+    common.write_json(args.output_json, {
+        "benchmark": "serving", "settings": settings | {"request_rate": str(args.request_rate)},
+        "model": card["id"], "url": url, "host": platform.node(), "engine_options": options,
+        "server_command": server.command if server else None,
+        "server_startup_s": round(server.startup_s, 2) if server else None,
+        "server": summary, "offline": offline, "server_over_offline_output_tok_s": ratio,
+        "per_request": [asdict(r) | {"itl_s": None, "mean_itl_s": r.mean_itl_s, "complete": r.complete}
+                        for r in results]})
+    if summary["failed"] or summary["complete_length"] < summary["requests"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("ONDO_NO_PROGRESS", "1")
     main()

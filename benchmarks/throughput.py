@@ -29,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_args(parser)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="ondo: split the model over N GPUs (one worker process each)")
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
@@ -42,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--llamacpp-threads", type=int, default=None, help="default: --threads, else 2")
     args = parser.parse_args(argv)
     common.check_positive(parser, args, "num-prompts", "prompt-len", "output-len", "num-iters", "hf-batch-size",
-                          "threads", "max-num-seqs", "max-model-len", "llamacpp-threads")
+                          "threads", "max-num-seqs", "max-model-len", "llamacpp-threads", "tensor-parallel-size")
     return args
 
 

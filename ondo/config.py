@@ -38,6 +38,16 @@ class EngineConfig:
     # None = as the checkpoint holds it (GGUF blocks stay packed; a folder's quantization_config is read);
     # "int8" | "int4" | "nf4" quantize a dense folder while loading; "none" dequantizes a GGUF file.
     quantization: str | None = None
+    # Ranks (one worker process per device) that split every layer; the devices are cuda:0..N-1 on a GPU,
+    # N gloo processes on the CPU. Several nodes: see docs/distributed.md.
+    tensor_parallel_size: int = 1
+    # LoRA adapters (ondo/lora): slots on the device, the largest rank they hold, adapters named at
+    # start-up (name, PEFT folder), and the one applied to requests that name none (CLI --lora).
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    lora_modules: tuple[tuple[str, str], ...] = ()
+    default_lora: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.dtype in _DTYPES, f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
@@ -58,6 +68,16 @@ class EngineConfig:
                f"max_waiting must be >= 1, got {self.max_waiting!r}")
         _check(self.quantization in _QUANTIZATIONS,
                f"quantization must be one of {list(_QUANTIZATIONS[1:])} or None, got {self.quantization!r}")
+        _check(_is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1,
+               f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size!r}")
+        _check(self.tensor_parallel_size == 1 or self.device in ("auto", "cpu", "cuda"),
+               f"device must be 'auto', 'cpu' or 'cuda' with tensor_parallel_size > 1 (rank i runs on cuda:i), "
+               f"got {self.device!r}")
+        _check(_is_int(self.max_loras) and self.max_loras >= 1, f"max_loras must be >= 1, got {self.max_loras!r}")
+        _check(_is_int(self.max_lora_rank) and 1 <= self.max_lora_rank <= 512,
+               f"max_lora_rank must be in [1, 512], got {self.max_lora_rank!r}")
+        _check(self.enable_lora or not (self.lora_modules or self.default_lora),
+               "lora_modules and default_lora need enable_lora=True")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 

@@ -28,11 +28,13 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt] | dict,
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Outputs in the order of the prompts. A single prompt may be a string or a list of token ids."""
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 lora_request=None) -> list[RequestOutput]:
+        """Outputs in the order of the prompts. A single prompt may be a string or a list of token ids.
+        `lora_request`: a `LoRARequest` for every prompt, or a list with one (or None) per prompt."""
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
-        return self._run(list(zip(prompts, params)))
+        return self._run(list(zip(prompts, params)), _as_lora_list(lora_request, len(prompts)))
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None, *,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
@@ -51,12 +53,12 @@ class LLM:
                 for conversation in conversations]
         return self._run(list(zip(prompts, _as_params_list(sampling_params, len(prompts)))))
 
-    def _run(self, work: list[tuple[Prompt, SamplingParams]]) -> list[RequestOutput]:
+    def _run(self, work: list[tuple[Prompt, SamplingParams]], loras: list | None = None) -> list[RequestOutput]:
         ids = [f"offline-{next(self._ids)}" for _ in work]
         added = []
         try:
-            for request_id, (prompt, params) in zip(ids, work):
-                self.engine.add_request(request_id, prompt, params)
+            for request_id, (prompt, params), lora in zip(ids, work, loras or [None] * len(work)):
+                self.engine.add_request(request_id, prompt, params, lora_request=lora)
                 added.append(request_id)
         except Exception:
             for request_id in added:   # a bad prompt fails the call, leaving the engine clean
@@ -80,6 +82,14 @@ def _as_prompt_list(prompts) -> list[Prompt]:
         return [prompts]   # one prompt given as token ids
     return [p["prompt_token_ids"] if isinstance(p, dict) and "prompt_token_ids" in p else
             p["prompt"] if isinstance(p, dict) else p for p in prompts]
+
+
+def _as_lora_list(lora_request, count: int) -> list:
+    if lora_request is None or not isinstance(lora_request, (list, tuple)):
+        return [lora_request] * count
+    if len(lora_request) != count:
+        raise ValueError(f"got {len(lora_request)} lora_requests for {count} prompts: give one, or one per prompt")
+    return list(lora_request)
 
 
 def _as_params_list(params, count: int) -> list[SamplingParams]:

@@ -213,16 +213,15 @@ class SamplingParams:
         """Token sequences to ban: each of `bad_words` encoded as it is and with a leading space
         (a word mid-text is usually a different token than at the start, as in vLLM),
         plus `bad_words_ids`. Duplicates and empty encodings are dropped."""
-        sequences: list[list[int]] = []
+        sequences: dict[tuple[int, ...], None] = {}   # ordered and deduplicated in linear time
         for word in self.bad_words:
             for text in (word.lstrip(), " " + word.lstrip()):
-                ids = list(tokenizer.encode(text, add_special_tokens=False))
-                if ids and ids not in sequences:
-                    sequences.append(ids)
+                ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+                if ids:
+                    sequences.setdefault(ids)
         for ids in self.bad_words_ids:
-            if ids not in sequences:
-                sequences.append(list(ids))
-        return sequences
+            sequences.setdefault(tuple(ids))
+        return [list(ids) for ids in sequences]
 
     def check_token_ids(self, vocab_size: int) -> None:
         """Raise SamplingParamsError if a token id in these options is outside the vocabulary.

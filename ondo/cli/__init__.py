@@ -20,34 +20,84 @@ EXIT_INTERRUPTED = 130    # Ctrl-C, as shells report SIGINT
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from ondo.cli.generate import run_generate
+    from ondo.cli.generate import run_generate, split_inputs
 
+    _apply_model_sampling_defaults(args, split_inputs(args.inputs, args.prompts_file)[0])
     return run_generate(args)
 
 
 def _chat(args: argparse.Namespace) -> int:
     from ondo.cli.chat import run_chat
 
+    _apply_model_sampling_defaults(args, args.model)
     return run_chat(args)
+
+
+def _apply_model_sampling_defaults(args: argparse.Namespace, model: str | None) -> None:
+    """The model's generation_config.json sampling options (temperature, top_p, top_k, min_p,
+    repetition_penalty) for the flags left out, as the server and vLLM do; a flag given wins."""
+    from pathlib import Path
+
+    from ondo.loader.hf import load_generation_config
+    from ondo.server.params import model_sampling_defaults
+
+    if not model:
+        return
+    path = Path(model).expanduser()
+    folder = path.parent if path.is_file() and path.name.endswith(".json") else path
+    if folder.is_dir():
+        for name, value in model_sampling_defaults(load_generation_config(folder)).items():
+            if getattr(args, name, None) is None:
+                setattr(args, name, value)
 
 
 def _serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise CLIError(f"port must be in [0, 65535], got {args.port}")
     config = engine_config(args, args.model, max_waiting=args.max_waiting)
-    from ondo.server import run_server
+    from ondo.server import ServerLimits, run_server
 
+    limits = ServerLimits(max_request_body_bytes=args.max_request_body_bytes,
+                          request_timeout_s=args.request_timeout, timeout_keep_alive_s=args.timeout_keep_alive,
+                          limit_concurrency=args.limit_concurrency or None,
+                          shutdown_timeout_s=args.shutdown_timeout)
     run_server(config, args.host, args.port, args.api_key, args.max_waiting, args.served_model_name,
-               tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
+               tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser, limits=limits)
     return 0
 
 
-_COMMANDS = {"generate": _generate, "chat": _chat, "serve": _serve}
+def _add_serve_limits(parser: argparse.ArgumentParser) -> None:
+    """`ondo serve`'s protections against clients (defaults: ondo.server.guard.ServerLimits)."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    serve = commands.choices["serve"]
+    group = serve.add_argument_group("limits on clients")
+    group.add_argument("--max-request-body-bytes", type=int, default=32 * 1024 * 1024, metavar="N",
+                       help="larger request bodies are refused with 413 (default 32 MiB)")
+    group.add_argument("--request-timeout", type=float, default=30.0, metavar="S",
+                       help="seconds a client has to send a request's headers, and then its body; "
+                            "slower connections are closed (408 for a body) (default 30)")
+    group.add_argument("--timeout-keep-alive", type=float, default=5.0, metavar="S",
+                       help="idle keep-alive connections are closed after S seconds (default 5)")
+    group.add_argument("--limit-concurrency", type=int, default=512, metavar="N",
+                       help="connections at most; more are answered 503 (default 512; 0 = no limit)")
+    group.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
+                       help="on SIGTERM, new requests get 503 and running ones may finish within S "
+                            "seconds before they are aborted (default 10)")
+
+
+def _merge_lora(args: argparse.Namespace) -> int:
+    from ondo.cli.merge_lora import run_merge_lora
+
+    return run_merge_lora(args)
+
+
+_COMMANDS = {"generate": _generate, "chat": _chat, "serve": _serve, "merge-lora": _merge_lora}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (the console script passes it to sys.exit)."""
     parser = build_parser()
+    _add_serve_limits(parser)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)

@@ -89,6 +89,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     add("--kv-cache-memory-bytes", type=_byte_size, metavar="SIZE",
         help="KV cache budget: bytes or 512MiB, 2GiB... (default: from --gpu-memory-utilization, or 2 GiB on the CPU)")
     add("--gpu-memory-utilization", type=float, metavar="F", help="share of GPU memory ondo may use, in (0, 1] (default 0.9)")
+    add("--tensor-parallel-size", type=int, metavar="N",
+        help="split the model over N devices, one worker process each (default 1; see docs/distributed.md)")
     add("--enforce-eager", action="store_true", default=None, help="turn CUDA graphs and fused kernels off")
     add("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None)
     add("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false", default=None)
@@ -105,7 +107,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
 _ENGINE_FIELDS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                   "kv_cache_memory_bytes", "gpu_memory_utilization", "enforce_eager", "enable_prefix_caching",
                   "enable_chunked_prefill", "checkpoint", "chat_template", "tokenizer", "seed", "load_format",
-                  "quantization")
+                  "quantization", "tensor_parallel_size")
 
 
 def _logit_bias(text: str) -> tuple[int, float]:
@@ -160,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stats", action="store_true", help="print token counts and speed on stderr")
     _add_sampling_options(generate, str(DEFAULT_GENERATE_MAX_TOKENS))
     _add_engine_options(generate)
+    _add_lora_options(generate, serve=False)
 
     chat = commands.add_parser(
         "chat", usage="%(prog)s [options] [MODEL]", help="chat with a model in the terminal",
@@ -174,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--stats", action="store_true", help="after each answer, print token counts and speed on stderr")
     _add_sampling_options(chat, "none: until the model ends its turn or the context is full")
     _add_engine_options(chat)
+    _add_lora_options(chat, serve=False)
 
     serve = commands.add_parser(
         "serve", usage="%(prog)s [options] [MODEL]", help="serve the OpenAI-compatible API and the web playground",
@@ -195,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="split <think>...</think> off as reasoning_content (default auto: when the chat "
                             "template mentions <think>)")
     _add_engine_options(serve)
+    _add_lora_options(serve, serve=True)
+    from ondo.cli.merge_lora import add_merge_lora_parser
+
+    add_merge_lora_parser(commands)
     return parser
 
 
@@ -261,10 +269,45 @@ def _shown(name: str, value) -> str:
     return repr(value) if name in ("regex", "choice") else str(value)
 
 
+def _add_lora_options(parser: argparse.ArgumentParser, serve: bool) -> None:
+    group = parser.add_argument_group("LoRA adapters (PEFT folders)")
+    if serve:
+        group.add_argument("--lora-modules", nargs="+", type=_lora_module, metavar="NAME=PATH",
+                           help="adapters served as models of their own (implies --enable-lora)")
+        group.add_argument("--enable-lora", action="store_true", default=None,
+                           help="accept adapters loaded later through POST /v1/load_lora_adapter")
+    else:
+        group.add_argument("--lora", metavar="PATH", help="run every prompt through this PEFT LoRA adapter")
+    group.add_argument("--max-loras", type=int, metavar="N", help="adapters resident on the device at once (default 4)")
+    group.add_argument("--max-lora-rank", type=int, metavar="R", help="largest adapter rank (default 16)")
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"a LoRA module must be NAME=PATH, got {text!r}")
+    return name, path
+
+
+def _lora_options(args: argparse.Namespace) -> dict:
+    options = {name: getattr(args, name) for name in ("max_loras", "max_lora_rank")
+               if getattr(args, name, None) is not None}
+    if getattr(args, "lora", None):
+        if not Path(args.lora).expanduser().is_dir():
+            raise CLIError(f"LoRA adapter not found: {args.lora} (give a PEFT adapter folder)")
+        options.update(enable_lora=True, lora_modules=(("lora", args.lora),), default_lora="lora")
+    if getattr(args, "lora_modules", None):
+        options.update(enable_lora=True, lora_modules=tuple(args.lora_modules))
+    if getattr(args, "enable_lora", None):
+        options["enable_lora"] = True
+    return options
+
+
 def engine_config(args: argparse.Namespace, model: str | None, **extra):
     from ondo.config import EngineConfig
 
     given = {name: getattr(args, name) for name in _ENGINE_FIELDS if getattr(args, name) is not None}
+    given.update(_lora_options(args))
     config = EngineConfig(model=model, **given, **extra)
     _check_paths_exist(config)
     return config

@@ -17,9 +17,12 @@ known; at the next `step()` the real schedule is built and compared with it:
    tokens, at positions that the next step writes again or into freed blocks (the stream orders those
    writes before any later use of the blocks); nothing of it reaches the outputs.
 
-Only all-greedy batches whose sampling does not read the newest token on the host are launched ahead:
-no logprobs, penalties, no_repeat_ngram, bad words, custom logits processors or structured output (a
-grammar's mask needs the previous token on the host), and min_tokens reached.
+Only batches whose sampling does not read the newest token on the host are launched ahead: no logprobs,
+no_repeat_ngram, bad words, custom logits processors or structured output (a grammar's mask needs the
+previous token on the host), no seeded sampling, and min_tokens reached. Penalties count the newest
+token from the device (`Sampler.apply_processors(pending_token_ids=)`). A sampled row the sampler's
+candidates could not decide comes back as -1: the host redoes it with the full sort when it reads the
+step (`Sampler.redo`), and the step launched on a placeholder for it is discarded.
 Every other step takes the synchronous path, `Engine.run_schedule`, unchanged.
 """
 from __future__ import annotations
@@ -46,9 +49,10 @@ logger = logging.getLogger("ondo")
 class LaunchedStep:
     """A decode step queued on the device whose tokens the host has not read yet."""
     requests: list[Request]            # the batch's rows, in order
-    token_ids: torch.Tensor            # [rows] int64 on the device: the greedy tokens
+    token_ids: torch.Tensor            # [rows] int64 on the device: the chosen tokens (-1: see Sampler.redo)
     host_token_ids: torch.Tensor       # [rows] int64 host copy, valid once `copied` has completed
     copied: torch.cuda.Event | None    # None when the device is the host
+    processed: torch.Tensor | None = None   # [rows, vocab] the sampler's processed logits, for Sampler.redo
 
     def read(self) -> list[int]:
         if self.copied is not None:
@@ -57,12 +61,13 @@ class LaunchedStep:
 
 
 def samples_without_host_history(request: Request) -> bool:
-    """True when the sampler's choice for this request needs none of its tokens on the host: greedy,
-    and only history-free processors (logit_bias, allowed_token_ids) apply."""
+    """True when the sampler's choice for this request needs none of its tokens on the host: only
+    history-free processors (logit_bias, allowed_token_ids) or penalties (the sampler counts the
+    token still on the device) apply. Seeded sampling stays synchronous: a discarded step would
+    have used the request's own random draws."""
     params = request.sampling_params
-    return (params.greedy and params.logprobs is None and params.best_of <= params.n
-            and not params.logits_processors and params.repetition_penalty == 1.0
-            and not params.presence_penalty and not params.frequency_penalty
+    return ((params.greedy or request.generator is None) and params.logprobs is None
+            and params.best_of <= params.n and not params.logits_processors
             and not params.no_repeat_ngram_size and not request.bad_words_token_ids
             and not request.wants_prompt_logprobs
             # a grammar's mask depends on the previous token, which is not on the host yet
@@ -105,6 +110,10 @@ class DecodeOverlap:
         requests = [item.request for item in schedule.scheduled]
         self.ahead = self._launch_ahead(requests, rows, current)
         host_tokens = current.read()
+        if current.processed is not None and min(host_tokens) < 0:   # rows the sampler's candidates left open
+            host_tokens = engine.sampler.redo(current.processed, current.requests, host_tokens)
+            if self.ahead is not None:   # it was launched on a placeholder token for those rows
+                self.ahead, self.num_discarded = None, self.num_discarded + 1
         sampled = SamplerOutput([host_tokens[row] for row in rows], None, None)
         return engine.emit(engine.apply_sampled(requests, sampled))
 
@@ -156,24 +165,33 @@ class DecodeOverlap:
             return None   # blocks taken so far are the ones the next schedule allocates anyway
         token_rows = [rows[i] for i in keep]
         try:
+            # A row the sampler left to Sampler.redo (-1) runs on a placeholder; the step is then discarded.
             input_ids = self._gather(current.token_ids, token_rows)       # [len(batch)]
+            if current.processed is not None:
+                input_ids = input_ids.clamp(min=0)
             schedule = SchedulerOutput([ScheduledRequest(r, 1) for r in batch], len(batch), [])
             result = self.engine.runner.execute(schedule, input_ids)
-            return self._sample(batch, result.sample_logits)
+            return self._sample(batch, result.sample_logits, input_ids)
         except Exception:   # the real schedule will run this step again and report any failure
             logger.exception("decode step launched ahead failed")
             return None
 
-    def _sample(self, requests: list[Request], logits: torch.Tensor) -> LaunchedStep:
-        """The sampler's greedy choice (processors, then argmax), left on the device; the host copy queued."""
-        token_ids = self.engine.sampler.apply_processors(logits, requests).argmax(dim=-1)   # [rows]
+    def _sample(self, requests: list[Request], logits: torch.Tensor,
+                pending: torch.Tensor | None = None) -> LaunchedStep:
+        """The sampler's choice, left on the device; the host copy queued. pending: the input ids, each
+        request's newest token, not on the host yet (its penalties count it)."""
+        token_ids, processed = self.engine.sampler.sample_on_device(logits, requests, pending)   # [rows]
+        if all(r.sampling_params.greedy for r in requests):
+            processed = None   # greedy rows never need Sampler.redo
+        elif processed.data_ptr() == logits.data_ptr():
+            processed = processed.clone()   # a graph's output buffer: the step launched next overwrites it
         if token_ids.device.type == "cpu":
-            return LaunchedStep(requests, token_ids, token_ids, None)
+            return LaunchedStep(requests, token_ids, token_ids, None, processed)
         host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
         host.copy_(token_ids, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record()
-        return LaunchedStep(requests, token_ids, host, copied)
+        return LaunchedStep(requests, token_ids, host, copied, processed)
 
     def _gather(self, token_ids: torch.Tensor, rows: list[int]) -> torch.Tensor:
         if rows == list(range(len(rows))):

@@ -7,8 +7,12 @@ thread hands each step's outputs to each caller's loop in one `call_soon_threads
 Requests added while others run join the next step: that is continuous batching.
 
 An error that belongs to one request (a prompt that does not fit, a bad option) is raised to that
-caller only. An error inside `Engine.step()` fails the requests that were running, is logged, and
-the loop goes on serving new requests.
+caller only; the Engine itself finishes a request whose logits processor or forward failed with
+finish_reason "error". An exception that escapes `Engine.step()` (or anything else on the engine
+thread) is therefore fatal: the device may be poisoned (a CUDA error) and the engine's state is
+unknown. The engine is marked dead (`dead_error`), every open stream ends with `EngineDeadError`,
+new requests are refused, and `on_dead` callbacks run (the server exits non-zero so that a
+supervisor restarts it).
 """
 from __future__ import annotations
 
@@ -60,10 +64,14 @@ class AsyncEngine:
     """Serve many concurrent asyncio requests from one Engine running on its own thread."""
 
     def __init__(self, engine_factory: Callable[[], Any], max_waiting: int | None = None) -> None:
-        """`engine_factory` builds the Engine; it runs on the engine thread (start() calls it)."""
+        """`engine_factory` builds the Engine; it runs on the engine thread (start() calls it).
+        `max_waiting` bounds the requests that cannot be scheduled at once (beyond the engine's free
+        `max_num_seqs` slots); more are refused with QueueFullError."""
         self._engine_factory = engine_factory
         self._max_waiting = max_waiting
         self._engine: Any = None
+        self._dead_error: BaseException | None = None
+        self._dead = threading.Event()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._ready = threading.Event()
@@ -91,11 +99,21 @@ class AsyncEngine:
 
     @property
     def is_ready(self) -> bool:
-        return self._ready.is_set() and self._load_error is None and not self._stopping
+        return (self._ready.is_set() and self._load_error is None and not self._stopping
+                and self._dead_error is None)
 
     @property
     def load_error(self) -> BaseException | None:
         return self._load_error
+
+    @property
+    def dead_error(self) -> BaseException | None:
+        """The fatal error that stopped a loaded engine (None while it runs)."""
+        return self._dead_error
+
+    def wait_until_dead(self, timeout_s: float | None = None) -> bool:
+        """Block until a loaded engine failed fatally; False on timeout."""
+        return self._dead.wait(timeout_s)
 
     @property
     def engine(self) -> Any:
@@ -129,11 +147,15 @@ class AsyncEngine:
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                           output_queue: asyncio.Queue | None = None) -> RequestStream:
         """Hand a request to the engine; raises its add-time error (ValueError, QueueFullError)."""
+        if self._dead_error is not None:
+            raise EngineDeadError(f"the engine failed and the server is restarting: {self._dead_error}")
         if not self.is_ready:
             raise EngineDeadError("the engine is not running")
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, loop, output_queue or asyncio.Queue(), loop.create_future())
         self._send(("add", stream, prompt, params))
+        if self._dead.is_set():  # it died between the check above and the send
+            self._refuse_queued_adds()
         try:
             await stream.added
         except asyncio.CancelledError:
@@ -183,15 +205,43 @@ class AsyncEngine:
             self._ready.set()
             return
         self._ready.set()
-        while not self._stopping:
-            self._wake.clear()
-            self._process_commands()
-            if self._engine.has_unfinished_requests():
-                self._step()
-            else:
-                self._wake.wait()
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                self._process_commands()
+                if self._engine.has_unfinished_requests():
+                    self._step()
+                else:
+                    self._wake.wait()
+        except BaseException as exc:  # noqa: BLE001 -- fatal: reported through dead_error / health
+            self._die(exc)
+            return
         self._abort_everything(EngineDeadError("the server is shutting down"))
         self._process_commands()  # refuse adds that raced with the shutdown
+
+    def _die(self, exc: BaseException) -> None:
+        """The engine cannot go on: end every stream with an error, refuse what comes next."""
+        logger.critical("the engine failed; ending %d open streams and refusing new requests",
+                        len(self._streams), exc_info=exc)
+        self._dead_error = exc
+        error = EngineDeadError(f"the engine failed: {type(exc).__name__}: {exc}")
+        for stream in list(self._streams.values()):
+            stream.finished = True
+            self._deliver(stream, [Finished(stream.request_id, error)])
+        self._streams.clear()
+        self._dead.set()
+        self._refuse_queued_adds()
+
+    def _refuse_queued_adds(self) -> None:
+        """Adds queued for a dead engine: refuse them rather than leave their callers waiting."""
+        error = EngineDeadError(f"the engine failed: {self._dead_error}")
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if command[0] == "add":
+                _call_soon(command[1].loop, _refuse, command[1], error)
 
     def _process_commands(self) -> None:
         while True:
@@ -222,7 +272,7 @@ class AsyncEngine:
             error = EngineDeadError("the server is shutting down")
         elif stream.request_id in self._streams:
             error = ValueError(f"request id {stream.request_id!r} is already running")
-        elif self._max_waiting is not None and self._num_waiting() >= self._max_waiting:
+        elif self._max_waiting is not None and self._num_unschedulable() >= self._max_waiting:
             error = QueueFullError(
                 f"the server's waiting queue is full ({self._max_waiting} requests); retry later")
         else:
@@ -233,8 +283,13 @@ class AsyncEngine:
                 error = exc
         stream.loop.call_soon_threadsafe(resolve, error)
 
-    def _num_waiting(self) -> int:
-        return int(self._engine.stats().get("num_waiting", 0))
+    def _num_unschedulable(self) -> int:
+        """Waiting requests beyond the free running slots: those the next steps cannot start.
+        Requests that merely arrived between two steps are not "waiting" in that sense."""
+        stats = self._engine.stats()
+        max_num_seqs = int(getattr(getattr(self._engine, "config", None), "max_num_seqs", 0))
+        free_slots = max(0, max_num_seqs - int(stats.get("num_running", 0)))
+        return max(0, int(stats.get("num_waiting", 0)) - free_slots)
 
     def _abort(self, request_id: str) -> None:
         stream = self._streams.pop(request_id, None)
@@ -257,12 +312,7 @@ class AsyncEngine:
 
     def _step(self) -> None:
         start_s = time.perf_counter()
-        try:
-            outputs = self._engine.step()
-        except Exception as exc:  # noqa: BLE001 -- fail the running requests, keep serving
-            logger.exception("engine step failed; failing the %d running requests", len(self._streams))
-            self._abort_everything(RuntimeError(f"the engine failed while generating: {exc}"))
-            return
+        outputs = self._engine.step()  # an exception here is fatal (see the module's docstring)
         if not outputs and time.perf_counter() - start_s < _EMPTY_STEP_S:
             # Nothing could be scheduled (requests waiting on each other): don't spin on the GIL.
             self._wake.wait(_EMPTY_STEP_S)
@@ -288,6 +338,11 @@ class AsyncEngine:
         stats = dict(self._engine.stats())
         stats["updated_at_s"] = time.time()
         self._stats = stats
+
+
+def _refuse(stream: RequestStream, error: BaseException) -> None:
+    if not stream.added.done():
+        stream.added.set_exception(error)
 
 
 def _deliver_all(pairs: list[tuple[RequestStream, Any]]) -> None:

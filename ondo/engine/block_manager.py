@@ -21,6 +21,13 @@ def chain_hash(parent: int | None, tokens: list[int]) -> int:
     return hash((parent, tuple(tokens)))
 
 
+def chain_root(request: Request) -> int | None:
+    """The parent hash of a request's first block: its LoRA adapter's identity, so KV computed
+    through one adapter (or the base model) is never served to a request with another."""
+    lora = request.lora_request
+    return None if lora is None else hash(("lora", lora.lora_int_id, lora.lora_path))
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  grow_lazily: bool = False):
@@ -57,7 +64,7 @@ class BlockManager:
             return 0
         tokens = request.token_ids(0, request.num_tokens)
         max_blocks = (len(tokens) - 1) // self.block_size
-        parent, hits = None, []
+        parent, hits = chain_root(request), []
         for i in range(max_blocks):
             parent = chain_hash(parent, tokens[i * self.block_size:(i + 1) * self.block_size])
             block = self.cached.get(parent)
@@ -95,7 +102,7 @@ class BlockManager:
             return
         num_full = request.num_computed_tokens // self.block_size
         for i in range(len(request.block_hashes), num_full):
-            parent = request.block_hashes[-1] if request.block_hashes else None
+            parent = request.block_hashes[-1] if request.block_hashes else chain_root(request)
             block_hash = chain_hash(parent, request.token_ids(i * self.block_size, (i + 1) * self.block_size))
             request.block_hashes.append(block_hash)
             block = request.block_table[i]

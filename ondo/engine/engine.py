@@ -16,6 +16,7 @@ from ondo.engine.output_processor import (RequestGroup, append_token, check_stop
 from ondo.engine.request import Request
 from ondo.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from ondo.loader import load_model
+from ondo.lora.manager import build_lora_manager, resolve_lora_request
 from ondo.outputs import Logprob, RequestOutput
 from ondo.sample.sampler import Sampler, SamplerOutput, prompt_logprobs
 from ondo.sampling_params import SamplingParams
@@ -31,6 +32,16 @@ class RequestError(ValueError):
 
 class Engine:
     def __init__(self, config: EngineConfig):
+        # With tensor_parallel_size > 1 the other ranks' workers start first: a model built after this
+        # holds only this rank's shard (ondo/distributed).
+        self.executor = _start_tensor_parallel(config)
+        try:
+            self._start(config)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, config: EngineConfig) -> None:
         self.config = config
         self.device = _resolve_device(config.device)
         if config.seed is not None:
@@ -44,25 +55,32 @@ class Engine:
         self.eos_token_ids = self._eos_ids(loaded.generation_config)
         self.max_model_len = self._max_model_len()
 
-        spec = _kv_spec(self.hf_config, self.dtype)
+        spec = kv_cache_spec(self.hf_config, self.dtype, config.tensor_parallel_size)
         self.num_blocks = self._num_kv_blocks(spec)
+        # LoRA layers wrap the model before the runner captures its CUDA graphs (ondo/lora).
+        self.lora_manager = build_lora_manager(config, self.model, self.dtype, self.device, self.max_model_len)
         self.runner = ModelRunner(self.model, spec, self.num_blocks, config.block_size, self.device,
                                   enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs,
                                   max_model_len=self.max_model_len)
+        self.runner.step_sender = self.executor   # None at tensor_parallel_size 1
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching,
                                           grow_lazily=self.device.type == "cpu")
         # A GPU needs big steps to be busy; the CPU keeps steps short so decodes are not starved.
         budget = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
         if not config.enable_chunked_prefill:   # a whole prompt must then fit in one step's budget
             budget = max(budget, self.max_model_len)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget, config.enable_chunked_prefill)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget, config.enable_chunked_prefill,
+                                   prefill_tokens_while_decoding=256 if self.device.type == "cpu" else None)
+        self.runner.lora_manager = self.scheduler.lora_slots = self.lora_manager
         self.sampler = Sampler()
         self.grammars = None   # GrammarCache, built at the first request with structured output
         self.groups: dict[str, RequestGroup] = {}
         self.num_prompt_tokens_total = 0
         self.num_generated_tokens_total = 0
         # Decode steps launched one ahead of the host (CUDA graphs only: elsewhere the host is the device).
-        self.decode_overlap = DecodeOverlap(self) if self.runner.cuda_graphs is not None else None
+        # Not with tensor parallelism: the other ranks get each step as host data, never device ids.
+        self.decode_overlap = (DecodeOverlap(self) if self.runner.cuda_graphs is not None and self.executor is None
+                               else None)
         if self.device.type == "cuda":
             self._warm_up()
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.0f MiB); max_model_len %d",
@@ -106,15 +124,10 @@ class Engine:
 
     def _num_kv_blocks(self, spec: KVCacheSpec) -> int:
         block_bytes = spec.bytes_per_token() * self.config.block_size
-        budget = self.config.kv_cache_memory_bytes
-        if budget is None and self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = int(free - total * (1 - self.config.gpu_memory_utilization))
-        elif budget is None:
-            # Enough for max_num_seqs full-length requests, within the CPU default budget.
-            wanted = self.config.max_num_seqs * self.max_model_len * spec.bytes_per_token()
-            budget = min(CPU_KV_CACHE_BYTES, wanted)
+        budget = kv_budget_bytes(self.config, self.device, spec, self.max_model_len)
         num_blocks = budget // block_bytes
+        if self.executor is not None:   # every rank allocates what the fullest one can hold
+            num_blocks = self.executor.agree_num_blocks(num_blocks, self.max_model_len)
         min_blocks = -(-self.max_model_len // self.config.block_size)
         if num_blocks < min_blocks:
             raise RequestError(
@@ -125,10 +138,12 @@ class Engine:
 
     # ---- requests ------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    lora_request=None) -> None:
         params = params or SamplingParams()
         if request_id in self.groups:
             raise RequestError(f"request id {request_id!r} is already in use")
+        lora_request = resolve_lora_request(self.lora_manager, request_id, lora_request)   # LoRAError if unusable
         prompt_text, prompt_ids = self._tokenize(prompt)
         params.check_token_ids(self.vocab_size)
         max_tokens = params.resolve_max_tokens(len(prompt_ids), self.max_model_len)
@@ -154,7 +169,7 @@ class Engine:
                 min_tokens=min(params.resolve_min_tokens(len(prompt_ids)), max_tokens), eos_token_ids=eos,
                 stop_token_ids=frozenset(params.stop_token_ids), bad_words_token_ids=bad_words,
                 generator=self._generator(params.seed, index), arrival_s=now,
-                prefill_leader=group.children[0] if index else None)
+                prefill_leader=group.children[0] if index else None, lora_request=lora_request)
             if grammars is not None:   # each sibling follows the grammar on its own
                 child.structured = grammars.new_state(params.structured_outputs)
             if params.logprobs is not None:
@@ -220,6 +235,8 @@ class Engine:
     # ---- the step --------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.executor is not None:
+            self.executor.check_alive()   # a dead worker: a clear error now, never a hang in a collective
         if self.decode_overlap is not None:
             return self.decode_overlap.step()
         schedule = self.scheduler.schedule()
@@ -327,6 +344,11 @@ class Engine:
             return None
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers (also done when the engine is collected or at exit)."""
+        if getattr(self, "executor", None) is not None:
+            self.executor.shutdown()
+
     def stats(self) -> dict:
         blocks = self.block_manager
         return {
@@ -355,10 +377,31 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
-def _kv_spec(hf_config, dtype: torch.dtype) -> KVCacheSpec:
-    num_heads = getattr(hf_config, "num_attention_heads", None) or hf_config.n_head
+def kv_cache_spec(hf_config, dtype: torch.dtype, tp_size: int = 1) -> KVCacheSpec:
+    """One rank's KV cache shape: its share of the kv heads (all of them at tensor_parallel_size 1)."""
+    from ondo.distributed.sharding import attention_heads, kv_heads_per_rank
+
+    num_heads, num_kv_heads = attention_heads(hf_config)
     hidden = getattr(hf_config, "hidden_size", None) or hf_config.n_embd
     head_dim = getattr(hf_config, "head_dim", None) or hidden // num_heads
-    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
     num_layers = getattr(hf_config, "num_hidden_layers", None) or hf_config.n_layer
-    return KVCacheSpec(num_layers, num_kv_heads, head_dim, dtype)
+    return KVCacheSpec(num_layers, kv_heads_per_rank(num_kv_heads, tp_size), head_dim, dtype)
+
+
+def kv_budget_bytes(config: EngineConfig, device: torch.device, spec: KVCacheSpec, max_model_len: int) -> int:
+    """Bytes this process may give its KV cache (see docs/architecture.md, "KV cache size")."""
+    if config.kv_cache_memory_bytes is not None:
+        return config.kv_cache_memory_bytes
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free - total * (1 - config.gpu_memory_utilization))
+    # Enough for max_num_seqs full-length requests, within the CPU default budget.
+    return min(CPU_KV_CACHE_BYTES, config.max_num_seqs * max_model_len * spec.bytes_per_token())
+
+
+def _start_tensor_parallel(config: EngineConfig):
+    if config.tensor_parallel_size == 1:
+        return None
+    from ondo.distributed.executor import TensorParallelExecutor
+
+    return TensorParallelExecutor(config, _resolve_device(config.device))

@@ -1,5 +1,9 @@
 """Turns a SchedulerOutput into one flat token batch, runs the model once, and returns logits.
 
+Two halves: `prepare` (host) turns the schedule into a `StepInput` of plain arrays, `run` (device)
+executes one: graph replay or eager forward, then logits selection. With tensor parallelism rank 0
+prepares once and every rank runs the same StepInput.
+
 No padding: the tokens of every scheduled request are concatenated; positions, the slot mapping and
 the attention metadata tell the attention layers which tokens belong together.
 """
@@ -8,6 +12,7 @@ from __future__ import annotations
 import math
 import mmap
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -24,10 +29,40 @@ class ModelRunnerOutput:
     prompt_logits: dict[int, torch.Tensor]       # scheduled index -> [num_new_tokens, vocab] for prompt_logprobs
 
 
+@dataclass
+class StepInput:
+    """One step's inputs as plain data (numpy arrays, ints, lists): what the host prepares from a
+    SchedulerOutput and a device executes. Nothing here refers to a Request, so it can be pickled and
+    sent to the other tensor-parallel ranks (or another process) as it is."""
+    positions: np.ndarray          # [T] int64: absolute position of each new token
+    slot_mapping: np.ndarray       # [T] int64: cache slot each new token's K/V goes to
+    query_start_loc: np.ndarray    # [S + 1] int32: seq i's tokens are rows [qsl[i], qsl[i+1])
+    seq_lens: np.ndarray           # [S] int32: tokens of each sequence after this step
+    block_tables: np.ndarray       # [S, max_blocks] int32, padded with 0
+    sample_rows: np.ndarray        # [num_sampling] int64: token rows whose logits are sampled
+    sample_indices: list[int]      # scheduled index of each sampled row
+    prompt_logits_rows: list[tuple[int, int, int]]   # (scheduled index, first row, end row) for prompt_logprobs
+    max_query_len: int
+    max_seq_len: int
+    is_decode: bool                # every sequence has exactly one new token
+    use_graph: bool                # replay a captured CUDA graph (decode only)
+    input_ids: np.ndarray | None = None   # [T] int64; None = already on the device (a decode launched ahead)
+    lora_slots: np.ndarray | None = None  # [S] int32 adapter slot per sequence; None = no adapters
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.positions)
+
+
+class StepSender(Protocol):
+    def __call__(self, step: StepInput) -> None: ...
+    def step_failed(self, error: BaseException) -> None: ...
+
+
 @dataclass(frozen=True)
 class KVCacheSpec:
     num_layers: int
-    num_kv_heads: int
+    num_kv_heads: int              # of this rank (the whole model's at tensor_parallel_size 1)
     head_dim: int
     dtype: torch.dtype
 
@@ -45,7 +80,11 @@ class ModelRunner:
         self.kv_caches = _allocate_kv_caches(shape, spec, device)
         self.pin_memory = device.type == "cuda"
         self.backend = None if enforce_eager else _fast_backend(device, spec.dtype)
+        # With tensor parallelism: hands each step's StepInput to the other ranks before it runs here
+        # (`sender(step)`), and hears of a step that failed here (`sender.step_failed(error)`).
+        self.step_sender: StepSender | None = None
         self.cuda_graphs = None
+        self.lora_manager = None   # set by the engine with enable_lora: writes each token's adapter slot
         if self.backend is not None:
             from ondo.engine.cuda_graphs import CudaGraphRunner
 
@@ -53,26 +92,29 @@ class ModelRunner:
                                                max_model_len, block_size, device)
             self.cuda_graphs.capture()
 
-    @torch.inference_mode()
     def execute(self, output: SchedulerOutput, input_ids: torch.Tensor | None = None) -> ModelRunnerOutput:
         """`input_ids` ([num_scheduled] on the device) is for a decode step launched before its input
         tokens reached the host (see async_decode.py): one token per request, every request samples."""
+        if self.lora_manager is not None:
+            self.lora_manager.prepare(output)
+        step = self.prepare(output, with_input_ids=input_ids is None)
+        if self.step_sender is None:
+            return self.run(step, input_ids)
+        self.step_sender(step)
+        try:
+            return self.run(step, input_ids)
+        except BaseException as error:
+            self.step_sender.step_failed(error)
+            raise
+
+    # ---- host side: SchedulerOutput -> StepInput -------------------------------------------------
+
+    def prepare(self, output: SchedulerOutput, with_input_ids: bool = True) -> StepInput:
+        """The step's plain inputs; without `with_input_ids` the token ids are left to the caller and
+        every request samples (a decode step launched ahead of its input tokens)."""
         if self._graph_step(output):
-            return self._run_graph(output, input_ids)
-        if input_ids is not None:
-            _, positions, meta, sample_rows, sample_indices = self._prepare(output, with_input_ids=False)
-        else:
-            input_ids, positions, meta, sample_rows, sample_indices = self._prepare(output)
-        with set_forward_context(ForwardContext(meta, self.kv_caches, self.backend, self.backend is not None)):
-            hidden = self.model(input_ids, positions)                    # [T, hidden]
-        prompt_logits = {}
-        start = 0
-        for i, item in enumerate(output.scheduled):
-            if item.request.wants_prompt_logprobs and item.request.num_computed_tokens < item.request.num_prompt_tokens:
-                prompt_logits[i] = self.model.compute_logits(hidden[start:start + item.num_new_tokens])
-            start += item.num_new_tokens
-        sample_logits = self.model.compute_logits(hidden[sample_rows])   # [num_sampling, vocab]
-        return ModelRunnerOutput(sample_logits, sample_indices, prompt_logits)
+            return self._prepare_decode(output, with_input_ids)
+        return self._prepare_flat(output, with_input_ids)
 
     def _graph_step(self, output: SchedulerOutput) -> bool:
         """Decode-only steps (one token per request) that no prompt_logprobs request needs eager."""
@@ -87,37 +129,33 @@ class ModelRunner:
         graphs = self.cuda_graphs
         return graphs.bucket(num_seqs) if graphs is not None and graphs.fits(num_seqs) else num_seqs
 
-    def _run_graph(self, output: SchedulerOutput, device_input_ids: torch.Tensor | None) -> ModelRunnerOutput:
-        """A decode-only step (one new token per request) through the captured graphs."""
+    def _prepare_decode(self, output: SchedulerOutput, with_input_ids: bool) -> StepInput:
+        """A decode-only step (one new token per request) for the captured graphs."""
         n = len(output.scheduled)
         requests = [item.request for item in output.scheduled]
         positions = np.fromiter((r.num_computed_tokens for r in requests), dtype=np.int64, count=n)
         input_ids = None
-        if device_input_ids is None:
+        if with_input_ids:
             # Usually the last sampled token, but a 1-token chunk of a prompt takes that prompt token.
             input_ids = np.fromiter((r.token_ids(r.num_computed_tokens, r.num_computed_tokens + 1)[0]
                                      for r in requests), dtype=np.int64, count=n)
         tables = np.array(_pad([r.block_table for r in requests]), dtype=np.int32)
         block_ids = tables[np.arange(n), positions // self.block_size]
         slot_mapping = block_ids.astype(np.int64) * self.block_size + positions % self.block_size
-        logits = self.cuda_graphs.run(input_ids, positions, slot_mapping, (positions + 1).astype(np.int32), tables,
-                                      device_input_ids=device_input_ids)
-        if device_input_ids is not None:
-            return ModelRunnerOutput(logits, list(range(n)), {})
-        sample_indices = [i for i, item in enumerate(output.scheduled) if item.samples]
-        if len(sample_indices) < n:   # a 1-token prompt chunk among the decodes samples nothing
-            logits = logits[self.to_device(np.array(sample_indices, dtype=np.int64))]
-        return ModelRunnerOutput(logits, sample_indices, {})
+        sample_indices = ([i for i, item in enumerate(output.scheduled) if item.samples] if with_input_ids
+                          else list(range(n)))
+        seq_lens = (positions + 1).astype(np.int32)
+        return StepInput(positions, slot_mapping, np.arange(n + 1, dtype=np.int32), seq_lens, tables,
+                         np.array(sample_indices, dtype=np.int64), sample_indices, [], 1, int(seq_lens.max()),
+                         is_decode=True, use_graph=True, input_ids=input_ids)
 
-    def _prepare(self, output: SchedulerOutput, with_input_ids: bool = True):
-        """Flat inputs and metadata; without `with_input_ids` the token ids are left to the caller and every
-        request samples (a decode step launched ahead of its input tokens)."""
+    def _prepare_flat(self, output: SchedulerOutput, with_input_ids: bool) -> StepInput:
         scheduled = output.scheduled
         num_tokens = output.num_batched_tokens
-        input_ids = np.empty(num_tokens, dtype=np.int64)
+        input_ids = np.empty(num_tokens, dtype=np.int64) if with_input_ids else None
         positions = np.empty(num_tokens, dtype=np.int64)
         query_lens, seq_lens, tables = [], [], []
-        sample_rows, sample_indices = [], []
+        sample_rows, sample_indices, prompt_rows = [], [], []
         start = 0
         for i, item in enumerate(scheduled):
             request, n = item.request, item.num_new_tokens
@@ -128,6 +166,8 @@ class ModelRunner:
             query_lens.append(n)
             seq_lens.append(first + n)
             tables.append(request.block_table)
+            if request.wants_prompt_logprobs and first < request.num_prompt_tokens:
+                prompt_rows.append((i, start, start + n))
             if item.samples or not with_input_ids:
                 sample_rows.append(start + n - 1)
                 sample_indices.append(i)
@@ -137,16 +177,45 @@ class ModelRunner:
         slot_mapping = block_ids.astype(np.int64) * self.block_size + positions % self.block_size
         query_start_loc = np.zeros(len(scheduled) + 1, dtype=np.int32)
         np.cumsum(query_lens, out=query_start_loc[1:])
+        max_query_len = max(query_lens)
+        return StepInput(positions, slot_mapping, query_start_loc, np.array(seq_lens, dtype=np.int32), table_array,
+                         np.array(sample_rows, dtype=np.int64), sample_indices, prompt_rows, max_query_len,
+                         max(seq_lens), is_decode=max_query_len == 1, use_graph=False, input_ids=input_ids)
+
+    # ---- device side: StepInput -> logits ---------------------------------------------------------
+
+    @torch.inference_mode()
+    def run(self, step: StepInput, device_input_ids: torch.Tensor | None = None) -> ModelRunnerOutput:
+        """The forward of one step (graph replay or eager) and the logits of its sampled rows. Every
+        tensor-parallel rank runs this with the same `step`, so the collectives inside match."""
+        if step.use_graph:
+            n = len(step.positions)
+            logits = self.cuda_graphs.run(step.input_ids, step.positions, step.slot_mapping, step.seq_lens,
+                                          step.block_tables, device_input_ids=device_input_ids)
+            if len(step.sample_indices) < n:   # a 1-token prompt chunk among the decodes samples nothing
+                logits = logits[self.to_device(step.sample_rows)]
+            return ModelRunnerOutput(logits, step.sample_indices, {})
+        input_ids, positions, meta = self.device_inputs(step, device_input_ids)
+        with set_forward_context(ForwardContext(meta, self.kv_caches, self.backend, self.backend is not None)):
+            hidden = self.model(input_ids, positions)                        # [T, hidden]
+        prompt_logits = {i: self.model.compute_logits(hidden[start:end]) for i, start, end in step.prompt_logits_rows}
+        rows = self.to_device(step.sample_rows)
+        sample_logits = self.model.compute_logits(hidden[rows])               # [num_sampling, vocab]
+        return ModelRunnerOutput(sample_logits, step.sample_indices, prompt_logits)
+
+    def device_inputs(self, step: StepInput, device_input_ids: torch.Tensor | None = None):
+        """(input_ids [T], positions [T], AttentionMetadata) of an eager step, on the device."""
+        input_ids = device_input_ids if device_input_ids is not None else self.to_device(step.input_ids)
+        qsl = step.query_start_loc
         meta = AttentionMetadata(
-            slot_mapping=self.to_device(slot_mapping),
-            query_start_loc=self.to_device(query_start_loc),
-            seq_lens=self.to_device(np.array(seq_lens, dtype=np.int32)),
-            block_tables=self.to_device(table_array),
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
-            is_decode=max(query_lens) == 1)
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        return self.to_device(input_ids), self.to_device(positions), meta, rows, sample_indices
+            slot_mapping=self.to_device(step.slot_mapping),
+            query_start_loc=self.to_device(qsl),
+            seq_lens=self.to_device(step.seq_lens),
+            block_tables=self.to_device(step.block_tables),
+            max_query_len=step.max_query_len, max_seq_len=step.max_seq_len,
+            query_lens_cpu=(qsl[1:] - qsl[:-1]).tolist(), seq_lens_cpu=step.seq_lens.tolist(),
+            is_decode=step.is_decode)
+        return input_ids, self.to_device(step.positions), meta
 
     def to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(array)

@@ -41,14 +41,19 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True):
+                 enable_chunked_prefill: bool = True, prefill_tokens_while_decoding: int | None = None):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
+        # Where a step's time grows with its tokens (the CPU), a long prompt would stall every
+        # decoding request for its whole prefill: while some request decodes, decodes go first and
+        # prompts get at most this many tokens per step. A prompt alone still gets the whole budget.
+        self.prefill_tokens_while_decoding = prefill_tokens_while_decoding
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.lora_slots = None   # the LoRAManager when adapters are enabled: admission needs an adapter slot
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -60,8 +65,14 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
+        order = list(self.running)
+        if self.prefill_tokens_while_decoding is not None and self.enable_chunked_prefill:
+            num_decoding = sum(1 for r in order if r.num_tokens - r.num_computed_tokens == 1)
+            if num_decoding:
+                budget = min(budget, num_decoding + self.prefill_tokens_while_decoding)
+                order.sort(key=lambda r: r.num_tokens - r.num_computed_tokens > 1)   # decodes first, stable
 
-        for request in list(self.running):
+        for request in order:
             if budget == 0 or request in preempted:
                 continue
             num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
@@ -90,6 +101,9 @@ class Scheduler:
             if leader is not None and not leader.is_finished and leader.num_computed_tokens < leader.num_prompt_tokens:
                 skipped.append(request)   # wait for the sibling's prompt blocks to share them
                 continue
+            if self.lora_slots is not None and not self.lora_slots.acquire(request):
+                skipped.append(request)   # every adapter slot is held by running requests: wait for one
+                continue
             if request.num_computed_tokens == 0 and not request.block_table:
                 request.num_computed_tokens = self.blocks.match_prefix(request)
                 request.num_cached_tokens = request.num_computed_tokens
@@ -111,6 +125,8 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.blocks.free(request)
+        if self.lora_slots is not None:
+            self.lora_slots.release(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
@@ -134,3 +150,5 @@ class Scheduler:
             except ValueError:
                 pass
         self.blocks.free(request)
+        if self.lora_slots is not None:
+            self.lora_slots.release(request)

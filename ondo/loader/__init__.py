@@ -65,7 +65,9 @@ def load_model(config: EngineConfig, device: torch.device) -> tuple[LoadedModel,
     source = config.model
     if config.load_format == "dummy" and source in dummy.KNOWN_CONFIGS:
         hf_config = dummy.known_config(source)
-        return _build(hf_config, None, config, device, source, weights=None, folder=None)
+        # A config name has no folder to take a tokenizer from: --tokenizer names one.
+        tokenizer = _folder_tokenizer(config, Path(config.tokenizer)) if config.tokenizer else None
+        return _build(hf_config, tokenizer, config, device, source, weights=None, folder=None)
     path = builtin_model_path() if source is None else Path(os.path.expanduser(source))
     if not path.exists():
         raise ModelLoadError(f"model not found: {path} (give an HF model folder, a .gguf file or a config.json)")

@@ -21,6 +21,20 @@ KNOWN_CONFIGS = {
                          num_key_value_heads=3, vocab_size=49152, rms_norm_eps=1e-5,
                          max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
                          torch_dtype="bfloat16"),
+    # 140 GB in bf16: needs tensor_parallel_size >= 2 on 141 GB GPUs.
+    "llama3-70b": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=8192,
+                       intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5,
+                       max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
+                       torch_dtype="bfloat16"),
+    # The tutorials' model: logit soft-capping, sliding window on every other layer, head_dim 256.
+    "gemma2-9b": dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], hidden_size=3584,
+                      intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
+                      num_key_value_heads=8, head_dim=256, vocab_size=256000, rms_norm_eps=1e-6,
+                      max_position_embeddings=8192, rope_theta=10000.0, tie_word_embeddings=True,
+                      sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                      query_pre_attn_scalar=256, hidden_activation="gelu_pytorch_tanh",
+                      torch_dtype="bfloat16"),
 }
 
 
@@ -37,18 +51,20 @@ def randomize(model: nn.Module, seed: int = 0) -> None:
     from ondo.layers.linear import DENSE, linear_layers
     from ondo.models.weights import finish_loading
 
-    generators: dict[torch.device, torch.Generator] = {}   # drawn where the weights live: fast on a GPU
+    import zlib
 
-    def noise(shape, device):
-        generator = generators.setdefault(device, torch.Generator(device).manual_seed(seed))
+    def noise(name, shape, device):
+        # Seeded per parameter name, drawn where the weights live (fast on a GPU): a replicated parameter
+        # gets the same values on every tensor-parallel rank whatever the other ranks' shard shapes are.
+        generator = torch.Generator(device).manual_seed(seed + zlib.crc32(name.encode()))
         return torch.randn(shape, generator=generator, dtype=torch.float32, device=device) * 0.02
 
     packed = {name: layer for name, layer in linear_layers(model) if layer.method is not DENSE}
     for name, param in model.named_parameters():
         if name.endswith("norm.weight") or ".ln_" in name or name.rpartition(".")[0] in packed:
             continue  # norm scales stay as built (ones, or zeros for Gemma's offset form)
-        param.copy_(noise(param.shape, param.device).to(param.dtype))
+        param.copy_(noise(name, param.shape, param.device).to(param.dtype))
     device = next(model.parameters()).device                # norms stay dense: every model has one
-    for layer in packed.values():
-        layer.load("weight", noise((layer.out_features, layer.in_features), device))
+    for name, layer in packed.items():
+        layer.load("weight", noise(name, layer.full_shape, device))   # the checkpoint's shape: load cuts the shard
     finish_loading(model)

@@ -40,8 +40,8 @@ class GemmaMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=False)
-        self.down_proj = Linear(size, config.hidden_size, bias=False)
+        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=False, parallel="column")
+        self.down_proj = Linear(size, config.hidden_size, bias=False, parallel="row")
         self.act = GatedActivation(config.hidden_activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ from torch import nn
 
 from ondo.layers.activation import get_activation
 from ondo.layers.attention import Attention
-from ondo.layers.linear import Linear, VocabEmbedding, LMHead
+from ondo.distributed.parallel_state import divide
+from ondo.layers.linear import Linear, LMHead, MergedLinear, VocabEmbedding
 from ondo.models.weights import load_weights
 
 # Projections that transformers stores as Conv1D ([in, out]).
@@ -21,17 +22,18 @@ class GPT2Attention(nn.Module):
     def __init__(self, config, layer_idx: int):
         super().__init__()
         hidden = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.head_dim = hidden // self.num_heads
+        self.head_dim = hidden // config.num_attention_heads
+        self.num_heads = divide(config.num_attention_heads, "num_attention_heads")   # this rank's
         scale = self.head_dim ** -0.5 if getattr(config, "scale_attn_weights", True) else 1.0
         if getattr(config, "scale_attn_by_inverse_layer_idx", False):
             scale /= float(layer_idx + 1)
-        self.c_attn = Linear(hidden, 3 * hidden, bias=True)
-        self.c_proj = Linear(hidden, hidden, bias=True)
+        # One HF matrix holding q, k and v: split per projection so each rank keeps its heads' rows.
+        self.c_attn = MergedLinear(hidden, [hidden] * 3, bias=True, parallel="column")
+        self.c_proj = Linear(hidden, hidden, bias=True, parallel="row")
         self.attn = Attention(self.num_heads, self.head_dim, scale, self.num_heads, layer_idx)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.c_attn(hidden).chunk(3, dim=-1)             # [T, hidden] each
+        q, k, v = self.c_attn.split(self.c_attn(hidden))           # [T, H*D] each (this rank's heads)
         return self.c_proj(self.attn(q, k, v))
 
 
@@ -39,8 +41,8 @@ class GPT2MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         inner = config.n_inner if getattr(config, "n_inner", None) is not None else 4 * config.hidden_size
-        self.c_fc = Linear(config.hidden_size, inner, bias=True)
-        self.c_proj = Linear(inner, config.hidden_size, bias=True)
+        self.c_fc = Linear(config.hidden_size, inner, bias=True, parallel="column")
+        self.c_proj = Linear(inner, config.hidden_size, bias=True, parallel="row")
         self.act = get_activation(config.activation_function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from ondo.engine.forward_context import fused_ops_enabled
 from ondo.layers import fused
 from ondo.layers.activation import GatedActivation
 from ondo.layers.attention import Attention
-from ondo.layers.linear import Linear, MergedLinear, VocabEmbedding, LMHead
+from ondo.layers.linear import Linear, LMHead, MergedLinear, QKVLinear, VocabEmbedding
 from ondo.layers.norm import RMSNorm
 from ondo.layers.rotary import RotaryEmbedding, apply_rotary
 from ondo.models.weights import LLAMA_STACKED, load_weights
@@ -22,13 +22,17 @@ def head_dim_of(config) -> int:
 
 
 class LlamaAttention(nn.Module):
+    """Under tensor parallelism each rank holds its own query heads (and the KV heads they read) in
+    `qkv_proj` (column-parallel); `o_proj` is row-parallel, so the ranks' outputs are summed."""
+
     def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool, sliding_window: int | None = None):
         super().__init__()
         self.head_dim = head_dim_of(config)
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias)
-        self.o_proj = Linear(q_size, config.hidden_size, bias=o_bias)
+        self.qkv_proj = QKVLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
+                                  config.num_key_value_heads, bias=qkv_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads   # this rank's
+        self.o_proj = Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=o_bias,
+                             parallel="row")
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads,
                               layer_idx, sliding_window=sliding_window)
 
@@ -48,8 +52,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, config, bias: bool = False):
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=bias)
-        self.down_proj = Linear(size, config.hidden_size, bias=bias)
+        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=bias, parallel="column")
+        self.down_proj = Linear(size, config.hidden_size, bias=bias, parallel="row")
         self.act = GatedActivation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

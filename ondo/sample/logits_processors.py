@@ -179,7 +179,9 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
     top_p: [rows] (1.0 = off): drop the least likely tokens while their total mass <= 1 - top_p;
     the most likely token always stays."""
     vocab_size = logits.shape[1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [rows, vocab]
+    # Stable: equal logits in token-id order, so the tokens top_p keeps of a tie group are the
+    # same on every device (and in the candidates' fast path, candidates.py).
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [rows, vocab]
     if top_k is not None:
         kth_index = (top_k.clamp(1, vocab_size) - 1)[:, None]  # [rows, 1]
         kth = sorted_logits.gather(1, kth_index)  # [rows, 1]

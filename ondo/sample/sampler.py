@@ -28,7 +28,15 @@ Greedy rows then take the argmax. Sampling rows go on with
 Log-probabilities are the raw `log_softmax` of the model's logits, before any processor
 (vLLM's default "raw_logprobs"): they describe the model, not the decoding options.
 
-Everything stays on `logits.device`; the only device -> host copy is the final `.tolist()`.
+Fast paths, each exact against the reference it replaces (tests/sample/test_sampler_fast.py):
+- penalties read per-request token presence / counts kept on the device and updated with each
+  step's new tokens (penalty_state.py), not rebuilt from the token lists;
+- top_k / top_p / min_p are decided among each row's most likely tokens (candidates.py; one fused
+  kernel on CUDA, candidates_triton.py) instead of sorting the vocabulary; a row whose candidates
+  cannot prove its kept set comes back -1 and is redone with the full sort (`warp` + `draw`).
+
+Everything stays on `logits.device`; the only device -> host copy is the final `.tolist()` (and a
+second one in the rare step that redoes a row).
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ondo.sample import logits_processors as lp
+from ondo.sample.candidates import candidate_budget, draw_candidates, select_candidates
+from ondo.sample.penalty_state import PenaltyState
 from ondo.sample.structured import apply_token_bitmask, fill_bitmask
 from ondo.sample.token_history import TokenHistory
 
@@ -63,6 +73,8 @@ class Sampler:
 
     def __init__(self) -> None:
         self._history = TokenHistory()
+        self._penalties = PenaltyState()
+        self.num_redone_rows = 0  # rows the candidates could not decide, sampled again (a statistic)
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[Any]) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(requests):
@@ -71,12 +83,40 @@ class Sampler:
         raw_logits = logits
         logits = self.apply_processors(logits, requests)
         token_ids = self._choose(logits, requests)
-        return _pack_output(raw_logits, token_ids, requests)
+        out = _pack_output(raw_logits, token_ids, requests)
+        if min(out.token_ids) < 0:
+            out = self._redo(logits, raw_logits, requests, out)
+        return out
+
+    def sample_on_device(self, logits: torch.Tensor, requests: Sequence[Any],
+                         pending_token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 0-9 without reading anything back (a decode step launched ahead): the token ids
+        [rows] on the device, -1 for a row that `redo` must decide, and the processed logits
+        [rows, vocab] that `redo` needs. Log-probs are not computed."""
+        processed = self.apply_processors(logits, requests, pending_token_ids)
+        return self._choose(processed, requests), processed
+
+    def redo(self, processed: torch.Tensor, requests: Sequence[Any], token_ids: list[int]) -> list[int]:
+        """`token_ids` with its -1 rows sampled by the full sort (after `sample_on_device`). Their
+        penalty rows counted a placeholder token for them if a step was launched on it: forgotten."""
+        rows = [i for i, t in enumerate(token_ids) if t < 0]
+        self.num_redone_rows += len(rows)
+        index = _long(rows, processed.device)
+        redone = draw(warp(processed.index_select(0, index), [requests[i].sampling_params for i in rows]),
+                      [requests[i].generator for i in rows]).tolist()
+        self._penalties.forget([requests[i] for i in rows])
+        fixed = list(token_ids)
+        for i, token in zip(rows, redone):
+            fixed[i] = token
+        return fixed
 
     # ---- steps 0-7: processors shared by greedy and sampling rows ------------------------------
 
-    def apply_processors(self, logits: torch.Tensor, requests: Sequence[Any]) -> torch.Tensor:
-        """Steps 0-7 (see the module docstring); returns new logits, the input is left intact."""
+    def apply_processors(self, logits: torch.Tensor, requests: Sequence[Any],
+                         pending_token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Steps 0-7 (see the module docstring); returns new logits, the input is left intact.
+        pending_token_ids: [rows] on the device, each request's newest token when it is not in
+        `output_token_ids` yet (a step launched ahead, engine/async_decode.py); the penalties count it."""
         vocab_size = logits.shape[1]
         device = logits.device
         params = [r.sampling_params for r in requests]
@@ -97,21 +137,14 @@ class Sampler:
                     logits[i] = _call_custom(fn, requests[i], logits[i])
             masked = True
 
-        rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        rows = [i for i, p in enumerate(params)
+                if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty]
         if rows:
-            history = [self._history.full(requests[i]) for i in rows]
-            seen = lp.token_presence(lp.padded_right(history, vocab_size, device), vocab_size)
-            penalty = _row_values(params, rows, "repetition_penalty", device)
-            logits = _on_rows(logits, rows, lambda x: lp.apply_repetition_penalty(x, seen, penalty))
-
-        rows = [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
-        if rows:
-            outputs = [self._history.output(requests[i]) for i in rows]
-            counts = lp.token_counts(lp.padded_right(outputs, vocab_size, device), vocab_size)
-            presence = _row_values(params, rows, "presence_penalty", device)
-            frequency = _row_values(params, rows, "frequency_penalty", device)
-            logits = _on_rows(logits, rows, lambda x: lp.apply_presence_frequency(
-                x, counts, presence, frequency))
+            pending = pending_token_ids
+            if pending is not None and len(rows) != len(requests):
+                pending = pending.index_select(0, _long(rows, device))
+            logits = _on_rows(logits, rows, self._penalties_step([requests[i] for i in rows], vocab_size,
+                                                                 device, pending))
 
         for size in sorted({p.no_repeat_ngram_size for p in params} - {0}):
             rows = [i for i, p in enumerate(params) if p.no_repeat_ngram_size == size]
@@ -150,6 +183,31 @@ class Sampler:
             logits = torch.where(empty, raw_logits, logits)
         return logits
 
+    def _penalties_step(self, requests: list[Any], vocab_size: int, device: torch.device,
+                        pending: torch.Tensor | None) -> Callable:
+        """Step 2 from the device-side token presence / counts of each request (penalty_state.py)."""
+        params = [r.sampling_params for r in requests]
+        need_seen = any(p.repetition_penalty != 1.0 for p in params)
+        need_counts = any(p.presence_penalty or p.frequency_penalty for p in params)
+        state = self._penalties.rows(requests, vocab_size, device, need_seen, need_counts, pending)
+        values = lp.host_to_device([[float(p.repetition_penalty), float(p.presence_penalty),
+                                     float(p.frequency_penalty)] for p in params], torch.float32,
+                                   device)  # [rows, 3]
+        penalty, presence, frequency = values.unbind(1)  # [rows] each
+
+        def apply(x: torch.Tensor) -> torch.Tensor:
+            if x.is_cuda and x.dtype == torch.float32 and _triton_ready():
+                from ondo.sample.penalties_triton import apply_penalties
+
+                return apply_penalties(x, state.seen, state.counts, values)
+            # A row without a repetition penalty has penalty 1.0, and x / 1.0 == x * 1.0 == x.
+            if need_seen:
+                x = lp.apply_repetition_penalty(x, state.seen, penalty)
+            if need_counts:
+                x = lp.apply_presence_frequency(x, state.counts, presence, frequency)
+            return x
+        return apply
+
     def _bad_words_step(self, requests: list[Any], device: torch.device) -> Callable:
         """Build the tensors of step 4 for the rows that ban words; return the function to apply."""
         width = max(1, max(len(w) - 1 for r in requests for w in r.bad_words_token_ids))
@@ -166,17 +224,57 @@ class Sampler:
     # ---- steps 8-9: greedy argmax or warpers + sampling ----------------------------------------
 
     def _choose(self, logits: torch.Tensor, requests: Sequence[Any]) -> torch.Tensor:
+        """[rows] token ids; -1 for a row the candidates could not decide (see `_redo`)."""
         params = [r.sampling_params for r in requests]
         sampling = [i for i, p in enumerate(params) if not p.greedy]
         if not sampling:
             return logits.argmax(dim=-1)  # [rows]
         if len(sampling) == len(requests):
-            return draw(warp(logits, params), [r.generator for r in requests])
+            return sample(logits, params, [r.generator for r in requests])
         token_ids = logits.argmax(dim=-1)  # [rows]; the sampling rows are overwritten below
         index = _long(sampling, logits.device)
-        sampled = draw(warp(logits.index_select(0, index), [params[i] for i in sampling]),
-                       [requests[i].generator for i in sampling])
+        sampled = sample(logits.index_select(0, index), [params[i] for i in sampling],
+                         [requests[i].generator for i in sampling])
         return token_ids.index_copy(0, index, sampled)
+
+    def _redo(self, logits: torch.Tensor, raw_logits: torch.Tensor, requests: Sequence[Any],
+              out: SamplerOutput) -> SamplerOutput:
+        """The rows whose kept set the candidates could not prove (a nucleus wider than the budget,
+        ties past it) are sampled again with the full sort: a second host copy, in those steps only."""
+        rows = [i for i, t in enumerate(out.token_ids) if t < 0]
+        self.num_redone_rows += len(rows)
+        index = _long(rows, logits.device)
+        redone = draw(warp(logits.index_select(0, index), [requests[i].sampling_params for i in rows]),
+                      [requests[i].generator for i in rows])
+        part = _pack_output(raw_logits.index_select(0, index), redone, [requests[i] for i in rows])
+        for j, i in enumerate(rows):
+            out.token_ids[i] = part.token_ids[j]
+            if out.logprobs is not None:
+                out.logprobs[i] = part.logprobs[j]
+            if out.top_logprobs is not None:
+                out.top_logprobs[i] = part.top_logprobs[j]
+        return out
+
+
+def sample(logits: torch.Tensor, params: Sequence[Any],
+           generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Steps 8-9 for sampling rows: the candidates' fast path (candidates.py) for the rows it
+    covers, `warp` + `draw` for the others. [rows] token ids, -1 where the full sort must decide."""
+    vocab_size = logits.shape[1]
+    budgets = [candidate_budget(p, vocab_size) for p in params]
+    fast = [i for i, b in enumerate(budgets) if b is not None]
+    if not fast:
+        return draw(warp(logits, params), generators)
+    if len(fast) == len(params):
+        return _sample_candidates(logits, params, budgets, generators)
+    slow = [i for i, b in enumerate(budgets) if b is None]
+    fast_index, slow_index = _long(fast, logits.device), _long(slow, logits.device)
+    token_ids = torch.empty(len(params), dtype=torch.long, device=logits.device)  # [rows]
+    fast_tokens = _sample_candidates(logits.index_select(0, fast_index), [params[i] for i in fast],
+                                     [budgets[i] for i in fast], [generators[i] for i in fast])
+    slow_tokens = draw(warp(logits.index_select(0, slow_index), [params[i] for i in slow]),
+                       [generators[i] for i in slow])
+    return token_ids.index_copy_(0, fast_index, fast_tokens).index_copy_(0, slow_index, slow_tokens)
 
 
 def warp(logits: torch.Tensor, params: Sequence[Any]) -> torch.Tensor:
@@ -228,6 +326,31 @@ def draw(logits: torch.Tensor, generators: Sequence[torch.Generator | None]) -> 
     return (probs / noise).argmax(dim=-1)  # [rows]
 
 
+# The fused kernels (candidates_triton.py, penalties_triton.py) on CUDA; tests and benchmarks may
+# turn them off. None = not checked yet that Triton imports.
+USE_TRITON: bool | None = None
+
+
+def _triton_ready() -> bool:
+    global USE_TRITON
+    if USE_TRITON is None:
+        try:
+            import triton  # noqa: F401
+            USE_TRITON = True
+        except ImportError:  # PyTorch's operations do the same work, with more launches
+            USE_TRITON = False
+    return USE_TRITON
+
+
+def _sample_candidates(logits: torch.Tensor, params: Sequence[Any], budgets: Sequence[int],
+                       generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    if logits.is_cuda and _triton_ready():
+        from ondo.sample.candidates_triton import sample_candidates
+
+        return sample_candidates(logits, params, budgets, generators)
+    return draw_candidates(select_candidates(logits, params, budgets), generators)
+
+
 def _pack_output(raw_logits: torch.Tensor, token_ids: torch.Tensor,
                  requests: Sequence[Any]) -> SamplerOutput:
     """Chosen tokens and, when asked, their raw log-probs and the top-k, in one host copy."""
@@ -236,7 +359,7 @@ def _pack_output(raw_logits: torch.Tensor, token_ids: torch.Tensor,
     if not need_logprobs:
         return SamplerOutput(token_ids.tolist(), None, None)
     log_probs = raw_logits.float().log_softmax(dim=-1)  # [rows, vocab]
-    chosen = log_probs.gather(1, token_ids[:, None])  # [rows, 1]
+    chosen = log_probs.gather(1, token_ids.clamp(min=0)[:, None])  # [rows, 1]; -1: redone later
     k_max = min(max(p.logprobs or 0 for p in params), raw_logits.shape[1])
     columns = [token_ids[:, None].double(), chosen.double()]
     if k_max:

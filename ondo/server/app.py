@@ -7,13 +7,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from ondo.engine.async_engine import AsyncEngine
 from ondo.server.errors import install_error_handlers
-from ondo.server.routes import api, router
+from ondo.server.guard import GuardMiddleware, ServerLimits
+from ondo.server.routes import api, require_api_key, router
+from ondo.server.serving_lora import router as lora_router
 from ondo.server.serving import ServerState
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -26,7 +28,8 @@ OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`. The playgroun
 
 
 def create_app(engine: AsyncEngine, served_model_name: str | None = None, api_key: str | None = None,
-               tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> FastAPI:
+               tool_call_parser: str | None = None, reasoning_parser: str | None = None,
+               limits: ServerLimits | None = None) -> FastAPI:
     """The app serving `engine`; the engine is started (loaded) when the app starts."""
 
     @asynccontextmanager
@@ -41,10 +44,15 @@ def create_app(engine: AsyncEngine, served_model_name: str | None = None, api_ke
     from ondo import __version__
 
     app = FastAPI(title="ondo", version=__version__, description=_DESCRIPTION, lifespan=lifespan)
-    app.state.ondo = ServerState(engine, served_model_name, api_key, tool_call_parser, reasoning_parser)
+    state = ServerState(engine, served_model_name, api_key, tool_call_parser, reasoning_parser)
+    app.state.ondo = state
+    # Outermost: request ids, shutdown refusals, the API key before the body, the body's cap.
+    app.add_middleware(GuardMiddleware, limits=limits or ServerLimits(), api_key=api_key,
+                       is_draining=lambda: state.draining)
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(api)
+    app.include_router(lora_router, dependencies=[Depends(require_api_key)])
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)

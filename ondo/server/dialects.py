@@ -66,9 +66,13 @@ class Generation:
 
 
 async def start_generation(state: ServerState, response_id: str, prompt_ids: list[int],
-                           params: SamplingParams, prompt_field: str, max_tokens_field: str) -> Generation:
+                           params: SamplingParams, prompt_field: str, max_tokens_field: str,
+                           model: str | None = None) -> Generation:
+    """`model`: the request's, which may name a LoRA adapter."""
+    from ondo.server.serving_lora import lora_for
+
     check_context(len(prompt_ids), params.max_tokens, state.max_model_len, prompt_field, max_tokens_field)
-    job = await start_job(state, response_id, [(None, prompt_ids)], params)
+    job = await start_job(state, response_id, [(None, prompt_ids)], params, lora_for(state, model))
     return Generation(job, prompt_ids)
 
 

@@ -42,16 +42,25 @@ class APIError(Exception):
         return error_body(self.status, self.message, self.param, self.code)
 
 
+_MAX_MESSAGE_CHARS = 1000   # messages quote the client's values; a huge value must not come back whole
+
+
 def error_body(status: int, message: str, param: str | None = None,
                code: str | int | None = None) -> dict[str, Any]:
     # A message may quote the client's text, lone surrogates included; those cannot be UTF-8.
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(message) > _MAX_MESSAGE_CHARS:
+        message = message[:_MAX_MESSAGE_CHARS] + "…"
     return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"),
                       "param": param, "code": code if code is not None else status}}
 
 
 def error_response(error: APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    if error.status in (429, 503):
+        from ondo.server.guard import RETRY_AFTER_S
+
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 

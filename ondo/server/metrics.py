@@ -50,8 +50,14 @@ class ServerMetrics:
                                      registry=self.registry)
         self.generation_tokens = Counter("ondo_generation_tokens", "Tokens generated.",
                                          registry=self.registry)
+        # One count per request (one prompt of an API call), like the latency histograms; a request
+        # with n > 1 choices also counts each choice in ondo_choices_finished.
         self.requests_finished = Counter(
-            "ondo_requests_finished", "Requests finished, by finish reason (abort: the client left or the server stopped).",
+            "ondo_requests_finished", "Requests finished, by finish reason (abort: the client left or the server "
+            "stopped; with several choices: error if any failed, else abort if any was cut, else the first "
+            "choice's reason).", ["finish_reason"], registry=self.registry)
+        self.choices_finished = Counter(
+            "ondo_choices_finished", "Choices (sequences returned) finished, by finish reason.",
             ["finish_reason"], registry=self.registry)
         self.ttft = Histogram("ondo_time_to_first_token_seconds", "Time from arrival to the first token.",
                               buckets=_TTFT_BUCKETS_S, registry=self.registry)
@@ -100,11 +106,21 @@ class RequestTracker:
         if output.finished and not self._done:
             self._done = True
             m.e2e_latency.observe(now - self._arrival_s)
-            for completion in output.outputs:
-                m.requests_finished.labels(completion.finish_reason or "abort").inc()
+            reasons = [completion.finish_reason or "abort" for completion in output.outputs] or ["abort"]
+            for reason in reasons:
+                m.choices_finished.labels(reason).inc()
+            m.requests_finished.labels(_request_reason(reasons)).inc()
 
     def close_unfinished(self) -> None:
         """The request ended without a finished output (client gone, shutdown): count an abort."""
         if not self._done:
             self._done = True
             self._metrics.requests_finished.labels("abort").inc()
+            self._metrics.choices_finished.labels("abort").inc()
+
+
+def _request_reason(reasons: list[str]) -> str:
+    for worst in ("error", "abort"):
+        if worst in reasons:
+            return worst
+    return reasons[0]

@@ -86,13 +86,30 @@ def structured_outputs(request: Any) -> StructuredOutputsParams | None:
         raise bad_request(message, name) from None
 
 
+# The model's generation_config.json options that become defaults of requests (as vLLM does).
+MODEL_SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def model_sampling_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
+    """The sampling options the model's authors chose (generation_config.json), as SamplingParams
+    keywords; a request's own value wins over each. transformers' top_k=0 means off (-1)."""
+    defaults = {k: generation_config[k] for k in MODEL_SAMPLING_DEFAULTS if generation_config.get(k) is not None}
+    if defaults.get("top_k") == 0:
+        defaults["top_k"] = -1
+    return defaults
+
+
 def sampling_params(request: SamplingFields, *, max_tokens: int | None, max_tokens_field: str,
                     logprobs: int | None, logprobs_field: str, vocab_size: int,
-                    num_prompts: int = 1, structured: StructuredOutputsParams | None = None) -> SamplingParams:
+                    num_prompts: int = 1, structured: StructuredOutputsParams | None = None,
+                    defaults: dict[str, Any] | None = None) -> SamplingParams:
     """The request's SamplingParams; a bad value is a 400 naming the request's own field.
-    `structured`: a constraint decided by the caller (a forced tool call) instead of the request's."""
+    `structured`: a constraint decided by the caller (a forced tool call) instead of the request's.
+    `defaults`: values for the options the request leaves unset (the model's generation config)."""
     kwargs: dict[str, Any] = {name: getattr(request, name) for name in _PASSED_THROUGH
                               if getattr(request, name) is not None}
+    for name, value in (defaults or {}).items():
+        kwargs.setdefault(name, value)
     kwargs["max_tokens"] = max_tokens
     kwargs["structured_outputs"] = structured if structured is not None else structured_outputs(request)
     if logprobs is not None:

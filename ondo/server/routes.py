@@ -72,7 +72,10 @@ def metrics(request: Request) -> Response:
 def list_models(request: Request) -> ModelList:
     state = state_of(request)
     state.check_ready()
-    return ModelList(data=[ModelCard(id=state.model_name, max_model_len=state.max_model_len)])
+    from ondo.server.serving_lora import lora_model_cards
+
+    return ModelList(data=[ModelCard(id=state.model_name, max_model_len=state.max_model_len),
+                           *lora_model_cards(state, ModelCard)])
 
 
 @api.post("/v1/completions", response_model=CompletionResponse, responses={200: _STREAM})

@@ -3,10 +3,11 @@ of one API call, following their outputs (metrics, disconnects), SSE framing and
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +18,7 @@ from ondo.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullErro
 from ondo.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from ondo.sampling_params import SamplingParams
 from ondo.server.errors import APIError, bad_request, error_body
+from ondo.server.guard import shown
 from ondo.server.metrics import RequestTracker, ServerMetrics
 from ondo.server.protocol import TokenLogprob, TopLogprob, UsageInfo
 
@@ -35,6 +37,8 @@ class ServerState:
         self.reasoning_parser = reasoning_parser
         self._served_model_name = served_model_name
         self.metrics = ServerMetrics(engine.stats)
+        self.draining = False   # set on SIGTERM: every new request is answered 503
+        self._sampling_defaults: dict[str, Any] | None = None
 
     @property
     def model_name(self) -> str:
@@ -46,6 +50,16 @@ class ServerState:
             return "loading"
         engine = self.engine.engine
         return engine.config.model or Path(engine.model_name).stem
+
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The model's generation_config.json sampling options (temperature, top_p, top_k, min_p,
+        repetition_penalty): defaults for what a request leaves unset, as vLLM applies them."""
+        if self._sampling_defaults is None:
+            from ondo.server.params import model_sampling_defaults
+
+            self._sampling_defaults = model_sampling_defaults(_generation_config(self.engine.engine))
+        return self._sampling_defaults
 
     @property
     def tokenizer(self) -> Any:
@@ -60,15 +74,35 @@ class ServerState:
 
     def check_ready(self) -> None:
         if not self.engine.is_ready:
-            error = self.engine.load_error
-            message = f"the model failed to load: {error}" if error else "the model is still loading; retry shortly"
+            if self.engine.dead_error is not None:
+                message = "the engine failed and the server is restarting; retry shortly"
+            elif self.engine.load_error is not None:
+                message = f"the model failed to load: {self.engine.load_error}"
+            elif self.draining:
+                message = "the server is shutting down; retry on another instance"
+            else:
+                message = "the model is still loading; retry shortly"
             raise APIError(503, message)
 
     def check_model(self, model: str | None) -> None:
         self.check_ready()
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'",
-                           param="model", code="model_not_found")
+        from ondo.server.serving_lora import is_lora_model
+
+        if model is not None and model != self.model_name and not is_lora_model(self, model):
+            raise APIError(404, f"the model '{shown(model)}' does not exist; this server serves "
+                                f"'{self.model_name}'", param="model", code="model_not_found")
+
+
+def _generation_config(engine: Any) -> dict[str, Any]:
+    """The served model folder's generation_config.json ({} for a GGUF file or a config name)."""
+    from ondo.loader.hf import load_generation_config
+
+    model = getattr(engine.config, "model", None)
+    if not model:
+        return {}
+    path = Path(model).expanduser()
+    folder = path.parent if path.is_file() and path.name.endswith(".json") else path
+    return load_generation_config(folder) if folder.is_dir() else {}
 
 
 @dataclass
@@ -93,16 +127,47 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn` (tokenizing, a chat template, request checks) in a worker thread: the event loop
+    must stay free for /health and the other streams while a huge prompt is being tokenized.
+    The request id context goes along, so the worker's log lines name the request."""
+    return await asyncio.to_thread(fn, *args)
+
+
+class _ResolvedBadWordsParams(SamplingParams):
+    """SamplingParams whose `bad_words` were turned into token sequences (`bad_words_ids`, without
+    duplicates) in a worker thread: the engine thread asks for them again and gets them as they are."""
+
+    def bad_words_token_ids(self, tokenizer: Any) -> list[list[int]]:
+        return [list(ids) for ids in self.bad_words_ids]
+
+
+def _resolve_bad_words(params: SamplingParams, tokenizer: Any) -> SamplingParams:
+    """`bad_words` as token sequences, so that the engine thread (which every stream waits on)
+    neither tokenizes nor deduplicates thousands of words: the engine gets the same bans."""
+    resolved = params.bad_words_token_ids(tokenizer)
+    fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.init}
+    return _ResolvedBadWordsParams(**{**fields, "bad_words": [], "bad_words_ids": resolved})
+
+
 async def start_job(state: ServerState, response_id: str, prompts: list[tuple[str | None, list[int]]],
-                    params: SamplingParams) -> Job:
-    """Add every prompt to the engine; on a refusal, take back the ones already added."""
-    job = Job(response_id, state.model_name, prompts, params)
+                    params: SamplingParams, lora_request=None) -> Job:
+    """Add every prompt to the engine (through the LoRA adapter `lora_request`, when given); on a
+    refusal, take back the ones already added."""
+    tokenizer = state.engine.engine.tokenizer
+    if params.bad_words and tokenizer is not None:
+        params = await off_loop(_resolve_bad_words, params, tokenizer)
+    job = Job(response_id, lora_request.lora_name if lora_request else state.model_name, prompts, params)
     queue: asyncio.Queue = asyncio.Queue()
     try:
         for i, (_, ids) in enumerate(prompts):
             request_id = f"{response_id}-{i}"
             job.trackers[request_id] = state.metrics.track()
             job.prompt_index[request_id] = i
+            if lora_request is not None:
+                from ondo.server.serving_lora import bind_lora
+
+                bind_lora(state, request_id, lora_request)
             job.streams.append(await state.engine.add_request(request_id, ids, params, queue))
     except BaseException as exc:
         for stream in job.streams:
@@ -129,8 +194,8 @@ async def job_outputs(state: ServerState, job: Job) -> AsyncIterator[RequestOutp
             if output.error:
                 raise GenerationFailed(output.error)
             yield output
-    except EngineDeadError as exc:
-        raise GenerationFailed(str(exc)) from None
+    except EngineDeadError as exc:   # the engine failed or stopped: retry elsewhere or later
+        raise APIError(503, str(exc)) from None
     finally:
         for tracker in job.trackers.values():
             tracker.close_unfinished()

@@ -12,6 +12,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ondo.outputs import RequestOutput
+from ondo.sampling_params import SamplingParams
 from ondo.server.errors import bad_request
 from ondo.server.chat_output import AnswerParser
 from ondo.server.params import (chat_prompt_ids, check_context, check_supported, sampling_params,
@@ -21,13 +22,39 @@ from ondo.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionRe
 from ondo.server.reasoning import reasoning_parser_for
 from ondo.server.tool_choice import plan_tools
 from ondo.server.tool_parsers import detect_tool_parser
+from ondo.server.serving_lora import lora_for
 from ondo.server.serving import (SSE_DONE, Job, ServerState, chat_logprob_entries, collect_finals,
-                                 finish_reason_of, job_outputs, new_id, positions, sse, sse_error,
+                                 finish_reason_of, job_outputs, new_id, off_loop, positions, sse, sse_error,
                                  start_job, until_disconnected)
 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest,
                                  raw_request: Request) -> ChatCompletionResponse | StreamingResponse:
+    # The chat template and the tokenizer take seconds on a long conversation: never on the event loop.
+    prompt_ids, params, top_logprobs, parsers = await off_loop(_prepare, state, body)
+    job = await start_job(state, new_id("chatcmpl"), [(None, prompt_ids)], params, lora_for(state, body.model))
+    if body.stream:
+        return StreamingResponse(_stream(state, job, body, top_logprobs, parsers), media_type="text/event-stream")
+    finals = await until_disconnected(raw_request, collect_finals(state, job))
+    final = finals.get(job.streams[0].request_id)
+    choices = []
+    for completion in sorted(final.outputs, key=lambda c: c.index) if final else []:
+        logprobs = None
+        if top_logprobs is not None:
+            items = positions(completion, 0, len(completion.token_ids))
+            logprobs = ChatLogprobs(content=chat_logprob_entries(items, top_logprobs, state.tokenizer))
+        parser = parsers[completion.index]
+        fields = parser.message(completion.text) if parser.active else {"content": completion.text}
+        choices.append(ChatChoice(index=completion.index, message=AssistantMessage(**fields), logprobs=logprobs,
+                                  finish_reason=_finish_reason(completion, bool(fields.get("tool_calls"))),
+                                  stop_reason=completion.stop_reason))
+    return ChatCompletionResponse(id=job.response_id, model=job.model, choices=choices, usage=job.usage(finals))
+
+
+def _prepare(state: ServerState, body: ChatCompletionRequest) -> tuple[list[int], SamplingParams, int | None,
+                                                                       list[AnswerParser]]:
+    """The request's checks, prompt ids, SamplingParams, top_logprobs and answer parsers (in a
+    worker thread)."""
     state.check_model(body.model)
     check_supported(body)
     if body.max_tokens is not None and body.max_completion_tokens is not None \
@@ -50,7 +77,8 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     # max_tokens None = up to the end of the context, as OpenAI does for chat.
     params = sampling_params(body, max_tokens=max_tokens, max_tokens_field=max_tokens_field,
                              logprobs=top_logprobs, logprobs_field="top_logprobs",
-                             vocab_size=state.engine.engine.vocab_size, structured=plan.structured)
+                             vocab_size=state.engine.engine.vocab_size, structured=plan.structured,
+                             defaults=state.sampling_defaults)
     prompt_ids = chat_prompt_ids(body, tokenizer, plan)
     check_context(len(prompt_ids), max_tokens, state.max_model_len, "messages", max_tokens_field)
     # A grammar shapes the answer from its first token: there is no thinking to split off then.
@@ -58,23 +86,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
         getattr(state, "reasoning_parser", None), tokenizer.chat_template, body.chat_template_kwargs,
         tokenizer.decode(prompt_ids[-8:], skip_special_tokens=False))
     parsers = [AnswerParser(reasoning, plan.parser) for _ in range(params.n)]
-    job = await start_job(state, new_id("chatcmpl"), [(None, prompt_ids)], params)
-    if body.stream:
-        return StreamingResponse(_stream(state, job, body, top_logprobs, parsers), media_type="text/event-stream")
-    finals = await until_disconnected(raw_request, collect_finals(state, job))
-    final = finals.get(job.streams[0].request_id)
-    choices = []
-    for completion in sorted(final.outputs, key=lambda c: c.index) if final else []:
-        logprobs = None
-        if top_logprobs is not None:
-            items = positions(completion, 0, len(completion.token_ids))
-            logprobs = ChatLogprobs(content=chat_logprob_entries(items, top_logprobs, state.tokenizer))
-        parser = parsers[completion.index]
-        fields = parser.message(completion.text) if parser.active else {"content": completion.text}
-        choices.append(ChatChoice(index=completion.index, message=AssistantMessage(**fields), logprobs=logprobs,
-                                  finish_reason=_finish_reason(completion, bool(fields.get("tool_calls"))),
-                                  stop_reason=completion.stop_reason))
-    return ChatCompletionResponse(id=job.response_id, model=job.model, choices=choices, usage=job.usage(finals))
+    return prompt_ids, params, top_logprobs, parsers
 
 
 def _finish_reason(completion, called_tools: bool) -> str:

@@ -22,9 +22,10 @@ from ondo.server.params import (MAX_LOGPROBS, check_context, check_supported, co
                                 sampling_params)
 from ondo.server.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                   PromptLogprob)
+from ondo.server.serving_lora import lora_for
 from ondo.server.serving import (SSE_DONE, Job, ServerState, collect_finals, finish_reason_of, finite,
-                                 job_outputs, new_id, positions, sse, sse_error, start_job, token_text,
-                                 top_entries, until_disconnected)
+                                 job_outputs, new_id, off_loop, positions, sse, sse_error, start_job,
+                                 token_text, top_entries, until_disconnected)
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
@@ -34,18 +35,10 @@ Scored = list[tuple[int, PositionLogprobs | None]]
 
 async def create_completion(state: ServerState, body: CompletionRequest,
                             raw_request: Request) -> CompletionResponse | StreamingResponse:
-    state.check_model(body.model)
-    check_supported(body)
+    # Tokenizing a long prompt takes seconds: never on the event loop, which serves everyone.
+    prompts, params = await off_loop(_prepare, state, body)
     tokenizer = state.engine.engine.tokenizer
-    prompts = completion_prompts(body, tokenizer, state.engine.engine.vocab_size)
-    params = _params(body, len(prompts), state.engine.engine.vocab_size)
-    for _, ids in prompts:
-        # The default of 16 is cut to the room left; only a max_tokens the client chose is an error.
-        check_context(len(ids), body.max_tokens, state.max_model_len, "prompt", "max_tokens")
-    if body.echo:
-        prompts = [(text if text is not None else tokenizer.decode(ids) if tokenizer else "", ids)
-                   for text, ids in prompts]
-    job = await start_job(state, new_id("cmpl"), prompts, params)
+    job = await start_job(state, new_id("cmpl"), prompts, params, lora_for(state, body.model))
     if body.stream:
         return StreamingResponse(_stream(state, job, body), media_type="text/event-stream")
     finals = await until_disconnected(raw_request, collect_finals(state, job))
@@ -64,7 +57,24 @@ async def create_completion(state: ServerState, body: CompletionRequest,
     return CompletionResponse(id=job.response_id, model=job.model, choices=choices, usage=job.usage(finals))
 
 
-def _params(body: CompletionRequest, num_prompts: int, vocab_size: int) -> SamplingParams:
+def _prepare(state: ServerState, body: CompletionRequest) -> tuple[list[tuple[str | None, list[int]]], SamplingParams]:
+    """The request's checks, prompts (text, token ids) and SamplingParams (in a worker thread)."""
+    state.check_model(body.model)
+    check_supported(body)
+    tokenizer = state.engine.engine.tokenizer
+    prompts = completion_prompts(body, tokenizer, state.engine.engine.vocab_size)
+    params = _params(body, len(prompts), state.engine.engine.vocab_size, state.sampling_defaults)
+    for _, ids in prompts:
+        # The default of 16 is cut to the room left; only a max_tokens the client chose is an error.
+        check_context(len(ids), body.max_tokens, state.max_model_len, "prompt", "max_tokens")
+    if body.echo:
+        prompts = [(text if text is not None else tokenizer.decode(ids) if tokenizer else "", ids)
+                   for text, ids in prompts]
+    return prompts, params
+
+
+def _params(body: CompletionRequest, num_prompts: int, vocab_size: int,
+            defaults: dict[str, Any] | None = None) -> SamplingParams:
     """SamplingParams of the request; prompt log-probs are asked for when echo shows them, when
     prompt_logprobs is set, or to score the prompt alone (max_tokens=0)."""
     if body.prompt_logprobs is not None and not 0 <= body.prompt_logprobs <= MAX_LOGPROBS:
@@ -81,7 +91,7 @@ def _params(body: CompletionRequest, num_prompts: int, vocab_size: int) -> Sampl
     # then both at once below.
     params = sampling_params(body, max_tokens=max(max_tokens, 1), max_tokens_field="max_tokens",
                              logprobs=body.logprobs, logprobs_field="logprobs", num_prompts=num_prompts,
-                             vocab_size=vocab_size)
+                             vocab_size=vocab_size, defaults=defaults)
     wanted = [k for k in (body.prompt_logprobs, body.logprobs if body.echo else None) if k is not None]
     if wanted or score_only:
         params = dataclasses.replace(params, prompt_logprobs=max(wanted, default=0),

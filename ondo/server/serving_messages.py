@@ -20,7 +20,7 @@ from ondo.server.errors import APIError, bad_request
 from ondo.server.protocol import encodable
 from ondo.server.protocol_anthropic import (MESSAGES_NEUTRAL, MESSAGES_UNSUPPORTED, MessagesRequest,
                                             MessagesResponse, MessagesUsage, TextBlock, anthropic_error_body)
-from ondo.server.serving import ServerState, new_id
+from ondo.server.serving import ServerState, new_id, off_loop
 
 # Keys a text block may carry besides its text: hints that change nothing in the output here
 # (ondo caches prompt prefixes on its own).
@@ -74,12 +74,12 @@ async def create_message(state: ServerState, body: MessagesRequest,
     reject_unsupported(body, MESSAGES_NEUTRAL, MESSAGES_UNSUPPORTED)
     messages = conversation(body)
     prefill = body.messages[-1].role == "assistant"
-    prompt_ids = conversation_prompt_ids(state, messages, "messages", continue_final_message=prefill)
+    prompt_ids = await off_loop(conversation_prompt_ids, state, messages, "messages", prefill)
     params = dialect_sampling_params(
         {"temperature": ("temperature", body.temperature), "top_p": ("top_p", body.top_p),
          "top_k": ("top_k", body.top_k), "stop": ("stop_sequences", body.stop_sequences)},
         body.max_tokens, "max_tokens", state.engine.engine.vocab_size)
-    generation = await start_generation(state, new_id("msg"), prompt_ids, params, "messages", "max_tokens")
+    generation = await start_generation(state, new_id("msg"), prompt_ids, params, "messages", "max_tokens", body.model)
     if body.stream:
         return StreamingResponse(_events(state, generation), media_type="text/event-stream")
     completion, final = await final_output(state, generation, raw_request)

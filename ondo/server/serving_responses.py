@@ -24,7 +24,7 @@ from ondo.server.protocol import encodable
 from ondo.server.protocol_responses import (RESPONSES_NEUTRAL, RESPONSES_UNSUPPORTED, IncompleteDetails,
                                             InputTokensDetails, OutputMessage, OutputText, ResponseObject,
                                             ResponsesRequest, ResponseUsage)
-from ondo.server.serving import ServerState, new_id
+from ondo.server.serving import ServerState, new_id, off_loop
 
 MAX_STORED_RESPONSES = 1024
 
@@ -126,7 +126,7 @@ async def create_response(state: ServerState, body: ResponsesRequest,
         history = store.get(body.previous_response_id, "previous_response_id").conversation
     turn = input_messages(body.input)
     system = [{"role": "system", "content": body.instructions}] if body.instructions is not None else []
-    prompt_ids = conversation_prompt_ids(state, system + history + turn, "input")
+    prompt_ids = await off_loop(conversation_prompt_ids, state, system + history + turn, "input")
     params = dialect_sampling_params(
         {"temperature": ("temperature", body.temperature), "top_p": ("top_p", body.top_p),
          "top_k": ("top_k", body.top_k), "min_p": ("min_p", body.min_p),
@@ -134,7 +134,8 @@ async def create_response(state: ServerState, body: ResponsesRequest,
          "seed": ("seed", body.seed), "stop": ("stop", body.stop)},
         body.max_output_tokens, "max_output_tokens", state.engine.engine.vocab_size)
     response_id = new_id("resp")
-    generation = await start_generation(state, response_id, prompt_ids, params, "input", "max_output_tokens")
+    generation = await start_generation(state, response_id, prompt_ids, params, "input", "max_output_tokens",
+                                        body.model)
     skeleton = ResponseObject(
         id=response_id, status="in_progress", model=state.model_name, instructions=body.instructions,
         max_output_tokens=body.max_output_tokens, previous_response_id=body.previous_response_id,

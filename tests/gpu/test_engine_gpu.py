@@ -42,7 +42,7 @@ def engine_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
     request = Request("probe", "probe", 0, prompt, SamplingParams(), 1, 0, frozenset(), frozenset(), [])
     assert engine.block_manager.allocate(request, len(prompt))
     schedule = SchedulerOutput([ScheduledRequest(request, len(prompt))], len(prompt), [])
-    input_ids, positions, meta, _, _ = engine.runner._prepare(schedule)
+    input_ids, positions, meta = engine.runner.device_inputs(engine.runner.prepare(schedule))
     try:
         with torch.inference_mode(), set_forward_context(ForwardContext(meta, engine.runner.kv_caches,
                                                                          engine.runner.backend)):

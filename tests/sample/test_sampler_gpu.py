@@ -77,3 +77,102 @@ def test_seeded_row_is_batch_independent_on_cuda():
 
     alone = run([seeded()], 0)
     assert run([request(temperature=0.5), request(top_k=3), seeded(), request()], 2) == alone
+
+
+def fast_path_batch(device: str) -> list:
+    """Rows that take the candidates' fast path with device-side penalties, one seeded."""
+    reqs = [request(prompt=list(range(100, 612)), output=[5, 6, 5], temperature=0.8, top_p=0.95, top_k=50,
+                    repetition_penalty=1.1),
+            request(prompt=[1, 2, 3], top_p=0.9, presence_penalty=0.5, frequency_penalty=0.2),
+            request(top_k=20, min_p=0.05, temperature=1.3),
+            request(temperature=0)]
+    reqs[0].generator = torch.Generator(device=device).manual_seed(3)
+    return reqs
+
+
+def test_fast_path_matches_cpu_and_never_syncs():
+    from ondo.sample.candidates import candidate_budget, keep_mask, select_candidates
+
+    vocab = 32_000
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(1)) * 3
+    cpu_reqs, gpu_reqs = fast_path_batch("cpu"), fast_path_batch("cuda")
+    sampler = Sampler()
+    cpu = sampler.apply_processors(logits, cpu_reqs)
+    gpu = sampler.apply_processors(logits.cuda(), gpu_reqs)
+    assert_same(gpu.cpu(), cpu)
+    params = [r.sampling_params for r in cpu_reqs[:3]]
+    budgets = [candidate_budget(p, vocab) for p in params]
+    on_cpu = select_candidates(cpu[:3], params, budgets)
+    on_gpu = select_candidates(gpu[:3], params, budgets)
+    decided = ~on_cpu.needs_full_sort
+    assert decided.any()
+    assert torch.equal(on_gpu.needs_full_sort.cpu(), on_cpu.needs_full_sort)
+    assert_same(keep_mask(on_gpu, vocab).cpu()[decided], keep_mask(on_cpu, vocab)[decided])
+
+    on_device = logits.cuda()
+    sampler(on_device, gpu_reqs)  # warm-up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        token_ids = sampler._choose(sampler.apply_processors(on_device, gpu_reqs), gpu_reqs)
+        ahead, _ = sampler.sample_on_device(on_device, gpu_reqs, pending_token_ids=token_ids.clamp(min=0))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert token_ids.shape == ahead.shape == (4,)
+
+
+def test_fast_seeded_row_is_batch_independent_on_cuda():
+    vocab = 32_000
+
+    def run(batch, position):
+        tokens, sampler = [], Sampler()
+        for step in range(5):
+            logits = torch.randn(len(batch), vocab, device="cuda")
+            logits[position] = torch.randn(vocab, generator=torch.Generator().manual_seed(step)).cuda() * 4
+            tokens.append(sampler(logits, batch).token_ids[position])
+        return tokens
+
+    def seeded():
+        r = request(temperature=0.8, top_p=0.95, top_k=50, repetition_penalty=1.1)
+        r.generator = torch.Generator(device="cuda").manual_seed(7)
+        return r
+
+    alone = run([seeded()], 0)
+    assert run([request(temperature=0.5), request(top_k=3), seeded(), request(top_p=0.9), request()], 2) == alone
+
+
+def test_fused_kernel_draws_what_the_torch_rules_draw():
+    from ondo.sample.candidates import candidate_budget, draw_candidates, select_candidates
+    from ondo.sample.candidates_triton import sample_candidates
+
+    vocab = 32_000
+    logits = torch.randn(12, vocab, device="cuda") * 3
+    logits[6:] = (logits[6:] * 2).round() / 2  # ties at the boundaries
+    settings = [dict(top_k=50), dict(top_p=0.9), dict(temperature=0.8, top_k=50, top_p=0.95),
+                dict(top_p=0.5, min_p=0.2), dict(top_k=20, min_p=0.1), dict(top_p=0.999)] * 2
+    params = [request(**s).sampling_params for s in settings]
+    budgets = [candidate_budget(p, vocab) for p in params]
+    generators = [None] * 11 + [torch.Generator(device="cuda")]
+    for trial in range(5):
+        torch.manual_seed(trial)
+        generators[-1].manual_seed(trial)
+        expected = draw_candidates(select_candidates(logits, params, budgets), generators)
+        torch.manual_seed(trial)
+        generators[-1].manual_seed(trial)
+        assert torch.equal(sample_candidates(logits, params, budgets, generators), expected)
+
+
+def test_fused_penalties_match_the_processors():
+    from ondo.sample import logits_processors as lp
+    from ondo.sample.penalties_triton import apply_penalties
+
+    rows, vocab = 5, 151_936
+    x = torch.randn(rows, vocab, device="cuda") * 3
+    x[0, :100] = float("-inf")
+    seen = torch.rand(rows, vocab, device="cuda") < 0.05
+    counts = torch.randint(0, 4, (rows, vocab), device="cuda").float()
+    values = torch.tensor([[1.3, 0.5, 0.2], [1.0, 0.0, 0.0], [0.7, -1.0, 0.3], [1.1, 0.0, 0.0],
+                           [2.0, 1.5, 1.0]], device="cuda")
+    expected = lp.apply_presence_frequency(lp.apply_repetition_penalty(x, seen, values[:, 0]), counts,
+                                           values[:, 1], values[:, 2])
+    assert_same(apply_penalties(x, seen, counts, values), expected)
+    assert torch.equal(apply_penalties(x, seen, None, values), lp.apply_repetition_penalty(x, seen, values[:, 0]))

@@ -116,3 +116,53 @@ def test_a_failed_load_is_reported_not_raised():
             await engine.add_request("x", "hi", SamplingParams())
 
     run_async(main())
+
+
+def test_requests_that_free_slots_can_take_are_not_counted_as_waiting(tiny_engine):
+    # 8 slots and 2 waiting places: 10 simultaneous requests are all accepted (the 8 the next step
+    # starts are not "waiting"); the 11th finds 2 that no slot can take and is refused.
+    engine = AsyncEngine.from_config(EngineConfig(**tiny_engine, max_num_seqs=8), max_waiting=2).start()
+    assert engine.wait_until_loaded(300)
+
+    async def main():
+        params = SamplingParams(max_tokens=200, **LONG)
+        streams = await asyncio.gather(*(engine.add_request(f"r{i}", [1, 2, 3], params) for i in range(10)))
+        assert len(streams) == 10
+        with pytest.raises(QueueFullError, match="waiting queue is full"):
+            await engine.add_request("refused", [1, 2, 3], params)
+        engine.abort_all()
+
+    try:
+        run_async(main())
+    finally:
+        engine.shutdown()
+
+
+def test_a_fatal_step_error_ends_every_stream_and_refuses_new_requests(tiny_engine):
+    engine = AsyncEngine.from_config(EngineConfig(**tiny_engine, max_num_seqs=4)).start()
+    assert engine.wait_until_loaded(300)
+    real_step = engine.engine.step
+    calls = []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("CUDA error: device-side assert triggered (injected)")
+        return real_step()
+
+    engine.engine.step = failing_step
+
+    async def main():
+        params = SamplingParams(max_tokens=200, **LONG)
+        with pytest.raises(EngineDeadError, match="engine failed"):
+            async for _ in engine.generate([1, 2, 3], params, "doomed"):
+                pass
+        with pytest.raises(EngineDeadError):
+            await engine.add_request("late", [1, 2, 3], params)
+
+    try:
+        run_async(asyncio.wait_for(main(), 60))
+        assert engine.wait_until_dead(1) and not engine.is_ready
+        assert "device-side assert" in str(engine.dead_error)
+    finally:
+        engine.shutdown()

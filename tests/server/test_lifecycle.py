@@ -1,5 +1,7 @@
-"""The server's life: 503 while the model loads, 200 after; SIGTERM ends open streams with
-finish_reason "abort" and exits 0; a model that fails to load exits 1."""
+"""The server's life: 503 while the model loads, 200 after; on SIGTERM new requests get 503 at once,
+open streams may finish within the shutdown timeout and are aborted after it (finish_reason
+"abort"), and the process exits 0; a model that fails to load exits 1; an engine that fails while
+serving ends the open streams with an error event, turns /health 503 and exits 1."""
 from __future__ import annotations
 
 import json
@@ -48,8 +50,36 @@ def test_health_is_503_while_loading_then_200(tmp_path, tiny_engine):
         assert process.wait(30) == 0
 
 
-def test_sigterm_aborts_open_streams_and_exits_0(tmp_path, tiny_engine):
-    with live_server(tmp_path, tiny_engine) as server:
+def test_sigterm_lets_open_streams_finish_and_refuses_new_work(tmp_path, tiny_engine):
+    with live_server(tmp_path, tiny_engine, limits={"shutdown_timeout_s": 60}) as server:
+        body = {"prompt": "Drain me", "max_tokens": 40, "stream": True, "ignore_eos": True}
+        with httpx.Client(timeout=60) as other:
+            assert other.get(f"{server.url}/health").status_code == 200  # a kept-alive connection
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+                events = sse_events(response)
+                next(events)
+                server.process.send_signal(signal.SIGTERM)
+                answers = []
+                for _ in range(5):   # right after the signal: refused, never accepted or a 500
+                    try:
+                        answers.append(other.post(f"{server.url}/v1/completions", json={"prompt": "late"}))
+                    except httpx.TransportError:
+                        answers.append(None)
+                    time.sleep(0.02)
+                rest = list(events)
+        for answer in answers:
+            if answer is not None:
+                assert answer.status_code == 503, answer.text
+                assert answer.headers["retry-after"]
+                assert "shutting down" in answer.json()["error"]["message"]
+        assert rest[-1] == "[DONE]"
+        finish = [c["finish_reason"] for event in rest[:-1] for c in event["choices"] if c["finish_reason"]]
+        assert finish == ["length"]
+        assert server.process.wait(30) == 0
+
+
+def test_sigterm_aborts_open_streams_after_the_shutdown_timeout_and_exits_0(tmp_path, tiny_engine):
+    with live_server(tmp_path, tiny_engine, limits={"shutdown_timeout_s": 0}) as server:
         body = {"prompt": "Never ending", "max_tokens": 240, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
             events = sse_events(response)
@@ -62,6 +92,46 @@ def test_sigterm_aborts_open_streams_and_exits_0(tmp_path, tiny_engine):
         assert server.process.wait(30) == 0
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{server.url}/health")
+
+
+# Test-only fault injection: the server process runs this before it starts (live_server's `setup`),
+# so the real Engine.step raises once a marker file exists, like a CUDA error poisoning the device.
+_FAULT = """
+import os
+from ondo.engine.engine import Engine
+_step = Engine.step
+def _failing_step(self):
+    if os.path.exists({marker!r}):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+    return _step(self)
+Engine.step = _failing_step
+"""
+
+
+def test_an_engine_failure_ends_streams_turns_health_503_and_exits_1(tmp_path, tiny_engine):
+    marker = tmp_path / "fail-now"
+    with live_server(tmp_path, tiny_engine, setup=_FAULT.format(marker=str(marker))) as server:
+        body = {"prompt": "Doomed", "max_tokens": 240, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as response:
+            events = sse_events(response)
+            next(events)
+            marker.touch()
+            rest = list(events)
+        assert rest[-1] == "[DONE]"
+        assert "engine failed" in rest[-2]["error"]["message"]
+        statuses = set()
+        deadline = time.monotonic() + 15
+        while server.process.poll() is None and time.monotonic() < deadline:
+            try:
+                statuses.add(httpx.get(f"{server.url}/health", timeout=2).status_code)
+                refused = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x"}, timeout=5)
+                statuses.add(refused.status_code)
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        assert server.process.wait(15) == 1
+        assert statuses <= {503}, statuses
+        assert "engine failed" in server.log_tail()
 
 
 def test_a_model_that_fails_to_load_exits_1(tmp_path):

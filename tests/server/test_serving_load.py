@@ -93,6 +93,24 @@ def test_metrics_count_tokens_and_latencies(client, tiny_server):
     assert 0 <= after["ondo_prefix_cache_hit_rate"] <= 1
 
 
+def finished_counts(server, metric: str) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"{metric}{{"))
+
+
+def test_finished_requests_are_counted_like_latencies_and_choices_apart(client, tiny_server):
+    # One request with 3 choices: one request finished (as the e2e histogram counts), 3 choices.
+    before = tiny_server.metrics()
+    requests_before = finished_counts(tiny_server, "ondo_requests_finished_total")
+    choices_before = finished_counts(tiny_server, "ondo_choices_finished_total")
+    client.completions.create(model=MODEL, prompt="Three ways", max_tokens=3, n=3, temperature=1.0)
+    after = tiny_server.metrics()
+    e2e = after["ondo_e2e_request_latency_seconds_count"] - before.get("ondo_e2e_request_latency_seconds_count", 0)
+    assert e2e == 1
+    assert finished_counts(tiny_server, "ondo_requests_finished_total") - requests_before == 1
+    assert finished_counts(tiny_server, "ondo_choices_finished_total") - choices_before == 3
+
+
 def test_full_waiting_queue_answers_429(tmp_path, tiny_engine):
     # One running slot and one waiting place: the third concurrent request is refused.
     engine = {**tiny_engine, "max_num_seqs": 1}

@@ -31,7 +31,8 @@ if triton is not None:
         e = tl.exp2(x * (2.0 * 1.4426950408889634))
         return 1.0 - 2.0 / (e + 1.0)
 
-    @triton.jit
+    # Batch-dependent integers are not specialized (see triton_prefill.py): no compile mid-serving.
+    @triton.jit(do_not_specialize=["stride_bt_seq", "num_splits", "window"])
     def _paged_decode_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
         out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
@@ -103,7 +104,7 @@ if triton is not None:
             tl.store(out_ptr + seq * stride_out_tok + heads[:, None] * stride_out_head + offs_d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_splits"])
     def _merge_splits_kernel(
         part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, num_splits,
         stride_out_tok, stride_out_head,

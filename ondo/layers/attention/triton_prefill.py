@@ -54,7 +54,9 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return acc, l_i, m_new
 
-    @triton.jit
+    # The block-table width changes with the batch's longest sequence: specialized on (== 1, % 16 == 0,
+    # other), a first cache hit or an odd prompt length compiled a new variant (~1 s) mid-serving.
+    @triton.jit(do_not_specialize=["stride_bt_seq", "window"])
     def _paged_prefill_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
         scale, softcap, window,

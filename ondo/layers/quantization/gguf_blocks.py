@@ -44,6 +44,23 @@ class GGUFBlocks:
     def dequantize(self) -> torch.Tensor:
         return torch.from_numpy(dequantize(np.ascontiguousarray(self.data), self.ggml_type).reshape(self.shape))
 
+    def shard(self, dim: int, index: slice) -> "GGUFBlocks | None":
+        """A tensor-parallel part: any rows; inputs only on block boundaries (None otherwise, and the
+        caller dequantizes that part, so the layer loads it dense)."""
+        n, k = self.shape
+        if dim == 0:
+            return GGUFBlocks(self.ggml_type, (index.stop - index.start, k), self.data[index])
+        block_elems, block_bytes = GGML_QUANT_SIZES[self.ggml_type]
+        if index.start % block_elems or index.stop % block_elems:
+            return None
+        columns = slice(index.start // block_elems * block_bytes, index.stop // block_elems * block_bytes)
+        return GGUFBlocks(self.ggml_type, (n, index.stop - index.start), self.data[:, columns])
+
+    def pad_rows(self, rows: int) -> "GGUFBlocks":
+        """Zero rows appended: all-zero blocks decode to zero weights in every ggml type (d = 0)."""
+        zeros = np.zeros((rows - self.shape[0], self.data.shape[1]), dtype=self.data.dtype)
+        return GGUFBlocks(self.ggml_type, (rows, self.shape[1]), np.concatenate([self.data, zeros]))
+
 
 def _f16(raw: torch.Tensor) -> torch.Tensor:
     """Little-endian float16 fields [..., 2] uint8 -> float32 [...]."""

@@ -85,6 +85,29 @@ class PackedInt4:
             groups = self.g_idx.long()
         return codes.contiguous(), zeros.float() + self.zero_shift, self.scales.float(), groups
 
+    def shard(self, dim: int, index: slice) -> "PackedInt4 | None":
+        """A tensor-parallel part, cut in the packed layout: outputs on whole int32 words (8 columns),
+        inputs on whole groups of a checkpoint without act-order. None otherwise: the caller
+        dequantizes that part and the layer loads it dense."""
+        n, k = self.shape
+        start, stop = index.start, index.stop
+        words = slice(start // 8, stop // 8)
+        if dim == 0:
+            if start % 8 or stop % 8:
+                return None
+            qweight = self.qweight[:, index] if self.kind == "gptq" else self.qweight[:, words]
+            return PackedInt4(self.kind, qweight, self.qzeros[:, words], self.scales[:, index], self.group,
+                              self.g_idx, self.zero_shift)
+        group = k if self.group == -1 else self.group
+        in_order = self.g_idx is None or torch.equal(self.g_idx.long(), torch.arange(k, device=self.g_idx.device) // group)
+        if self.group == -1 or not in_order or start % group or stop % group or group % 8:
+            return None
+        groups = slice(start // group, stop // group)
+        qweight = self.qweight[words] if self.kind == "gptq" else self.qweight[index]
+        g_idx = None if self.g_idx is None else self.g_idx[index] - groups.start
+        return PackedInt4(self.kind, qweight, self.qzeros[groups], self.scales[groups], self.group, g_idx,
+                          self.zero_shift)
+
     def dequantize(self) -> torch.Tensor:
         codes, zeros, scales, groups = self.unpack()
         return scales[groups].t() * (codes.float() - zeros[groups].t())             # [N, K] float32

@@ -52,6 +52,12 @@ class Int8Rows:
     def dequantize(self) -> torch.Tensor:
         return self.codes.float() * self.scale[:, None]                              # [N, K] float32
 
+    def shard(self, dim: int, index: slice) -> "Int8Rows":
+        """A tensor-parallel part: rows keep their own scales; an input slice keeps every row's scale."""
+        if dim == 0:
+            return Int8Rows(self.codes[index], self.scale[index])
+        return Int8Rows(self.codes[:, index], self.scale)
+
 
 def quantize_int8(weight: torch.Tensor) -> Int8Rows:
     """Dense [N, K] -> int8 codes with one scale per row (scale = absmax / 127), as bitsandbytes rounds."""

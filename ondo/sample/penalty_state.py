@@ -1,0 +1,220 @@
+"""Per-request penalty state kept on the device and updated with each step's new tokens.
+
+Repetition penalty needs, per request, which tokens occur in prompt + output; presence and
+frequency penalties need how often each token occurs in the output. Rebuilding those `[rows, vocab]`
+tensors from Python token lists every step costs more than the rest of the sampler (a list -> tensor
+conversion of every history, a host -> device copy of it, a scatter over the whole history).
+Here each request owns one row (a "slot") of two persistent device buffers:
+
+- `seen`   [capacity, vocab] bool:    tokens in the prompt or the output (repetition_penalty)
+- `counts` [capacity, vocab] float32: occurrences of each token in the output (presence/frequency)
+
+A step uploads only the tokens appended since the previous step (one small host -> device copy for
+the whole batch) and scatters them in. The host list stays the truth: a slot remembers how many
+output tokens it holds and the last of them, and a request whose output no longer extends what the
+slot holds (the token was not appended, the output was replaced) has its slot rebuilt from the
+lists. Slots are freed when their request is garbage-collected or found finished.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+# Room for this many requests at first; doubled when full.
+INITIAL_CAPACITY = 16
+
+
+@dataclass
+class _Slot:
+    index: int
+    ref: weakref.ref | None
+    counted: int = -1  # output tokens held in the buffers; -1 = never filled
+    last_token: int | None = -1  # the last of them, to check cheaply that the output still
+    # extends it; None while it is a pending token (on the device only)
+
+
+@dataclass
+class PenaltyRows:
+    """The batch's penalty rows, ready to apply. seen / counts: [rows, vocab], or None when no row
+    of the batch needs them."""
+    seen: torch.Tensor | None
+    counts: torch.Tensor | None
+
+
+class PenaltyState:
+    def __init__(self) -> None:
+        self._slots: dict[int, _Slot] = {}
+        self._free: list[int] = []
+        self._transient: list[int] = []  # slots of requests that cannot be weakly referenced
+        self._in_batch: set[int] = set()  # ids of the requests of the call under way
+        self._capacity = 0
+        self._seen: torch.Tensor | None = None  # [capacity, vocab] bool
+        self._counts: torch.Tensor | None = None  # [capacity, vocab] float32
+        self._vocab_size = 0
+        self._device: torch.device | None = None
+
+    def rows(self, requests: Sequence[Any], vocab_size: int, device: torch.device,
+             need_seen: bool, need_counts: bool, pending: torch.Tensor | None = None) -> PenaltyRows:
+        """Bring the slots of `requests` up to date with their token lists; return their rows.
+        pending: [rows] on the device, a newest token per request that its list does not hold yet
+        (a step launched ahead): counted too, and checked against the list at the next call."""
+        self._ensure_buffers(vocab_size, device, need_seen, need_counts)
+        self._in_batch = {id(r) for r in requests}  # never freed while the batch uses them
+        slots = [self._slot(r) for r in requests]
+        resets: list[int] = []
+        seen_slots: list[int] = []
+        seen_tokens: list[int] = []
+        count_slots: list[int] = []
+        count_tokens: list[int] = []
+        for request, slot in zip(requests, slots):
+            output = request.output_token_ids
+            length = len(output)
+            if (slot.counted < 0 or slot.counted > length
+                    or (slot.counted and slot.last_token is not None
+                        and output[slot.counted - 1] != slot.last_token)):
+                resets.append(slot.index)
+                prompt = request.prompt_token_ids
+                seen_slots += [slot.index] * len(prompt)
+                seen_tokens += prompt
+                slot.counted = 0
+            new = output[slot.counted:] if slot.counted < length else ()
+            if new:
+                seen_slots += [slot.index] * len(new)
+                seen_tokens += new
+                count_slots += [slot.index] * len(new)
+                count_tokens += new
+            slot.counted = length
+            slot.last_token = output[-1] if length else -1
+        row_slots = [s.index for s in slots]
+        self._upload(resets, seen_slots, seen_tokens, count_slots, count_tokens, row_slots)
+        if pending is not None:
+            self._add_pending(pending, slots)
+        identity = row_slots == list(range(len(row_slots)))
+        if identity:  # the batch holds slots 0..rows-1 in order: views, no gather
+            pick = lambda buffer: buffer[:len(row_slots)]  # noqa: E731
+        else:
+            index = self._last_row_index
+            pick = lambda buffer: buffer.index_select(0, index)  # noqa: E731
+        picked = PenaltyRows(pick(self._seen) if need_seen else None,
+                             pick(self._counts) if need_counts else None)
+        self._free += self._transient
+        self._transient = []
+        return picked
+
+    def _upload(self, resets, seen_slots, seen_tokens, count_slots, count_tokens, row_slots) -> None:
+        """One host -> device copy for the whole step, then the scatters."""
+        sizes = [len(resets), len(seen_slots), len(seen_tokens), len(count_slots), len(count_tokens),
+                 len(row_slots)]
+        flat = torch.tensor(resets + seen_slots + seen_tokens + count_slots + count_tokens + row_slots,
+                            dtype=torch.long).to(self._device, non_blocking=True)
+        (resets_d, seen_slots_d, seen_tokens_d, count_slots_d, count_tokens_d,
+         self._last_row_index) = flat.split(sizes)
+        if sizes[0]:
+            for buffer in (self._seen, self._counts):
+                if buffer is not None:
+                    buffer.index_fill_(0, resets_d, 0)
+        if sizes[1] and self._seen is not None:
+            self._seen.index_put_((seen_slots_d, seen_tokens_d), _scalar(True, torch.bool, self._device))
+        if sizes[3] and self._counts is not None:
+            self._counts.index_put_((count_slots_d, count_tokens_d),
+                                    _scalar(1.0, torch.float32, self._device), accumulate=True)
+
+    def _add_pending(self, pending: torch.Tensor, slots: list[_Slot]) -> None:
+        index = (self._last_row_index, pending)
+        if self._seen is not None:
+            self._seen.index_put_(index, _scalar(True, torch.bool, self._device))
+        if self._counts is not None:
+            self._counts.index_put_(index, _scalar(1.0, torch.float32, self._device), accumulate=True)
+        for slot in slots:
+            slot.counted += 1
+            slot.last_token = None  # not known on the host yet: taken from the list next time
+
+    def forget(self, requests: Sequence[Any]) -> None:
+        """Rebuild these requests' rows from their lists at their next use."""
+        for request in requests:
+            slot = self._slots.get(id(request))
+            if slot is not None:
+                slot.counted = -1
+
+    # ---- slots ---------------------------------------------------------------------------------
+
+    def _slot(self, request: Any) -> _Slot:
+        key = id(request)
+        slot = self._slots.get(key)
+        if slot is not None and (slot.ref is None or slot.ref() is request):
+            return slot
+        if slot is not None:  # a dead request's id reused before its callback ran
+            self._release(key)
+        index = self._take_index()
+        try:
+            ref = weakref.ref(request, lambda _: self._release(key))
+        except TypeError:  # not weak-referenceable: rebuilt from its lists every step
+            ref = None
+        slot = _Slot(index, ref)
+        if ref is not None:
+            self._slots[key] = slot
+        else:
+            self._transient.append(index)  # this step only: freed once the rows are picked
+        return slot
+
+    def _take_index(self) -> int:
+        if not self._free:
+            self._release_finished()
+        if not self._free:
+            self._grow(max(INITIAL_CAPACITY, 2 * self._capacity))
+        return self._free.pop()
+
+    def _release(self, key: int) -> None:
+        slot = self._slots.pop(key, None)
+        if slot is not None:
+            self._free.append(slot.index)
+
+    def _release_finished(self) -> None:
+        """Requests live on in reference cycles until the cyclic collector runs: free the slots of
+        those already finished (they never sample again) rather than grow."""
+        for key, slot in list(self._slots.items()):
+            request = slot.ref() if slot.ref is not None else None
+            if key in self._in_batch and request is not None:
+                continue
+            if request is None or getattr(request, "is_finished", False):
+                self._release(key)
+
+    def _grow(self, capacity: int) -> None:
+        def grown(buffer: torch.Tensor | None) -> torch.Tensor | None:
+            if buffer is None:
+                return None
+            bigger = torch.zeros(capacity, self._vocab_size, dtype=buffer.dtype, device=self._device)
+            bigger[:self._capacity] = buffer
+            return bigger
+
+        self._seen, self._counts = grown(self._seen), grown(self._counts)
+        # Lowest index popped first, so a steady batch keeps slots 0..rows-1 (the no-gather case).
+        self._free = sorted(set(self._free) | set(range(self._capacity, capacity)), reverse=True)
+        self._capacity = capacity
+
+    def _ensure_buffers(self, vocab_size: int, device: torch.device, need_seen: bool,
+                        need_counts: bool) -> None:
+        if self._device is not None and (vocab_size != self._vocab_size or device != self._device):
+            self.__init__()  # another model or device: start over
+        self._vocab_size, self._device = vocab_size, device
+        if self._capacity == 0:
+            self._grow(INITIAL_CAPACITY)
+        if need_seen and self._seen is None:
+            self._seen = torch.zeros(self._capacity, vocab_size, dtype=torch.bool, device=device)
+            self._forget_all()
+        if need_counts and self._counts is None:
+            self._counts = torch.zeros(self._capacity, vocab_size, dtype=torch.float32, device=device)
+            self._forget_all()
+
+    def _forget_all(self) -> None:
+        """A buffer just created holds nothing: every slot is rebuilt on its next use."""
+        for slot in self._slots.values():
+            slot.counted = -1
+
+
+def _scalar(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.full((), value, dtype=dtype, device=device)  # filled on the device: no copy
