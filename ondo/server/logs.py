@@ -43,7 +43,7 @@ class RateLimitFilter(logging.Filter):
                 self._forget_older_than(now - self.interval_s)
             self._last[key] = (now, 0)
         record._ondo_rate_checked = True
-        if suppressed:
+        if suppressed and record.name != "uvicorn.access":   # its formatter unpacks record.args: keep them
             record.msg = f"{record.getMessage()} ({suppressed} identical messages suppressed in the last " \
                          f"{now - last_s:.1f} s)"
             record.args = None

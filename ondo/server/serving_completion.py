@@ -175,8 +175,9 @@ async def _stream(state: ServerState, job: Job, body: CompletionRequest) -> Asyn
                 index = prompt_index * n + completion.index
                 if index in finished:
                     continue
+                # A model without a tokenizer has no text: its tokens still stream, one chunk per step.
                 if not (completion.text_delta or completion.finished
-                        or (body.logprobs is not None and completion.token_ids_delta)):
+                        or ((body.logprobs is not None or tokenizer is None) and completion.token_ids_delta)):
                     continue
                 text, scored, prompt_logprobs = completion.text_delta, [], None
                 if index not in text_offsets:   # the choice's first chunk carries the prompt

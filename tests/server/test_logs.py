@@ -53,3 +53,37 @@ def test_lines_logged_while_serving_a_request_name_it():
     finally:
         request_id_var.reset(token)
     assert out.lines == ["outside any request", "tokenizing 5 characters [request abc123]"]
+
+
+def test_a_flood_of_access_lines_still_formats_through_uvicorns_access_formatter(monkeypatch):
+    """uvicorn's AccessFormatter unpacks record.args (client, method, path, version, status): the
+    rate limiter must never replace them, or every access line after a flood raised TypeError."""
+    from ondo.server.logs import uvicorn_log_config
+    from uvicorn.logging import AccessFormatter
+
+    now = [1000.0]
+    monkeypatch.setattr("ondo.server.logs.time.monotonic", lambda: now[0])
+    formatter = AccessFormatter(uvicorn_log_config()["formatters"]["access"]["fmt"], use_colors=False)
+    lines: list[str] = []
+
+    class Format(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(formatter.format(record))   # raises if the args were replaced
+
+    logger = logging.getLogger("uvicorn.access")
+    saved = logger.handlers, logger.propagate, logger.level
+    logger.setLevel(logging.INFO)
+    handler = Format()
+    handler.addFilter(RateLimitFilter(interval_s=1.0))
+    handler.addFilter(RequestIdFilter())
+    logger.handlers, logger.propagate = [handler], False
+    try:
+        for _ in range(3):
+            logger.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET", "/health", "1.1", 200)
+            now[0] += 0.01
+        now[0] += 1.0
+        logger.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET", "/health", "1.1", 200)
+    finally:
+        logger.handlers, logger.propagate = saved[:2]
+        logger.setLevel(saved[2])
+    assert len(lines) == 2 and all('"GET /health HTTP/1.1" 200' in line for line in lines), lines
