@@ -62,7 +62,8 @@ def _serve(args: argparse.Namespace) -> int:
                           limit_concurrency=args.limit_concurrency or None,
                           shutdown_timeout_s=args.shutdown_timeout)
     run_server(config, args.host, args.port, args.api_key, args.max_waiting, args.served_model_name,
-               tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser, limits=limits)
+               tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser, limits=limits,
+               engine_process=args.engine_process)
     return 0
 
 
@@ -80,6 +81,9 @@ def _add_serve_limits(parser: argparse.ArgumentParser) -> None:
                        help="idle keep-alive connections are closed after S seconds (default 5)")
     group.add_argument("--limit-concurrency", type=int, default=512, metavar="N",
                        help="connections at most; more are answered 503 (default 512; 0 = no limit)")
+    serve.add_argument("--engine-process", action="store_true",
+                       help="run the engine loop in a process of its own, apart from the HTTP server "
+                            "(no LoRA adapters yet)")
     group.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
                        help="on SIGTERM, new requests get 503 and running ones may finish within S "
                             "seconds before they are aborted (default 10)")

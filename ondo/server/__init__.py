@@ -55,10 +55,11 @@ class _Server(uvicorn.Server):
 def run_server(engine_config: EngineConfig, host: str, port: int, api_key: str | None,
                max_waiting: int | None, served_model_name: str | None, *,
                tool_call_parser: str | None = None, reasoning_parser: str | None = None,
-               limits: ServerLimits | None = None) -> None:
+               limits: ServerLimits | None = None, engine_process: bool = False) -> None:
     """Serve `engine_config`'s model until SIGTERM/SIGINT; exits 1 if the model fails to load or
     the engine fails later. tool_call_parser / reasoning_parser: None or "auto" = chosen from the
-    chat template. `limits`: body size, timeouts, connection cap, shutdown drain (ServerLimits)."""
+    chat template. `limits`: body size, timeouts, connection cap, shutdown drain (ServerLimits).
+    `engine_process`: run the engine in a process of its own (ondo.engine.core) instead of a thread."""
     from ondo.server.app import create_app
 
     limits = limits or ServerLimits()
@@ -67,7 +68,14 @@ def run_server(engine_config: EngineConfig, host: str, port: int, api_key: str |
         max_waiting = engine_config.max_waiting
     if max_waiting is not None and max_waiting < 1:
         raise ValueError(f"max_waiting must be >= 1 (or None for no bound), got {max_waiting}")
-    engine = AsyncEngine.from_config(engine_config, max_waiting=max_waiting)
+    if engine_process:
+        if engine_config.enable_lora or engine_config.lora_modules:
+            raise ValueError("--engine-process does not serve LoRA adapters yet")
+        from ondo.engine.core.client import EngineCoreClient
+
+        engine = EngineCoreClient.from_config(engine_config, max_waiting=max_waiting)
+    else:
+        engine = AsyncEngine.from_config(engine_config, max_waiting=max_waiting)
     app = create_app(engine, served_model_name=served_model_name, api_key=api_key or None,
                      tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser, limits=limits)
     _raise_open_file_limit()

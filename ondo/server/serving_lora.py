@@ -95,6 +95,8 @@ async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) 
 
 def _lora_manager(state):
     state.check_ready()
+    if getattr(state.engine, "out_of_process", False):
+        raise bad_request("--engine-process does not serve LoRA adapters yet", "lora_name")
     manager = _manager(state)
     if manager is None:
         raise bad_request("this server was started without LoRA: start it with --enable-lora "

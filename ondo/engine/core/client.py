@@ -1,0 +1,385 @@
+"""EngineCoreClient: AsyncEngine's public API, with the Engine in a process of its own.
+
+`start()` launches `python -m ondo.engine.core.process` (a fresh interpreter through `subprocess`,
+not a multiprocessing spawn: spawn re-imports the parent's `__main__`, which for `python -c`,
+pytest or an embedding program is fragile, and the core needs nothing from the parent but its
+config) and talks to it through two ZeroMQ PUSH/PULL pipes on ipc:// sockets in a private temp dir:
+plain-data msgspec messages (ondo.engine.core.messages), never pickles. The API server process
+keeps HTTP, tokenization and chat templates; its event loop no longer shares the GIL with the
+engine loop.
+
+One reader thread receives the core's messages and hands each output to its stream's asyncio loop
+in one `call_soon_threadsafe` call per loop, as AsyncEngine's thread does. Any thread may send:
+sends are serialised by a lock and never block (an unbounded queue; nothing is sent to a dead core).
+When the core dies (a fatal error, or killed), every open stream ends with EngineDeadError,
+`dead_error` is set and `wait_until_dead` returns, as with AsyncEngine.
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import zmq
+
+from ondo.config import EngineConfig
+from ondo.engine.async_engine import AsyncEngine, EngineDeadError, Finished, QueueFullError, RequestStream
+from ondo.engine.core import messages as m
+from ondo.engine.core.front_end import CoreEngineInfo, load_front_end_tokenizer
+from ondo.sampling_params import SamplingParams, SamplingParamsError
+
+logger = logging.getLogger(__name__)
+
+_POLL_MS = 100   # how often the reader thread checks that the core process still runs
+
+
+class EngineCoreDied(RuntimeError):
+    """The engine-core process failed or exited while it served (the server exits non-zero)."""
+
+
+class EngineCoreClient:
+    """Serve many concurrent asyncio requests from an Engine running in the engine-core process."""
+
+    out_of_process = True   # what the server checks before reaching for in-process-only features
+
+    def __init__(self, config: EngineConfig, max_waiting: int | None = None) -> None:
+        self.config = config
+        self._max_waiting = max_waiting
+        self._info: CoreEngineInfo | None = None
+        self._load_error: BaseException | None = None
+        self._dead_error: BaseException | None = None
+        self._ready = threading.Event()
+        self._dead = threading.Event()
+        self._stopping = False
+        self._streams: dict[str, RequestStream] = {}
+        self._lock = threading.Lock()          # guards _streams and the input socket
+        self._stats: dict[str, Any] = {}       # replaced (never mutated) by the reader thread
+        self._process: subprocess.Popen | None = None
+        self._folder: str | None = None
+        self._context: zmq.Context | None = None
+        self._inputs: zmq.Socket | None = None     # -> core
+        self._outputs: zmq.Socket | None = None    # <- core (reader thread only)
+        self._encoder = msgspec.msgpack.Encoder()
+        self._thread = threading.Thread(target=self._read, name="ondo-core-reader", daemon=True)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, max_waiting: int | None = None) -> "EngineCoreClient":
+        return cls(config, max_waiting=max_waiting)
+
+    # ---- life cycle (any thread) ---------------------------------------------------------------
+
+    def start(self) -> "EngineCoreClient":
+        self._folder = tempfile.mkdtemp(prefix="ondo-core-")
+        input_address, output_address = (f"ipc://{self._folder}/{name}" for name in ("input", "output"))
+        self._context = zmq.Context()
+        self._inputs = self._context.socket(zmq.PUSH)
+        self._inputs.setsockopt(zmq.SNDHWM, 0)    # never block the event loop on a busy core
+        self._inputs.setsockopt(zmq.LINGER, 0)
+        self._inputs.bind(input_address)
+        self._outputs = self._context.socket(zmq.PULL)
+        self._outputs.setsockopt(zmq.RCVHWM, 0)
+        self._outputs.bind(output_address)
+        config_path = Path(self._folder) / "config.json"
+        config_path.write_bytes(msgspec.json.encode(self.config))
+        command = [sys.executable, "-m", "ondo.engine.core.process", "--input", input_address,
+                   "--output", output_address, "--parent-pid", str(os.getpid()),
+                   "--config-file", str(config_path)]
+        if self._max_waiting is not None:
+            command += ["--max-waiting", str(self._max_waiting)]
+        self._process = subprocess.Popen(command)   # its logs go where the server's go
+        logger.info("engine core process started (pid %d)", self._process.pid)
+        atexit.register(self._kill_core)
+        self._thread.start()
+        return self
+
+    def wait_until_loaded(self, timeout_s: float | None = None) -> bool:
+        """Block until the engine is built (or failed to build); False on timeout."""
+        return self._ready.wait(timeout_s)
+
+    @property
+    def is_ready(self) -> bool:
+        return (self._ready.is_set() and self._load_error is None and not self._stopping
+                and self._dead_error is None)
+
+    @property
+    def load_error(self) -> BaseException | None:
+        return self._load_error
+
+    @property
+    def dead_error(self) -> BaseException | None:
+        """The fatal error that stopped a loaded engine (None while it runs)."""
+        return self._dead_error
+
+    def wait_until_dead(self, timeout_s: float | None = None) -> bool:
+        return self._dead.wait(timeout_s)
+
+    @property
+    def core_pid(self) -> int | None:
+        """The engine-core process's pid (None before start)."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def engine(self) -> CoreEngineInfo:
+        """What the server reads of the Engine: tokenizer, vocab_size, max_model_len, model_name,
+        load_time_s, config (lora_manager is None: adapters are not served out of process yet)."""
+        if not self._ready.is_set() or self._info is None:
+            raise EngineDeadError("the engine is not loaded")
+        return self._info
+
+    def stats(self) -> dict[str, Any]:
+        """The latest `Engine.stats()` snapshot the core sent (every ~0.1 s while it works)."""
+        return self._stats
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Abort every request, stop the core process and the reader thread."""
+        self._stopping = True
+        process = self._process
+        if process is None:
+            return
+        if self._ready.is_set() and self._info is not None:
+            self._send(m.Shutdown())
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("the engine core did not stop within %.0f s; killing it", timeout_s)
+        self._kill_core()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+
+    def abort_all(self) -> None:
+        """Abort every request (graceful shutdown): each stream ends before a finished output,
+        which callers report as finish_reason "abort"."""
+        with self._lock:
+            streams = list(self._streams.values())
+            self._streams.clear()
+            self._send_locked(m.AbortAll())
+        error = EngineDeadError("the server is shutting down")
+        for stream in streams:
+            stream.finished = True
+            _call_soon(stream.loop, _end, stream, None, error)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+            if stream is None:
+                return  # finished already, or never added
+            stream.finished = True
+            self._send_locked(m.Abort([request_id]))
+
+    # ---- requests (asyncio side) ---------------------------------------------------------------
+
+    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                          output_queue: asyncio.Queue | None = None) -> RequestStream:
+        """Hand a request to the core; raises its add-time error (ValueError, QueueFullError)."""
+        if self._dead_error is not None:
+            raise EngineDeadError(f"the engine failed and the server is restarting: {self._dead_error}")
+        if not self.is_ready:
+            raise EngineDeadError("the engine is not running")
+        data = m.params_to_data(params)   # SamplingParamsError for a processor the core cannot import
+        message = m.AddRequest(request_id, prompt if isinstance(prompt, str) else [int(t) for t in prompt], data)
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(request_id, loop, output_queue or asyncio.Queue(), loop.create_future())
+        with self._lock:
+            if self._dead_error is not None:   # checked under the lock that _die takes
+                raise EngineDeadError(f"the engine failed and the server is restarting: {self._dead_error}")
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._streams[request_id] = stream
+            self._send_locked(message)
+        try:
+            await stream.added
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        return stream
+
+    # The same contract as AsyncEngine's: they use only `abort` and the streams' queues.
+    stream_outputs = AsyncEngine.stream_outputs
+    generate = AsyncEngine.generate
+
+    def _send(self, message: msgspec.Struct) -> None:
+        with self._lock:
+            self._send_locked(message)
+
+    def _send_locked(self, message: msgspec.Struct) -> None:
+        if self._inputs is None or self._inputs.closed or not self._ready.is_set() or self._dead.is_set():
+            return  # no core to hear it: the streams are ended by the reader thread
+        try:
+            self._inputs.send(self._encoder.encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            pass    # the core went away between two checks; the reader thread reports it
+
+    # ---- the reader thread ---------------------------------------------------------------------
+
+    def _read(self) -> None:
+        codec = m.client_codec()
+        try:
+            tokenizer = load_front_end_tokenizer(self.config)
+        except BaseException as exc:  # noqa: BLE001 -- reported through load_error / health
+            logger.exception("the tokenizer failed to load")
+            self._fail_load(exc)
+            return
+        try:
+            while True:
+                message = self._receive(codec)
+                if message is None:
+                    return
+                if isinstance(message, m.Ready):
+                    self._info = CoreEngineInfo(tokenizer, message.vocab_size, message.max_model_len,
+                                                message.model_name, message.load_time_s, self.config,
+                                                message.pid)
+                    logger.info("the engine core is ready (%s, loaded in %.1f s)",
+                                message.model_name, message.load_time_s)
+                    self._ready.set()
+                elif isinstance(message, m.LoadFailed):
+                    self._fail_load(RuntimeError(message.message))   # the server shows its text
+                    return
+                elif isinstance(message, m.CoreOutputs):
+                    self._dispatch(message)
+                elif isinstance(message, m.Dead):
+                    self._die(EngineCoreDied(f"{message.error_type}: {message.message}"))
+                    return
+        finally:
+            self._outputs.close(linger=0)
+            if self._inputs is not None:
+                with self._lock:
+                    self._inputs.close(linger=0)
+            self._context.term()
+            shutil.rmtree(self._folder, ignore_errors=True)
+
+    def _receive(self, codec: m.Codec) -> Any:
+        """The core's next message; None once the process has exited and its messages are read."""
+        while True:
+            if self._outputs.poll(_POLL_MS):
+                return codec.decode(self._outputs.recv(copy=False).buffer)
+            status = self._process.poll()
+            if status is None:
+                continue
+            if self._outputs.poll(0):   # it exited: read what it sent last (Dead, LoadFailed)
+                continue
+            if self._stopping:
+                self._end_all(EngineDeadError("the server is shutting down"))
+            elif not self._ready.is_set():
+                self._fail_load(EngineCoreDied(f"the engine core process exited while loading "
+                                               f"({_describe(status)})"))
+            else:
+                self._die(EngineCoreDied(f"the engine core process exited ({_describe(status)})"))
+            return None
+
+    def _fail_load(self, error: BaseException) -> None:
+        self._load_error = error
+        self._ready.set()
+        self._kill_core()
+
+    def _dispatch(self, message: m.CoreOutputs) -> None:
+        if message.stats is not None:
+            self._stats = message.stats
+        calls: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Any]]] = {}
+        with self._lock:
+            for request_id in message.added:
+                stream = self._streams.get(request_id)
+                if stream is not None:
+                    _call_soon(stream.loop, _resolve, stream, None)
+            for error in message.add_errors:
+                stream = self._streams.pop(error.request_id, None)
+                if stream is not None:
+                    stream.finished = True
+                    _call_soon(stream.loop, _resolve, stream, _add_error(error))
+            for output in message.outputs:
+                stream = self._streams.get(output.request_id)
+                if stream is None:
+                    continue  # aborted by its caller after this step was scheduled
+                items: list[Any] = [output]
+                if output.finished:
+                    del self._streams[output.request_id]
+                    stream.finished = True
+                    items.append(Finished(output.request_id))
+                calls.setdefault(stream.loop, []).extend((stream, item) for item in items)
+        for loop, pairs in calls.items():
+            _call_soon(loop, _deliver_all, pairs)
+
+    def _die(self, error: BaseException) -> None:
+        """The core cannot go on: end every stream with an error, refuse what comes next."""
+        with self._lock:
+            self._dead_error = error
+            count = len(self._streams)
+        logger.critical("the engine core failed (%s); ending %d open streams", error, count)
+        self._end_all(EngineDeadError(f"the engine failed: {error}"))
+        self._dead.set()
+        self._kill_core()
+
+    def _end_all(self, error: BaseException) -> None:
+        with self._lock:
+            streams = list(self._streams.values())
+            self._streams.clear()
+        for stream in streams:
+            stream.finished = True
+            _call_soon(stream.loop, _end, stream, error, error)
+
+    def _kill_core(self) -> None:
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def _add_error(error: m.AddError) -> BaseException:
+    """The core's add-time error as the exception AsyncEngine would have raised to the caller."""
+    if error.error_type == "QueueFullError":
+        return QueueFullError(error.message)
+    if error.error_type == "SamplingParamsError":
+        return SamplingParamsError(error.message)
+    if error.is_value_error:
+        return ValueError(error.message)
+    return RuntimeError(f"{error.error_type}: {error.message}")
+
+
+def _describe(status: int) -> str:
+    if status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"status {status}"
+
+
+def _resolve(stream: RequestStream, error: BaseException | None) -> None:
+    if stream.added.done():  # the caller was cancelled while waiting
+        return
+    if error is None:
+        stream.added.set_result(None)
+    else:
+        stream.added.set_exception(error)
+
+
+def _end(stream: RequestStream, error: BaseException | None, add_error: BaseException) -> None:
+    """End a stream: refuse its add if the caller still waits on it, else finish its queue."""
+    if not stream.added.done():
+        stream.added.set_exception(add_error)
+    else:
+        stream.queue.put_nowait(Finished(stream.request_id, error))
+
+
+def _deliver_all(pairs: list[tuple[RequestStream, Any]]) -> None:
+    for stream, item in pairs:
+        stream.queue.put_nowait(item)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass  # the caller's loop is closed: nobody is listening any more

@@ -1,0 +1,203 @@
+"""The messages between the API server process and the engine-core process: msgspec Structs sent as
+msgpack, plain data only (no pickled objects, so a message never runs code when it is read).
+
+Front end -> core: `AddRequest`, `Abort`, `AbortAll`, `Shutdown`.
+Core -> front end: `Ready` (or `LoadFailed`) once, then `CoreOutputs` (adds acknowledged or refused,
+one step's RequestOutputs, a stats snapshot), and `Dead` if the loop failed fatally.
+
+SamplingParams crosses as `SamplingParamsData` (its fields, checked again in the core on rebuild);
+its logits processors cross as importable names "package.module:function", resolved in the core.
+RequestOutput and its parts are dataclasses, which msgspec encodes as maps of their fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Union
+
+import msgspec
+
+from ondo.outputs import RequestOutput
+from ondo.sample.structured import StructuredOutputsParams
+from ondo.sampling_params import SamplingParams, SamplingParamsError
+
+
+class SamplingParamsData(msgspec.Struct, forbid_unknown_fields=True):
+    """SamplingParams' init fields as plain data (a test keeps the two field lists equal)."""
+    n: int = 1
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    epsilon_cutoff: float = 0.0
+    eta_cutoff: float = 0.0
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    bad_words: list[str] = []
+    bad_words_ids: list[list[int]] = []
+    logit_bias: dict[int, float] = {}
+    allowed_token_ids: list[int] | None = None
+    no_repeat_ngram_size: int = 0
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    max_length: int | None = None
+    min_length: int | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    detokenize: bool = True
+    logits_processors: list[str] = []          # "package.module:function"
+    do_sample: bool | None = None
+    truncate_prompt_tokens: int | None = None
+    structured_outputs: dict[str, Any] | None = None   # StructuredOutputsParams' set field
+
+
+# ---- front end -> core -------------------------------------------------------------------------
+
+class AddRequest(msgspec.Struct, tag="add"):
+    request_id: str
+    prompt: Union[str, list[int]]
+    params: SamplingParamsData
+
+
+class Abort(msgspec.Struct, tag="abort"):
+    request_ids: list[str]
+
+
+class AbortAll(msgspec.Struct, tag="abort_all"):
+    """Abort every request quietly (graceful shutdown: the front end ends the streams itself)."""
+
+
+class Shutdown(msgspec.Struct, tag="shutdown"):
+    """Abort everything and exit with status 0."""
+
+
+ToCore = Union[AddRequest, Abort, AbortAll, Shutdown]
+
+
+# ---- core -> front end -------------------------------------------------------------------------
+
+class AddError(msgspec.Struct):
+    """An add refused for that request alone; the client raises the matching exception."""
+    request_id: str
+    error_type: str        # the core's exception class name: "QueueFullError", "SamplingParamsError", ...
+    message: str
+    is_value_error: bool   # a ValueError in the core: bad input (the server answers 400)
+
+
+class Ready(msgspec.Struct, tag="ready"):
+    """The engine is built: what the front end needs to know about the model."""
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+    load_time_s: float
+    config: dict[str, Any]     # the EngineConfig's fields
+    pid: int
+
+
+class LoadFailed(msgspec.Struct, tag="load_failed"):
+    error_type: str
+    message: str
+
+
+class CoreOutputs(msgspec.Struct, tag="outputs"):
+    added: list[str] = []                   # adds accepted since the last message
+    add_errors: list[AddError] = []
+    outputs: list[RequestOutput] = []       # one step's outputs
+    stats: dict[str, Any] | None = None     # Engine.stats() when refreshed (every ~0.1 s at most)
+
+
+class Dead(msgspec.Struct, tag="dead"):
+    """The core's loop failed fatally; the process exits with status 1 right after."""
+    error_type: str
+    message: str
+
+
+FromCore = Union[Ready, LoadFailed, CoreOutputs, Dead]
+
+
+class Codec:
+    """One side's encoder and decoder (msgspec reuses their buffers: keep one per socket owner)."""
+
+    def __init__(self, incoming: Any) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(incoming)
+
+    def encode(self, message: msgspec.Struct) -> bytes:
+        return self._encoder.encode(message)
+
+    def decode(self, data: bytes) -> Any:
+        return self._decoder.decode(data)
+
+
+def core_codec() -> Codec:
+    return Codec(ToCore)
+
+
+def client_codec() -> Codec:
+    return Codec(FromCore)
+
+
+# ---- SamplingParams <-> plain data ---------------------------------------------------------------
+
+def params_to_data(params: SamplingParams) -> SamplingParamsData:
+    """Raises SamplingParamsError for a logits processor the core could not import by name."""
+    values = {f.name: getattr(params, f.name) for f in dataclasses.fields(SamplingParams) if f.init}
+    values["logits_processors"] = [processor_name(p, i) for i, p in enumerate(params.logits_processors)]
+    structured = params.structured_outputs
+    values["structured_outputs"] = (None if structured is None else
+                                    {structured.kind: getattr(structured, structured.kind)})
+    return SamplingParamsData(**values)
+
+
+def params_from_data(data: SamplingParamsData) -> SamplingParams:
+    """The SamplingParams again (validated again); raises SamplingParamsError for a processor name
+    that does not import."""
+    values = msgspec.structs.asdict(data)
+    values["logits_processors"] = [resolve_processor(name) for name in data.logits_processors]
+    if data.structured_outputs is not None:
+        values["structured_outputs"] = StructuredOutputsParams(**data.structured_outputs)
+    return SamplingParams(**values)
+
+
+def processor_name(processor: Any, index: int = 0) -> str:
+    """"package.module:function" of a module-level callable; the name must import back to it."""
+    module, qualname = getattr(processor, "__module__", None), getattr(processor, "__qualname__", None)
+    name = f"{module}:{qualname}"
+    if not module or not qualname or "<" in qualname or module == "__main__":
+        raise SamplingParamsError(
+            f"logits_processors[{index}] must be a module-level function importable as "
+            f"'package.module:function' to reach the engine process, got {processor!r}")
+    try:
+        same = resolve_processor(name) is processor
+    except SamplingParamsError:
+        same = False
+    if not same:
+        raise SamplingParamsError(
+            f"logits_processors[{index}] must be importable as 'package.module:function' to reach "
+            f"the engine process; {name!r} does not import to it, got {processor!r}")
+    return name
+
+
+def resolve_processor(name: str) -> Any:
+    module_name, _, qualname = name.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise SamplingParamsError(
+            f"logits_processors must name importable callables 'package.module:function', "
+            f"got {name!r} ({type(error).__name__}: {error})") from None
+    if not callable(target):
+        raise SamplingParamsError(f"logits_processors must name callables, got {name!r}")
+    return target

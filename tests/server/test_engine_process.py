@@ -1,0 +1,174 @@
+"""`ondo serve --engine-process`: the engine core in a process of its own answers as the in-process
+server does (greedy tokens, n=2 with a seed, 400s; the tiny model, and the built-in GGUF model whose
+tokenizer the front end reads without its weights), a client disconnect aborts its request in the
+core, LoRA is refused cleanly, and a killed core ends open streams, turns /health 503 and exits 1.
+
+One engine-process server of the tiny model serves the module; the last test kills its core."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from live_server import live_server, sse_events
+
+pytestmark = pytest.mark.slow
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def core_server(tmp_path_factory, tiny_engine):
+    with live_server(tmp_path_factory.mktemp("logs"), tiny_engine, engine_process=True) as server:
+        yield server
+
+
+def _client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def core_pid(server_pid: int) -> int:
+    """The engine-core process: the server's child running ondo.engine.core.process."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == server_pid and b"ondo.engine.core.process" in cmdline:
+            return int(entry.name)
+    raise AssertionError(f"no engine-core child of {server_pid}")
+
+
+def test_the_engine_runs_in_a_child_process(core_server):
+    assert core_pid(core_server.process.pid) != core_server.process.pid
+
+
+def test_streamed_completion_equals_the_in_process_servers(core_server, tiny_server):
+    options = dict(prompt="The capital of France is", max_tokens=12, temperature=0, logprobs=1)
+    expected = _client(tiny_server).completions.create(model=_model(tiny_server), **options)
+    chunks = list(_client(core_server).completions.create(model=_model(core_server), stream=True, **options))
+    tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert tokens == expected.choices[0].logprobs.tokens
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == expected.choices[0].finish_reason
+
+
+def test_chat_completion_equals_the_in_process_servers(core_server, tiny_server):
+    options = dict(messages=QUESTION, max_tokens=12, temperature=0)
+    expected = _client(tiny_server).chat.completions.create(model=_model(tiny_server), **options)
+    answer = _client(core_server).chat.completions.create(model=_model(core_server), **options)
+    assert answer.choices[0].message.content == expected.choices[0].message.content
+    assert answer.usage == expected.usage
+
+
+def test_n_2_with_a_seed_equals_the_in_process_servers(core_server, tiny_server):
+    options = dict(prompt="Once upon a time", max_tokens=8, temperature=1.0, n=2, seed=11)
+    expected = _client(tiny_server).completions.create(model=_model(tiny_server), **options)
+    answer = _client(core_server).completions.create(model=_model(core_server), **options)
+    assert len(answer.choices) == 2
+    assert [c.text for c in answer.choices] == [c.text for c in expected.choices]
+
+
+def test_the_front_end_tokenizer_of_the_builtin_model_is_the_engines(builtin_server):
+    """The front end reads the GGUF's tokenizer without its weights; it must tokenize (chat
+    template included) as the in-process server's Engine does."""
+    from ondo.config import EngineConfig
+    from ondo.engine.core.front_end import load_front_end_tokenizer
+
+    tokenizer = load_front_end_tokenizer(EngineConfig())
+    text = "The capital of France is Paris. <|im_end|> Ünïcödé 123"
+    expected = httpx.post(f"{builtin_server.url}/tokenize", json={"prompt": text}).json()["tokens"]
+    assert tokenizer.encode(text) == expected
+    expected_chat = httpx.post(f"{builtin_server.url}/tokenize", json={"messages": QUESTION}).json()["tokens"]
+    rendered = tokenizer.render_chat(QUESTION, add_generation_prompt=True)
+    assert tokenizer.encode(rendered, add_special_tokens=False) == expected_chat
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "x", "top_p": 1.5},
+    {"prompt": "x", "max_tokens": 10 ** 6},
+    {"prompt": [[10 ** 7]]},
+    {"prompt": "x", "logit_bias": {"99999999": 1}},
+])
+def test_a_bad_option_gets_the_same_400(core_server, tiny_server, body):
+    expected = httpx.post(f"{tiny_server.url}/v1/completions", json=body, timeout=60)
+    answer = httpx.post(f"{core_server.url}/v1/completions", json=body, timeout=60)
+    assert expected.status_code == 400, expected.text
+    assert (answer.status_code, answer.json()) == (expected.status_code, expected.json())
+
+
+def test_a_client_disconnect_aborts_the_request_in_the_core(core_server):
+    body = {"model": _model(core_server), "prompt": "Count:", "max_tokens": 240, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{core_server.url}/v1/completions", json=body, timeout=60) as response:
+        events = sse_events(response)
+        next(events)
+        start_s = time.monotonic()
+        seen = sum(1 for _ in zip(range(8), events))
+        per_token_s = (time.monotonic() - start_s) / seen
+        assert _wait_for_running(core_server, 1)
+        closed_s = time.monotonic()
+        seen_before_close = seen
+    assert _wait_for_running(core_server, 0), "the core still runs the abandoned request"
+    # Finishing the 240 tokens would take far longer than the abort did.
+    assert time.monotonic() - closed_s < 0.5 * (240 - seen_before_close - 1) * per_token_s
+
+
+def test_lora_routes_answer_400(core_server):
+    response = httpx.post(f"{core_server.url}/v1/load_lora_adapter",
+                          json={"lora_name": "a", "lora_path": "/nowhere"})
+    assert response.status_code == 400
+    assert "--engine-process does not serve LoRA adapters yet" in response.json()["error"]["message"]
+
+
+def test_engine_process_refuses_lora_options(capsys):
+    from ondo.cli import main
+
+    assert main(["serve", "--engine-process", "--enable-lora", "--port", "0"]) != 0
+    assert "--engine-process does not serve LoRA adapters yet" in capsys.readouterr().err
+
+
+def test_a_killed_core_ends_streams_turns_health_503_and_exits_1(core_server):
+    """Last: it ends the module's server."""
+    server = core_server
+    body = {"prompt": "Doomed", "max_tokens": 240, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as response:
+        events = sse_events(response)
+        next(events)
+        os.kill(core_pid(server.process.pid), signal.SIGKILL)
+        rest = list(events)
+    assert rest[-1] == "[DONE]"
+    assert "engine failed" in rest[-2]["error"]["message"]
+    statuses = set()
+    deadline = time.monotonic() + 15
+    while server.process.poll() is None and time.monotonic() < deadline:
+        try:
+            statuses.add(httpx.get(f"{server.url}/health", timeout=2).status_code)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    assert server.process.wait(15) == 1
+    assert statuses <= {503}, statuses
+    assert "SIGKILL" in server.log_tail()
+
+
+def _model(server) -> str:
+    return httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+
+
+def _wait_for_running(server, count: int, timeout_s: float = 15) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.metrics().get("ondo_num_requests_running") == count:
+            return True
+        time.sleep(0.05)
+    return False
