@@ -142,18 +142,56 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 
+    # ---- LoRA adapters (any thread; the manager locks its registry) ---------------------------
+
+    def _lora_manager(self) -> Any:
+        return getattr(self._engine, "lora_manager", None) if self._ready.is_set() else None
+
+    @property
+    def lora_enabled(self) -> bool:
+        """The engine was built with enable_lora (adapters can be loaded)."""
+        return self._lora_manager() is not None
+
+    def list_loras(self) -> list[Any]:
+        """The loaded adapters (LoRARequest), in load order."""
+        manager = self._lora_manager()
+        if manager is None:
+            return []
+        return [r for r in (manager.request_for(name) for name in manager.names()) if r is not None]
+
+    def resolve_lora(self, name: str) -> Any:
+        """The loaded adapter (LoRARequest) called `name`; None if there is none."""
+        manager = self._lora_manager()
+        return manager.request_for(name) if manager is not None else None
+
+    async def load_lora(self, name: str, path: str) -> Any:
+        """Read the adapter folder `path` as `name` (off the event loop); LoRAError or OSError if
+        it is not usable, LoRAError if the engine was built without LoRA."""
+        manager = self._lora_manager()
+        if manager is None:
+            from ondo.lora.adapter import LoRAError
+
+            raise LoRAError("this engine was started without LoRA (enable_lora)")
+        return await asyncio.to_thread(manager.register, name, path)
+
+    async def unload_lora(self, name: str) -> bool:
+        """Forget the adapter `name` (running requests finish with it); False if it was not loaded."""
+        manager = self._lora_manager()
+        return manager is not None and manager.remove_adapter(name)
+
     # ---- requests (asyncio side) ---------------------------------------------------------------
 
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                          output_queue: asyncio.Queue | None = None) -> RequestStream:
-        """Hand a request to the engine; raises its add-time error (ValueError, QueueFullError)."""
+                          output_queue: asyncio.Queue | None = None, lora_request: Any = None) -> RequestStream:
+        """Hand a request to the engine (through the adapter `lora_request`, a LoRARequest; None =
+        the base model); raises its add-time error (ValueError, QueueFullError)."""
         if self._dead_error is not None:
             raise EngineDeadError(f"the engine failed and the server is restarting: {self._dead_error}")
         if not self.is_ready:
             raise EngineDeadError("the engine is not running")
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, loop, output_queue or asyncio.Queue(), loop.create_future())
-        self._send(("add", stream, prompt, params))
+        self._send(("add", stream, prompt, params, lora_request))
         if self._dead.is_set():  # it died between the check above and the send
             self._refuse_queued_adds()
         try:
@@ -258,7 +296,8 @@ class AsyncEngine:
                 self._abort_everything(None)
         self._refresh_stats()
 
-    def _add(self, stream: RequestStream, prompt: str | list[int], params: SamplingParams) -> None:
+    def _add(self, stream: RequestStream, prompt: str | list[int], params: SamplingParams,
+             lora_request: Any = None) -> None:
         def resolve(error: BaseException | None) -> None:
             if stream.added.done():  # the caller was cancelled while waiting
                 return
@@ -277,7 +316,10 @@ class AsyncEngine:
                 f"the server's waiting queue is full ({self._max_waiting} requests); retry later")
         else:
             try:
-                self._engine.add_request(stream.request_id, prompt, params)
+                if lora_request is None:   # Engine stand-ins in tests take no lora_request
+                    self._engine.add_request(stream.request_id, prompt, params)
+                else:
+                    self._engine.add_request(stream.request_id, prompt, params, lora_request=lora_request)
                 self._streams[stream.request_id] = stream
             except Exception as exc:  # noqa: BLE001 -- the caller's error, raised in its task
                 error = exc

@@ -37,7 +37,6 @@ class LoRAManager:
         self.slot_adapter: list[LoRAAdapter | None] = [None] * max_loras
         self.slot_users = [0] * max_loras
         self.lru: OrderedDict[int, None] = OrderedDict((slot, None) for slot in range(max_loras))
-        self.assigned: dict[str, LoRARequest] = {}   # request id -> adapter, set by the server before adding
         self.default: LoRARequest | None = None      # applied to requests that name none (CLI --lora)
         self._lock = threading.Lock()                # the server loads/unloads from its own thread
         self._next_id = 1 << 30                      # ids for adapters registered by name only
@@ -193,7 +192,7 @@ def resolve_lora_request(manager: LoRAManager | None, request_id: str, lora_requ
             raise LoRAError("a lora_request was given but the engine was started without LoRA: "
                             "pass enable_lora=True (ondo serve: --lora-modules)")
         return None
-    lora_request = lora_request or manager.assigned.pop(request_id, None) or manager.default
+    lora_request = lora_request or manager.default
     if lora_request is None:
         return None
     if not isinstance(lora_request, LoRARequest):

@@ -69,8 +69,6 @@ def run_server(engine_config: EngineConfig, host: str, port: int, api_key: str |
     if max_waiting is not None and max_waiting < 1:
         raise ValueError(f"max_waiting must be >= 1 (or None for no bound), got {max_waiting}")
     if engine_process:
-        if engine_config.enable_lora or engine_config.lora_modules:
-            raise ValueError("--engine-process does not serve LoRA adapters yet")
         from ondo.engine.core.client import EngineCoreClient
 
         engine = EngineCoreClient.from_config(engine_config, max_waiting=max_waiting)

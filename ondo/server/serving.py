@@ -164,11 +164,8 @@ async def start_job(state: ServerState, response_id: str, prompts: list[tuple[st
             request_id = f"{response_id}-{i}"
             job.trackers[request_id] = state.metrics.track()
             job.prompt_index[request_id] = i
-            if lora_request is not None:
-                from ondo.server.serving_lora import bind_lora
-
-                bind_lora(state, request_id, lora_request)
-            job.streams.append(await state.engine.add_request(request_id, ids, params, queue))
+            options = {} if lora_request is None else {"lora_request": lora_request}   # stand-ins take none
+            job.streams.append(await state.engine.add_request(request_id, ids, params, queue, **options))
     except BaseException as exc:
         for stream in job.streams:
             state.engine.abort(stream.request_id)

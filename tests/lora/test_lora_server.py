@@ -1,5 +1,7 @@
 """LoRA adapters through the OpenAI client against a real server: listed as models, chosen by the
-request's `model`, loaded and unloaded at run time; errors in OpenAI's shape."""
+request's `model`, loaded and unloaded at run time; errors in OpenAI's shape. Every test runs against
+both engines: in process (AsyncEngine) and `--engine-process` (EngineCoreClient), with the same
+greedy text as `LLM` for the base model and each adapter."""
 from __future__ import annotations
 
 import httpx
@@ -15,7 +17,8 @@ PROMPT = "w5 w9 w33 w7"
 
 
 @pytest.fixture(scope="module")
-def lora_setup(tmp_path_factory):
+def lora_adapters(tmp_path_factory):
+    """A base folder, two adapter folders, and LLM's greedy text for the base, adapter a and b."""
     tmp_path = tmp_path_factory.mktemp("lora-server")
     base, adapters = base_and_adapters(tmp_path, "llama", count=2)
     folders = [str(folder) for folder, _ in adapters]
@@ -23,9 +26,17 @@ def lora_setup(tmp_path_factory):
     params = SamplingParams(temperature=0, max_tokens=5)
     expected = [o.outputs[0].text for o in llm.generate(
         [PROMPT] * 3, params, lora_request=[None, LoRARequest("a", 1, folders[0]), LoRARequest("b", 2, folders[1])])]
+    return tmp_path, base, folders, expected
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["in-process", "engine-process"])
+def lora_setup(request, lora_adapters):
+    tmp_path, base, folders, expected = lora_adapters
     engine = {"model": str(base), "dtype": "float32", "device": "cpu", "max_model_len": 256,
               "enable_lora": True, "lora_modules": [["a", folders[0]]]}
-    with live_server(tmp_path, engine, served_model_name="base") as server:
+    logs = tmp_path / ("engine-process" if request.param else "in-process")
+    logs.mkdir()
+    with live_server(logs, engine, served_model_name="base", engine_process=request.param) as server:
         yield server, folders, expected
 
 

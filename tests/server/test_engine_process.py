@@ -1,7 +1,8 @@
 """`ondo serve --engine-process`: the engine core in a process of its own answers as the in-process
 server does (greedy tokens, n=2 with a seed, 400s; the tiny model, and the built-in GGUF model whose
 tokenizer the front end reads without its weights), a client disconnect aborts its request in the
-core, LoRA is refused cleanly, and a killed core ends open streams, turns /health 503 and exits 1.
+core, the LoRA routes of a server without LoRA answer 400 as in process, and a killed core ends open
+streams, turns /health 503 and exits 1. LoRA adapters through the core: tests/lora/test_lora_server.py.
 
 One engine-process server of the tiny model serves the module; the last test kills its core."""
 from __future__ import annotations
@@ -123,18 +124,14 @@ def test_a_client_disconnect_aborts_the_request_in_the_core(core_server):
     assert time.monotonic() - closed_s < 0.5 * (240 - seen_before_close - 1) * per_token_s
 
 
-def test_lora_routes_answer_400(core_server):
-    response = httpx.post(f"{core_server.url}/v1/load_lora_adapter",
-                          json={"lora_name": "a", "lora_path": "/nowhere"})
-    assert response.status_code == 400
-    assert "--engine-process does not serve LoRA adapters yet" in response.json()["error"]["message"]
-
-
-def test_engine_process_refuses_lora_options(capsys):
-    from ondo.cli import main
-
-    assert main(["serve", "--engine-process", "--enable-lora", "--port", "0"]) != 0
-    assert "--engine-process does not serve LoRA adapters yet" in capsys.readouterr().err
+def test_lora_routes_without_lora_answer_400_as_in_process(core_server, tiny_server):
+    for server in (core_server, tiny_server):
+        for route, body in (("load_lora_adapter", {"lora_name": "a", "lora_path": "/nowhere"}),
+                            ("unload_lora_adapter", {"lora_name": "a"})):
+            response = httpx.post(f"{server.url}/v1/{route}", json=body)
+            assert response.status_code == 400, (route, response.text)
+            assert "started without LoRA" in response.json()["error"]["message"]
+    assert [m.id for m in _client(core_server).models.list().data] == [_model(core_server)]
 
 
 def test_a_killed_core_ends_streams_turns_health_503_and_exits_1(core_server):

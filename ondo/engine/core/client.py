@@ -13,6 +13,10 @@ in one `call_soon_threadsafe` call per loop, as AsyncEngine's thread does. Any t
 sends are serialised by a lock and never block (an unbounded queue; nothing is sent to a dead core).
 When the core dies (a fatal error, or killed), every open stream ends with EngineDeadError,
 `dead_error` is set and `wait_until_dead` returns, as with AsyncEngine.
+
+LoRA adapters: the client keeps the set of loaded adapters (from `Ready`, then from every
+`LoRAReply`), so `list_loras` and `resolve_lora` answer without a round trip; `load_lora` and
+`unload_lora` send a call and await the core's reply to it.
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ from ondo.config import EngineConfig
 from ondo.engine.async_engine import AsyncEngine, EngineDeadError, Finished, QueueFullError, RequestStream
 from ondo.engine.core import messages as m
 from ondo.engine.core.front_end import CoreEngineInfo, load_front_end_tokenizer
+from ondo.lora.adapter import LoRAError
+from ondo.lora.request import LoRARequest
 from ondo.sampling_params import SamplingParams, SamplingParamsError
 
 logger = logging.getLogger(__name__)
@@ -64,6 +70,10 @@ class EngineCoreClient:
         self._streams: dict[str, RequestStream] = {}
         self._lock = threading.Lock()          # guards _streams and the input socket
         self._stats: dict[str, Any] = {}       # replaced (never mutated) by the reader thread
+        self._lora_enabled = False
+        self._loras: dict[str, LoRARequest] = {}   # replaced (never mutated) by the reader thread
+        self._calls: dict[int, asyncio.Future] = {}   # LoRA calls awaiting the core's reply (under _lock)
+        self._next_call_id = 0
         self._process: subprocess.Popen | None = None
         self._folder: str | None = None
         self._context: zmq.Context | None = None
@@ -131,7 +141,7 @@ class EngineCoreClient:
     @property
     def engine(self) -> CoreEngineInfo:
         """What the server reads of the Engine: tokenizer, vocab_size, max_model_len, model_name,
-        load_time_s, config (lora_manager is None: adapters are not served out of process yet)."""
+        load_time_s, config (adapters: `list_loras`, `resolve_lora`, never `engine.lora_manager`)."""
         if not self._ready.is_set() or self._info is None:
             raise EngineDeadError("the engine is not loaded")
         return self._info
@@ -176,17 +186,63 @@ class EngineCoreClient:
             stream.finished = True
             self._send_locked(m.Abort([request_id]))
 
+    # ---- LoRA adapters -------------------------------------------------------------------------
+
+    @property
+    def lora_enabled(self) -> bool:
+        """The engine was built with enable_lora (adapters can be loaded)."""
+        return self._lora_enabled
+
+    def list_loras(self) -> list[LoRARequest]:
+        """The loaded adapters, in load order."""
+        return list(self._loras.values())
+
+    def resolve_lora(self, name: str) -> LoRARequest | None:
+        """The loaded adapter called `name` (None if there is none)."""
+        return self._loras.get(name)
+
+    async def load_lora(self, name: str, path: str) -> LoRARequest:
+        """Read the adapter folder `path` in the core as `name`; LoRAError if it is not usable."""
+        reply = await self._lora_call(lambda call_id: m.LoadLoRA(call_id, name, str(path)))
+        return _lora_requests(reply.loras)[name]
+
+    async def unload_lora(self, name: str) -> bool:
+        """Forget the adapter `name` (running requests finish with it); False if it was not loaded."""
+        reply = await self._lora_call(lambda call_id: m.UnloadLoRA(call_id, name))
+        return reply.removed
+
+    async def _lora_call(self, build: Any) -> m.LoRAReply:
+        """Send a LoRA message and await the core's LoRAReply to it; raises the error it reports."""
+        if not self.is_ready:
+            raise EngineDeadError("the engine is not running")
+        future = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if self._dead_error is not None:
+                raise EngineDeadError(f"the engine failed: {self._dead_error}")
+            self._next_call_id += 1
+            call_id = self._next_call_id
+            self._calls[call_id] = future
+            self._send_locked(build(call_id))
+        try:
+            return await future
+        finally:
+            with self._lock:
+                self._calls.pop(call_id, None)
+
     # ---- requests (asyncio side) ---------------------------------------------------------------
 
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                          output_queue: asyncio.Queue | None = None) -> RequestStream:
-        """Hand a request to the core; raises its add-time error (ValueError, QueueFullError)."""
+                          output_queue: asyncio.Queue | None = None,
+                          lora_request: LoRARequest | None = None) -> RequestStream:
+        """Hand a request to the core (through the adapter `lora_request`, None = the base model);
+        raises its add-time error (ValueError, LoRAError, QueueFullError)."""
         if self._dead_error is not None:
             raise EngineDeadError(f"the engine failed and the server is restarting: {self._dead_error}")
         if not self.is_ready:
             raise EngineDeadError("the engine is not running")
         data = m.params_to_data(params)   # SamplingParamsError for a processor the core cannot import
-        message = m.AddRequest(request_id, prompt if isinstance(prompt, str) else [int(t) for t in prompt], data)
+        message = m.AddRequest(request_id, prompt if isinstance(prompt, str) else [int(t) for t in prompt], data,
+                               m.lora_to_data(lora_request))
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, loop, output_queue or asyncio.Queue(), loop.create_future())
         with self._lock:
@@ -238,6 +294,8 @@ class EngineCoreClient:
                     self._info = CoreEngineInfo(tokenizer, message.vocab_size, message.max_model_len,
                                                 message.model_name, message.load_time_s, self.config,
                                                 message.pid)
+                    self._lora_enabled = message.lora_enabled
+                    self._loras = _lora_requests(message.loras)
                     logger.info("the engine core is ready (%s, loaded in %.1f s)",
                                 message.model_name, message.load_time_s)
                     self._ready.set()
@@ -246,6 +304,8 @@ class EngineCoreClient:
                     return
                 elif isinstance(message, m.CoreOutputs):
                     self._dispatch(message)
+                elif isinstance(message, m.LoRAReply):
+                    self._answer(message)
                 elif isinstance(message, m.Dead):
                     self._die(EngineCoreDied(f"{message.error_type}: {message.message}"))
                     return
@@ -308,6 +368,19 @@ class EngineCoreClient:
         for loop, pairs in calls.items():
             _call_soon(loop, _deliver_all, pairs)
 
+    def _answer(self, reply: m.LoRAReply) -> None:
+        self._loras = _lora_requests(reply.loras)
+        with self._lock:
+            future = self._calls.pop(reply.call_id, None)
+        if future is None:
+            return   # its caller was cancelled
+        if reply.error_type is None:
+            _call_soon(future.get_loop(), _settle, future, reply, None)
+        else:
+            error = (LoRAError(reply.message) if reply.is_bad_adapter
+                     else RuntimeError(f"{reply.error_type}: {reply.message}"))
+            _call_soon(future.get_loop(), _settle, future, None, error)
+
     def _die(self, error: BaseException) -> None:
         """The core cannot go on: end every stream with an error, refuse what comes next."""
         with self._lock:
@@ -322,6 +395,10 @@ class EngineCoreClient:
         with self._lock:
             streams = list(self._streams.values())
             self._streams.clear()
+            calls = list(self._calls.values())
+            self._calls.clear()
+        for future in calls:
+            _call_soon(future.get_loop(), _settle, future, None, error)
         for stream in streams:
             stream.finished = True
             _call_soon(stream.loop, _end, stream, error, error)
@@ -336,12 +413,27 @@ class EngineCoreClient:
                 pass
 
 
+def _lora_requests(loras: list[m.LoRAData]) -> dict[str, LoRARequest]:
+    return {data.name: m.lora_from_data(data) for data in loras}
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():   # the caller was cancelled while waiting
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
 def _add_error(error: m.AddError) -> BaseException:
     """The core's add-time error as the exception AsyncEngine would have raised to the caller."""
     if error.error_type == "QueueFullError":
         return QueueFullError(error.message)
     if error.error_type == "SamplingParamsError":
         return SamplingParamsError(error.message)
+    if error.error_type == "LoRAError":
+        return LoRAError(error.message)
     if error.is_value_error:
         return ValueError(error.message)
     return RuntimeError(f"{error.error_type}: {error.message}")

@@ -49,4 +49,3 @@ class CoreEngineInfo:
     load_time_s: float
     config: EngineConfig
     pid: int                       # the engine-core process
-    lora_manager: Any = None       # adapters are not served out of process yet

@@ -1,9 +1,10 @@
 """The messages between the API server process and the engine-core process: msgspec Structs sent as
 msgpack, plain data only (no pickled objects, so a message never runs code when it is read).
 
-Front end -> core: `AddRequest`, `Abort`, `AbortAll`, `Shutdown`.
+Front end -> core: `AddRequest`, `Abort`, `AbortAll`, `Shutdown`, `LoadLoRA`, `UnloadLoRA`.
 Core -> front end: `Ready` (or `LoadFailed`) once, then `CoreOutputs` (adds acknowledged or refused,
-one step's RequestOutputs, a stats snapshot), and `Dead` if the loop failed fatally.
+one step's RequestOutputs, a stats snapshot), `LoRAReply` (one per LoadLoRA / UnloadLoRA, by call
+id, with the loaded adapters afterwards), and `Dead` if the loop failed fatally.
 
 SamplingParams crosses as `SamplingParamsData` (its fields, checked again in the core on rebuild);
 its logits processors cross as importable names "package.module:function", resolved in the core.
@@ -61,12 +62,33 @@ class SamplingParamsData(msgspec.Struct, forbid_unknown_fields=True):
     structured_outputs: dict[str, Any] | None = None   # StructuredOutputsParams' set field
 
 
+class LoRAData(msgspec.Struct):
+    """A LoRARequest's fields: an adapter folder, its name and id."""
+    name: str
+    id: int
+    path: str
+
+
 # ---- front end -> core -------------------------------------------------------------------------
 
 class AddRequest(msgspec.Struct, tag="add"):
     request_id: str
     prompt: Union[str, list[int]]
     params: SamplingParamsData
+    lora: LoRAData | None = None     # the adapter it runs with; None = the base model
+
+
+class LoadLoRA(msgspec.Struct, tag="load_lora"):
+    """Read and register the adapter folder `path` as `name`; answered by a LoRAReply."""
+    call_id: int
+    name: str
+    path: str
+
+
+class UnloadLoRA(msgspec.Struct, tag="unload_lora"):
+    """Forget the adapter `name` (running requests finish with it); answered by a LoRAReply."""
+    call_id: int
+    name: str
 
 
 class Abort(msgspec.Struct, tag="abort"):
@@ -81,7 +103,7 @@ class Shutdown(msgspec.Struct, tag="shutdown"):
     """Abort everything and exit with status 0."""
 
 
-ToCore = Union[AddRequest, Abort, AbortAll, Shutdown]
+ToCore = Union[AddRequest, Abort, AbortAll, Shutdown, LoadLoRA, UnloadLoRA]
 
 
 # ---- core -> front end -------------------------------------------------------------------------
@@ -102,6 +124,8 @@ class Ready(msgspec.Struct, tag="ready"):
     load_time_s: float
     config: dict[str, Any]     # the EngineConfig's fields
     pid: int
+    lora_enabled: bool = False
+    loras: list[LoRAData] = []  # the adapters loaded at start (--lora-modules)
 
 
 class LoadFailed(msgspec.Struct, tag="load_failed"):
@@ -116,13 +140,23 @@ class CoreOutputs(msgspec.Struct, tag="outputs"):
     stats: dict[str, Any] | None = None     # Engine.stats() when refreshed (every ~0.1 s at most)
 
 
+class LoRAReply(msgspec.Struct, tag="lora_reply"):
+    """The answer to LoadLoRA / UnloadLoRA `call_id`: error_type is None on success."""
+    call_id: int
+    loras: list[LoRAData]              # every adapter loaded now
+    removed: bool = False              # UnloadLoRA: the adapter was loaded
+    error_type: str | None = None      # the core's exception class name
+    message: str = ""
+    is_bad_adapter: bool = False       # LoRAError / OSError: the folder is not a usable adapter (400)
+
+
 class Dead(msgspec.Struct, tag="dead"):
     """The core's loop failed fatally; the process exits with status 1 right after."""
     error_type: str
     message: str
 
 
-FromCore = Union[Ready, LoadFailed, CoreOutputs, Dead]
+FromCore = Union[Ready, LoadFailed, CoreOutputs, LoRAReply, Dead]
 
 
 class Codec:
@@ -145,6 +179,21 @@ def core_codec() -> Codec:
 
 def client_codec() -> Codec:
     return Codec(FromCore)
+
+
+# ---- LoRARequest <-> plain data ------------------------------------------------------------------
+
+def lora_to_data(lora_request: Any) -> LoRAData | None:
+    if lora_request is None:
+        return None
+    return LoRAData(lora_request.lora_name, int(lora_request.lora_int_id), str(lora_request.lora_path))
+
+
+def lora_from_data(data: LoRAData | None) -> Any:
+    """The LoRARequest again (None for the base model)."""
+    from ondo.lora.request import LoRARequest
+
+    return None if data is None else LoRARequest(data.name, data.id, data.path)
 
 
 # ---- SamplingParams <-> plain data ---------------------------------------------------------------

@@ -62,6 +62,8 @@ class EngineCore:
             elif isinstance(message, m.Abort):
                 for request_id in message.request_ids:
                     self._abort(request_id)
+            elif isinstance(message, (m.LoadLoRA, m.UnloadLoRA)):
+                self._send(self._change_loras(message))
             elif isinstance(message, (m.AbortAll, m.Shutdown)):
                 for request_id in list(self.running):
                     self._abort(request_id)
@@ -76,11 +78,35 @@ class EngineCore:
                 f"the server's waiting queue is full ({self.max_waiting} requests); retry later")
         try:
             params = m.params_from_data(message.params)
-            self.engine.add_request(message.request_id, message.prompt, params)
+            if message.lora is None:   # Engine stand-ins in tests take no lora_request
+                self.engine.add_request(message.request_id, message.prompt, params)
+            else:
+                self.engine.add_request(message.request_id, message.prompt, params,
+                                        lora_request=m.lora_from_data(message.lora))
         except Exception as exc:  # noqa: BLE001 -- that request's error, raised to its caller
             return exc
         self.running.add(message.request_id)
         return None
+
+    def _change_loras(self, message: m.LoadLoRA | m.UnloadLoRA) -> m.LoRAReply:
+        """Load or unload an adapter. Reading a folder runs here, between two steps: adapters are
+        small next to the model, and the manager's slots belong to this thread."""
+        manager = self.engine.lora_manager
+        if manager is None:
+            return m.LoRAReply(message.call_id, [], error_type="LoRAError", is_bad_adapter=True,
+                               message="this engine was started without LoRA (enable_lora)")
+        removed = False
+        try:
+            if isinstance(message, m.LoadLoRA):
+                manager.register(message.name, message.path)
+            else:
+                removed = manager.remove_adapter(message.name)
+        except Exception as exc:  # noqa: BLE001 -- that call's error, raised to its caller
+            from ondo.lora.adapter import LoRAError
+
+            return m.LoRAReply(message.call_id, loaded_loras(self.engine), error_type=type(exc).__name__,
+                               message=str(exc), is_bad_adapter=isinstance(exc, (LoRAError, OSError)))
+        return m.LoRAReply(message.call_id, loaded_loras(self.engine), removed=removed)
 
     def _num_unschedulable(self) -> int:
         """Waiting requests beyond the free running slots (AsyncEngine's rule)."""
@@ -114,6 +140,13 @@ class EngineCore:
         stats = dict(self.engine.stats())
         stats["updated_at_s"] = time.time()
         return stats
+
+
+def loaded_loras(engine: Any) -> list[m.LoRAData]:
+    manager = engine.lora_manager
+    if manager is None:
+        return []
+    return [m.lora_to_data(manager.request_for(name)) for name in manager.names()]
 
 
 def serve(config: EngineConfig, input_address: str, output_address: str, parent_pid: int,
@@ -150,7 +183,8 @@ def _run(config: EngineConfig, inputs: zmq.Socket, codec: m.Codec, send: Any, pa
         return 1
     send(m.Ready(model_name=str(engine.model_name), max_model_len=int(engine.max_model_len),
                  vocab_size=int(engine.vocab_size), load_time_s=float(engine.load_time_s),
-                 config=msgspec.to_builtins(config), pid=os.getpid()))
+                 config=msgspec.to_builtins(config), pid=os.getpid(),
+                 lora_enabled=engine.lora_manager is not None, loras=loaded_loras(engine)))
     core = EngineCore(engine, max_waiting, send)
     send(m.CoreOutputs(stats=core.stats(force=True)))   # /metrics has engine gauges before any request
     parent_checked = time.monotonic()
