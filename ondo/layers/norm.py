@@ -22,10 +22,15 @@ class RMSNorm(nn.Module):
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        inv_rms = x32.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()   # [T, 1]
+        # In place where the tensor is our own copy: fewer allocations, the same roundings.
+        normed = x32 * inv_rms if x32 is x else x32.mul_(inv_rms)
         if self.offset:  # Gemma multiplies in float32 before casting back
             return (normed * (self.offset + self.weight.float())).to(x.dtype)
-        return self.weight * normed.to(x.dtype)
+        out = normed.to(x.dtype)
+        if out is normed or out.dtype != self.weight.dtype:
+            return self.weight * out
+        return out.mul_(self.weight)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if x.is_cuda and fused_ops_enabled():

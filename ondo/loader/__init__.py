@@ -181,6 +181,22 @@ def _load_checked(model: nn.Module, weights, source: str) -> None:
             parts.append(f"unexpected keys: {_listing(unexpected)}")
         raise ModelLoadError(f"{source} does not match {type(model).__name__}: " + "; ".join(parts))
     finish_loading(model)
+    release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Give the heap pages freed by repacking back to the system.
+
+    Repacking frees hundreds of MB of temporaries, but glibc keeps freed heap pages mapped for reuse,
+    so without this the process keeps that memory for its whole life and every later peak (KV cache,
+    warm-up, a long prompt) stacks on top of it. A no-op where the C library is not glibc.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _listing(names: list[str], limit: int = 12) -> str:

@@ -11,6 +11,8 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from ondo.loader.config_import import import_validators_without_activations
+
 # GGUF `general.architecture` -> (HF model_type, HF architecture)
 GGUF_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "llama": ("llama", "LlamaForCausalLM"),  # also SmolLM, Mistral, Llama 2/3
@@ -111,6 +113,7 @@ def build_config(metadata: dict[str, Any], tensor_names: set[str]) -> Pretrained
             fields["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
     else:
         fields.update(_gemma_fields(metadata, arch, fields, rope))
+    import_validators_without_activations()  # saves importing transformers' model-loading stack
     return AutoConfig.for_model(model_type, **fields)
 
 

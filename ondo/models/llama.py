@@ -45,7 +45,23 @@ class LlamaAttention(nn.Module):
         if q.is_cuda and fused_ops_enabled():
             fused.apply_rotary_(q, k, cos, sin, self.head_dim)   # in place on the qkv views
             return q, k
+        qk = _adjacent_view(q, k)
+        if qk is not None:   # q and k side by side in the qkv output: one rotation for both (half the ops)
+            qk = apply_rotary(qk, cos, sin, self.head_dim)        # [T, (H + KVH) * D]
+            return qk[:, :q.shape[1]], qk[:, q.shape[1]:]
         return apply_rotary(q, cos, sin, self.head_dim), apply_rotary(k, cos, sin, self.head_dim)
+
+
+def _adjacent_view(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """[T, q + k] viewing both when k starts right where q ends in the same rows (the merged qkv output), else None."""
+    if q.dim() != 2 or k.dim() != 2:
+        return None
+    row_stride, width = q.stride()
+    if width != 1 or k.stride() != (row_stride, 1) or q.dtype != k.dtype:
+        return None
+    if k.data_ptr() != q.data_ptr() + q.shape[1] * q.element_size() or q.shape[1] + k.shape[1] > row_stride:
+        return None
+    return q.as_strided((q.shape[0], q.shape[1] + k.shape[1]), (row_stride, 1))
 
 
 class LlamaMLP(nn.Module):

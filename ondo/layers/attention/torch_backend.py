@@ -17,21 +17,32 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
-def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of the first `num_tokens` positions of each sequence: [num_seqs, num_tokens, KVH, D] each."""
+def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int,
+              block_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the first `num_tokens` positions of each sequence: [num_seqs, num_tokens, KVH, D] each.
+
+    `block_ids` (the flattened, int64 first blocks of every table) may be passed in when it is shared by
+    every layer of a step, so that it is built once per step instead of once per layer.
+    """
     num_seqs = block_tables.shape[0]
     block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
     num_blocks = -(-num_tokens // block_size)
+    if block_ids is None:
+        block_ids = decode_block_ids(block_tables, num_blocks)
     # index_select, not advanced indexing (kv_cache[:, tables]): on a CPU the latter costs milliseconds per call.
-    ids = block_tables[:, :num_blocks].reshape(-1).long()
-    blocks = kv_cache.index_select(1, ids)                     # [2, S * nb, block_size, KVH, D]
-    kv = blocks.reshape(2, num_seqs, num_blocks * block_size, num_kv_heads, head_dim)[:, :, :num_tokens]
+    blocks = kv_cache.index_select(1, block_ids)               # [2, S * nb, block_size, KVH, D]
+    kv = blocks.view(2, num_seqs, num_blocks * block_size, num_kv_heads, head_dim)[:, :, :num_tokens]
     return kv[0], kv[1]
+
+
+def decode_block_ids(block_tables: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """The first `num_blocks` block ids of every table, flat and int64: [S * num_blocks]."""
+    return block_tables[:, :num_blocks].reshape(-1).long()
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
            logit_softcap: float | None) -> torch.Tensor:
-    """q [S, H, Q, D], k/v [S, KVH, K, D], mask [S, 1, Q, K] bool (True = may attend) -> [S, H, Q, D].
+    """q [S, H, Q, D], k/v [S, KVH, K, D], mask [S, 1, Q, K] bool (True = may attend; None = all) -> [S, H, Q, D].
 
     GQA without copying K/V: the G query heads that share a KV head are folded into the query
     dimension (query head h = kv_head * G + g, as transformers' repeat_kv orders them).
@@ -47,7 +58,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     else:
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale       # [S, KVH, G * Q, K]
         scores = logit_softcap * torch.tanh(scores / logit_softcap)
-        scores = scores.masked_fill(~mask, float("-inf"))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         out = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
     return out.reshape(num_seqs, num_heads, num_queries, head_dim)
 
@@ -63,6 +75,14 @@ def visibility_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, seq_lens: to
 
 
 class TorchAttentionBackend:
+    """Decode steps on a CPU reuse what every layer of the step shares (the block ids to gather and the
+    visibility mask), built by the first layer: 30 layers otherwise rebuild the same small tensors, and
+    on a CPU each of those ops costs tens of microseconds against a step of a few milliseconds."""
+
+    def __init__(self):
+        self._step_meta: AttentionMetadata | None = None
+        self._step_shared: dict = {}
+
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, *, scale, sliding_window, logit_softcap):
         write_kv(kv_cache, k, v, meta.slot_mapping)
         if meta.is_decode:
@@ -82,9 +102,33 @@ class TorchAttentionBackend:
         return out
 
     def _decode(self, q, kv_cache, meta, scale, sliding_window, logit_softcap):
-        keys, values = gather_kv(kv_cache, meta.block_tables, meta.max_seq_len)   # [S, K, KVH, D]
-        seq_lens = meta.seq_lens.to(q.device).long()
-        key_pos = torch.arange(meta.max_seq_len, device=q.device)
-        mask = visibility_mask((seq_lens - 1)[:, None], key_pos, seq_lens, sliding_window)
+        block_ids, mask = self._decode_inputs(q.device, kv_cache.shape[2], meta, sliding_window)
+        keys, values = gather_kv(kv_cache, meta.block_tables, meta.max_seq_len, block_ids)   # [S, K, KVH, D]
         o = attend(q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2), mask, scale, logit_softcap)
         return o[:, :, 0]                                                        # [S, H, D]
+
+    def _decode_inputs(self, device, block_size: int, meta: AttentionMetadata, sliding_window: int | None):
+        """(block ids [S * nb] or None, mask [S, 1, 1, K] or None) of a decode step, shared by its layers.
+
+        No mask at all when nothing is hidden: one sequence (its keys end at its own length) outside any
+        sliding window; SDPA then gives the same numbers as with an all-True mask.
+        """
+        if device.type != "cpu":    # static buffers may be rewritten between runs: nothing is kept
+            return None, self._decode_mask(device, meta, sliding_window)
+        if meta is not self._step_meta:
+            self._step_meta, self._step_shared = meta, {}
+        shared = self._step_shared
+        if "block_ids" not in shared:
+            shared["block_ids"] = decode_block_ids(meta.block_tables, -(-meta.max_seq_len // block_size))
+        key = ("mask", sliding_window)
+        if key not in shared:
+            window_unseen = sliding_window is not None and meta.max_seq_len > sliding_window
+            needs_mask = len(meta.seq_lens_cpu) > 1 or window_unseen or meta.seq_lens_cpu[0] != meta.max_seq_len
+            shared[key] = self._decode_mask(device, meta, sliding_window) if needs_mask else None
+        return shared["block_ids"], shared[key]
+
+    @staticmethod
+    def _decode_mask(device, meta: AttentionMetadata, sliding_window: int | None) -> torch.Tensor:
+        seq_lens = meta.seq_lens.to(device).long()
+        key_pos = torch.arange(meta.max_seq_len, device=device)
+        return visibility_mask((seq_lens - 1)[:, None], key_pos, seq_lens, sliding_window)   # [S, 1, 1, K]

@@ -134,6 +134,12 @@ class Int4PlanesMethod(LinearMethod):
         layer.k_eff = codes_all.shape[1] // planes
 
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() == 2 and bias is None and layer.planes == 1 and not layer.padded16 and x.device.type == "cpu":
+            # The common CPU case (one plane, no bias, a flat batch) in as few Python steps as possible:
+            # a decode step calls this 121 times, and each skipped tensor op is microseconds saved.
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.contiguous(), layer.qweight, layer.group, layer.scales_and_zeros)  # [T, N_pad]
+            return out if out.shape[1] == layer.out_features else out[:, :layer.out_features]
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         if self._use_kernel(x):
