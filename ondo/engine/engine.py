@@ -143,7 +143,7 @@ class Engine:
         params = params or SamplingParams()
         if request_id in self.groups:
             raise RequestError(f"request id {request_id!r} is already in use")
-        lora_request = resolve_lora_request(self.lora_manager, request_id, lora_request)   # LoRAError if unusable
+        lora_request = resolve_lora_request(self.lora_manager, lora_request)   # LoRAError if unusable
         prompt_text, prompt_ids = self._tokenize(prompt)
         params.check_token_ids(self.vocab_size)
         max_tokens = params.resolve_max_tokens(len(prompt_ids), self.max_model_len)

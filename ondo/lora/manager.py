@@ -185,7 +185,7 @@ def build_lora_manager(config, model: nn.Module, dtype: torch.dtype, device: tor
     return manager
 
 
-def resolve_lora_request(manager: LoRAManager | None, request_id: str, lora_request) -> LoRARequest | None:
+def resolve_lora_request(manager: LoRAManager | None, lora_request) -> LoRARequest | None:
     """The adapter a new request runs with, read and checked now so a bad one fails at add time."""
     if manager is None:
         if lora_request is not None:

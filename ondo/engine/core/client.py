@@ -56,8 +56,6 @@ class EngineCoreDied(RuntimeError):
 class EngineCoreClient:
     """Serve many concurrent asyncio requests from an Engine running in the engine-core process."""
 
-    out_of_process = True   # what the server checks before reaching for in-process-only features
-
     def __init__(self, config: EngineConfig, max_waiting: int | None = None) -> None:
         self.config = config
         self._max_waiting = max_waiting
