@@ -60,7 +60,62 @@ class RequestStream:
     finished: bool = False
 
 
-class AsyncEngine:
+class EngineHandle:
+    """What the server uses of an engine wherever it runs (this thread-driven AsyncEngine or the
+    engine-core process's client): the life-cycle state and streaming a request's outputs.
+    Subclasses set `_ready`, `_dead` (threading.Event), `_load_error`, `_dead_error`, `_stopping`
+    and implement `add_request` and `abort`."""
+
+    def wait_until_loaded(self, timeout_s: float | None = None) -> bool:
+        """Block until the engine is built (or failed to build); False on timeout."""
+        return self._ready.wait(timeout_s)
+
+    @property
+    def is_ready(self) -> bool:
+        return (self._ready.is_set() and self._load_error is None and not self._stopping
+                and self._dead_error is None)
+
+    @property
+    def load_error(self) -> BaseException | None:
+        return self._load_error
+
+    @property
+    def dead_error(self) -> BaseException | None:
+        """The fatal error that stopped a loaded engine (None while it runs)."""
+        return self._dead_error
+
+    def wait_until_dead(self, timeout_s: float | None = None) -> bool:
+        """Block until a loaded engine failed fatally; False on timeout."""
+        return self._dead.wait(timeout_s)
+
+    async def stream_outputs(self, streams: list[RequestStream]) -> AsyncIterator[RequestOutput]:
+        """Yield the cumulative outputs of requests sharing one queue until all have finished.
+        Leaving early (an exception, a closed iterator, a cancelled task) aborts the unfinished
+        ones at once, which frees their KV blocks."""
+        pending = {stream.request_id for stream in streams}
+        try:
+            while pending:
+                item = await streams[0].queue.get()
+                if isinstance(item, Finished):
+                    pending.discard(item.request_id)
+                    if item.error is not None:
+                        raise item.error
+                    continue
+                yield item
+        finally:
+            for stream in streams:
+                if not stream.finished:
+                    self.abort(stream.request_id)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Add one request and yield its cumulative outputs."""
+        stream = await self.add_request(request_id, prompt, params)
+        async for output in self.stream_outputs([stream]):
+            yield output
+
+
+class AsyncEngine(EngineHandle):
     """Serve many concurrent asyncio requests from one Engine running on its own thread."""
 
     def __init__(self, engine_factory: Callable[[], Any], max_waiting: int | None = None) -> None:
@@ -92,28 +147,6 @@ class AsyncEngine:
     def start(self) -> "AsyncEngine":
         self._thread.start()
         return self
-
-    def wait_until_loaded(self, timeout_s: float | None = None) -> bool:
-        """Block until the engine is built (or failed to build); False on timeout."""
-        return self._ready.wait(timeout_s)
-
-    @property
-    def is_ready(self) -> bool:
-        return (self._ready.is_set() and self._load_error is None and not self._stopping
-                and self._dead_error is None)
-
-    @property
-    def load_error(self) -> BaseException | None:
-        return self._load_error
-
-    @property
-    def dead_error(self) -> BaseException | None:
-        """The fatal error that stopped a loaded engine (None while it runs)."""
-        return self._dead_error
-
-    def wait_until_dead(self, timeout_s: float | None = None) -> bool:
-        """Block until a loaded engine failed fatally; False on timeout."""
-        return self._dead.wait(timeout_s)
 
     @property
     def engine(self) -> Any:
@@ -200,32 +233,6 @@ class AsyncEngine:
             self.abort(request_id)
             raise
         return stream
-
-    async def stream_outputs(self, streams: list[RequestStream]) -> AsyncIterator[RequestOutput]:
-        """Yield the cumulative outputs of requests sharing one queue until all have finished.
-        Leaving early (an exception, a closed iterator, a cancelled task) aborts the unfinished
-        ones at once, which frees their KV blocks."""
-        pending = {stream.request_id for stream in streams}
-        try:
-            while pending:
-                item = await streams[0].queue.get()
-                if isinstance(item, Finished):
-                    pending.discard(item.request_id)
-                    if item.error is not None:
-                        raise item.error
-                    continue
-                yield item
-        finally:
-            for stream in streams:
-                if not stream.finished:
-                    self.abort(stream.request_id)
-
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
-        """Add one request and yield its cumulative outputs."""
-        stream = await self.add_request(request_id, prompt, params)
-        async for output in self.stream_outputs([stream]):
-            yield output
 
     def _send(self, command: tuple) -> None:
         self._commands.put(command)

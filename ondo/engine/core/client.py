@@ -37,7 +37,7 @@ import msgspec
 import zmq
 
 from ondo.config import EngineConfig
-from ondo.engine.async_engine import AsyncEngine, EngineDeadError, Finished, QueueFullError, RequestStream
+from ondo.engine.async_engine import EngineDeadError, EngineHandle, Finished, QueueFullError, RequestStream
 from ondo.engine.core import messages as m
 from ondo.engine.core.front_end import CoreEngineInfo, load_front_end_tokenizer
 from ondo.lora.adapter import LoRAError
@@ -53,7 +53,7 @@ class EngineCoreDied(RuntimeError):
     """The engine-core process failed or exited while it served (the server exits non-zero)."""
 
 
-class EngineCoreClient:
+class EngineCoreClient(EngineHandle):
     """Serve many concurrent asyncio requests from an Engine running in the engine-core process."""
 
     def __init__(self, config: EngineConfig, max_waiting: int | None = None) -> None:
@@ -109,27 +109,6 @@ class EngineCoreClient:
         atexit.register(self._kill_core)
         self._thread.start()
         return self
-
-    def wait_until_loaded(self, timeout_s: float | None = None) -> bool:
-        """Block until the engine is built (or failed to build); False on timeout."""
-        return self._ready.wait(timeout_s)
-
-    @property
-    def is_ready(self) -> bool:
-        return (self._ready.is_set() and self._load_error is None and not self._stopping
-                and self._dead_error is None)
-
-    @property
-    def load_error(self) -> BaseException | None:
-        return self._load_error
-
-    @property
-    def dead_error(self) -> BaseException | None:
-        """The fatal error that stopped a loaded engine (None while it runs)."""
-        return self._dead_error
-
-    def wait_until_dead(self, timeout_s: float | None = None) -> bool:
-        return self._dead.wait(timeout_s)
 
     @property
     def core_pid(self) -> int | None:
@@ -256,10 +235,6 @@ class EngineCoreClient:
             self.abort(request_id)
             raise
         return stream
-
-    # The same contract as AsyncEngine's: they use only `abort` and the streams' queues.
-    stream_outputs = AsyncEngine.stream_outputs
-    generate = AsyncEngine.generate
 
     def _send(self, message: msgspec.Struct) -> None:
         with self._lock:
