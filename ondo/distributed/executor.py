@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ondo.config import ConfigError, EngineConfig
+from ondo.distributed.parallel_state import enable_symmetric_all_reduce
 from ondo.distributed.sharding import check_splittable, read_hf_config
 from ondo.distributed.worker import STOP, Rendezvous, agree_num_blocks, join_group, leave_group, spawn_workers
 
@@ -68,7 +69,7 @@ class TensorParallelExecutor:
             torch.cuda.set_device(0)
         self.device = device
         self.dead_error: str | None = None
-        self.closed = False
+        self.stopping = threading.Event()   # set before the workers are told to leave: their exit is no death
         self.processes = spawn_workers(range(1, self.rendezvous.ranks_per_node), self.rendezvous, device.type)
         try:
             self.channel = self._unless_a_worker_dies(join_group, 0, self.rendezvous, device)
@@ -76,10 +77,15 @@ class TensorParallelExecutor:
         except BaseException:
             self._stop_processes()
             raise
-        self._finalizer = weakref.finalize(self, _shutdown, self.processes, self.channel, True)
+        self._finalizer = weakref.finalize(self, _shutdown, self.processes, self.channel, True, self.stopping)
         for rank, process in enumerate(self.processes, start=1):
             threading.Thread(target=self._watch, args=(rank, process), name=f"ondo-tp-watch-{rank}", daemon=True).start()
         logger.info("tensor parallelism: %d ranks (%s), %d node(s)", size, dist.get_backend(), self.rendezvous.nnodes)
+
+    def model_loaded(self, dtype: torch.dtype) -> None:
+        """Each rank, its shard loaded: GPUs of one node set up their symmetric-memory all-reduce."""
+        if self.rendezvous.nnodes == 1:
+            self._unless_a_worker_dies(enable_symmetric_all_reduce, self.device, dtype)
 
     def agree_num_blocks(self, fit: int, max_model_len: int) -> int:
         """Every rank sizes its KV cache for `max_model_len`; all allocate the smallest count."""
@@ -133,7 +139,7 @@ class TensorParallelExecutor:
 
     def _watch(self, rank: int, process: subprocess.Popen) -> None:
         process.wait()
-        if self.closed:
+        if self.stopping.is_set():
             return
         self.dead_error = self.dead_error or _death(rank, process)
         logger.error("tensor-parallel worker died: %s", self.dead_error)
@@ -144,14 +150,13 @@ class TensorParallelExecutor:
                 logger.exception("aborting the NCCL group failed")
 
     def shutdown(self) -> None:
-        if self.closed:
+        if self.stopping.is_set():
             return
-        self.closed = True
         self._finalizer.detach()
-        _shutdown(self.processes, self.channel, send_stop=self.dead_error is None)
+        _shutdown(self.processes, self.channel, self.dead_error is None, self.stopping)
 
     def _stop_processes(self) -> None:
-        self.closed = True
+        self.stopping.set()
         _stop(self.processes)
 
 
@@ -161,7 +166,9 @@ def _death(rank: int, process: subprocess.Popen) -> str:
     return f"worker rank {rank} (pid {process.pid}) died ({how})"
 
 
-def _shutdown(processes: list[subprocess.Popen], channel, send_stop: bool) -> None:
+def _shutdown(processes: list[subprocess.Popen], channel, send_stop: bool, stopping: threading.Event) -> None:
+    """Also run at interpreter exit (weakref.finalize) when the engine was never shut down."""
+    stopping.set()
     stopped = False
     if send_stop and all(p.poll() is None for p in processes):
         try:

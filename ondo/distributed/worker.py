@@ -20,7 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ondo.distributed.parallel_state import init_tensor_parallel
+from ondo.distributed.parallel_state import enable_symmetric_all_reduce, init_tensor_parallel
 from ondo.distributed.step_channel import StepChannel, open_channel
 
 logger = logging.getLogger("ondo")
@@ -63,8 +63,16 @@ def join_group(rank: int, rendezvous: Rendezvous, device: torch.device):
 
 
 def leave_group() -> None:
+    """Every rank, when the engine stops. NCCL groups are aborted, not destroyed: destroying finalizes
+    each communicator together with its peers, so a rank waits forever for a peer that has already
+    left or that waits for it to leave first (rank 0 waits for its workers to exit before leaving).
+    Aborting is local to the rank."""
     init_tensor_parallel(None, 0, 1)
-    if dist.is_initialized():
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        dist.distributed_c10d._abort_process_group()
+    else:
         dist.destroy_process_group()
 
 
@@ -90,7 +98,7 @@ def worker_main(rank: int, rendezvous: Rendezvous, device_type: str, num_threads
         device = torch.device("cpu")
     channel = join_group(rank, rendezvous, device)
     try:
-        _serve(channel, device)
+        _serve(channel, device, single_node=rendezvous.nnodes == 1)
     except Exception:
         logger.exception("tensor-parallel worker rank %d failed", rank)
         sys.exit(1)
@@ -99,7 +107,7 @@ def worker_main(rank: int, rendezvous: Rendezvous, device_type: str, num_threads
         leave_group()
 
 
-def _serve(channel: StepChannel, device: torch.device) -> None:
+def _serve(channel: StepChannel, device: torch.device, single_node: bool) -> None:
     from ondo.engine.engine import kv_budget_bytes, kv_cache_spec
     from ondo.engine.model_runner import ModelRunner, StepInput
     from ondo.loader import load_model
@@ -110,6 +118,8 @@ def _serve(channel: StepChannel, device: torch.device) -> None:
     if config.seed is not None:
         torch.manual_seed(config.seed)
     loaded, dtype = load_model(config, device)
+    if single_node:   # as rank 0's TensorParallelExecutor.model_loaded, at the same point
+        enable_symmetric_all_reduce(device, dtype)
     max_model_len = channel.recv()
     if max_model_len == STOP:
         return

@@ -54,6 +54,8 @@ class Engine:
         self.vocab_size = self.hf_config.vocab_size
         self.eos_token_ids = self._eos_ids(loaded.generation_config)
         self.max_model_len = self._max_model_len()
+        if self.executor is not None:
+            self.executor.model_loaded(self.dtype)
 
         spec = kv_cache_spec(self.hf_config, self.dtype, config.tensor_parallel_size)
         self.num_blocks = self._num_kv_blocks(spec)
@@ -78,9 +80,8 @@ class Engine:
         self.num_prompt_tokens_total = 0
         self.num_generated_tokens_total = 0
         # Decode steps launched one ahead of the host (CUDA graphs only: elsewhere the host is the device).
-        # Not with tensor parallelism: the other ranks get each step as host data, never device ids.
-        self.decode_overlap = (DecodeOverlap(self) if self.runner.cuda_graphs is not None and self.executor is None
-                               else None)
+        # With tensor parallelism rank 0 broadcasts the launched step's input ids to the other ranks.
+        self.decode_overlap = DecodeOverlap(self) if self.runner.cuda_graphs is not None else None
         if self.device.type == "cuda":
             self._warm_up()
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.0f MiB); max_model_len %d",

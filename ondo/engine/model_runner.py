@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ondo.distributed.parallel_state import broadcast_from_first, tp_size
 from ondo.engine.forward_context import ForwardContext, set_forward_context
 from ondo.engine.scheduler import SchedulerOutput
 from ondo.layers.attention import AttentionMetadata
@@ -188,6 +189,10 @@ class ModelRunner:
     def run(self, step: StepInput, device_input_ids: torch.Tensor | None = None) -> ModelRunnerOutput:
         """The forward of one step (graph replay or eager) and the logits of its sampled rows. Every
         tensor-parallel rank runs this with the same `step`, so the collectives inside match."""
+        if step.input_ids is None and tp_size() > 1:
+            # A decode launched ahead (async_decode.py): its input ids, the tokens rank 0 just sampled,
+            # exist on rank 0's device only.
+            device_input_ids = broadcast_from_first(device_input_ids, step.num_tokens, torch.int64, self.device)
         if step.use_graph:
             n = len(step.positions)
             logits = self.cuda_graphs.run(step.input_ids, step.positions, step.slot_mapping, step.seq_lens,
