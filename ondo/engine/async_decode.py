@@ -17,12 +17,24 @@ known; at the next `step()` the real schedule is built and compared with it:
    tokens, at positions that the next step writes again or into freed blocks (the stream orders those
    writes before any later use of the blocks); nothing of it reaches the outputs.
 
-Only batches whose sampling does not read the newest token on the host are launched ahead: no logprobs,
-no_repeat_ngram, bad words, custom logits processors or structured output (a grammar's mask needs the
-previous token on the host), no seeded sampling, and min_tokens reached. Penalties count the newest
-token from the device (`Sampler.apply_processors(pending_token_ids=)`). A sampled row the sampler's
-candidates could not decide comes back as -1: the host redoes it with the full sort when it reads the
-step (`Sampler.redo`), and the step launched on a placeholder for it is discarded.
+Batches whose sampling does not read the newest token on the host are launched ahead whole, forward
+and sampling: no logprobs, no_repeat_ngram, bad words, custom logits processors or structured output,
+no seeded sampling, and min_tokens reached. Penalties count the newest token from the device
+(`Sampler.apply_processors(pending_token_ids=)`). A sampled row the sampler's candidates could not
+decide comes back as -1: the host redoes it with the full sort when it reads the step (`Sampler.redo`),
+and the step launched on a placeholder for it is discarded.
+
+Any other batch without log-probs (a grammar's mask for step N+1 depends on N's token, and so do
+n-gram and bad-word bans, custom processors, unmet min_tokens; seeded rows must draw only for steps
+that are kept) launches only the forward of N+1 ahead (`LaunchedForward`), vLLM's order: the device
+computes N+1's logits while the host reads N's tokens, advances the matchers (`apply_sampled` ->
+`GrammarState.accept`) and checks stops; at the next `step()`, once adopted, N+1 is sampled with
+every token before it on the host, exactly as the synchronous path samples, and the forward of N+2
+is launched from those sampled ids before they are read. Nothing is drawn for a step that is
+discarded: it was never sampled, so seeded requests stay reproducible. Only log-probs (best_of > n
+ranks by them) keep a batch synchronous. A sampling error there (a grammar with no way forward, a
+failing processor) is handled as the synchronous path does: the batch is sampled again request by
+request.
 Every other step takes the synchronous path, `Engine.run_schedule`, unchanged.
 """
 from __future__ import annotations
@@ -60,6 +72,14 @@ class LaunchedStep:
         return self.host_token_ids.tolist()
 
 
+@dataclass
+class LaunchedForward:
+    """A decode step whose forward is queued on the device but not sampled yet: its sampling needs the
+    previous step's tokens on the host (a grammar's mask). Sampled once the step is adopted."""
+    requests: list[Request]            # the batch's rows, in order
+    logits: torch.Tensor               # [rows, vocab] float32 on the device (a graph's output buffer)
+
+
 def samples_without_host_history(request: Request) -> bool:
     """True when the sampler's choice for this request needs none of its tokens on the host: only
     history-free processors (logit_bias, allowed_token_ids) or penalties (the sampler counts the
@@ -74,12 +94,19 @@ def samples_without_host_history(request: Request) -> bool:
             and params.structured_outputs is None)
 
 
+def samples_after_its_forward(request: Request) -> bool:
+    """True when the request may be sampled once its previous token is on the host but before it is
+    read back: everything but log-probs (read back with the token) is then decided from host state."""
+    params = request.sampling_params
+    return params.logprobs is None and params.best_of <= params.n and not request.wants_prompt_logprobs
+
+
 class DecodeOverlap:
     """Drives `Engine.step()` with decode steps launched one ahead (see the module docstring)."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.ahead: LaunchedStep | None = None
+        self.ahead: LaunchedStep | LaunchedForward | None = None
         self.num_adopted = 0       # steps launched ahead and adopted (wholly or but finished rows)
         self.num_discarded = 0     # steps launched ahead that the real schedule did not match
 
@@ -88,26 +115,31 @@ class DecodeOverlap:
         ahead, self.ahead = self.ahead, None
         schedule = engine.scheduler.schedule()
         rows = self._matching_rows(ahead, schedule) if ahead is not None else None
+        requests = [item.request for item in schedule.scheduled]
         if rows is not None:
             self.num_adopted += 1
             engine.scheduler.update_after_step(schedule)
-            current = ahead
+            if isinstance(ahead, LaunchedForward):   # the previous step's tokens are on the host now
+                current = self._sample_or_fail(requests, self._gather(ahead.logits, rows))
+                rows = list(range(len(requests)))
+            else:
+                current = ahead
         else:
             self.num_discarded += ahead is not None
             if schedule.is_empty:
                 return []
             if not self._launchable(schedule):
                 return engine.run_schedule(schedule)
-            requests = [item.request for item in schedule.scheduled]
             try:
                 result = engine.runner.execute(schedule)
                 engine.scheduler.update_after_step(schedule)
-                current = self._sample(requests, result.sample_logits)
             except Exception as error:  # as the synchronous path: fail the requests, never the engine
                 logger.exception("model forward failed")
                 return engine._fail(requests, f"model forward failed: {error}")
+            current = self._sample_or_fail(requests, result.sample_logits)
             rows = list(range(len(requests)))
-        requests = [item.request for item in schedule.scheduled]
+        if isinstance(current, dict):   # sampled synchronously, request by request: nothing launched
+            return engine.emit(current)
         self.ahead = self._launch_ahead(requests, rows, current)
         host_tokens = current.read()
         if current.processed is not None and min(host_tokens) < 0:   # rows the sampler's candidates left open
@@ -120,11 +152,16 @@ class DecodeOverlap:
     # ---- deciding -------------------------------------------------------------------------------
 
     def _launchable(self, schedule: SchedulerOutput) -> bool:
-        """A decode-only step (one sampled token per request) of requests the device can sample alone."""
-        return all(item.num_new_tokens == 1 and item.samples and samples_without_host_history(item.request)
-                   for item in schedule.scheduled)
+        """A decode-only step (one sampled token per request) of requests the device can sample alone,
+        or that can be sampled after the next forward is launched (all but log-probs)."""
+        if not all(item.num_new_tokens == 1 and item.samples for item in schedule.scheduled):
+            return False
+        requests = [item.request for item in schedule.scheduled]
+        if all(samples_without_host_history(r) for r in requests):
+            return True
+        return all(map(samples_after_its_forward, requests))
 
-    def _matching_rows(self, ahead: LaunchedStep, schedule: SchedulerOutput) -> list[int] | None:
+    def _matching_rows(self, ahead: LaunchedStep | LaunchedForward, schedule: SchedulerOutput) -> list[int] | None:
         """Rows of `ahead` giving the scheduled requests' tokens, or None when it is not the step the
         scheduler chose."""
         requests = [item.request for item in schedule.scheduled]
@@ -145,9 +182,11 @@ class DecodeOverlap:
 
     # ---- launching ------------------------------------------------------------------------------
 
-    def _launch_ahead(self, requests: list[Request], rows: list[int], current: LaunchedStep) -> LaunchedStep | None:
+    def _launch_ahead(self, requests: list[Request], rows: list[int],
+                      current: LaunchedStep) -> LaunchedStep | LaunchedForward | None:
         """Launch the decode step after `current` for the requests that cannot finish by length in it,
-        when the scheduler would most likely choose that step too; None when it would not."""
+        when the scheduler would most likely choose that step too; None when it would not. Its
+        sampling too when no row needs `current`'s tokens on the host for it (see the module docstring)."""
         scheduler = self.engine.scheduler
         if scheduler.running != requests:      # someone was left out of this step (token budget)
             return None
@@ -157,8 +196,9 @@ class DecodeOverlap:
             return None
         if scheduler.waiting and len(batch) < scheduler.max_num_seqs:   # the scheduler would admit one
             return None
-        # The sampler sees each request one token short: min_tokens masking must be over already.
-        if not all(r.num_output_tokens >= r.min_tokens for r in batch):
+        sample_now = all(samples_without_host_history(r) for r in batch)
+        # Sampled now, the sampler sees each request one token short: min_tokens masking must be over.
+        if sample_now and not all(r.num_output_tokens >= r.min_tokens for r in batch):
             return None
         blocks = scheduler.blocks
         if not all(blocks.allocate(r, r.num_computed_tokens + 1) for r in batch):
@@ -171,10 +211,21 @@ class DecodeOverlap:
                 input_ids = input_ids.clamp(min=0)
             schedule = SchedulerOutput([ScheduledRequest(r, 1) for r in batch], len(batch), [])
             result = self.engine.runner.execute(schedule, input_ids)
+            if not sample_now:
+                return LaunchedForward(batch, result.sample_logits)
             return self._sample(batch, result.sample_logits, input_ids)
         except Exception:   # the real schedule will run this step again and report any failure
             logger.exception("decode step launched ahead failed")
             return None
+
+    def _sample_or_fail(self, requests: list[Request], logits: torch.Tensor) -> LaunchedStep | dict:
+        """`_sample`, or when it raises (a grammar with no way forward, a failing processor), the
+        synchronous sampler's request-by-request handling: the groups it touched, its requests' tokens
+        applied or the failing ones finished with their error."""
+        try:
+            return self._sample(requests, logits)
+        except Exception:
+            return self.engine._sample(requests, logits)
 
     def _sample(self, requests: list[Request], logits: torch.Tensor,
                 pending: torch.Tensor | None = None) -> LaunchedStep:
@@ -193,7 +244,8 @@ class DecodeOverlap:
         copied.record()
         return LaunchedStep(requests, token_ids, host, copied, processed)
 
-    def _gather(self, token_ids: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    def _gather(self, values: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """values[rows] ([rows] token ids or [rows, vocab] logits), a view when rows are a prefix."""
         if rows == list(range(len(rows))):
-            return token_ids[:len(rows)]
-        return token_ids[self.engine.runner.to_device(np.array(rows, dtype=np.int64))]
+            return values[:len(rows)]
+        return values[self.engine.runner.to_device(np.array(rows, dtype=np.int64))]

@@ -125,6 +125,10 @@ class Sampler:
         rows = [i for i, r in enumerate(requests) if getattr(r, "structured", None) is not None]
         if rows:
             bitmask = fill_bitmask([requests[i].structured for i in rows], vocab_size)  # [rows, words]
+            # From pageable memory the copy may hold the host until the device reaches it, i.e. until
+            # the forward launched ahead (engine/async_decode.py) is done; from pinned memory it never does.
+            if device.type == "cuda":
+                bitmask = bitmask.pin_memory()
             bitmask = bitmask.to(device, non_blocking=True)
             logits = _on_rows(logits, rows, lambda x: apply_token_bitmask(x, bitmask))
         raw_logits = logits  # what an emptied row falls back to: the grammar's mask stays

@@ -65,7 +65,7 @@ def test_stop_tokens_at_different_steps_match_sync(tiny_llama, sync_tokens):
     assert_no_leak(fast)
 
 
-def test_options_needing_host_tokens_take_the_sync_path(tiny_llama):
+def test_options_needing_host_tokens_match_sync(tiny_llama):
     params = [greedy(20, ignore_eos=True, logprobs=2), greedy(20, ignore_eos=True, repetition_penalty=1.3),
               greedy(20, ignore_eos=True, min_tokens=12), greedy(20, ignore_eos=True, logit_bias={7: 3.0}),
               greedy(20, ignore_eos=True, no_repeat_ngram_size=2)]
@@ -79,6 +79,27 @@ def test_options_needing_host_tokens_take_the_sync_path(tiny_llama):
     alone = [greedy(20, ignore_eos=True, min_tokens=12), greedy(20, ignore_eos=True, logit_bias={7: 3.0})]
     assert summary(fast.generate(PROMPTS[:2], alone)) == summary(sync.generate(PROMPTS[:2], alone))
     assert fast.engine.decode_overlap.num_adopted > 0
+    assert_no_leak(fast)
+
+
+def test_seeded_and_banned_batches_launch_their_forward_ahead(tiny_llama):
+    """Without a grammar too, a batch whose sampling needs the newest token on the host (seeded draws,
+    n-gram and bad-word bans, unmet min_tokens) launches only its next forward ahead and is sampled
+    once the tokens are on the host: the same tokens as the synchronous path, seeds reproducible, and
+    no draw spent on a step that is discarded. Log-probs alone keep a batch synchronous."""
+    params = [SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=1.1, seed=3, max_tokens=15, ignore_eos=True, no_repeat_ngram_size=2),
+              greedy(20, ignore_eos=True, min_tokens=18), greedy(12, ignore_eos=True, repetition_penalty=1.3)]
+    sync = make_llm(tiny_llama[0], overlap=False)
+    fast = make_llm(tiny_llama[0], overlap=True)
+    expected = summary(sync.generate(PROMPTS[:4], params))
+    assert summary(fast.generate(PROMPTS[:4], params)) == expected
+    assert summary(fast.generate(PROMPTS[:4], params)) == expected   # seeded: the same again
+    overlap = fast.engine.decode_overlap
+    assert overlap.num_adopted >= 2 * 10
+    adopted = overlap.num_adopted
+    fast.generate(PROMPTS[:2], [greedy(20, ignore_eos=True, logprobs=1), params[0]])   # finish together
+    assert overlap.num_adopted == adopted
     assert_no_leak(fast)
 
 

@@ -94,7 +94,9 @@ def test_stop_strings_and_streaming_deltas(llm):
     assert final["streamed"].text.startswith(final["stopped"].text) and streamed["stopped"] == final["stopped"].text
 
 
-def test_constrained_batches_take_the_synchronous_path_under_async_decode(tiny_llama_with_tokenizer, llm):
+def test_constrained_batches_run_ahead_under_async_decode(tiny_llama_with_tokenizer, llm):
+    """Their forwards are launched ahead and sampled with the mask once the previous tokens are read
+    (tests/engine/test_async_decode_structured.py covers the cases)."""
     fast = LLM(str(tiny_llama_with_tokenizer[0]))
     fast.engine.decode_overlap = DecodeOverlap(fast.engine)   # what CUDA graphs switch on
     batch = [params(StructuredOutputsParams(json=SCHEMA), temperature=0),
@@ -103,9 +105,7 @@ def test_constrained_batches_take_the_synchronous_path_under_async_decode(tiny_l
     expected = texts(llm.generate(PROMPTS, batch))
     assert texts(fast.generate(PROMPTS, batch)) == expected
     jsonschema.validate(json.loads(expected[0][0]), SCHEMA)
-    # Unconstrained greedy requests alone still run ahead.
-    fast.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
-    assert fast.engine.decode_overlap.num_adopted > 0
+    assert fast.engine.decode_overlap.num_adopted > 10
 
 
 def test_a_constraint_the_vocabulary_cannot_write_is_refused_when_added(llm):
