@@ -126,15 +126,19 @@ def divide(total: int, what: str) -> int:
     return total // _size
 
 
-def kv_heads_per_rank(num_kv_heads: int) -> tuple[int, int]:
-    """(KV heads this rank holds, ranks that hold each KV head), vLLM's rule.
+def kv_heads_per_rank(num_kv_heads: int, size: int | None = None) -> tuple[int, int]:
+    """(KV heads one rank holds, ranks that hold each KV head) over `size` ranks (default: this
+    process's group), vLLM's rule. The layers and the KV cache sizing both ask here.
 
     With at least as many KV heads as ranks they are split (they must divide); with fewer, each KV
-    head is replicated on tp_size / num_kv_heads consecutive ranks, exactly the ranks whose query
+    head is replicated on size / num_kv_heads consecutive ranks, exactly the ranks whose query
     heads read it, so every rank holds one KV head."""
-    if num_kv_heads >= _size:
-        return divide(num_kv_heads, "num_key_value_heads"), 1
-    if _size % num_kv_heads:
-        raise ValueError(f"tensor_parallel_size ({_size}) must be a multiple of num_key_value_heads "
+    size = _size if size is None else size
+    if num_kv_heads >= size:
+        if num_kv_heads % size:
+            raise ValueError(f"num_key_value_heads ({num_kv_heads}) must be divisible by tensor_parallel_size ({size})")
+        return num_kv_heads // size, 1
+    if size % num_kv_heads:
+        raise ValueError(f"tensor_parallel_size ({size}) must be a multiple of num_key_value_heads "
                          f"({num_kv_heads}) when it is larger")
-    return 1, _size // num_kv_heads
+    return 1, size // num_kv_heads

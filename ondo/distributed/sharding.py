@@ -12,12 +12,6 @@ def attention_heads(hf_config) -> tuple[int, int]:
     return num_heads, num_kv_heads
 
 
-def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
-    """Key/value heads in one rank's KV cache: an even share, or one replicated head when there are
-    fewer kv heads than ranks (each head then serves tp_size / num_kv_heads ranks)."""
-    return max(1, num_kv_heads // tp_size)
-
-
 def check_splittable(hf_config, tp_size: int) -> None:
     """The query heads must split evenly over the ranks; the kv heads too, or divide the ranks."""
     if tp_size == 1:

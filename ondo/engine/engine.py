@@ -380,13 +380,14 @@ def _resolve_device(name: str) -> torch.device:
 
 def kv_cache_spec(hf_config, dtype: torch.dtype, tp_size: int = 1) -> KVCacheSpec:
     """One rank's KV cache shape: its share of the kv heads (all of them at tensor_parallel_size 1)."""
-    from ondo.distributed.sharding import attention_heads, kv_heads_per_rank
+    from ondo.distributed.parallel_state import kv_heads_per_rank
+    from ondo.distributed.sharding import attention_heads
 
     num_heads, num_kv_heads = attention_heads(hf_config)
     hidden = getattr(hf_config, "hidden_size", None) or hf_config.n_embd
     head_dim = getattr(hf_config, "head_dim", None) or hidden // num_heads
     num_layers = getattr(hf_config, "num_hidden_layers", None) or hf_config.n_layer
-    return KVCacheSpec(num_layers, kv_heads_per_rank(num_kv_heads, tp_size), head_dim, dtype)
+    return KVCacheSpec(num_layers, kv_heads_per_rank(num_kv_heads, tp_size)[0], head_dim, dtype)
 
 
 def kv_budget_bytes(config: EngineConfig, device: torch.device, spec: KVCacheSpec, max_model_len: int) -> int:
