@@ -12,11 +12,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the PyTorch paths below serve every call
-    triton = None
+triton = None
+if torch.cuda.is_available():   # the CPU never launches these: importing Triton there costs ~66 MB of RSS
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:  # no Triton: the PyTorch paths below serve every call
+        triton = None
 
 
 def _use_triton(x: torch.Tensor) -> bool:

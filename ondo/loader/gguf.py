@@ -19,6 +19,7 @@ import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +123,8 @@ def _iter_weights(gguf: GGUFFile, config: PretrainedConfig, dtype: torch.dtype) 
         if info.ggml_type not in _DENSE_TYPES and len(info.shape) == 2:
             # Kept packed: the linear layer decides how to store it (ondo/layers/quantization/gguf_blocks.py).
             raw = gguf.read_raw(info.name)                                   # uint8 [rows, bytes per row]
-            yield name, GGUFBlocks(info.ggml_type, info.shape, _convert(raw, info, arch, config))
+            yield name, GGUFBlocks(info.ggml_type, info.shape, _convert(raw, info, arch, config),
+                                   release=partial(gguf.release_pages, info.name))
             continue
         array = _convert(gguf.read_tensor(info.name), info, arch, config)  # float32, logical shape
         if not array.flags.writeable:  # an F32 tensor is a view of the read-only file map
@@ -170,9 +172,11 @@ def load_gguf(path: str | Path, dtype: torch.dtype) -> GGUFModel:
         hf_tensor_name(name, gguf.architecture)
     _warn_ignored_tensors(gguf)
     tokenizer = load_gguf_tokenizer(path, model_type=config.model_type)
+    generation_defaults = _generation_defaults(gguf, tokenizer)
+    gguf.drop_vocabulary()  # the weights iterator keeps the file open until the last layer
     return GGUFModel(
         config=config,
         weights=_iter_weights(gguf, config, dtype),
         tokenizer=tokenizer,
-        generation_defaults=_generation_defaults(gguf, tokenizer),
+        generation_defaults=generation_defaults,
     )

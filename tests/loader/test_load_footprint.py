@@ -1,6 +1,7 @@
 """What loading a GGUF model costs in imports and memory, checked without timing anything."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -55,3 +56,51 @@ def test_real_activations_module_importable_after_config_build():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["True", "True"]
+
+
+# Loads the built-in model's weights alone (config, tokenizer and model class already in place) and
+# reports how far resident memory rose above where it stood, next to the bytes the model keeps.
+_LOAD_WEIGHTS = """
+import json, sys
+import torch
+from ondo.layers.quantization import gguf_factory
+from ondo.loader import _instantiate, _load_checked
+from ondo.loader.gguf import load_gguf
+from ondo.models.registry import get_model_class
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+torch.set_num_threads(2)
+gguf = load_gguf(sys.argv[1], torch.bfloat16)
+model = _instantiate(get_model_class(gguf.config), gguf.config, torch.bfloat16, torch.device("cpu"),
+                     gguf_factory(None))
+start = status("VmRSS")
+try:  # reset the high-water mark to now (Linux >= 4.0); else the earlier peak is the floor
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+except OSError:
+    start = max(start, status("VmHWM"))
+_load_checked(model, gguf.weights, sys.argv[1])
+tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}.values()
+kept = sum(t.numel() * t.element_size() for t in tensors)
+print(json.dumps({"rise": status("VmHWM") - start, "kept": kept, "after": status("VmRSS") - start}))
+"""
+
+
+def test_loading_the_builtin_model_peaks_near_its_packed_size():
+    """Repacking goes a chunk of rows at a time and drops each tensor's file pages once packed, so the
+    load rises by the packed model (~97 MB) plus ~15 MB. Repacking a whole matrix at once (the tied
+    49152 x 576 Q8_0 embedding) with the whole file kept resident rose by 366 MB."""
+    from tests.tokenizer.model_files import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    done = subprocess.run([sys.executable, "-c", _LOAD_WEIGHTS, str(path)], capture_output=True, text=True,
+                          check=True, env={**os.environ, "ONDO_NO_PROGRESS": "1"})
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    mb = 2**20
+    # Margins for a busy machine and other allocators; a whole-matrix repack is ~270 MB over `kept`.
+    assert report["rise"] < report["kept"] + 120 * mb, {k: round(v / mb) for k, v in report.items()}
+    assert report["after"] < report["kept"] + 60 * mb, {k: round(v / mb) for k, v in report.items()}

@@ -20,7 +20,9 @@ and the rarer types (Q2_K, Q3_K, IQ*), are dequantized to the run dtype and stay
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 from ondo.layers.linear import Linear
-from ondo.layers.quantization.int4_planes import AffineCodes, Int4PlanesMethod
+from ondo.layers.quantization.int4_planes import TILE_N, AffineCodes, Int4PlanesMethod, concat_rows
 
 PACKED_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K)
 
@@ -40,6 +42,8 @@ class GGUFBlocks:
     ggml_type: T
     shape: tuple[int, int]       # [out_features, in_features]
     data: np.ndarray             # uint8 [out_features, bytes per row] (a view of the memory map)
+    # Called once the layer holds its own copy, so the file's pages can leave resident memory.
+    release: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def dequantize(self) -> torch.Tensor:
         return torch.from_numpy(dequantize(np.ascontiguousarray(self.data), self.ggml_type).reshape(self.shape))
@@ -49,17 +53,17 @@ class GGUFBlocks:
         caller dequantizes that part, so the layer loads it dense)."""
         n, k = self.shape
         if dim == 0:
-            return GGUFBlocks(self.ggml_type, (index.stop - index.start, k), self.data[index])
+            return GGUFBlocks(self.ggml_type, (index.stop - index.start, k), self.data[index], self.release)
         block_elems, block_bytes = GGML_QUANT_SIZES[self.ggml_type]
         if index.start % block_elems or index.stop % block_elems:
             return None
         columns = slice(index.start // block_elems * block_bytes, index.stop // block_elems * block_bytes)
-        return GGUFBlocks(self.ggml_type, (n, index.stop - index.start), self.data[:, columns])
+        return GGUFBlocks(self.ggml_type, (n, index.stop - index.start), self.data[:, columns], self.release)
 
     def pad_rows(self, rows: int) -> "GGUFBlocks":
         """Zero rows appended: all-zero blocks decode to zero weights in every ggml type (d = 0)."""
         zeros = np.zeros((rows - self.shape[0], self.data.shape[1]), dtype=self.data.dtype)
-        return GGUFBlocks(self.ggml_type, (rows, self.shape[1]), np.concatenate([self.data, zeros]))
+        return GGUFBlocks(self.ggml_type, (rows, self.shape[1]), np.concatenate([self.data, zeros]), self.release)
 
 
 def _f16(raw: torch.Tensor) -> torch.Tensor:
@@ -131,6 +135,24 @@ def decode_blocks(blocks: GGUFBlocks) -> AffineCodes:
                      f"{', '.join(t.name for t in PACKED_TYPES)}")
 
 
+# Rows repacked at a time: a multiple of the 64-row tiles, so every chunk packs on its own, and small
+# enough that a chunk's temporaries (codes, planes, tiles: a few bytes per weight) stay about a MB even
+# for a 49152-row embedding, instead of several hundred MB for the whole matrix at once.
+REPACK_ROWS = 256
+# (group, bits) of each packed type, known before decoding: a layer's parts share the smallest group and
+# the widest code, as `concat_rows` would choose for the whole matrix.
+_GROUP_AND_BITS = {T.Q4_0: (32, 4), T.Q4_1: (32, 4), T.Q5_0: (32, 5), T.Q5_1: (32, 5), T.Q8_0: (32, 8),
+                   T.Q4_K: (32, 4), T.Q5_K: (32, 5), T.Q6_K: (16, 6)}
+
+
+class _ChunkLayer(torch.nn.Module):
+    """What `Int4PlanesMethod.store` fills for one chunk of rows, before the rows move into the layer."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.run_dtype, self.run_device = dtype, torch.device("cpu")
+
+
 class GGUFLinearMethod(Int4PlanesMethod):
     """Linear layers of a GGUF file: packed types stay packed, dense ones (F32/F16/...) stay dense."""
 
@@ -142,8 +164,9 @@ class GGUFLinearMethod(Int4PlanesMethod):
     def finish_loading(self, layer: Linear) -> None:
         staged = layer.staged
         if all(isinstance(t, GGUFBlocks) and t.ggml_type in PACKED_TYPES for _, t in staged):
-            layer.staged = [(rows, decode_blocks(t)) for rows, t in staged]
-            super().finish_loading(layer)
+            del layer.staged
+            self._repack(layer, sorted(staged, key=lambda item: item[0].start))
+            _release(staged)
             return
         # A matrix (or one of its shards) stored dense: the whole layer runs dense.
         from ondo.layers.linear import DENSE
@@ -155,3 +178,63 @@ class GGUFLinearMethod(Int4PlanesMethod):
         for rows, tensor in staged:
             dense = tensor.dequantize() if isinstance(tensor, GGUFBlocks) else tensor
             DENSE.load_weight(layer, dense.to(layer.run_dtype), rows)
+        _release(staged)
+
+    def _repack(self, layer: Linear, staged: list[tuple[slice, GGUFBlocks]]) -> None:
+        """Decode and pack `REPACK_ROWS` output rows at a time straight into the layer's final buffers.
+
+        Each chunk goes through the same `store` as a whole matrix would (same group, same number of
+        planes), and tiles never straddle chunks, so the result is byte for byte the whole-matrix one."""
+        covered = sum(rows.stop - rows.start for rows, _ in staged)
+        if covered != layer.out_features:
+            raise ValueError(f"{covered} of {layer.out_features} output rows were loaded")
+        group = min(_GROUP_AND_BITS[blocks.ggml_type][0] for _, blocks in staged)
+        bits = max(_GROUP_AND_BITS[blocks.ggml_type][1] for _, blocks in staged)
+        chunk_layer = _ChunkLayer(layer.run_dtype)
+        with _one_thread():
+            self._repack_chunks(layer, staged, group, bits, chunk_layer)
+        layer.planes, layer.group = chunk_layer.planes, chunk_layer.group
+        layer.padded16, layer.k_eff = chunk_layer.padded16, chunk_layer.k_eff
+
+    def _repack_chunks(self, layer: Linear, staged: list[tuple[slice, GGUFBlocks]], group: int, bits: int,
+                       chunk_layer: _ChunkLayer) -> None:
+        n = layer.out_features
+        n_pad = -(-n // TILE_N) * TILE_N
+        for start in range(0, n, REPACK_ROWS):
+            stop = min(start + REPACK_ROWS, n)
+            pieces = []
+            for rows, blocks in staged:
+                lo, hi = max(start, rows.start), min(stop, rows.stop)
+                if lo < hi:
+                    part = decode_blocks(blocks.shard(0, slice(lo - rows.start, hi - rows.start)))
+                    pieces.append(AffineCodes(part.codes, part.scale, part.minimum, part.group, bits).regroup(group))
+            super().store(chunk_layer, concat_rows(pieces))
+            packed, scales = chunk_layer.qweight, chunk_layer.scales_and_zeros    # [rows_pad, ...], [G, rows_pad, 2]
+            if start == 0:
+                with torch.device(layer.run_device):
+                    qweight = torch.empty(n_pad, packed.shape[1], dtype=packed.dtype)
+                    scales_and_zeros = torch.empty(scales.shape[0], n_pad, 2, dtype=scales.dtype)
+            qweight[start:start + packed.shape[0]].copy_(packed)
+            scales_and_zeros[:, start:start + packed.shape[0]].copy_(scales)
+        layer.register_buffer("qweight", qweight, persistent=False)
+        layer.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Repack on one CPU thread: a chunk's ops are small (a million bytes), so splitting them over
+    threads gains little, and on a busy 2-core machine every op then waits at the end of its parallel
+    region for a descheduled thread: the built-in model's repack took 20-40 s that way, under 1 s on one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _release(staged: list) -> None:
+    """Let go of the file pages behind the layer's blocks (see `GGUFFile.release_pages`)."""
+    for _, tensor in staged:
+        if isinstance(tensor, GGUFBlocks) and tensor.release is not None:
+            tensor.release()
