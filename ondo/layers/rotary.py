@@ -1,6 +1,8 @@
 """Rotary position embeddings with Hugging Face's frequency schedules (default, linear, llama3, yarn, ...).
 
 cos/sin are computed once per forward from the flat positions and shared by every layer.
+`apply_rotary` is the reference (transformers' formula); `apply_rotary_` computes the same numbers in
+place on the qkv output with half the tensor ops, from tables (`rotation_tables`) built once per forward.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ class RotaryEmbedding(nn.Module):
         """positions [T] -> cos, sin [T, rot_dim] in `dtype` (neox layout: the half frequencies repeated)."""
         freqs = positions[:, None].float() * self.inv_freq[None, :]   # [T, rot_dim // 2]
         emb = torch.cat((freqs, freqs), dim=-1)
+        if self.attention_scaling == 1.0:   # the common case: two multiplications by one skipped
+            return emb.cos().to(dtype), emb.sin().to(dtype)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
 
 
@@ -54,3 +58,28 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim
         rot, keep = x[..., :rot_dim], x[..., rot_dim:]
         out = torch.cat((rot * cos + rotate_half(rot) * sin, keep), dim=-1)
     return out.reshape(num_tokens, -1)
+
+
+def rotation_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, rot_dim] -> (cos, signed sin) [T, 1, 2, rot_dim // 2] for `apply_rotary_`.
+
+    The signed sin has its first half negated: rotate_half(x) * sin == swap_halves(x) * signed_sin,
+    exactly (a negation never rounds), so each layer skips rotate_half's neg and cat."""
+    num_tokens, half = sin.shape[0], sin.shape[-1] // 2
+    signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+    return cos.view(num_tokens, 1, 2, half), signed_sin.view(num_tokens, 1, 2, half)
+
+
+def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rotates x [T, heads * head_dim] in place (x may be a view with a row stride, like the q|k part of the
+    qkv output); cos / signed_sin from `rotation_tables`. Each product is rounded to x's dtype before the
+    sum, as in `apply_rotary`, so both give identical numbers."""
+    num_tokens, half = x.shape[0], cos.shape[-1]
+    if 2 * half == head_dim:
+        halves = x.view(num_tokens, -1, 2, half)                               # [T, heads, 2, D / 2]
+    else:   # partial rotary: the first 2 * half dims of every head turn, the rest are kept
+        halves = x.view(num_tokens, -1, head_dim)[..., :2 * half].unflatten(-1, (2, half))
+    swapped = halves.flip(-2)                                                  # [T, heads, 2, half] (a copy)
+    swapped.mul_(signed_sin)
+    halves.mul_(cos).add_(swapped)
+    return x

@@ -12,7 +12,7 @@ from ondo.layers.attention import Attention
 from ondo.layers.linear import Linear, MergedLinear, VocabEmbedding, LMHead
 from ondo.layers.norm import RMSNorm
 from ondo.layers.rotary import RotaryEmbedding
-from ondo.models.llama import LlamaAttention, LlamaForCausalLM, head_dim_of
+from ondo.models.llama import LlamaAttention, LlamaForCausalLM, head_dim_of, rotary_inputs
 from ondo.models.qwen2 import layer_sliding_window
 
 
@@ -80,15 +80,16 @@ class Gemma2Model(nn.Module):
     def make_rotary(self, config) -> nn.Module:
         return RotaryEmbedding(config, head_dim_of(config))
 
-    def position_embeddings(self, positions: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(cos, sin) [T, rot_dim] for every layer; Gemma 2 layers share one RoPE."""
-        cos_sin = self.rotary_emb(positions, dtype)
+    def position_embeddings(self, positions: torch.Tensor,
+                            hidden: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) for every layer, as `rotary_inputs` lays them out; Gemma 2 layers share one RoPE."""
+        cos_sin = rotary_inputs(*self.rotary_emb(positions, hidden.dtype), hidden)
         return [cos_sin] * len(self.layers)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)                                        # [T, hidden]
         hidden = hidden * self.embed_scale.to(hidden.dtype)
-        for layer, (cos, sin) in zip(self.layers, self.position_embeddings(positions, hidden.dtype)):
+        for layer, (cos, sin) in zip(self.layers, self.position_embeddings(positions, hidden)):
             hidden = layer(hidden, cos, sin)
         return self.norm(hidden)
 

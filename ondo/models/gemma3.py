@@ -8,7 +8,7 @@ from torch import nn
 
 from ondo.layers.rotary import RotaryEmbedding
 from ondo.models.gemma2 import Gemma2Attention, Gemma2DecoderLayer, Gemma2ForCausalLM, Gemma2Model, gemma_norm
-from ondo.models.llama import head_dim_of
+from ondo.models.llama import head_dim_of, rotary_inputs
 from ondo.models.qwen3 import norm_heads
 
 _DEFAULT_LAYER_TYPE = "full_attention"
@@ -50,8 +50,9 @@ class Gemma3Model(Gemma2Model):
         return nn.ModuleDict({t: RotaryEmbedding(config, head_dim_of(config), layer_type=t)
                               for t in sorted(layer_types)})
 
-    def position_embeddings(self, positions: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        per_type = {t: rotary(positions, dtype) for t, rotary in self.rotary_emb.items()}
+    def position_embeddings(self, positions: torch.Tensor,
+                            hidden: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        per_type = {t: rotary_inputs(*rotary(positions, hidden.dtype), hidden) for t, rotary in self.rotary_emb.items()}
         return [per_type[t] for t in self.layer_types]
 
 

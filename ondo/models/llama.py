@@ -13,7 +13,7 @@ from ondo.layers.activation import GatedActivation
 from ondo.layers.attention import Attention
 from ondo.layers.linear import Linear, LMHead, MergedLinear, QKVLinear, VocabEmbedding
 from ondo.layers.norm import RMSNorm
-from ondo.layers.rotary import RotaryEmbedding, apply_rotary
+from ondo.layers.rotary import RotaryEmbedding, apply_rotary_, rotation_tables
 from ondo.models.weights import LLAMA_STACKED, load_weights
 
 
@@ -42,14 +42,26 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v))
 
     def rotate(self, q, k, cos, sin):
+        """Rotates q and k in place (they are fresh: views of this step's qkv output, or normed copies);
+        cos / sin come from `rotary_inputs`."""
         if q.is_cuda and fused_ops_enabled():
             fused.apply_rotary_(q, k, cos, sin, self.head_dim)   # in place on the qkv views
             return q, k
         qk = _adjacent_view(q, k)
         if qk is not None:   # q and k side by side in the qkv output: one rotation for both (half the ops)
-            qk = apply_rotary(qk, cos, sin, self.head_dim)        # [T, (H + KVH) * D]
-            return qk[:, :q.shape[1]], qk[:, q.shape[1]:]
-        return apply_rotary(q, cos, sin, self.head_dim), apply_rotary(k, cos, sin, self.head_dim)
+            apply_rotary_(qk, cos, sin, self.head_dim)            # [T, (H + KVH) * D]
+        else:
+            apply_rotary_(q, cos, sin, self.head_dim)
+            apply_rotary_(k, cos, sin, self.head_dim)
+        return q, k
+
+
+def rotary_inputs(cos: torch.Tensor, sin: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `LlamaAttention.rotate` takes, built once per forward: cos, sin [T, rot_dim] as they are for the
+    fused GPU kernel, else `rotation_tables` ([T, 1, 2, rot_dim / 2] each) for the in-place torch rotation."""
+    if hidden.is_cuda and fused_ops_enabled():
+        return cos, sin
+    return rotation_tables(cos, sin)
 
 
 def _adjacent_view(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
@@ -105,7 +117,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)                  # [T, hidden]
-        cos, sin = self.rotary_emb(positions, hidden.dtype)    # [T, rot_dim]
+        cos, sin = rotary_inputs(*self.rotary_emb(positions, hidden.dtype), hidden)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, cos, sin)

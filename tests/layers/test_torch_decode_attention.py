@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ondo.layers.attention import AttentionMetadata
-from ondo.layers.attention.torch_backend import TorchAttentionBackend, attend, gather_kv, visibility_mask
+from ondo.layers.attention.torch_backend import TorchAttentionBackend, attend, gather_kv, visibility_mask, write_kv
 
 BLOCK, KVH, HEADS, DIM = 4, 2, 6, 16
 
@@ -46,3 +46,34 @@ def test_decode_matches_each_sequence_alone_across_layers_and_steps():
                 out = backend.forward(q, k, v, kv_cache, meta, scale=DIM ** -0.5, sliding_window=window,
                                       logit_softcap=None)
                 torch.testing.assert_close(out, _reference(q, kv_cache, meta, window), rtol=0, atol=0)
+
+
+def test_single_sequence_decode_with_soft_capping_matches_the_masked_path():
+    torch.manual_seed(1)
+    backend = TorchAttentionBackend()
+    kv_cache = torch.randn(2, 16, BLOCK, KVH, DIM, dtype=torch.bfloat16)
+    meta = _decode_meta([7], [[3, 5]])
+    q = torch.randn(1, HEADS, DIM, dtype=torch.bfloat16)
+    k, v = torch.randn(2, 1, KVH, DIM, dtype=torch.bfloat16)
+    out = backend.forward(q, k, v, kv_cache, meta, scale=DIM ** -0.5, sliding_window=None, logit_softcap=5.0)
+    keys, values = gather_kv(kv_cache, meta.block_tables, 7)                          # [1, 7, KVH, D]
+    mask = visibility_mask(torch.tensor([[6]]), torch.arange(7), torch.tensor([7]), None)
+    want = attend(q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2), mask, DIM ** -0.5, 5.0)[:, :, 0]
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_kv_write_from_the_merged_qkv_row_equals_separate_tensors():
+    """k and v as views of one [T, q | k | v] output are written with one copy; the cache ends the same."""
+    torch.manual_seed(2)
+    qkv = torch.randn(3, (HEADS + 2 * KVH) * DIM, dtype=torch.bfloat16)
+    q_size, kv_size = HEADS * DIM, KVH * DIM
+    k = qkv[:, q_size:q_size + kv_size].view(3, KVH, DIM)
+    v = qkv[:, q_size + kv_size:].view(3, KVH, DIM)
+    slots = torch.tensor([5, 0, 13])
+    merged, separate = torch.zeros(2, 4, BLOCK, KVH, DIM, dtype=torch.bfloat16), torch.zeros(2, 4, BLOCK, KVH, DIM,
+                                                                                              dtype=torch.bfloat16)
+    write_kv(merged, k, v, slots)
+    write_kv(separate, k.clone(), v.clone(), slots)
+    torch.testing.assert_close(merged, separate, rtol=0, atol=0)
+    torch.testing.assert_close(merged[0].view(-1, KVH, DIM)[slots], k, rtol=0, atol=0)
+    torch.testing.assert_close(merged[1].view(-1, KVH, DIM)[slots], v, rtol=0, atol=0)

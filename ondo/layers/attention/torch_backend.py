@@ -12,9 +12,20 @@ from ondo.layers.attention import AttentionMetadata
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Keys and values of the new tokens into their slots, with one copy for both."""
     num_kv_heads, head_dim = k.shape[1:]
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    slots = kv_cache.view(2, -1, num_kv_heads, head_dim)                       # [2, num_slots, KVH, D]
+    slots.index_copy_(1, slot_mapping, _stacked(k, v))
+
+
+def _stacked(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[2, T, KVH, D]: a view when v follows k in every row (the k|v part of the merged qkv output), else a copy."""
+    row_stride, head_stride, unit = k.stride()
+    width = head_stride * k.shape[1]
+    if (unit == 1 and head_stride == k.shape[2] and v.stride() == k.stride() and v.dtype == k.dtype
+            and v.data_ptr() == k.data_ptr() + width * k.element_size()):
+        return k.as_strided((2, *k.shape), (width, row_stride, head_stride, 1))
+    return torch.stack((k, v))
 
 
 def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int,
@@ -103,9 +114,29 @@ class TorchAttentionBackend:
 
     def _decode(self, q, kv_cache, meta, scale, sliding_window, logit_softcap):
         block_ids, mask = self._decode_inputs(q.device, kv_cache.shape[2], meta, sliding_window)
+        if mask is None and block_ids is not None and len(meta.seq_lens_cpu) == 1:
+            return self._decode_one(q, kv_cache, block_ids, meta.max_seq_len, scale, logit_softcap)
         keys, values = gather_kv(kv_cache, meta.block_tables, meta.max_seq_len, block_ids)   # [S, K, KVH, D]
         o = attend(q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2), mask, scale, logit_softcap)
         return o[:, :, 0]                                                        # [S, H, D]
+
+    @staticmethod
+    def _decode_one(q, kv_cache, block_ids, seq_len: int, scale, logit_softcap):
+        """One sequence, every cached key visible (the single-stream CPU decode): the same numbers as the
+        batched path in a third of its tensor ops. q [1, H, D] -> [1, H, D]."""
+        _, num_heads, head_dim = q.shape
+        block_size, num_kv_heads = kv_cache.shape[2:4]
+        blocks = kv_cache.index_select(1, block_ids)                  # [2, nb, block_size, KVH, D]
+        token_stride = num_kv_heads * head_dim
+        size, stride = (1, num_kv_heads, seq_len, head_dim), (blocks.stride(0), head_dim, token_stride, 1)
+        keys = blocks.as_strided(size, stride)                        # [1, KVH, K, D]
+        values = blocks.as_strided(size, stride, blocks.shape[1] * block_size * token_stride)
+        grouped = q.view(1, num_kv_heads, num_heads // num_kv_heads, head_dim)   # [1, KVH, G, D]: GQA folded
+        if logit_softcap is None:
+            out = F.scaled_dot_product_attention(grouped, keys, values, scale=scale)
+        else:
+            out = attend(q[:, :, None], keys, values, None, scale, logit_softcap)   # [1, H, 1, D]
+        return out.view(1, num_heads, head_dim)
 
     def _decode_inputs(self, device, block_size: int, meta: AttentionMetadata, sliding_window: int | None):
         """(block ids [S * nb] or None, mask [S, 1, 1, K] or None) of a decode step, shared by its layers.

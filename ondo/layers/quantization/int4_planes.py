@@ -134,7 +134,10 @@ class Int4PlanesMethod(LinearMethod):
         layer.k_eff = codes_all.shape[1] // planes
 
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dim() == 2 and bias is None and layer.planes == 1 and not layer.padded16 and x.device.type == "cpu":
+        one_plane = layer.__dict__.get("cpu_one_plane")
+        if one_plane is None:   # decided at the first call (after every loader has set the planes), not per call
+            one_plane = layer.cpu_one_plane = layer.planes == 1 and not layer.padded16 and layer.qweight.is_cpu
+        if one_plane and bias is None and x.dim() == 2:
             # The common CPU case (one plane, no bias, a flat batch) in as few Python steps as possible:
             # a decode step calls this 121 times, and each skipped tensor op is microseconds saved.
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
