@@ -81,17 +81,23 @@ def summary_rows(model: str, results: list[dict]) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def suite_parser(doc: str, output_dir: str) -> argparse.ArgumentParser:
+    """The options of a script running these workloads on random bf16 weights on the GPU."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_args(parser)
     parser.set_defaults(load_format="dummy", dtype="bfloat16", device="cuda")
+    parser.add_argument("--num-iters", type=int, default=1, help="timed iterations of every workload")
+    parser.add_argument("--output-dir", default=output_dir)
+    parser.add_argument("--smoke", action="store_true", help="tiny workloads: checks the script, measures nothing")
+    return parser
+
+
+def main() -> None:
+    parser = suite_parser(__doc__, output_dir="bench-gpu")
     parser.add_argument("--models", nargs="+", default=MODELS,
                         help=f"config names (default: {' '.join(MODELS)}; tiny-llama for a --smoke check on the CPU)")
     parser.add_argument("--engines", nargs="+", default=["ondo", "transformers"], choices=["ondo", "transformers"])
-    parser.add_argument("--num-iters", type=int, default=1, help="timed iterations of every workload")
-    parser.add_argument("--output-dir", default="bench-gpu")
-    parser.add_argument("--smoke", action="store_true", help="tiny workloads: checks the script, measures nothing")
     args = parser.parse_args()
     args.peer = []
     if args.child_engine:

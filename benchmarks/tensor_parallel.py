@@ -22,16 +22,10 @@ def size_figures(result: dict) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_model_args(parser)
-    parser.set_defaults(load_format="dummy", dtype="bfloat16", device="cuda")
+    parser = gpu_suite.suite_parser(__doc__, output_dir="bench-tp")
     parser.add_argument("--models", nargs="+", default=["llama3-8b"])
     parser.add_argument("--tp-sizes", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help=argparse.SUPPRESS)   # set per child
-    parser.add_argument("--num-iters", type=int, default=1, help="timed iterations of every workload")
-    parser.add_argument("--output-dir", default="bench-tp")
-    parser.add_argument("--smoke", action="store_true", help="tiny workloads: checks the script, measures nothing")
     args = parser.parse_args()
     args.peer = []
     if args.child_engine:

@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from tests.cpu_threads import single_cpu_thread
+
 os.environ.setdefault("ONDO_NO_PROGRESS", "1")
 
 
@@ -93,10 +95,4 @@ def run_async(coroutine):
     return result.get("value")
 
 
-@pytest.fixture(scope="module")
-def one_cpu_thread():
-    """Tiny matrices: one thread beats two that wait on each other on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+one_cpu_thread = pytest.fixture(scope="module")(single_cpu_thread)   # opted into with usefixtures

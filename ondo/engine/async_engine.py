@@ -63,8 +63,13 @@ class RequestStream:
 class EngineHandle:
     """What the server uses of an engine wherever it runs (this thread-driven AsyncEngine or the
     engine-core process's client): the life-cycle state and streaming a request's outputs.
-    Subclasses set `_ready`, `_dead` (threading.Event), `_load_error`, `_dead_error`, `_stopping`
-    and implement `add_request` and `abort`."""
+    Subclasses set `_ready`, `_dead` (threading.Event), `_load_error`, `_dead_error`, `_stopping`,
+    `_stats` (replaced, never mutated, by the thread that runs or reads the engine) and implement
+    `add_request` and `abort`."""
+
+    def stats(self) -> dict[str, Any]:
+        """The latest `Engine.stats()` snapshot: refreshed after each step, in this process or the core's."""
+        return self._stats
 
     def wait_until_loaded(self, timeout_s: float | None = None) -> bool:
         """Block until the engine is built (or failed to build); False on timeout."""
@@ -154,10 +159,6 @@ class AsyncEngine(EngineHandle):
         if not self._ready.is_set() or self._engine is None:
             raise EngineDeadError("the engine is not loaded")
         return self._engine
-
-    def stats(self) -> dict[str, float]:
-        """The latest `Engine.stats()` snapshot, refreshed by the engine thread after each step."""
-        return self._stats
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Abort every request, stop the loop and join the thread."""

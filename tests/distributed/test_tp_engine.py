@@ -33,13 +33,8 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=
 OPTIONS = dict(device="cpu", dtype="float32", max_model_len=128)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Two ranks on a small machine: more threads per rank only wait on each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Two ranks on a small machine: more threads per rank only wait on each other.
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")   # tests/conftest.py
 
 
 def greedy_run(model: str, prompts=PROMPTS, **options) -> list:

@@ -100,6 +100,22 @@ def _wait_healthy(server: LiveServer, timeout_s: float) -> None:
     raise AssertionError(f"the server was not healthy after {timeout_s} s:\n{server.log_tail()}")
 
 
+def statuses_until_exit(server: LiveServer, timeout_s: float = 15, *, post_completions: bool = False) -> set[int]:
+    """HTTP statuses of /health (and of a new completion, with `post_completions`) polled until the
+    server process exits or `timeout_s` passes; refused connections are not statuses."""
+    statuses: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    while server.process.poll() is None and time.monotonic() < deadline:
+        try:
+            statuses.add(httpx.get(f"{server.url}/health", timeout=2).status_code)
+            if post_completions:
+                statuses.add(httpx.post(f"{server.url}/v1/completions", json={"prompt": "x"}, timeout=5).status_code)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    return statuses
+
+
 def sse_events(response: httpx.Response) -> Iterator[dict | str]:
     """The `data:` payloads of a streamed response: dicts, then the final "[DONE]"."""
     for line in response.iter_lines():

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from live_server import live_server, sse_events
+from live_server import live_server, sse_events, statuses_until_exit
 
 pytestmark = pytest.mark.slow
 
@@ -145,14 +145,7 @@ def test_a_killed_core_ends_streams_turns_health_503_and_exits_1(core_server):
         rest = list(events)
     assert rest[-1] == "[DONE]"
     assert "engine failed" in rest[-2]["error"]["message"]
-    statuses = set()
-    deadline = time.monotonic() + 15
-    while server.process.poll() is None and time.monotonic() < deadline:
-        try:
-            statuses.add(httpx.get(f"{server.url}/health", timeout=2).status_code)
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
+    statuses = statuses_until_exit(server)
     assert server.process.wait(15) == 1
     assert statuses <= {503}, statuses
     assert "SIGKILL" in server.log_tail()

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from live_server import _LAUNCH, free_port, live_server, sse_events
+from live_server import _LAUNCH, free_port, live_server, sse_events, statuses_until_exit
 
 
 def launch(tmp_path, engine: dict) -> tuple[subprocess.Popen, str]:
@@ -119,16 +119,7 @@ def test_an_engine_failure_ends_streams_turns_health_503_and_exits_1(tmp_path, t
             rest = list(events)
         assert rest[-1] == "[DONE]"
         assert "engine failed" in rest[-2]["error"]["message"]
-        statuses = set()
-        deadline = time.monotonic() + 15
-        while server.process.poll() is None and time.monotonic() < deadline:
-            try:
-                statuses.add(httpx.get(f"{server.url}/health", timeout=2).status_code)
-                refused = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x"}, timeout=5)
-                statuses.add(refused.status_code)
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
+        statuses = statuses_until_exit(server, post_completions=True)
         assert server.process.wait(15) == 1
         assert statuses <= {503}, statuses
         assert "engine failed" in server.log_tail()

@@ -123,10 +123,6 @@ class EngineCoreClient(EngineHandle):
             raise EngineDeadError("the engine is not loaded")
         return self._info
 
-    def stats(self) -> dict[str, Any]:
-        """The latest `Engine.stats()` snapshot the core sent (every ~0.1 s while it works)."""
-        return self._stats
-
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Abort every request, stop the core process and the reader thread."""
         self._stopping = True
