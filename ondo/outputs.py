@@ -42,3 +42,4 @@ class RequestOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0              # prompt tokens served from the prefix cache
     error: str | None = None                # why the request failed alone (finish_reason "error")
+    error_is_input: bool = False            # its own options failed it (a grammar this vocabulary cannot follow)

@@ -34,6 +34,7 @@ LogitsProcessorFn = Callable[[list, Any], Any]
 # Below this temperature dividing the logits overflows float32; such requests sample greedily
 # (vLLM draws the same line).
 GREEDY_TEMPERATURE = 1e-5
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32, the logits' precision
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,9 @@ class SamplingParams:
         s("presence_penalty", as_number("presence_penalty", self.presence_penalty, ge=-2, le=2))
         s("frequency_penalty", as_number("frequency_penalty", self.frequency_penalty, ge=-2, le=2))
         s("repetition_penalty", as_number("repetition_penalty", self.repetition_penalty, gt=0))
+        if self.repetition_penalty < FLOAT32_TINY:   # 0 in float32: it would divide the logits by zero
+            raise SamplingParamsError(f"repetition_penalty must be >= {FLOAT32_TINY:.4g} (the smallest float32), "
+                                      f"got {self.repetition_penalty!r}")
         s("temperature", as_number("temperature", self.temperature, ge=0))
         s("top_p", as_number("top_p", self.top_p, gt=0, le=1))
         s("top_k", as_int("top_k", self.top_k))

@@ -49,8 +49,14 @@ def builtin_gguf_path():
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory):
-    """The built-in model's real tokenizer (byte-level BPE, chat template) saved as an HF folder."""
+    """The built-in model's real tokenizer (byte-level BPE, chat template) saved as an HF folder.
+    ONDO_TEST_TOKENIZER_DIR: that folder, made beforehand, for a GPU machine without the model's package."""
+    from pathlib import Path
+
     from transformers import AutoTokenizer
+
+    if os.environ.get("ONDO_TEST_TOKENIZER_DIR"):
+        return Path(os.environ["ONDO_TEST_TOKENIZER_DIR"])
 
     gguf = builtin_gguf_path()
     path = tmp_path_factory.mktemp("smollm2-tokenizer")

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -29,6 +30,7 @@ STOP = "stop"
 # Waiting for the next step may last as long as the server idles: only collectives inside a step
 # (the compute group) get the short, configurable timeout.
 IDLE_TIMEOUT = timedelta(days=365)
+ABORT_WAIT_S = 10.0   # how long leave_group waits for NCCL's abort
 
 
 def collective_timeout() -> timedelta:
@@ -62,18 +64,32 @@ def join_group(rank: int, rendezvous: Rendezvous, device: torch.device):
     return open_channel(gloo, rank, rendezvous.world_size, shared_memory=choice == "shm" and rendezvous.nnodes == 1)
 
 
-def leave_group() -> None:
+def finish_device_work() -> None:
+    """Before a rank leaves: wait for the steps it has launched. The last step may still be running (a
+    decode step launched ahead and then discarded); a rank that left in the middle of its collectives
+    would leave its peers' kernels waiting for it, and their NCCL abort waiting for those kernels."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        torch.cuda.synchronize()
+
+
+def leave_group(abort_wait_s: float = ABORT_WAIT_S) -> None:
     """Every rank, when the engine stops. NCCL groups are aborted, not destroyed: destroying finalizes
     each communicator together with its peers, so a rank waits forever for a peer that has already
     left or that waits for it to leave first (rank 0 waits for its workers to exit before leaving).
-    Aborting is local to the rank."""
+    Aborting is local to the rank, but NCCL's abort can still block (a kernel waiting on a peer that
+    is gone): it runs in a thread that is given up after `abort_wait_s`, so stopping never hangs."""
     init_tensor_parallel(None, 0, 1)
     if not dist.is_initialized():
         return
-    if dist.get_backend() == "nccl":
-        dist.distributed_c10d._abort_process_group()
-    else:
+    if dist.get_backend() != "nccl":
         dist.destroy_process_group()
+        return
+    aborting = threading.Thread(target=dist.distributed_c10d._abort_process_group, name="ondo-nccl-abort",
+                                daemon=True)
+    aborting.start()
+    aborting.join(abort_wait_s)
+    if aborting.is_alive():
+        logger.warning("the NCCL group did not finish aborting within %.0f s; leaving it behind", abort_wait_s)
 
 
 def agree_num_blocks(channel, fit: int) -> int:
@@ -136,6 +152,7 @@ def _serve(channel: StepChannel, device: torch.device, single_node: bool) -> Non
         if isinstance(message, StepInput):
             runner.run(message)   # the logits are rank 0's; here only the collectives matter
         elif message == STOP:
+            finish_device_work()
             return
 
 

@@ -19,7 +19,7 @@ from ondo.loader import load_model
 from ondo.lora.manager import build_lora_manager, resolve_lora_request
 from ondo.outputs import Logprob, RequestOutput
 from ondo.sample.sampler import Sampler, SamplerOutput, prompt_logprobs
-from ondo.sampling_params import SamplingParams
+from ondo.sampling_params import SamplingParams, SamplingParamsError
 
 logger = logging.getLogger("ondo")
 
@@ -284,6 +284,7 @@ class Engine:
                     outputs.append(([request], self.sampler(logits[i:i + 1], [request])))
                 except Exception as error:
                     request.error, request.finish_reason = f"sampling failed: {error}", "error"
+                    request.error_is_input = isinstance(error, SamplingParamsError)
                     self.scheduler.finish(request)
                     touched[request.group_id] = self.groups[request.group_id]   # emitted with the others
         for batch, out in outputs:

@@ -128,7 +128,7 @@ def group_output(group: RequestGroup) -> RequestOutput | None:
     else:
         outputs = [completion_of(r) for r in group.children]
     leader = group.children[0]
-    error = next((c.error for c in group.children if c.error), None)
+    failed = next((c for c in group.children if c.error), None)
     return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs, finished,
                          prompt_logprobs=leader.prompt_logprobs, num_cached_tokens=leader.num_cached_tokens,
-                         error=error)
+                         error=failed and failed.error, error_is_input=failed is not None and failed.error_is_input)

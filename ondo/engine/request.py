@@ -53,6 +53,7 @@ class Request:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     error: str | None = None              # set when this request failed alone (e.g. its logits processor raised)
+    error_is_input: bool = False          # ...because of its own options (a SamplingParamsError): bad input
     structured: object | None = None      # GrammarState (ondo/sample/structured.py) when the output is constrained
     lora_request: object | None = None    # LoRARequest (ondo/lora) this sequence runs with; None = base model
     lora_slot: int | None = None          # its adapter's device slot while admitted (LoRAManager.acquire)

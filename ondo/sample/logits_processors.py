@@ -83,6 +83,9 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
     seen: [rows, vocab] bool; penalty: [rows] (1.0 = off)."""
     penalty = penalty[:, None]  # [rows, 1]
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty)  # [rows, vocab]
+    # A tiny penalty can overflow a logit to +inf, which softmax turns into NaN for the whole row:
+    # the largest finite value still ranks it first.
+    penalised = penalised.clamp(max=torch.finfo(logits.dtype).max)
     return torch.where(seen, penalised, logits)
 
 

@@ -27,6 +27,7 @@ def _penalties(x_ptr, out_ptr, seen_ptr, counts_ptr, values_ptr, vocab_size,
         penalty = tl.load(values_ptr + row * 3)
         seen = tl.load(seen_ptr + offsets, mask=inside, other=0) != 0
         x = tl.where(seen, tl.where(x < 0, x * penalty, tl.math.div_rn(x, penalty)), x)
+        x = tl.minimum(x, 3.4028234663852886e38)  # as the torch path: an overflow stays finite
     if COUNTS:  # OpenAI's: logit -= frequency * count + presence * (count > 0)
         presence = tl.load(values_ptr + row * 3 + 1)
         frequency = tl.load(values_ptr + row * 3 + 2)

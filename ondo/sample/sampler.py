@@ -75,6 +75,7 @@ class Sampler:
         self._history = TokenHistory()
         self._penalties = PenaltyState()
         self.num_redone_rows = 0  # rows the candidates could not decide, sampled again (a statistic)
+        self._bitmask_staging = BitmaskStaging()
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[Any]) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(requests):
@@ -125,11 +126,7 @@ class Sampler:
         rows = [i for i, r in enumerate(requests) if getattr(r, "structured", None) is not None]
         if rows:
             bitmask = fill_bitmask([requests[i].structured for i in rows], vocab_size)  # [rows, words]
-            # From pageable memory the copy may hold the host until the device reaches it, i.e. until
-            # the forward launched ahead (engine/async_decode.py) is done; from pinned memory it never does.
-            if device.type == "cuda":
-                bitmask = bitmask.pin_memory()
-            bitmask = bitmask.to(device, non_blocking=True)
+            bitmask = self._bitmask_staging.to_device(bitmask, device)
             logits = _on_rows(logits, rows, lambda x: apply_token_bitmask(x, bitmask))
         raw_logits = logits  # what an emptied row falls back to: the grammar's mask stays
 
@@ -258,6 +255,31 @@ class Sampler:
             if out.top_logprobs is not None:
                 out.top_logprobs[i] = part.top_logprobs[j]
         return out
+
+
+class BitmaskStaging:
+    """Host -> device copies of the grammar bitmask through one reused pinned buffer. From pageable
+    memory the copy may hold the host until the device reaches it, i.e. until the forward launched
+    ahead (engine/async_decode.py) is done; pinning a fresh buffer each step costs ~1 ms."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None   # [rows, words] int32, pinned
+        self._copied: torch.cuda.Event | None = None   # the last copy out of the buffer
+
+    def to_device(self, bitmask: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if device.type != "cuda":
+            return bitmask.to(device)
+        rows, words = bitmask.shape
+        if self._buffer is None or self._buffer.shape[0] < rows or self._buffer.shape[1] != words:
+            self._buffer = torch.empty((max(rows, 64), words), dtype=torch.int32, pin_memory=True)
+        elif self._copied is not None:
+            self._copied.synchronize()   # the previous step's copy has left the buffer (it always has by now)
+        staged = self._buffer[:rows]
+        staged.copy_(bitmask)
+        on_device = staged.to(device, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        return on_device
 
 
 def sample(logits: torch.Tensor, params: Sequence[Any],

@@ -188,6 +188,8 @@ async def job_outputs(state: ServerState, job: Job) -> AsyncIterator[RequestOutp
     try:
         async for output in state.engine.stream_outputs(job.streams):
             job.trackers[output.request_id].observe(output)
+            if output.error and output.error_is_input:   # e.g. a regex the vocabulary cannot finish
+                raise APIError(400, output.error)
             if output.error:
                 raise GenerationFailed(output.error)
             yield output

@@ -3,14 +3,15 @@ the forward of step N+1 is queued before N's tokens are read, and N+1 is sampled
 mask once the host has advanced the matchers. Greedy outputs are token for token the synchronous
 path's, every constrained output parses, and the steps were adopted rather than run synchronously.
 
-The built-in SmolLM2-135M-Instruct GGUF (a real model with its tokenizer, so the JSON is meaningful).
-Run on a GPU machine: `pytest -q tests/gpu/test_structured_overlap_gpu.py -s` (skipped without CUDA).
+A tiny random-weight Llama over the built-in model's tokenizer: its free text is noise, so every valid
+output is the grammar's doing. What the grammar costs at batch 64 is benchmarks/structured.py's figure.
+Run on a GPU machine: `pytest -q tests/gpu/test_structured_overlap_gpu.py -s` (skipped without CUDA; where
+the built-in model's package is not installed, ONDO_TEST_TOKENIZER_DIR names a folder with its tokenizer).
 """
 from __future__ import annotations
 
 import json
 import re
-import time
 
 import jsonschema
 import pytest
@@ -31,14 +32,13 @@ CHOICES = ["Paris", "London", "Berlin", "Madrid"]
 
 
 @pytest.fixture(scope="module")
-def engines():
-    """(launched ahead, synchronous) LLMs over the built-in GGUF."""
+def engines(tiny_llama_with_tokenizer):
+    """(launched ahead, synchronous) LLMs over the same model."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from ondo.loader import builtin_model_path
-
-    options = dict(device="cuda", max_model_len=1024, max_num_seqs=64, kv_cache_memory_bytes=2 << 30)
-    fast, sync = LLM(str(builtin_model_path()), **options), LLM(str(builtin_model_path()), **options)
+    folder = str(tiny_llama_with_tokenizer[0])
+    options = dict(device="cuda", dtype="bfloat16", max_model_len=512, max_num_seqs=64, kv_cache_memory_bytes=2 << 30)
+    fast, sync = LLM(folder, **options), LLM(folder, **options)
     assert fast.engine.decode_overlap is not None, "CUDA graphs should turn the overlap on"
     sync.engine.decode_overlap = None
     return fast, sync
@@ -84,28 +84,4 @@ def test_a_mixed_batch_of_64_matches_sync_and_runs_ahead(engines):
     print(f"structured batch of 64: {overlap.num_adopted - adopted} steps adopted, "
           f"{overlap.num_discarded - discarded} discarded, longest request {steps} tokens")
     assert overlap.num_adopted - adopted > steps // 2
-    assert_no_leak(fast)
-
-
-def test_structured_throughput_at_batch_64_is_near_unconstrained(engines):
-    """The figure of issue 12 (benchmarks/structured.py measures it properly): printed, and checked
-    only loosely here, so a regression to the synchronous path (~4x slower) fails."""
-    fast, _ = engines
-    schema = {"type": "object", "properties": {"people": {"type": "array", "items": SCHEMA, "minItems": 1000}},
-              "required": ["people"]}
-    prompts = chat(fast, [f"List people as JSON (#{i})." for i in range(64)])
-    rates = {}
-    for name, constraint in (("unconstrained", None), ("json schema", StructuredOutputsParams(json=schema))):
-        params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True, structured_outputs=constraint)
-        fast.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
-                                                  structured_outputs=constraint))   # warm-up and compile
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        outputs = fast.generate(prompts, params)
-        torch.cuda.synchronize()
-        rates[name] = sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - start)
-    ratio = rates["json schema"] / rates["unconstrained"]
-    print(f"batch 64: unconstrained {rates['unconstrained']:.0f} tok/s, json schema {rates['json schema']:.0f} "
-          f"tok/s ({100 * (1 - ratio):.1f}% overhead)")
-    assert ratio > 0.4
     assert_no_leak(fast)

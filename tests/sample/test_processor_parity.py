@@ -60,6 +60,17 @@ def test_repetition_penalty_matches_transformers():
         assert_same(out[i], hf_apply(RepetitionPenaltyLogitsProcessor(p), history, logits[i]))
 
 
+def test_a_tiny_repetition_penalty_overflows_to_the_largest_finite_logit():
+    # transformers gives +inf here, which softmax turns into a row of NaN: ondo keeps the order finite.
+    reqs = [request(prompt=[1, 2], output=[], repetition_penalty=1.2e-38)]
+    logits = torch.tensor([[2.0, 5.0, -3.0, float("-inf"), 0.5]])
+    out = Sampler().apply_processors(logits, reqs)[0]
+    expected = hf_apply(RepetitionPenaltyLogitsProcessor(1.2e-38), [1, 2], logits[0])
+    assert torch.isposinf(expected[1]) and out[1] == torch.finfo(torch.float32).max
+    assert out[2] == expected[2] and torch.isneginf(out[3]) and out[0] == 2.0 and out[4] == 0.5
+    assert not out.isnan().any()
+
+
 def test_presence_and_frequency_penalties_count_output_tokens_only():
     reqs = [request(prompt=[3, 3, 3, 4], output=[1, 1, 2], presence_penalty=0.5,
                     frequency_penalty=0.25),

@@ -48,6 +48,18 @@ def test_cuda_processing_matches_cpu():
     assert_same(warp(gpu, params).cpu(), warp(cpu, params))
 
 
+def test_a_tiny_repetition_penalty_stays_finite_as_on_the_cpu():
+    # The Triton penalty kernel must clamp an overflow to the largest float32, as the torch path does.
+    logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(1)) * 4
+    logits[0, 3], logits[0, 2] = float("-inf"), 5.0   # 5 / 1.2e-38 overflows float32
+    reqs = [request(prompt=[1, 2, 3, 5], output=[7], repetition_penalty=1.2e-38),
+            request(prompt=[1], output=[], repetition_penalty=1.3)]
+    cpu = Sampler().apply_processors(logits, reqs)
+    gpu = Sampler().apply_processors(logits.cuda(), reqs).cpu()
+    assert torch.equal(gpu, cpu)
+    assert cpu[0].max() == torch.finfo(torch.float32).max and not cpu.isnan().any() and torch.isneginf(cpu[0, 3])
+
+
 def test_no_host_sync_before_the_final_copy():
     logits = torch.randn(7, VOCAB, device="cuda")
     reqs = every_option_batch("cuda")

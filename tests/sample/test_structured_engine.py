@@ -114,6 +114,25 @@ def test_a_constraint_the_vocabulary_cannot_write_is_refused_when_added(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_a_constraint_the_vocabulary_cannot_finish_fails_its_request_as_bad_input(llm):
+    # "C" is writable; the next character, from an unassigned plane, is not: a dead end after one token.
+    failed, fine = llm.generate(["x", "y"], [params(StructuredOutputsParams(regex="C\U00075b24j")),
+                                             params(StructuredOutputsParams(choice=["yes", "no"]), temperature=0)])
+    assert failed.outputs[0].finish_reason == "error" and failed.outputs[0].text == "C"
+    assert "the grammar allows no token here" in failed.error and failed.error_is_input
+    assert fine.error is None and fine.outputs[0].text in ("yes", "no")
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_a_tiny_repetition_penalty_keeps_the_grammar(llm, temperature):
+    # Dividing by 1.2e-38 overflows the repeated tokens' logits; the masked ones must stay masked.
+    outputs = llm.generate(PROMPTS, params(StructuredOutputsParams(json=SCHEMA), temperature=temperature,
+                                           repetition_penalty=1.2e-38, seed=3))
+    for output in outputs:
+        assert output.error is None and output.outputs[0].finish_reason in ("stop", "length"), output.error
+        assert re.fullmatch(r"\{.*", output.outputs[0].text, re.S), output.outputs[0].text
+
+
 def test_a_model_without_tokenizer_refuses_structured_output(tiny_llama):
     bare = LLM(str(tiny_llama[0]))
     with pytest.raises(RequestError, match="structured output needs the model's tokenizer"):

@@ -35,6 +35,8 @@ def assert_error(response: httpx.Response, status: int, *fragments: str, param: 
     ({**CHAT, "top_k": 0}, ["top_k must be -1 (off) or >= 1, got 0"], "top_k"),
     ({**CHAT, "presence_penalty": 3}, ["presence_penalty must be in [-2, 2], got 3"], "presence_penalty"),
     ({**CHAT, "repetition_penalty": 0}, ["repetition_penalty must be > 0, got 0"], "repetition_penalty"),
+    ({**CHAT, "repetition_penalty": 5e-324}, ["repetition_penalty must be >= 1.175e-38", "got 5e-324"],
+     "repetition_penalty"),
     ({**CHAT, "min_p": 2}, ["min_p must be in [0, 1], got 2"], "min_p"),
     ({**CHAT, "typical_p": 0}, ["typical_p must be in (0, 1]"], "typical_p"),
     ({**CHAT, "no_repeat_ngram_size": -1}, ["no_repeat_ngram_size must be >= 0, got -1"], "no_repeat_ngram_size"),

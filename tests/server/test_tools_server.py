@@ -138,6 +138,26 @@ def test_a_constraint_the_vocabulary_cannot_write_is_a_400(server):
     assert response.status_code == 400 and "vocabulary cannot write" in response.json()["error"]["message"]
 
 
+# Starts with a letter the vocabulary writes, then asks for a character from an unassigned plane that it
+# cannot: the dead end shows only after the first token, once the response is on its way.
+DEAD_END_REGEX = "C\U00075b24j"
+
+
+def test_a_constraint_the_vocabulary_cannot_finish_is_a_400_not_a_server_error(server):
+    for stream in (False, True):
+        response = httpx.post(f"{server.url}/v1/completions", json={
+            "prompt": "x", "max_tokens": 8, "stream": stream, "guided_regex": DEAD_END_REGEX})
+        if stream:   # the status line went out with the first token: the error is the last event
+            events = [json.loads(line[6:]) for line in response.text.splitlines()
+                      if line.startswith("data: {")]
+            error = events[-1]["error"]
+        else:
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+        assert error["code"] == 400 and error["type"] == "invalid_request_error", error
+        assert "the grammar allows no token here" in error["message"], error
+
+
 def test_completions_take_guided_fields_and_response_format(tools_client):
     regex = tools_client.completions.create(model="tiny", prompt="Code:", max_tokens=20, temperature=1.0,
                                             extra_body={"guided_regex": "[A-Z]{3}-[0-9]{2}"})
