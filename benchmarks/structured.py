@@ -32,7 +32,7 @@ ITEM = {"type": "object", "properties": {"name": {"type": "string", "maxLength":
         "required": ["name", "age", "tags"]}
 LONG_SCHEMA = {"type": "object", "properties": {"people": {"type": "array", "items": ITEM, "minItems": 1000}},
                "required": ["people"]}
-# The same shape without length bounds: xgrammar's masks inside a bounded string cost the most.
+# The same shape without length bounds: masks inside a bounded string cost the most.
 FREE_ITEM = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                                               "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}}},
              "required": ["name", "age", "tags"]}

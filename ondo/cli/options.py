@@ -73,7 +73,7 @@ def _add_sampling_options(parser: argparse.ArgumentParser, max_tokens_default: s
     shape.add_argument("--regex", metavar="PATTERN", help="the whole output matches PATTERN")
     shape.add_argument("--choice", action="append", metavar="TEXT",
                        help="the output is exactly one of these (repeatable)")
-    shape.add_argument("--grammar", metavar="FILE", help="the output follows the EBNF grammar in FILE (rule root)")
+    shape.add_argument("--grammar", metavar="FILE", help="the output follows the grammar in FILE (GBNF, rule root; or Lark, rule start)")
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:

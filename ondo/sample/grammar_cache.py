@@ -1,10 +1,11 @@
 """Compiling constraints against the model's vocabulary, once per constraint.
 
-Compiling a JSON schema for a 50k-token vocabulary takes ~0.1-0.3 s (xgrammar precomputes which
-tokens each grammar position allows). The engine waits for it when the request is added (`check`),
-so that a constraint the vocabulary cannot write is refused then; compiles run on a small thread
-pool, so a compile that never ends fails its request after COMPILE_TIMEOUT_S instead of holding the
-engine. Compiled grammars are kept in an LRU keyed by (kind, constraint text): a repeated schema
+Building an llguidance matcher for a JSON schema takes about a millisecond or two (its lexer is
+built lazily as masks are asked for); a grammar can take far longer. The engine waits for it when
+the request is added (`check`), so that a constraint the vocabulary cannot start is refused then;
+builds run on a small thread pool, so one that never ends fails its request after
+COMPILE_TIMEOUT_S instead of holding the engine. Compiled matchers are kept in an LRU keyed by
+(kind, constraint text); each sequence starts from a copy (`GrammarState`), so a repeated schema
 costs a dictionary lookup. A compile that failed is not kept.
 """
 from __future__ import annotations
@@ -14,24 +15,23 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from ondo.sample.structured import JSON_ANY_WHITESPACE, GrammarState, StructuredOutputsParams, fill_bitmask
+from ondo.sample.structured import GrammarState, StructuredOutputError, StructuredOutputsParams, clean_error, fill_bitmask
 
 DEFAULT_CACHE_SIZE = 256
 
 
 class GrammarCache:
-    """`submit(constraint) -> Future[CompiledGrammar]` for one tokenizer and vocabulary size."""
+    """`submit(constraint) -> Future[LLMatcher]` for one tokenizer and vocabulary size."""
 
     def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: list[int],
                  capacity: int = DEFAULT_CACHE_SIZE, max_workers: int = 2) -> None:
-        import xgrammar as xgr
+        import llguidance.hf
 
         self.stop_token_ids = sorted(stop_token_ids)
         self.vocab_size = vocab_size
-        info = xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=vocab_size,
-                                                  stop_token_ids=self.stop_token_ids or None)
-        # xgrammar's own cache is off: this LRU is the one cache, so its counters tell the truth.
-        self._compiler = xgr.GrammarCompiler(info, max_threads=max_workers, cache_enabled=False)
+        # The stop tokens are the grammar's end: allowed only where it may end.
+        self._tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size,
+                                                       eos_token=self.stop_token_ids or None)
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ondo-grammar")
         self._entries: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self._lock = threading.Lock()
@@ -56,7 +56,7 @@ class GrammarCache:
         return future
 
     def compile_now(self, constraint: StructuredOutputsParams):
-        """The compiled grammar, waiting for it (benchmarks, tests)."""
+        """The compiled matcher, waiting for it (benchmarks, tests)."""
         return self.submit(constraint).result()
 
     def check(self, constraint: StructuredOutputsParams) -> None:
@@ -70,12 +70,15 @@ class GrammarCache:
         return GrammarState(self.submit(constraint), self.stop_token_ids)
 
     def _compile(self, constraint: StructuredOutputsParams):
-        kind, source = constraint.key
-        if kind in ("json", "json_object"):
-            return self._compiler.compile_json_schema(source, any_whitespace=JSON_ANY_WHITESPACE)
-        if kind == "regex":
-            return self._compiler.compile_regex(source)
-        return self._compiler.compile_grammar(source)
+        import llguidance as llg
+
+        # Short errors: the verbose ones quote the parser's state and the whole grammar.
+        matcher = llg.LLMatcher(self._tokenizer, constraint.grammar_text(), log_level=0,
+                                limits=llg.LLParserLimits(verbose_errors=False))
+        if matcher.is_error():
+            raise StructuredOutputError(f"structured_outputs.{constraint.kind} cannot be used with this vocabulary: "
+                                        f"{clean_error(matcher.get_error())}", constraint.kind)
+        return matcher
 
     def _forget_if_failed(self, key: tuple[str, str], future: Future) -> None:
         if future.cancelled() or future.exception() is not None:

@@ -101,7 +101,7 @@ class SamplingFields(_Request):
     guided_json: dict[str, Any] | Text | None = Field(None, description="A JSON schema the output follows.")
     guided_regex: Text | None = Field(None, description="A regex the whole output matches.")
     guided_choice: list[Text] | None = Field(None, description="The output is exactly one of these.")
-    guided_grammar: Text | None = Field(None, description="An EBNF grammar (rule `root`) the output follows.")
+    guided_grammar: Text | None = Field(None, description="A grammar the output follows: GBNF (rule `root`) or Lark (rule `start`).")
 
 
 class CompletionRequest(SamplingFields):

@@ -115,8 +115,8 @@ def test_a_constraint_the_vocabulary_cannot_write_is_refused_when_added(llm):
 
 
 def test_a_constraint_the_vocabulary_cannot_finish_fails_its_request_as_bad_input(llm):
-    # "C" is writable; the next character, from an unassigned plane, is not: a dead end after one token.
-    failed, fine = llm.generate(["x", "y"], [params(StructuredOutputsParams(regex="C\U00075b24j")),
+    # "C" is writable; the control byte 4 that must follow is in no token: a dead end after one token.
+    failed, fine = llm.generate(["x", "y"], [params(StructuredOutputsParams(regex="C\u0004")),
                                              params(StructuredOutputsParams(choice=["yes", "no"]), temperature=0)])
     assert failed.outputs[0].finish_reason == "error" and failed.outputs[0].text == "C"
     assert "the grammar allows no token here" in failed.error and failed.error_is_input

@@ -56,8 +56,9 @@ def test_bad_tool_requests_are_400s_naming_the_field():
     rejects({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
             "names the function 'nope', which is not among the tools (get_weather, get_time)")
     bad = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-        "n": {"type": "integer", "minimum": 3, "maximum": 1}}}}}]
-    rejects({"tools": bad, "tool_choice": "required"}, "tools", "tools is not a usable JSON schema: Invalid range")
+        "n": {"type": "integer", "minimum": 3, "maximum": 1}}, "required": ["n"]}}}]
+    rejects({"tools": bad, "tool_choice": "required"}, "tools",
+            "tools is not a usable JSON schema: Unsatisfiable schema")
     with pytest.raises(ValueError, match="arguments"):
         ChatCompletionRequest.model_validate({"messages": [{"role": "assistant", "tool_calls": [
             {"id": "x", "type": "function", "function": {"name": "f"}}]}]})
