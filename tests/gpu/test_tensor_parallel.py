@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -73,6 +74,25 @@ def test_tp2_matches_tp1(qwen3_folder, enforce_eager):
                 assert len(top2) == 2 and top2[0] - top2[1] < NEAR_TIE, \
                     f"token {step} differs ({expected} vs {got}) with a top-2 gap of {top2[0] - top2[1]:.3f}"
                 break   # after a near tie the continuations may part; what follows is not comparable
+
+
+def test_tp2_stops_promptly_after_a_step_launched_ahead(qwen3_folder):
+    """The last decode step launched ahead is discarded but still runs on every rank: each rank waits
+    for it before leaving, and rank 0 aborts NCCL while its workers do (aborted after they had exited,
+    NCCL's abort blocked: docs/distributed.md)."""
+    llm = LLM(str(qwen3_folder), dtype="bfloat16", max_model_len=512, kv_cache_memory_bytes=1 << 30,
+              max_num_seqs=32, tensor_parallel_size=2)
+    llm.generate([[5, 6, 7]] * 8, SamplingParams(max_tokens=NUM_TOKENS, temperature=0, ignore_eos=True))
+    assert llm.engine.decode_overlap.num_adopted > 0
+    workers = llm.engine.executor.processes
+    started = time.perf_counter()
+    llm.engine.shutdown()
+    took = time.perf_counter() - started
+    assert took < 5, f"shutdown took {took:.1f} s"   # a blocked abort is given up only after 10 s
+    assert [w.returncode for w in workers] == [0] * len(workers)
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 # ---- the symmetric-memory all-reduce ----------------------------------------------------------------
