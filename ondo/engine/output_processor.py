@@ -35,7 +35,8 @@ def append_token(request: Request, token_id: int, logprob: float | None,
         try:
             request.structured.accept(token_id)
         except ValueError as error:  # the grammar refused the token: check_stop fails the request
-            request.error = str(error)
+            # A failure of this request's constraint (see GrammarState.accept), not of the engine.
+            request.error, request.error_is_input = str(error), True
     if logprob is not None:
         request.cumulative_logprob = (request.cumulative_logprob or 0.0) + logprob
     if request.logprobs is not None:

@@ -230,11 +230,15 @@ class GrammarState:
         return self._matcher
 
     def accept(self, token_id: int) -> None:
-        """Advance past the sampled token. The mask allowed only accepted tokens, so a refusal
-        means the engine's state is broken: fail the request rather than go on unconstrained."""
+        """Advance past the sampled token. The mask allowed only tokens the matcher accepts, but
+        llguidance 1.9.1 can refuse one that its own mask allowed: a regex forcing a character the
+        vocabulary writes only byte by byte (U+B1300 after U+00AD, found by the schema fuzzer). The
+        request then fails alone, as one whose constraint cannot be followed; it never goes on
+        unconstrained."""
         if not self.matcher.consume_token(token_id):
-            raise StructuredOutputError(f"token {token_id} is not allowed by the request's grammar "
-                                        f"(after {self.num_accepted} tokens): {clean_error(self.matcher.get_error())}")
+            raise StructuredOutputError(f"structured output: this constraint could not be followed: the grammar "
+                                        f"refused token {token_id} after {self.num_accepted} tokens "
+                                        f"({clean_error(self.matcher.get_error())})")
         self.num_accepted += 1
         self._terminated = token_id in self._stop_token_ids
 

@@ -155,5 +155,5 @@ def test_an_emptied_constrained_row_falls_back_to_the_grammar_not_to_raw_logits(
 def test_a_refused_token_is_an_error_not_a_silent_skip(grammars):
     fake = constrained(grammars, StructuredOutputsParams(regex="[0-9]+"), temperature=0)
     letter = grammars[0].encode("x", add_special_tokens=False)[0]
-    with pytest.raises(StructuredOutputError, match=f"token {letter} is not allowed"):
+    with pytest.raises(StructuredOutputError, match=f"the grammar refused token {letter} after 0 tokens"):
         fake.structured.accept(letter)

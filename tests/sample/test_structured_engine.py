@@ -123,6 +123,17 @@ def test_a_constraint_the_vocabulary_cannot_finish_fails_its_request_as_bad_inpu
     assert fine.error is None and fine.outputs[0].text in ("yes", "no")
 
 
+def test_a_token_the_grammar_refuses_after_its_mask_allowed_it_fails_that_request_as_bad_input(llm):
+    # llguidance 1.9.1 allows byte 0xB1 where this regex forces U+B1300's first byte 0xF2 (after U+00AD's
+    # bytes), then refuses it. Found by the schema fuzzer; the other request goes on.
+    regex = "o\u00c8\u00a4;\u00ad\U000b1300~"
+    failed, fine = llm.generate(["x", "y"], [params(StructuredOutputsParams(regex=regex)),
+                                             params(StructuredOutputsParams(choice=["yes", "no"]), temperature=0)])
+    assert failed.outputs[0].finish_reason == "error" and failed.error_is_input
+    assert "this constraint could not be followed: the grammar refused token" in failed.error
+    assert fine.error is None and fine.outputs[0].text in ("yes", "no")
+
+
 @pytest.mark.parametrize("temperature", [0, 1.0])
 def test_a_tiny_repetition_penalty_keeps_the_grammar(llm, temperature):
     # Dividing by 1.2e-38 overflows the repeated tokens' logits; the masked ones must stay masked.

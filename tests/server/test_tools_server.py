@@ -138,15 +138,18 @@ def test_a_constraint_the_vocabulary_cannot_write_is_a_400(server):
     assert response.status_code == 400 and "vocabulary cannot write" in response.json()["error"]["message"]
 
 
-# Starts with a letter the vocabulary writes, then asks for the control byte 4, which no token holds:
-# the dead end shows only after the first token, once the response is on its way.
-DEAD_END_REGEX = "C\u0004"
+# Each fails after its first token, once a streamed response is on its way:
+# - a letter the vocabulary writes, then the control byte 4, which no token holds;
+# - a regex whose U+B1300 llguidance 1.9.1 allows byte by byte in its mask, then refuses.
+FAILING_MIDWAY = [("C\u0004", "the grammar allows no token here"),
+                  ("o\u00c8\u00a4;\u00ad\U000b1300~", "this constraint could not be followed")]
 
 
-def test_a_constraint_the_vocabulary_cannot_finish_is_a_400_not_a_server_error(server):
+@pytest.mark.parametrize("regex,message", FAILING_MIDWAY, ids=["dead-end", "refused"])
+def test_a_constraint_that_fails_midway_is_a_400_not_a_server_error(server, regex, message):
     for stream in (False, True):
         response = httpx.post(f"{server.url}/v1/completions", json={
-            "prompt": "x", "max_tokens": 8, "stream": stream, "guided_regex": DEAD_END_REGEX})
+            "prompt": "x", "max_tokens": 16, "stream": stream, "guided_regex": regex})
         if stream:   # the status line went out with the first token: the error is the last event
             events = [json.loads(line[6:]) for line in response.text.splitlines()
                       if line.startswith("data: {")]
@@ -155,7 +158,7 @@ def test_a_constraint_the_vocabulary_cannot_finish_is_a_400_not_a_server_error(s
             assert response.status_code == 400, response.text
             error = response.json()["error"]
         assert error["code"] == 400 and error["type"] == "invalid_request_error", error
-        assert "the grammar allows no token here" in error["message"], error
+        assert message in error["message"], error
 
 
 def test_completions_take_guided_fields_and_response_format(tools_client):
