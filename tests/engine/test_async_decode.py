@@ -9,6 +9,7 @@ import pytest
 
 from ondo import LLM, SamplingParams
 from ondo.engine.async_decode import DecodeOverlap
+from tests.engine.scripted import drive, summary
 
 PROMPTS = [[1, 5, 9, 33, 4], list(range(10, 47)), [7] * 17, list(range(100, 164)), [3, 4]]
 
@@ -19,10 +20,6 @@ def make_llm(folder, overlap: bool, **options) -> LLM:
     if overlap:
         llm.engine.decode_overlap = DecodeOverlap(llm.engine)
     return llm
-
-
-def summary(outputs):
-    return [[(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in o.outputs] for o in outputs]
 
 
 def assert_no_leak(llm):
@@ -101,21 +98,6 @@ def test_seeded_and_banned_batches_launch_their_forward_ahead(tiny_llama):
     fast.generate(PROMPTS[:2], [greedy(20, ignore_eos=True, logprobs=1), params[0]])   # finish together
     assert overlap.num_adopted == adopted
     assert_no_leak(fast)
-
-
-def drive(llm: LLM, script: dict[int, tuple]) -> dict[str, list]:
-    """Step the engine by hand, adding or aborting requests between given steps; the final outputs."""
-    engine, final, step = llm.engine, {}, 0
-    while engine.has_unfinished_requests() or step in script or step < max(script):
-        action = script.get(step)
-        if action and action[0] == "add":
-            engine.add_request(action[1], action[2], action[3])
-        elif action:
-            engine.abort_request(action[1])
-        for output in engine.step():
-            final[output.request_id] = summary([output])
-        step += 1
-    return final
 
 
 def test_requests_added_and_aborted_mid_decode_match_sync(tiny_llama):

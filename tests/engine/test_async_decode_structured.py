@@ -16,6 +16,7 @@ import pytest
 from ondo import LLM, SamplingParams
 from ondo.engine.async_decode import DecodeOverlap
 from ondo.sampling_params import StructuredOutputsParams
+from tests.engine.scripted import drive, summary
 
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 6},
@@ -41,10 +42,6 @@ def constrained(kind: str, **options) -> SamplingParams:
     constraint = {"json": StructuredOutputsParams(json=SCHEMA), "regex": StructuredOutputsParams(regex=REGEX),
                   "choice": StructuredOutputsParams(choice=CHOICES)}[kind]
     return SamplingParams(**{"temperature": 0, "max_tokens": 64, **options}, structured_outputs=constraint)
-
-
-def summary(outputs):
-    return [[(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in o.outputs] for o in outputs]
 
 
 def assert_parses(kind: str, text: str) -> None:
@@ -116,21 +113,8 @@ def test_requests_added_and_aborted_mid_decode(engines):
               5: ("add", "c", PROMPTS[2], constrained("regex")),
               8: ("abort", "b"), 9: ("add", "d", PROMPTS[3], constrained("choice"))}
 
-    def drive(llm):
-        engine, final, step = llm.engine, {}, 0
-        while engine.has_unfinished_requests() or step <= max(script):
-            action = script.get(step)
-            if action and action[0] == "add":
-                engine.add_request(*action[1:])
-            elif action:
-                engine.abort_request(action[1])
-            for output in engine.step():
-                final[output.request_id] = summary([output])
-            step += 1
-        return final
-
-    expected = drive(sync)
-    assert drive(fast) == expected
+    expected = drive(sync, script)
+    assert drive(fast, script) == expected
     assert expected["b"][0][0][2] is None   # aborted: no final output
     assert_parses("json", expected["a"][0][0][1])
     assert_no_leak(fast)
