@@ -115,7 +115,7 @@ def compile_times(llm, count: int) -> dict:
 
     engine = llm.engine
     cache = GrammarCache(engine.tokenizer.hf, engine.vocab_size, list(engine.eos_token_ids))
-    constraints = [StructuredOutputsParams(json={**LONG_SCHEMA, "properties": {
+    constraints = [StructuredOutputsParams(json={**LONG_SCHEMA, "required": [f"people_{i}"], "properties": {
         f"people_{i}": LONG_SCHEMA["properties"]["people"], "note": {"type": "string", "maxLength": i + 1}}})
         for i in range(count)]
     fresh, cached = [], []

@@ -71,6 +71,9 @@ class TensorParallelExecutor:
         self.device = device
         self.dead_error: str | None = None
         self.stopping = threading.Event()   # set before the workers are told to leave: their exit is no death
+        # Called (weakly: the engine may be gone) before this rank leaves the group, e.g. to release
+        # CUDA graphs that hold NCCL kernels (see `CudaGraphRunner.release`).
+        self.before_leaving: list[weakref.WeakMethod] = []
         self.processes = spawn_workers(range(1, self.rendezvous.ranks_per_node), self.rendezvous, device.type)
         try:
             self.channel = self._unless_a_worker_dies(join_group, 0, self.rendezvous, device)
@@ -78,7 +81,8 @@ class TensorParallelExecutor:
         except BaseException:
             self._stop_processes()
             raise
-        self._finalizer = weakref.finalize(self, _shutdown, self.processes, self.channel, True, self.stopping)
+        self._finalizer = weakref.finalize(self, _shutdown, self.processes, self.channel, True, self.stopping,
+                                          self.before_leaving)
         for rank, process in enumerate(self.processes, start=1):
             threading.Thread(target=self._watch, args=(rank, process), name=f"ondo-tp-watch-{rank}", daemon=True).start()
         logger.info("tensor parallelism: %d ranks (%s), %d node(s)", size, dist.get_backend(), self.rendezvous.nnodes)
@@ -154,7 +158,7 @@ class TensorParallelExecutor:
         if self.stopping.is_set():
             return
         self._finalizer.detach()
-        _shutdown(self.processes, self.channel, self.dead_error is None, self.stopping)
+        _shutdown(self.processes, self.channel, self.dead_error is None, self.stopping, self.before_leaving)
 
     def _stop_processes(self) -> None:
         self.stopping.set()
@@ -167,7 +171,8 @@ def _death(rank: int, process: subprocess.Popen) -> str:
     return f"worker rank {rank} (pid {process.pid}) died ({how})"
 
 
-def _shutdown(processes: list[subprocess.Popen], channel, send_stop: bool, stopping: threading.Event) -> None:
+def _shutdown(processes: list[subprocess.Popen], channel, send_stop: bool, stopping: threading.Event,
+              before_leaving: list[weakref.WeakMethod]) -> None:
     """Also run at interpreter exit (weakref.finalize) when the engine was never shut down."""
     stopping.set()
     stopped = False
@@ -175,12 +180,14 @@ def _shutdown(processes: list[subprocess.Popen], channel, send_stop: bool, stopp
         try:
             finish_device_work()   # every rank's last step is complete before any of them leaves
             channel.send(STOP)
+            for method in before_leaving:
+                if (bound := method()) is not None:
+                    bound()
             stopped = True
         except Exception:  # noqa: BLE001 -- a worker already gone: stopped below
             pass
     if stopped and dist.is_initialized() and dist.get_backend() == "nccl":
-        # Now, while the workers abort too: NCCL's abort returns at once then, but blocks (measured on
-        # two H200s) once its peers have exited.
+        # Now, while the workers abort too (docs/distributed.md, "Errors, never hangs").
         leave_group()
     _stop(processes, grace_s=10 if stopped else 0)
     try:

@@ -55,6 +55,9 @@ def join_group(rank: int, rendezvous: Rendezvous, device: torch.device):
     for rank 0's step messages; records the tensor-parallel group for the layers. Returns the channel
     of rank 0's messages: shared memory between GPU ranks of one node (ONDO_TP_CHANNEL=gloo|shm overrides)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if dist.is_initialized():
+        raise RuntimeError("this process is still in the process group of an earlier tensor-parallel engine "
+                           "(its NCCL group did not finish aborting, see the warning above); start a new process")
     dist.init_process_group(backend, init_method=rendezvous.init_method, rank=rank,
                             world_size=rendezvous.world_size, timeout=collective_timeout())
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
@@ -152,7 +155,7 @@ def _serve(channel: StepChannel, device: torch.device, single_node: bool) -> Non
         if isinstance(message, StepInput):
             runner.run(message)   # the logits are rank 0's; here only the collectives matter
         elif message == STOP:
-            finish_device_work()
+            runner.release_cuda_graphs()   # before NCCL's abort, which graphs holding NCCL kernels block
             return
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 
 import torch
 
@@ -65,6 +66,8 @@ class Engine:
                                   enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs,
                                   max_model_len=self.max_model_len)
         self.runner.step_sender = self.executor   # None at tensor_parallel_size 1
+        if self.executor is not None:
+            self.executor.before_leaving.append(weakref.WeakMethod(self.runner.release_cuda_graphs))
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching,
                                           grow_lazily=self.device.type == "cpu")
         # A GPU needs big steps to be busy; the CPU keeps steps short so decodes are not starved.

@@ -93,6 +93,12 @@ class ModelRunner:
                                                max_model_len, block_size, device)
             self.cuda_graphs.capture()
 
+    def release_cuda_graphs(self) -> None:
+        """At shutdown: later steps (none are expected) run eagerly."""
+        if self.cuda_graphs is not None:
+            self.cuda_graphs.release()
+            self.cuda_graphs = None
+
     def execute(self, output: SchedulerOutput, input_ids: torch.Tensor | None = None) -> ModelRunnerOutput:
         """`input_ids` ([num_scheduled] on the device) is for a decode step launched before its input
         tokens reached the host (see async_decode.py): one token per request, every request samples."""

@@ -78,8 +78,9 @@ def test_tp2_matches_tp1(qwen3_folder, enforce_eager):
 
 def test_tp2_stops_promptly_after_a_step_launched_ahead(qwen3_folder):
     """The last decode step launched ahead is discarded but still runs on every rank: each rank waits
-    for it before leaving, and rank 0 aborts NCCL while its workers do (aborted after they had exited,
-    NCCL's abort blocked: docs/distributed.md)."""
+    for it, destroys its CUDA graphs (which hold NCCL kernels: with them alive, NCCL's abort blocked
+    for over 10 s), then aborts its group (docs/distributed.md). This module's tests run one TP=2
+    engine after another in one process: each joins a new group after the last one left."""
     llm = LLM(str(qwen3_folder), dtype="bfloat16", max_model_len=512, kv_cache_memory_bytes=1 << 30,
               max_num_seqs=32, tensor_parallel_size=2)
     llm.generate([[5, 6, 7]] * 8, SamplingParams(max_tokens=NUM_TOKENS, temperature=0, ignore_eos=True))
