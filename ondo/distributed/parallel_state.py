@@ -91,8 +91,8 @@ class SymmetricAllReduce:
 def enable_symmetric_all_reduce(device: torch.device, dtype: torch.dtype) -> bool:
     """Every rank of a one-node GPU group calls this once, at the same point: sets up the symmetric
     buffer, checks one sum through it, and keeps it only if that worked on every rank (NCCL otherwise).
-    Opt-in (ONDO_SYMMETRIC_ALL_REDUCE=1) until an engine has been measured with it end to end: the
-    runs that had it on also hung at shutdown (NCCL's destroy, since replaced by abort in leave_group)."""
+    Opt-in (ONDO_SYMMETRIC_ALL_REDUCE=1): end to end it has not made a TP=2 engine faster yet, and a
+    second engine in the same process hung while starting after the first one left (docs/distributed.md)."""
     global _symmetric
     if (_size == 1 or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float32)   # the kernel's dtypes
             or os.environ.get("ONDO_SYMMETRIC_ALL_REDUCE", "0") != "1"):
