@@ -148,3 +148,11 @@ def test_a_model_without_tokenizer_refuses_structured_output(tiny_llama):
     bare = LLM(str(tiny_llama[0]))
     with pytest.raises(RequestError, match="structured output needs the model's tokenizer"):
         bare.generate([[1, 2, 3]], params(StructuredOutputsParams(regex="a")))
+
+
+def test_a_tokenizer_larger_than_the_model_refuses_structured_output_and_plain_requests_still_run(
+        tiny_llama, smollm2_tokenizer_dir):
+    small = LLM(str(tiny_llama[0]), tokenizer=str(smollm2_tokenizer_dir))   # 320 logits, 49,152 tokens
+    with pytest.raises(RequestError, match="its tokenizer has 49152 tokens but the model scores only 320"):
+        small.generate([[1, 2, 3]], params(StructuredOutputsParams(regex="a")))
+    assert len(small.generate([[1, 2, 3]], SamplingParams(max_tokens=3, ignore_eos=True))[0].outputs[0].token_ids) == 3
