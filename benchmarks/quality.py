@@ -13,6 +13,8 @@ Rows:
   dequantized file in float32, the reference.
 - A dense folder made from the Gemma 3 GGUF (dequantized to float32 with transformers, cached under
   ~/.cache/ondo): float32 is the reference for the on-the-fly formats int8, int4 and nf4.
+- With `--peer llamacpp`: the same Gemma 3 weights requantized by llama.cpp to Q4_0, its all-4-bit
+  format, against the same reference (scored by ondo: a GGUF's blocks dequantize exactly).
 Bounds checked (printed, and `"within_bound"` in the JSON): int8 <= +1 %, int4 and nf4 <= +5 %, a packed
 GGUF within 0.5 % of its dequantized self in the same dtype.
 """
@@ -82,7 +84,28 @@ def model_paths(names: list[str]) -> dict[str, Path]:
     return {name: found[name]() for name in names}
 
 
-def variants(name: str, gguf: Path, formats: list[str], dtype: str):
+def llamacpp_q4_0(gguf_path: Path) -> Path:
+    """The GGUF requantized by llama.cpp (llama-cpp-python's `llama_model_quantize`) to Q4_0, its
+    plain 4-bit format, cached. llama.cpp dequantizes each tensor to float32 and quantizes that: the
+    same float weights the on-the-fly formats start from. (Its Q4_K_S and Q4_K_M keep Gemma 3 270M's
+    640-wide rows in 5-bit Q5_0: k-quant blocks need rows that are multiples of 256.)"""
+    import ctypes
+
+    import llama_cpp
+
+    target = Path(os.path.expanduser("~/.cache/ondo/quality")) / (gguf_path.stem + "-requantized-q4_0.gguf")
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, True
+        partial = target.with_suffix(".partial")
+        if llama_cpp.llama_model_quantize(str(gguf_path).encode(), str(partial).encode(), ctypes.byref(params)):
+            raise RuntimeError(f"llama.cpp could not quantize {gguf_path}")
+        partial.rename(target)
+    return target
+
+
+def variants(name: str, gguf: Path, formats: list[str], dtype: str, peer: str | None = None):
     """(label, model, options, reference label) for one model."""
     if "packed" in formats:
         yield f"{name} GGUF dequantized float32", gguf, dict(quantization="none", dtype="float32"), None
@@ -94,6 +117,9 @@ def variants(name: str, gguf: Path, formats: list[str], dtype: str):
         yield f"{name} folder float32", folder, dict(dtype="float32"), None
         for fmt in on_the_fly:
             yield f"{name} folder {fmt}", folder, dict(quantization=fmt), f"{name} folder float32"
+        if peer == "llamacpp" and "int4" in on_the_fly:   # the peer's 4-bit of the same float weights
+            yield (f"{name} llama.cpp Q4_0", llamacpp_q4_0(gguf), dict(quantization="none", dtype="float32"),
+                   f"{name} folder float32")
 
 
 def main() -> None:
@@ -103,6 +129,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", help="run dtype of the packed and dequantized GGUF rows")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--peer", choices=["llamacpp", "none"], default="none",
+                        help="llamacpp: also score Gemma 3 requantized to llama.cpp's Q4_0 (needs llama-cpp-python), "
+                             "against the same float32 reference as int4")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     os.environ.setdefault("ONDO_NO_PROGRESS", "1")
@@ -116,7 +145,7 @@ def main() -> None:
     formats = args.formats.split(",")
     rows, by_label = [], {}
     for name, gguf in model_paths(args.models.split(",")).items():
-        for label, model, options, reference in variants(name, gguf, formats, args.dtype):
+        for label, model, options, reference in variants(name, gguf, formats, args.dtype, args.peer):
             start = time.perf_counter()
             llm = LLM(str(model), max_model_len=args.context + 8, **options)
             result = perplexity(llm, texts, args.context)
@@ -124,6 +153,7 @@ def main() -> None:
             if reference is not None:
                 delta = 100 * (result["all"]["ppl"] / by_label[reference]["all"]["ppl"] - 1)
                 kind = options.get("quantization") or "packed"
+                kind = "int4" if kind == "none" else kind   # the peer's Q4_0 row, held to int4's bound
                 row.update(reference=reference, delta_pct=delta, bound_pct=BOUNDS[kind],
                            within_bound=abs(delta) <= BOUNDS[kind] if kind == "packed" else delta <= BOUNDS[kind])
             by_label[label] = row
