@@ -115,3 +115,25 @@ def test_smollm2_gguf_tokenizer_matches_transformers(smollm2_path, smollm2_token
         assert tok.decode(ids) == reference.decode(ids, skip_special_tokens=True)
     # The file says add_bos_token = false: SmolLM2 prompts carry no BOS.
     assert tok.encode("Hello")[0] != tok.bos_token_id
+
+
+@pytest.mark.parametrize("source", ["smollm2 gguf", "gemma3 gguf", "tiny bpe folder"])
+def test_decode_equals_transformers_decode_with_or_without_its_python_layers(source, smollm2_tokenizer,
+                                                                              tiny_bpe_folder):
+    """Tokenizer.decode calls the `tokenizers` backend directly where transformers' decode would add
+    nothing: the text must be transformers' own, special tokens kept or skipped."""
+    import random
+
+    from tests.tokenizer.model_files import gemma3_gguf_path
+
+    tok = {"smollm2 gguf": lambda: smollm2_tokenizer, "tiny bpe folder": lambda: load_tokenizer(tiny_bpe_folder),
+           "gemma3 gguf": lambda: load_tokenizer(gemma3_gguf_path())}[source]()
+    if source != "tiny bpe folder":
+        assert tok._backend_decode is not None   # the fast path is taken for these
+    rng = random.Random(0)
+    special = sorted(tok.all_special_ids)
+    for _ in range(200):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 6))] + rng.sample(special, 1)
+        rng.shuffle(ids)
+        for skip in (True, False):
+            assert tok.decode(ids, skip_special_tokens=skip) == tok.hf.decode(ids, skip_special_tokens=skip), ids
