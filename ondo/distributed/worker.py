@@ -155,6 +155,7 @@ def _serve(channel: StepChannel, device: torch.device, single_node: bool) -> Non
         if isinstance(message, StepInput):
             runner.run(message)   # the logits are rank 0's; here only the collectives matter
         elif message == STOP:
+            finish_device_work()           # also eager: no collective of this rank still running
             runner.release_cuda_graphs()   # before NCCL's abort, which graphs holding NCCL kernels block
             return
 

@@ -196,10 +196,10 @@ class Engine:
         if self.grammars is None:
             from ondo.sample.grammar_cache import GrammarCache
 
-            size = len(self.tokenizer.hf)
-            if size > self.vocab_size:   # llguidance's masks cover every token the tokenizer can write
-                raise RequestError(f"structured output is not available for this model: its tokenizer has {size} "
-                                   f"tokens but the model scores only {self.vocab_size} (vocab_size in its config)")
+            if self.tokenizer.vocab_size > self.vocab_size:   # llguidance's masks cover every token it can write
+                raise RequestError(f"structured output is not available for this model: its tokenizer has "
+                                   f"{self.tokenizer.vocab_size} tokens but the model scores only {self.vocab_size} "
+                                   "(vocab_size in its config)")
             self.grammars = GrammarCache(self.tokenizer.hf, self.vocab_size, list(self.eos_token_ids))
         return self.grammars
 
