@@ -62,6 +62,7 @@ ENGINE_OPTIONS = [
     ("--block-size", "block_size", int, "tokens per KV block"),
     ("--kv-cache-memory-bytes", "kv_cache_memory_bytes", int, "KV cache budget in bytes"),
     ("--gpu-memory-utilization", "gpu_memory_utilization", float, "share of GPU memory, in (0, 1]"),
+    ("--tokenizer", "tokenizer", str, "tokenizer folder or .gguf (a dummy model of a config name has none)"),
 ]
 
 
@@ -183,22 +184,51 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, item: Wor
     return result
 
 
-async def run_clients(url: str, model: str, items: list[WorkItem], concurrency: int | None, rate: float,
-                      seed: int, logprobs: int | None) -> tuple[list[RequestResult], float]:
-    """Every request sent at its arrival time once a slot is free; (results in workload order, seconds)."""
-    limit = asyncio.Semaphore(concurrency or len(items))
+async def run_clients(url: str, model: str, items: list[WorkItem], arrivals: list[float], concurrency: int | None,
+                      logprobs: int | None, start_wall: float) -> tuple[list[RequestResult], float]:
+    """Every request sent at its arrival time (seconds after `start_wall`, a time.time()) once a slot is
+    free; (results in the order of `items`, the time.time() the last one ended)."""
+    limit = asyncio.Semaphore(concurrency or len(items) or 1)
     limits = httpx.Limits(max_connections=(concurrency or len(items)) + 4, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600), limits=limits) as client:
-        start = time.perf_counter()
 
         async def send(item: WorkItem, at: float) -> RequestResult:
-            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            await asyncio.sleep(max(0.0, start_wall + at - time.time()))
             async with limit:
                 return await one_request(client, url, model, item, logprobs)
 
-        results = await asyncio.gather(*(send(item, at) for item, at in
-                                         zip(items, arrival_times(len(items), rate, seed))))
-        return list(results), time.perf_counter() - start
+        results = await asyncio.gather(*(send(item, at) for item, at in zip(items, arrivals)))
+        return list(results), time.time()
+
+
+def _client_process(url, model, items, arrivals, concurrency, logprobs, start_wall):
+    return asyncio.run(run_clients(url, model, items, arrivals, concurrency, logprobs, start_wall))
+
+
+def run_all_clients(url: str, model: str, items: list[WorkItem], concurrency: int | None, rate: float, seed: int,
+                    logprobs: int | None, processes: int = 1) -> tuple[list[RequestResult], float]:
+    """The workload from `processes` client processes (each with its share of the requests and of the
+    concurrency), so that one Python client's SSE parsing does not cap what a fast server shows;
+    (results in workload order, seconds from the common start to the last request's end)."""
+    arrivals = arrival_times(len(items), rate, seed)
+    processes = max(1, min(processes, len(items)))
+    if processes == 1:
+        start_wall = time.time()
+        results, end = asyncio.run(run_clients(url, model, items, arrivals, concurrency, logprobs, start_wall))
+        return results, end - start_wall
+    import multiprocessing
+
+    shards = [list(range(i, len(items), processes)) for i in range(processes)]
+    share = -(-concurrency // processes) if concurrency else None
+    start_wall = time.time() + 1.0   # every process starts its clock together
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        parts = pool.starmap(_client_process, [(url, model, [items[j] for j in shard], [arrivals[j] for j in shard],
+                                                share, logprobs, start_wall) for shard in shards])
+    results: list = [None] * len(items)
+    for shard, (shard_results, _) in zip(shards, parts):
+        for j, result in zip(shard, shard_results):
+            results[j] = result
+    return results, max(end for _, end in parts) - start_wall
 
 
 # ---- figures ---------------------------------------------------------------------------------------
@@ -285,9 +315,11 @@ def engine_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def serve_command(spec: common.ModelSpec, options: dict, port: int) -> list[str]:
+def serve_command(spec: common.ModelSpec, options: dict, port: int, engine_process: bool = False) -> list[str]:
     command = [sys.executable, "-m", "ondo", "serve", *([spec.ondo_model] if spec.ondo_model else []),
                "--host", "127.0.0.1", "--port", str(port), "--load-format", spec.load_format]
+    if engine_process:
+        command.append("--engine-process")
     flags = {fld: flag for flag, fld, _, _ in ENGINE_OPTIONS}
     for name, value in options.items():
         if name == "enforce_eager":
@@ -398,6 +430,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     where.add_argument("--url", default=None, help="a running server's base URL, no /v1 (default http://127.0.0.1:8000)")
     where.add_argument("--served-model-name", default=None, help="model name sent (default: the server's first model)")
     where.add_argument("--server-timeout", type=float, default=900, help="seconds the launched server may take to load")
+    where.add_argument("--engine-process", action="store_true",
+                       help="--launch-server: run the server's engine in a process of its own (ondo serve --engine-process)")
     where.add_argument("--offline", action="store_true",
                        help="also run the same requests through LLM.generate (after the server part) and print "
                             "the ratio server / offline output tok/s; with --url the server keeps its memory meanwhile")
@@ -430,6 +464,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     work.add_argument("--logprobs", type=int, default=None, help="sent with every request (and offline)")
     work.add_argument("--goodput", nargs="+", metavar="NAME:MS",
                       help="targets a request must meet to count: ttft:MS itl:MS e2e:MS")
+    work.add_argument("--client-processes", type=int, default=1,
+                      help="client processes sharing the requests and the concurrency, so that one Python "
+                           "client's SSE parsing does not cap the figure")
     work.add_argument("--seed", type=int, default=0, help="seeds the prompts, lengths and arrivals")
     parser.add_argument("--output-json", default=None, help="write every figure and the options here")
     args = parser.parse_args(argv)
@@ -460,7 +497,7 @@ def main() -> None:
     items = build_workload(args, args.num_requests, args.seed)
     warmup = [WorkItem(i.prompt, i.prompt_len, min(i.output_len, 16))
               for i in build_workload(args, args.warmup, args.seed + 10_000)]
-    server = LaunchedServer(lambda port: serve_command(spec, options, port), args.server_timeout) \
+    server = LaunchedServer(lambda port: serve_command(spec, options, port, args.engine_process), args.server_timeout) \
         if args.launch_server else None
     try:
         url = server.url if server else (args.url or "http://127.0.0.1:8000").rstrip("/")
@@ -477,10 +514,11 @@ def main() -> None:
         print(f"server ready{f' after {server.startup_s:.1f} s' if server else ''}; warm-up: {len(warmup)} requests",
               flush=True)
         if warmup:
-            asyncio.run(run_clients(url, name, warmup, min(cap or len(warmup), len(warmup)), math.inf,
-                                    args.seed, args.logprobs))
+            run_all_clients(url, name, warmup, min(cap or len(warmup), len(warmup)), math.inf,
+                            args.seed, args.logprobs, args.client_processes)
         print(f"timed run: {len(items)} requests", flush=True)
-        results, elapsed = asyncio.run(run_clients(url, name, items, cap, args.request_rate, args.seed, args.logprobs))
+        results, elapsed = run_all_clients(url, name, items, cap, args.request_rate, args.seed, args.logprobs,
+                                           args.client_processes)
     finally:
         if server:
             server.stop()

@@ -82,8 +82,8 @@ def _add_serve_limits(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--limit-concurrency", type=int, default=512, metavar="N",
                        help="connections at most; more are answered 503 (default 512; 0 = no limit)")
     serve.add_argument("--engine-process", action="store_true",
-                       help="run the engine loop in a process of its own, apart from the HTTP server "
-                            "(no LoRA adapters yet)")
+                       help="run the engine loop in a process of its own; the server's process keeps HTTP, "
+                            "tokenizing and detokenizing")
     group.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
                        help="on SIGTERM, new requests get 503 and running ones may finish within S "
                             "seconds before they are aborted (default 10)")

@@ -46,9 +46,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ondo.engine.output_processor import SequenceDelta
 from ondo.engine.request import Request
 from ondo.engine.scheduler import ScheduledRequest, SchedulerOutput
-from ondo.outputs import RequestOutput
 from ondo.sample.sampler import SamplerOutput
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ class DecodeOverlap:
         self.num_adopted = 0       # steps launched ahead and adopted (wholly or but finished rows)
         self.num_discarded = 0     # steps launched ahead that the real schedule did not match
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[SequenceDelta]:
         engine = self.engine
         ahead, self.ahead = self.ahead, None
         schedule = engine.scheduler.schedule()

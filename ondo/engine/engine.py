@@ -12,10 +12,10 @@ from ondo.config import EngineConfig
 from ondo.engine.async_decode import DecodeOverlap
 from ondo.engine.block_manager import BlockManager
 from ondo.engine.model_runner import KVCacheSpec, ModelRunner
-from ondo.engine.output_processor import (RequestGroup, append_token, check_stop, finalize_text,
-                                          group_output)
+from ondo.engine.output_processor import SequenceDelta, append_token, check_stop, take_delta
 from ondo.engine.request import Request
 from ondo.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from ondo.engine.text_output import OutputProcessor
 from ondo.loader import load_model
 from ondo.lora.manager import build_lora_manager, resolve_lora_request
 from ondo.outputs import Logprob, RequestOutput
@@ -79,7 +79,9 @@ class Engine:
         self.runner.lora_manager = self.scheduler.lora_slots = self.lora_manager
         self.sampler = Sampler()
         self.grammars = None   # GrammarCache, built at the first request with structured output
-        self.groups: dict[str, RequestGroup] = {}
+        self.groups: dict[str, list[Request]] = {}   # a user request's id -> its sequences (n / best_of)
+        # Text for Engine.step(); the engine-core process leaves it to the API server (core_step()).
+        self.text = OutputProcessor(self.tokenizer, self.max_model_len)
         self.num_prompt_tokens_total = 0
         self.num_generated_tokens_total = 0
         # Decode steps launched one ahead of the host (CUDA graphs only: elsewhere the host is the device).
@@ -145,6 +147,13 @@ class Engine:
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     lora_request=None) -> None:
         params = params or SamplingParams()
+        prompt_text, prompt_ids = self.add_core_request(request_id, prompt, params, lora_request)
+        self.text.add(request_id, prompt_text, prompt_ids, params)
+
+    def add_core_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                         lora_request=None) -> tuple[str | None, list[int]]:
+        """Check and queue a request's sequences; its text is the caller's (`core_step` reports tokens).
+        Returns the prompt's text (None for token ids) and its token ids."""
         if request_id in self.groups:
             raise RequestError(f"request id {request_id!r} is already in use")
         lora_request = resolve_lora_request(self.lora_manager, lora_request)   # LoRAError if unusable
@@ -164,7 +173,7 @@ class Engine:
         grammars = self._grammar_cache() if params.structured_outputs is not None else None
         if grammars is not None:
             grammars.check(params.structured_outputs)   # compiled (or cached) and able to start
-        group = RequestGroup(request_id, prompt_text, prompt_ids, params.n)
+        group: list[Request] = []
         now = time.monotonic()
         for index in range(best_of):
             child = Request(
@@ -173,22 +182,18 @@ class Engine:
                 min_tokens=min(params.resolve_min_tokens(len(prompt_ids)), max_tokens), eos_token_ids=eos,
                 stop_token_ids=frozenset(params.stop_token_ids), bad_words_token_ids=bad_words,
                 generator=self._generator(params.seed, index), arrival_s=now,
-                prefill_leader=group.children[0] if index else None, lora_request=lora_request)
+                prefill_leader=group[0] if index else None, lora_request=lora_request)
             if grammars is not None:   # each sibling follows the grammar on its own
                 child.structured = grammars.new_state(params.structured_outputs)
             if params.logprobs is not None:
                 child.logprobs = []
             if params.prompt_logprobs is not None:
                 child.prompt_logprobs = [None]
-            if params.detokenize and self.tokenizer is not None:
-                from ondo.engine.detokenizer import IncrementalDetokenizer
-
-                child.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens,
-                                                           params.spaces_between_special_tokens)
-            group.children.append(child)
+            group.append(child)
             self.scheduler.add(child)
         self.groups[request_id] = group
         self.num_prompt_tokens_total += len(prompt_ids)
+        return prompt_text, prompt_ids
 
     def _grammar_cache(self):
         if self.tokenizer is None:
@@ -229,13 +234,27 @@ class Engine:
         return torch.Generator(device=self.device).manual_seed((seed + index) % 2**64)
 
     def abort_request(self, request_id: str) -> None:
+        self.text.forget(request_id)
         group = self.groups.pop(request_id, None)
         if group is None:
             return
-        for child in group.children:
+        for child in group:
             if not child.is_finished:
                 child.finish_reason = "abort"
                 self.scheduler.finish(child)
+
+    def stop_sequences(self, sequences: list[tuple[str, int]]) -> None:
+        """End sequences (request id, index) that a stop string ended where their text is made."""
+        for request_id, index in sequences:
+            group = self.groups.get(request_id)
+            if group is None or not 0 <= index < len(group):
+                continue   # finished or aborted meanwhile
+            child = group[index]
+            if not child.is_finished:
+                child.finish_reason, child.finish_reported = "stop", True
+                self.scheduler.finish(child)
+            if all(c.is_finished for c in group):
+                del self.groups[request_id]
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
@@ -243,6 +262,14 @@ class Engine:
     # ---- the step --------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One step: the core's step, then its tokens as text (stop strings end sequences here)."""
+        outputs, stopped = self.text.process(self.core_step())
+        if stopped:
+            self.stop_sequences(stopped)
+        return outputs
+
+    def core_step(self) -> list[SequenceDelta]:
+        """One step of scheduler -> model runner -> sampler: each touched sequence's new tokens."""
         if self.executor is not None:
             self.executor.check_alive()   # a dead worker: a clear error now, never a hang in a collective
         if self.decode_overlap is not None:
@@ -252,7 +279,7 @@ class Engine:
             return []
         return self.run_schedule(schedule)
 
-    def run_schedule(self, schedule) -> list[RequestOutput]:
+    def run_schedule(self, schedule) -> list[SequenceDelta]:
         """The synchronous step: forward, sample (waiting for the tokens), stop checks, outputs."""
         try:
             result = self.runner.execute(schedule)
@@ -268,7 +295,7 @@ class Engine:
             touched.update(self._sample(sampling, result.sample_logits))
         return self.emit(touched)
 
-    def _finish_scored(self, schedule: SchedulerOutput) -> dict[str, RequestGroup]:
+    def _finish_scored(self, schedule: SchedulerOutput) -> dict[str, list[Request]]:
         """Score-only requests (max_tokens=0) end once their whole prompt is computed: their
         prompt log-probs are the result and nothing is sampled."""
         touched = {}
@@ -280,7 +307,7 @@ class Engine:
                 touched[request.group_id] = self.groups[request.group_id]
         return touched
 
-    def _sample(self, requests: list[Request], logits: torch.Tensor) -> dict[str, RequestGroup]:
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> dict[str, list[Request]]:
         touched = {}
         try:
             outputs = [(requests, self.sampler(logits, requests))]
@@ -298,7 +325,7 @@ class Engine:
             touched.update(self.apply_sampled(batch, out))
         return touched
 
-    def apply_sampled(self, batch: list[Request], out: SamplerOutput) -> dict[str, RequestGroup]:
+    def apply_sampled(self, batch: list[Request], out: SamplerOutput) -> dict[str, list[Request]]:
         """Append each request's new token, check its stops (finishing it); returns the groups touched."""
         touched = {}
         for i, request in enumerate(batch):
@@ -306,32 +333,34 @@ class Engine:
                 continue
             token = out.token_ids[i]
             append_token(request, token, out.logprobs[i] if out.logprobs else None,
-                         out.top_logprobs[i] if out.top_logprobs else None, self._decode_token)
+                         out.top_logprobs[i] if out.top_logprobs else None)
             self.num_generated_tokens_total += 1
             if check_stop(request, token, self.max_model_len):
-                finalize_text(request)
                 self.scheduler.finish(request)
             touched[request.group_id] = self.groups[request.group_id]
         return touched
 
-    def emit(self, touched: dict[str, RequestGroup]) -> list[RequestOutput]:
-        return [out for group in touched.values() if (out := self._emit(group)) is not None]
+    def emit(self, touched: dict[str, list[Request]]) -> list[SequenceDelta]:
+        """The touched sequences' deltas; a group whose sequences all finished is done."""
+        deltas = []
+        for request_id, group in touched.items():
+            finished = True
+            for child in group:
+                if (delta := take_delta(child)) is not None:
+                    deltas.append(delta)
+                finished = finished and child.is_finished
+            if finished:
+                self.groups.pop(request_id, None)
+        return deltas
 
-    def _emit(self, group: RequestGroup) -> RequestOutput | None:
-        output = group_output(group)
-        if group.finished:
-            self.groups.pop(group.request_id, None)
-        return output
-
-    def _fail(self, requests: list[Request], message: str) -> list[RequestOutput]:
-        outputs = []
+    def _fail(self, requests: list[Request], message: str) -> list[SequenceDelta]:
+        touched = {}
         for request in requests:
             request.error, request.finish_reason = message, "error"
             self.scheduler.finish(request)
-            group = self.groups.get(request.group_id)
-            if group is not None and group.finished:
-                outputs.append(self._emit(group))
-        return [o for o in outputs if o is not None]
+            if request.group_id in self.groups:
+                touched[request.group_id] = self.groups[request.group_id]
+        return self.emit(touched)
 
     def _add_prompt_logprobs(self, item, logits: torch.Tensor) -> None:
         request = item.request
@@ -344,14 +373,9 @@ class Engine:
         scored = prompt_logprobs(logits[:len(targets)], torch.tensor(targets, device=logits.device), k)
         for target, position in zip(targets, scored):
             ranked = sorted(position.items(), key=lambda item: item[1], reverse=True)[:k]
-            entry = {tid: Logprob(lp, rank, self._decode_token(tid)) for rank, (tid, lp) in enumerate(ranked, 1)}
-            entry.setdefault(target, Logprob(position[target], None, self._decode_token(target)))
+            entry = {tid: Logprob(lp, rank) for rank, (tid, lp) in enumerate(ranked, 1)}
+            entry.setdefault(target, Logprob(position[target], None))
             request.prompt_logprobs.append(entry)
-
-    def _decode_token(self, token_id: int) -> str | None:
-        if self.tokenizer is None:
-            return None
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def shutdown(self) -> None:
         """Stops the tensor-parallel workers (also done when the engine is collected or at exit)."""

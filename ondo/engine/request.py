@@ -46,10 +46,9 @@ class Request:
     cumulative_logprob: float | None = None   # None unless the sampler computed log-probs
     logprobs: list[PositionLogprobs] | None = None
     prompt_logprobs: list[PositionLogprobs | None] | None = None
-    output_text: str = ""
-    emitted_text_len: int = 0             # output_text[:emitted_text_len] has been streamed
-    emitted_token_len: int = 0
-    detokenizer: object | None = None     # IncrementalDetokenizer, or None with detokenize=False
+    emitted_token_len: int = 0            # output_token_ids[:emitted_token_len] went out in deltas
+    finish_reported: bool = False         # a delta carried finish_reason
+    prompt_logprobs_reported: bool = False
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     error: str | None = None              # set when this request failed alone (e.g. its logits processor raised)

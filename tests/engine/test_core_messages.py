@@ -10,7 +10,8 @@ import pytest
 
 from ondo.config import EngineConfig
 from ondo.engine.core import messages as m
-from ondo.outputs import CompletionOutput, Logprob, RequestOutput
+from ondo.engine.output_processor import SequenceDelta
+from ondo.outputs import Logprob
 from ondo.sampling_params import SamplingParams, SamplingParamsError
 
 
@@ -95,23 +96,20 @@ def test_an_unimportable_processor_name_is_a_clear_error_in_the_core():
         m.params_from_data(data)
 
 
-def test_request_output_with_logprobs_round_trip():
-    position = {3: Logprob(-0.25, 1, " a"), 9: Logprob(-math.inf, 2, None)}
-    output = RequestOutput(
-        "r-0", "Hi", [1, 2],
-        [CompletionOutput(0, " a", [3], -0.25, [position], "stop", "\n", " a", [3]),
-         CompletionOutput(1, "", [], None, None, None)],
-        finished=False, prompt_logprobs=[None, {2: Logprob(-1.5, 4, "i")}], num_cached_tokens=16,
-        error=None)
-    failed = RequestOutput("r-1", None, [5], [CompletionOutput(0, "", [], None, None, "error")], True,
-                           error="the logits processor failed")
-    message = m.CoreOutputs(added=["r-2"], outputs=[output, failed],
+def test_step_deltas_with_logprobs_round_trip():
+    position = {3: Logprob(-0.25, 1), 9: Logprob(-math.inf, 2)}
+    first = SequenceDelta("r-0", 1, [3], [position], -0.25, "stop", 7, num_cached_tokens=16,
+                          prompt_logprobs=[None, {2: Logprob(-1.5, 4)}])
+    running = SequenceDelta("r-0", 0, [5, 6])
+    failed = SequenceDelta("r-1", 0, [], finish_reason="error", error="the logits processor failed",
+                           error_is_input=True)
+    message = m.CoreOutputs(added=["r-2"], deltas=[first, running, failed],
                             add_errors=[m.AddError("r-3", "QueueFullError", "full", False)],
                             stats={"num_running": 2, "kv_cache_usage": 0.5})
     received = _round_trip_to_client(message)
     assert received == message
-    assert received.outputs[0].outputs[0].logprobs[0][9].logprob == -math.inf
-    assert received.outputs[0].outputs[0].finished and not received.outputs[0].outputs[1].finished
+    assert received.deltas[0].logprobs[0][9].logprob == -math.inf
+    assert received.deltas[0].prompt_logprobs[1][2] == Logprob(-1.5, 4)
 
 
 @pytest.mark.parametrize("message", [
@@ -124,7 +122,8 @@ def test_core_to_client_messages_round_trip(message):
     assert _round_trip_to_client(message) == message
 
 
-@pytest.mark.parametrize("message", [m.Abort(["a", "b"]), m.AbortAll(), m.Shutdown()])
+@pytest.mark.parametrize("message", [m.Abort(["a", "b"]), m.StopSequences([("a", 0), ("b", 2)]), m.AbortAll(),
+                                     m.Shutdown()])
 def test_client_to_core_messages_round_trip(message):
     assert _round_trip_to_core(message) == message
 
@@ -150,7 +149,7 @@ class _FakeEngine:
     def stats(self) -> dict:
         return {"num_running": 0, "num_waiting": len(self.waiting)}
 
-    def add_request(self, request_id, prompt, params) -> None:
+    def add_core_request(self, request_id, prompt, params) -> None:
         if prompt == "too long":
             from ondo.engine.engine import RequestError
 

@@ -79,6 +79,51 @@ def test_n_2_with_a_seed_equals_the_in_process_servers(core_server, tiny_server)
     assert [c.text for c in answer.choices] == [c.text for c in expected.choices]
 
 
+def _middle(text: str) -> str:
+    """Two characters from the middle of `text`: a stop string the output is sure to meet."""
+    assert len(text.strip()) >= 4, text
+    return text[len(text) // 2:len(text) // 2 + 2]
+
+
+def _choices(server, stream: bool, **options) -> list[tuple]:
+    """(text, finish_reason, logprob tokens) per choice, from one call or a whole stream."""
+    client = _client(server)
+    if not stream:
+        answer = client.completions.create(model=_model(server), **options)
+        return [(c.text, c.finish_reason, c.logprobs and c.logprobs.tokens) for c in answer.choices]
+    parts: dict[int, list] = {}
+    for chunk in client.completions.create(model=_model(server), stream=True, **options):
+        for c in chunk.choices:
+            text, reason, tokens = parts.setdefault(c.index, ["", None, None])
+            tokens = (tokens or []) + c.logprobs.tokens if c.logprobs else tokens
+            parts[c.index] = [text + c.text, c.finish_reason or reason, tokens]
+    return [tuple(parts[i]) for i in sorted(parts)]
+
+
+def test_stop_strings_logprobs_and_best_of_equal_the_in_process_servers(core_server, tiny_server):
+    """The front end detokenizes and matches stop strings for the core: the same text, finish reasons
+    and log-prob tokens as the in-process engine, streamed or not."""
+    prompt = "Once upon a time"
+    greedy = _client(tiny_server).completions.create(model=_model(tiny_server), prompt=prompt, max_tokens=16,
+                                                    temperature=0).choices[0].text
+    sampled = _client(tiny_server).completions.create(model=_model(tiny_server), prompt=prompt, max_tokens=16,
+                                                     temperature=1.0, n=2, seed=3)
+    cases = [
+        dict(temperature=0, stop=[_middle(greedy)], logprobs=2),
+        dict(temperature=0, stop=[_middle(greedy)], extra_body={"include_stop_str_in_output": True}),
+        # the two sequences meet different stops: one ends at its stop, the other runs on to its own
+        dict(temperature=1.0, n=2, seed=3, stop=[_middle(sampled.choices[0].text), _middle(sampled.choices[1].text)]),
+        dict(temperature=1.0, n=2, best_of=3, seed=5, logprobs=1),
+    ]
+    for options in cases:
+        expected = _choices(tiny_server, False, prompt=prompt, max_tokens=16, **options)
+        assert any(reason == "stop" for _, reason, _ in expected) or "best_of" in options, options
+        for stream in (False, True):
+            if stream and "best_of" in options:
+                continue   # best_of > n is not streamed
+            assert _choices(core_server, stream, prompt=prompt, max_tokens=16, **options) == expected, options
+
+
 def test_the_front_end_tokenizer_of_the_builtin_model_is_the_engines(builtin_server):
     """The front end reads the GGUF's tokenizer without its weights; it must tokenize (chat
     template included) as the in-process server's Engine does."""

@@ -5,11 +5,15 @@ not a multiprocessing spawn: spawn re-imports the parent's `__main__`, which for
 pytest or an embedding program is fragile, and the core needs nothing from the parent but its
 config) and talks to it through two ZeroMQ PUSH/PULL pipes on ipc:// sockets in a private temp dir:
 plain-data msgspec messages (ondo.engine.core.messages), never pickles. The API server process
-keeps HTTP, tokenization and chat templates; its event loop no longer shares the GIL with the
-engine loop.
+keeps HTTP, tokenization, chat templates and text: the core sends token ids, and this process
+detokenizes, matches stop strings and builds the RequestOutputs (ondo/engine/text_output.py), so
+the engine loop neither shares the GIL with the event loop nor spends its time on text.
 
-One reader thread receives the core's messages and hands each output to its stream's asyncio loop
-in one `call_soon_threadsafe` call per loop, as AsyncEngine's thread does. Any thread may send:
+One reader thread receives the core's messages, turns each step's deltas into outputs (its
+`OutputProcessor` is touched by that thread alone: adds reach it when the core acknowledges them,
+aborts through a list it drains) and hands each output to its stream's asyncio loop in one
+`call_soon_threadsafe` call per loop, as AsyncEngine's thread does. A stop string ends a sequence
+here; the reader tells the core (`StopSequences`). Any thread may send:
 sends are serialised by a lock and never block (an unbounded queue; nothing is sent to a dead core).
 When the core dies (a fatal error, or killed), every open stream ends with EngineDeadError,
 `dead_error` is set and `wait_until_dead` returns, as with AsyncEngine.
@@ -40,6 +44,7 @@ from ondo.config import EngineConfig
 from ondo.engine.async_engine import EngineDeadError, EngineHandle, Finished, QueueFullError, RequestStream
 from ondo.engine.core import messages as m
 from ondo.engine.core.front_end import CoreEngineInfo, load_front_end_tokenizer
+from ondo.engine.text_output import OutputProcessor
 from ondo.lora.adapter import LoRAError
 from ondo.lora.request import LoRARequest
 from ondo.sampling_params import SamplingParams, SamplingParamsError
@@ -66,7 +71,10 @@ class EngineCoreClient(EngineHandle):
         self._dead = threading.Event()
         self._stopping = False
         self._streams: dict[str, RequestStream] = {}
-        self._lock = threading.Lock()          # guards _streams and the input socket
+        self._lock = threading.Lock()          # guards _streams, _pending_text, _forgotten and the input socket
+        self._pending_text: dict[str, tuple] = {}   # request id -> OutputProcessor.add's arguments, until acknowledged
+        self._forgotten: list[str] = []        # aborted request ids whose text the reader thread drops
+        self._text: OutputProcessor | None = None   # the reader thread's alone
         self._stats: dict[str, Any] = {}       # replaced (never mutated) by the reader thread
         self._lora_enabled = False
         self._loras: dict[str, LoRARequest] = {}   # replaced (never mutated) by the reader thread
@@ -144,7 +152,9 @@ class EngineCoreClient(EngineHandle):
         which callers report as finish_reason "abort"."""
         with self._lock:
             streams = list(self._streams.values())
+            self._forgotten.extend(self._streams)
             self._streams.clear()
+            self._pending_text.clear()
             self._send_locked(m.AbortAll())
         error = EngineDeadError("the server is shutting down")
         for stream in streams:
@@ -157,6 +167,8 @@ class EngineCoreClient(EngineHandle):
             if stream is None:
                 return  # finished already, or never added
             stream.finished = True
+            self._pending_text.pop(request_id, None)
+            self._forgotten.append(request_id)
             self._send_locked(m.Abort([request_id]))
 
     # ---- LoRA adapters -------------------------------------------------------------------------
@@ -214,8 +226,13 @@ class EngineCoreClient(EngineHandle):
         if not self.is_ready:
             raise EngineDeadError("the engine is not running")
         data = m.params_to_data(params)   # SamplingParamsError for a processor the core cannot import
-        message = m.AddRequest(request_id, prompt if isinstance(prompt, str) else [int(t) for t in prompt], data,
-                               m.lora_to_data(lora_request))
+        tokenizer = self.engine.tokenizer
+        if isinstance(prompt, str) and tokenizer is not None:   # the core gets token ids (the server sends ids)
+            prompt_text, prompt = prompt, tokenizer.encode(prompt)
+        else:
+            prompt_text = None
+        ids = prompt if isinstance(prompt, str) else [int(t) for t in prompt]
+        message = m.AddRequest(request_id, ids, data, m.lora_to_data(lora_request))
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, loop, output_queue or asyncio.Queue(), loop.create_future())
         with self._lock:
@@ -224,6 +241,8 @@ class EngineCoreClient(EngineHandle):
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
             self._streams[request_id] = stream
+            if not isinstance(ids, str):   # a text prompt without a tokenizer: the core refuses it
+                self._pending_text[request_id] = (request_id, prompt_text, ids, params)
             self._send_locked(message)
         try:
             await stream.added
@@ -263,6 +282,7 @@ class EngineCoreClient(EngineHandle):
                     self._info = CoreEngineInfo(tokenizer, message.vocab_size, message.max_model_len,
                                                 message.model_name, message.load_time_s, self.config,
                                                 message.pid)
+                    self._text = OutputProcessor(tokenizer, message.max_model_len)
                     self._lora_enabled = message.lora_enabled
                     self._loras = _lora_requests(message.loras)
                     logger.info("the engine core is ready (%s, loaded in %.1f s)",
@@ -314,17 +334,29 @@ class EngineCoreClient(EngineHandle):
         if message.stats is not None:
             self._stats = message.stats
         calls: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Any]]] = {}
+        text = self._text
         with self._lock:
             for request_id in message.added:
                 stream = self._streams.get(request_id)
+                pending = self._pending_text.pop(request_id, None)
                 if stream is not None:
+                    if pending is not None:
+                        text.add(*pending)
                     _call_soon(stream.loop, _resolve, stream, None)
             for error in message.add_errors:
+                self._pending_text.pop(error.request_id, None)
                 stream = self._streams.pop(error.request_id, None)
                 if stream is not None:
                     stream.finished = True
                     _call_soon(stream.loop, _resolve, stream, _add_error(error))
-            for output in message.outputs:
+            forgotten, self._forgotten = self._forgotten, []
+        for request_id in forgotten:
+            text.forget(request_id)
+        outputs, stopped = text.process(message.deltas)   # detokenizing: outside the lock
+        with self._lock:
+            if stopped:
+                self._send_locked(m.StopSequences(stopped))
+            for output in outputs:
                 stream = self._streams.get(output.request_id)
                 if stream is None:
                     continue  # aborted by its caller after this step was scheduled

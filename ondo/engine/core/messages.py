@@ -1,14 +1,15 @@
 """The messages between the API server process and the engine-core process: msgspec Structs sent as
 msgpack, plain data only (no pickled objects, so a message never runs code when it is read).
 
-Front end -> core: `AddRequest`, `Abort`, `AbortAll`, `Shutdown`, `LoadLoRA`, `UnloadLoRA`.
+Front end -> core: `AddRequest` (prompts as token ids), `Abort`, `StopSequences` (ended by a stop
+string, which the front end matches), `AbortAll`, `Shutdown`, `LoadLoRA`, `UnloadLoRA`.
 Core -> front end: `Ready` (or `LoadFailed`) once, then `CoreOutputs` (adds acknowledged or refused,
-one step's RequestOutputs, a stats snapshot), `LoRAReply` (one per LoadLoRA / UnloadLoRA, by call
+one step's `SequenceDelta`s: token ids, never text, a stats snapshot), `LoRAReply` (one per LoadLoRA / UnloadLoRA, by call
 id, with the loaded adapters afterwards), and `Dead` if the loop failed fatally.
 
 SamplingParams crosses as `SamplingParamsData` (its fields, checked again in the core on rebuild);
 its logits processors cross as importable names "package.module:function", resolved in the core.
-RequestOutput and its parts are dataclasses, which msgspec encodes as maps of their fields.
+The front end detokenizes and builds the RequestOutputs (ondo/engine/text_output.py).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any, Union
 
 import msgspec
 
-from ondo.outputs import RequestOutput
+from ondo.engine.output_processor import SequenceDelta
 from ondo.sample.structured import StructuredOutputsParams
 from ondo.sampling_params import SamplingParams, SamplingParamsError
 
@@ -99,11 +100,16 @@ class AbortAll(msgspec.Struct, tag="abort_all"):
     """Abort every request quietly (graceful shutdown: the front end ends the streams itself)."""
 
 
+class StopSequences(msgspec.Struct, tag="stop_sequences"):
+    """Sequences (request id, index) that a stop string ended in the front end: free them."""
+    sequences: list[tuple[str, int]]
+
+
 class Shutdown(msgspec.Struct, tag="shutdown"):
     """Abort everything and exit with status 0."""
 
 
-ToCore = Union[AddRequest, Abort, AbortAll, Shutdown, LoadLoRA, UnloadLoRA]
+ToCore = Union[AddRequest, Abort, StopSequences, AbortAll, Shutdown, LoadLoRA, UnloadLoRA]
 
 
 # ---- core -> front end -------------------------------------------------------------------------
@@ -136,7 +142,7 @@ class LoadFailed(msgspec.Struct, tag="load_failed"):
 class CoreOutputs(msgspec.Struct, tag="outputs"):
     added: list[str] = []                   # adds accepted since the last message
     add_errors: list[AddError] = []
-    outputs: list[RequestOutput] = []       # one step's outputs
+    deltas: list[SequenceDelta] = []        # one step's news, per sequence
     stats: dict[str, Any] | None = None     # Engine.stats() when refreshed (every ~0.1 s at most)
 
 

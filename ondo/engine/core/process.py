@@ -1,9 +1,10 @@
 """The engine-core process: `python -m ondo.engine.core.process` (EngineCoreClient starts it).
 
-It builds the Engine (scheduler -> model runner -> sampler, detokenizer and stop strings), sends
-`Ready` (or `LoadFailed`), then loops: drain the input socket (without blocking while requests run,
-with a blocking poll when idle), add and abort requests, run one `Engine.step()`, and send the
-step's outputs in one `CoreOutputs` message. An error that belongs to one request goes back to that
+It builds the Engine (scheduler -> model runner -> sampler), sends `Ready` (or `LoadFailed`), then
+loops: drain the input socket (without blocking while requests run, with a blocking poll when idle),
+add, abort and stop requests, run one `Engine.core_step()`, and send the step's token deltas in one
+`CoreOutputs` message. Text is the front end's: it detokenizes, matches stop strings (sending
+`StopSequences` back) and builds the RequestOutputs, so none of that slows the step loop. An error that belongs to one request goes back to that
 request only (`AddError`); an exception escaping the loop sends `Dead` and exits with status 1.
 
 It ignores SIGINT and SIGTERM: Ctrl+C in a terminal or a supervisor's stop reaches the whole process
@@ -62,6 +63,9 @@ class EngineCore:
             elif isinstance(message, m.Abort):
                 for request_id in message.request_ids:
                     self._abort(request_id)
+            elif isinstance(message, m.StopSequences):
+                self.engine.stop_sequences(message.sequences)
+                self.running.intersection_update(self.engine.groups)
             elif isinstance(message, (m.LoadLoRA, m.UnloadLoRA)):
                 self._send(self._change_loras(message))
             elif isinstance(message, (m.AbortAll, m.Shutdown)):
@@ -79,10 +83,10 @@ class EngineCore:
         try:
             params = m.params_from_data(message.params)
             if message.lora is None:   # Engine stand-ins in tests take no lora_request
-                self.engine.add_request(message.request_id, message.prompt, params)
+                self.engine.add_core_request(message.request_id, message.prompt, params)
             else:
-                self.engine.add_request(message.request_id, message.prompt, params,
-                                        lora_request=m.lora_from_data(message.lora))
+                self.engine.add_core_request(message.request_id, message.prompt, params,
+                                             lora_request=m.lora_from_data(message.lora))
         except Exception as exc:  # noqa: BLE001 -- that request's error, raised to its caller
             return exc
         self.running.add(message.request_id)
@@ -120,17 +124,18 @@ class EngineCore:
             self.engine.abort_request(request_id)
 
     def step(self) -> bool:
-        """One engine step; its outputs (if any) in one message. False if it did nothing."""
+        """One engine step; its deltas (if any) in one message. False if it did nothing."""
         start_s = time.perf_counter()
-        outputs = self.engine.step()  # an exception here is fatal
-        for output in outputs:
-            if output.finished:
-                self.running.discard(output.request_id)
+        deltas = self.engine.core_step()  # an exception here is fatal
+        groups = self.engine.groups
+        for delta in deltas:
+            if delta.finish_reason is not None and delta.request_id not in groups:
+                self.running.discard(delta.request_id)
         idle = not self.engine.has_unfinished_requests()
         stats = self.stats(force=idle)
-        if outputs or stats is not None:
-            self._send(m.CoreOutputs(outputs=outputs, stats=stats))
-        return bool(outputs) or time.perf_counter() - start_s >= _EMPTY_STEP_S
+        if deltas or stats is not None:
+            self._send(m.CoreOutputs(deltas=deltas, stats=stats))
+        return bool(deltas) or time.perf_counter() - start_s >= _EMPTY_STEP_S
 
     def stats(self, force: bool) -> dict[str, Any] | None:
         now = time.monotonic()
