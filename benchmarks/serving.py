@@ -315,11 +315,14 @@ def engine_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def serve_command(spec: common.ModelSpec, options: dict, port: int, engine_process: bool = False) -> list[str]:
+def serve_command(spec: common.ModelSpec, options: dict, port: int, engine_process: bool = False,
+                  api_server_count: int = 1) -> list[str]:
     command = [sys.executable, "-m", "ondo", "serve", *([spec.ondo_model] if spec.ondo_model else []),
                "--host", "127.0.0.1", "--port", str(port), "--load-format", spec.load_format]
     if engine_process:
         command.append("--engine-process")
+    if api_server_count > 1:
+        command += ["--api-server-count", str(api_server_count)]
     flags = {fld: flag for flag, fld, _, _ in ENGINE_OPTIONS}
     for name, value in options.items():
         if name == "enforce_eager":
@@ -432,6 +435,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     where.add_argument("--server-timeout", type=float, default=900, help="seconds the launched server may take to load")
     where.add_argument("--engine-process", action="store_true",
                        help="--launch-server: run the server's engine in a process of its own (ondo serve --engine-process)")
+    where.add_argument("--api-server-count", type=int, default=1,
+                       help="--launch-server: API server processes over one engine process (ondo serve --api-server-count)")
     where.add_argument("--offline", action="store_true",
                        help="also run the same requests through LLM.generate (after the server part) and print "
                             "the ratio server / offline output tok/s; with --url the server keeps its memory meanwhile")
@@ -497,7 +502,7 @@ def main() -> None:
     items = build_workload(args, args.num_requests, args.seed)
     warmup = [WorkItem(i.prompt, i.prompt_len, min(i.output_len, 16))
               for i in build_workload(args, args.warmup, args.seed + 10_000)]
-    server = LaunchedServer(lambda port: serve_command(spec, options, port, args.engine_process), args.server_timeout) \
+    server = LaunchedServer(lambda port: serve_command(spec, options, port, args.engine_process, args.api_server_count), args.server_timeout) \
         if args.launch_server else None
     try:
         url = server.url if server else (args.url or "http://127.0.0.1:8000").rstrip("/")

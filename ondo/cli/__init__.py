@@ -54,6 +54,8 @@ def _apply_model_sampling_defaults(args: argparse.Namespace, model: str | None) 
 def _serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise CLIError(f"port must be in [0, 65535], got {args.port}")
+    if args.api_server_count < 1:
+        raise CLIError(f"api-server-count must be >= 1, got {args.api_server_count}")
     config = engine_config(args, args.model, max_waiting=args.max_waiting)
     from ondo.server import ServerLimits, run_server
 
@@ -63,7 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
                           shutdown_timeout_s=args.shutdown_timeout)
     run_server(config, args.host, args.port, args.api_key, args.max_waiting, args.served_model_name,
                tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser, limits=limits,
-               engine_process=args.engine_process)
+               engine_process=args.engine_process, api_server_count=args.api_server_count)
     return 0
 
 
@@ -81,6 +83,9 @@ def _add_serve_limits(parser: argparse.ArgumentParser) -> None:
                        help="idle keep-alive connections are closed after S seconds (default 5)")
     group.add_argument("--limit-concurrency", type=int, default=512, metavar="N",
                        help="connections at most; more are answered 503 (default 512; 0 = no limit)")
+    serve.add_argument("--api-server-count", type=int, default=1, metavar="N",
+                       help="API server processes sharing the port and one engine process (implies "
+                            "--engine-process): for streaming more tokens a second than one process can")
     serve.add_argument("--engine-process", action="store_true",
                        help="run the engine loop in a process of its own; the server's process keeps HTTP, "
                             "tokenizing and detokenizing")

@@ -6,15 +6,18 @@ background (/health: 503, then 200). SIGTERM or Ctrl+C: from that moment new req
 `ServerLimits.shutdown_timeout_s`, then the rest are aborted (their streams end with finish_reason
 "abort"), and the process exits with status 0. If the engine fails fatally, /health and new
 requests get 503, open streams end with an error event, and the process exits with status 1 (so a
-supervisor restarts it).
+supervisor restarts it). `api_server_count` > 1 runs that many API server processes over one
+engine core (ondo/server/api_servers.py).
 """
 from __future__ import annotations
 
 import logging
 import resource
 import signal
+import socket
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
@@ -37,12 +40,15 @@ class _Server(uvicorn.Server):
     requests in flight finish for `drain_s` and aborts what is left, so every open stream ends
     with a proper last event before uvicorn's own graceful timeout cancels anything."""
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, state, drain_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, state, drain_s: float,
+                 on_exit: Callable[[], None] | None = None) -> None:
         super().__init__(config)
-        self._engine, self._state, self._drain_s = engine, state, drain_s
+        self._engine, self._state, self._drain_s, self._on_exit = engine, state, drain_s, on_exit
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._state.draining = True
+        if self._on_exit is not None:   # the other API server processes drain too
+            self._on_exit()
         super().handle_exit(sig, frame)
         if self._drain_s <= 0:
             self._engine.abort_all()
@@ -55,27 +61,48 @@ class _Server(uvicorn.Server):
 def run_server(engine_config: EngineConfig, host: str, port: int, api_key: str | None,
                max_waiting: int | None, served_model_name: str | None, *,
                tool_call_parser: str | None = None, reasoning_parser: str | None = None,
-               limits: ServerLimits | None = None, engine_process: bool = False) -> None:
+               limits: ServerLimits | None = None, engine_process: bool = False, api_server_count: int = 1,
+               attach: tuple | None = None, sock: socket.socket | None = None) -> None:
     """Serve `engine_config`'s model until SIGTERM/SIGINT; exits 1 if the model fails to load or
     the engine fails later. tool_call_parser / reasoning_parser: None or "auto" = chosen from the
     chat template. `limits`: body size, timeouts, connection cap, shutdown drain (ServerLimits).
-    `engine_process`: run the engine in a process of its own (ondo.engine.core) instead of a thread."""
+    `engine_process`: run the engine in a process of its own (ondo.engine.core) instead of a thread.
+    `api_server_count`: API server processes over that one engine process (implies it).
+    `attach` (CoreAddresses, index) and `sock`: how API server process index > 0 is started."""
     from ondo.server.app import create_app
 
     limits = limits or ServerLimits()
-
+    if not isinstance(api_server_count, int) or api_server_count < 1:
+        raise ValueError(f"api_server_count must be >= 1, got {api_server_count!r}")
     if max_waiting is None:
         max_waiting = engine_config.max_waiting
     if max_waiting is not None and max_waiting < 1:
         raise ValueError(f"max_waiting must be >= 1 (or None for no bound), got {max_waiting}")
-    if engine_process:
+    helpers = None
+    if attach is not None or api_server_count > 1:
+        from ondo.engine.core.client import CoreAddresses, EngineCoreClient
+
+        addresses, index = attach or (CoreAddresses.in_new_folder(api_server_count), 0)
+        engine = EngineCoreClient(engine_config, max_waiting, addresses, index)
+        if attach is None:
+            from ondo.server.api_servers import ApiServerGroup, listening_socket, server_options
+
+            sock = listening_socket(host, port)
+            helpers = ApiServerGroup.start(api_server_count, sock, addresses, engine_config, server_options(
+                limits, host=host, port=port, api_key=api_key, max_waiting=max_waiting,
+                served_model_name=served_model_name, tool_call_parser=tool_call_parser,
+                reasoning_parser=reasoning_parser))
+            # They drain their own streams; the core stops only once they are gone.
+            engine.before_shutdown = lambda: helpers.wait(limits.shutdown_timeout_s + _ABORT_MARGIN_S + 5)
+    elif engine_process:
         from ondo.engine.core.client import EngineCoreClient
 
         engine = EngineCoreClient.from_config(engine_config, max_waiting=max_waiting)
     else:
         engine = AsyncEngine.from_config(engine_config, max_waiting=max_waiting)
     app = create_app(engine, served_model_name=served_model_name, api_key=api_key or None,
-                     tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser, limits=limits)
+                     tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser, limits=limits,
+                     accept_once_loaded=attach is not None)
     _raise_open_file_limit()
     config = uvicorn.Config(
         app, host=host, port=port, log_level="info", log_config=uvicorn_log_config(),
@@ -83,7 +110,17 @@ def run_server(engine_config: EngineConfig, host: str, port: int, api_key: str |
         limit_concurrency=limits.limit_concurrency,
         timeout_graceful_shutdown=int(limits.shutdown_timeout_s + _ABORT_MARGIN_S + 0.999))
     install_log_guards()
-    server = _Server(config, engine, app.state.ondo, limits.shutdown_timeout_s)
+    server = _Server(config, engine, app.state.ondo, limits.shutdown_timeout_s,
+                     on_exit=helpers.terminate if helpers is not None else None)
+    helper_failure: list[str] = []
+
+    def helper_failed(reason: str) -> None:
+        logger.error("%s; stopping the server", reason)
+        helper_failure.append(reason)
+        server.should_exit = True
+
+    if helpers is not None:
+        helpers.watch(helper_failed)
 
     def stop_if_load_failed() -> None:
         engine.wait_until_loaded()
@@ -104,7 +141,7 @@ def run_server(engine_config: EngineConfig, host: str, port: int, api_key: str |
     # a no-op handler makes a graceful stop exit with status 0 instead of dying by the signal.
     previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.run()
+        server.run(sockets=[sock] if sock is not None else None)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -113,6 +150,8 @@ def run_server(engine_config: EngineConfig, host: str, port: int, api_key: str |
         sys.exit(1)
     if engine.dead_error is not None:
         logger.error("exiting because the engine failed: %s", engine.dead_error)
+        sys.exit(EXIT_ENGINE_FAILED)
+    if helper_failure:
         sys.exit(EXIT_ENGINE_FAILED)
 
 

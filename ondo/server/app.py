@@ -29,12 +29,16 @@ OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`. The playgroun
 
 def create_app(engine: AsyncEngine, served_model_name: str | None = None, api_key: str | None = None,
                tool_call_parser: str | None = None, reasoning_parser: str | None = None,
-               limits: ServerLimits | None = None) -> FastAPI:
-    """The app serving `engine`; the engine is started (loaded) when the app starts."""
+               limits: ServerLimits | None = None, accept_once_loaded: bool = False) -> FastAPI:
+    """The app serving `engine`; the engine is started (loaded) when the app starts.
+    `accept_once_loaded`: the app starts (and takes connections) only once the engine is loaded; an
+    API server process that shares its socket with one already answering leaves them to it meanwhile."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        if accept_once_loaded:
+            await asyncio.to_thread(engine.wait_until_loaded)
         try:
             yield
         finally:

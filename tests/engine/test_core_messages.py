@@ -166,7 +166,7 @@ def _core(max_num_seqs: int, max_waiting: int | None):
 
     sent: list = []
     engine = _FakeEngine(max_num_seqs)
-    return EngineCore(engine, max_waiting, sent.append), engine, sent
+    return EngineCore(engine, max_waiting, lambda message, client=None: sent.append(message)), engine, sent
 
 
 def _add(request_id: str, prompt="hi", params: SamplingParams | None = None) -> m.AddRequest:
@@ -194,3 +194,24 @@ def test_core_abort_all_and_shutdown():
     assert engine.aborted == ["a", "b"] and not core.stopping
     core.handle([m.Shutdown()])
     assert core.stopping
+
+
+def test_core_answers_each_api_server_process_and_aborts_only_its_requests():
+    from ondo.engine.core.process import EngineCore
+
+    sent: list = []
+    engine = _FakeEngine(max_num_seqs=8)
+    engine.lora_manager = None
+    core = EngineCore(engine, None, lambda message, client=None: sent.append((client, message)), num_clients=2)
+    add = lambda request_id, client: m.AddRequest(request_id, [1, 2], m.params_to_data(SamplingParams()),  # noqa: E731
+                                                  client=client)
+    core.handle([add("a", 0), add("b", 1), add("c", 1)])
+    assert {client: message.added for client, message in sent} == {0: ["a"], 1: ["b", "c"]}
+    sent.clear()
+    core.handle([m.AbortAll(client=1)])
+    assert engine.aborted == ["b", "c"] and core.running == {"a": 0}
+    # every process hears of adapter changes; only the caller's reply keeps its call id
+    sent.clear()
+    core.handle([m.LoadLoRA(7, "x", "/nowhere", client=1)])
+    replies = {client: message.call_id for client, message in sent if isinstance(message, m.LoRAReply)}
+    assert replies == {1: 7, 0: -1}

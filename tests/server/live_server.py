@@ -26,7 +26,8 @@ from ondo.server import ServerLimits, run_server
 a = json.loads(sys.argv[1])
 exec(a.get("setup", ""))  # test-only code run before the server starts (fault injection)
 run_server(EngineConfig(**a["engine"]), "127.0.0.1", a["port"], a["api_key"], a["max_waiting"], a["name"],
-           limits=ServerLimits(**a.get("limits", {})), engine_process=a.get("engine_process", False))
+           limits=ServerLimits(**a.get("limits", {})), engine_process=a.get("engine_process", False),
+           api_server_count=a.get("api_server_count", 1))
 """
 
 
@@ -66,14 +67,14 @@ class LiveServer:
 def live_server(log_dir: Path, engine: dict, *, api_key: str | None = None, max_waiting: int | None = None,
                 served_model_name: str | None = None, startup_timeout_s: float = 300,
                 limits: dict | None = None, setup: str = "",
-                engine_process: bool = False) -> Iterator[LiveServer]:
+                engine_process: bool = False, api_server_count: int = 1) -> Iterator[LiveServer]:
     """Start a server, wait until /health says 200, stop it with SIGTERM afterwards.
     `limits`: ServerLimits fields; `setup`: Python run in the server process before it starts;
     `engine_process`: `ondo serve --engine-process` (the engine in a process of its own)."""
     port = free_port()
     args = {"engine": engine, "port": port, "api_key": api_key, "max_waiting": max_waiting,
             "name": served_model_name, "limits": limits or {}, "setup": setup,
-            "engine_process": engine_process}
+            "engine_process": engine_process, "api_server_count": api_server_count}
     log_path = log_dir / f"server-{port}.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "-c", _LAUNCH, json.dumps(args)], stdout=log,

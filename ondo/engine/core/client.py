@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +59,35 @@ class EngineCoreDied(RuntimeError):
     """The engine-core process failed or exited while it served (the server exits non-zero)."""
 
 
-class EngineCoreClient(EngineHandle):
-    """Serve many concurrent asyncio requests from an Engine running in the engine-core process."""
+@dataclass(frozen=True)
+class CoreAddresses:
+    """Where API server processes and the core meet: API server i binds inputs[i] (it pushes, the core
+    pulls from all) and outputs[i] (the core pushes that process's outputs there)."""
+    folder: str              # holds the ipc sockets and the core's config; the first process removes it
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
 
-    def __init__(self, config: EngineConfig, max_waiting: int | None = None) -> None:
+    @classmethod
+    def in_new_folder(cls, count: int) -> "CoreAddresses":
+        folder = tempfile.mkdtemp(prefix="ondo-core-")
+        return cls(folder, tuple(f"ipc://{folder}/input-{i}" for i in range(count)),
+                   tuple(f"ipc://{folder}/output-{i}" for i in range(count)))
+
+
+class EngineCoreClient(EngineHandle):
+    """Serve many concurrent asyncio requests from an Engine running in the engine-core process.
+
+    `index` 0 (the default) starts the core and owns it; with several API server processes (see
+    ondo/server/api_servers.py) process i > 0 attaches to the same core through `addresses`."""
+
+    def __init__(self, config: EngineConfig, max_waiting: int | None = None,
+                 addresses: CoreAddresses | None = None, index: int = 0) -> None:
         self.config = config
         self._max_waiting = max_waiting
+        self._addresses, self._index = addresses, index
+        self._core_pid: int | None = None      # from Ready (an attached process has no Popen)
+        self.before_shutdown: Any = None       # called first by shutdown() (the other API servers drain)
+        self._parent_pid = os.getppid()
         self._info: CoreEngineInfo | None = None
         self._load_error: BaseException | None = None
         self._dead_error: BaseException | None = None
@@ -95,8 +119,8 @@ class EngineCoreClient(EngineHandle):
     # ---- life cycle (any thread) ---------------------------------------------------------------
 
     def start(self) -> "EngineCoreClient":
-        self._folder = tempfile.mkdtemp(prefix="ondo-core-")
-        input_address, output_address = (f"ipc://{self._folder}/{name}" for name in ("input", "output"))
+        addresses = self._addresses = self._addresses or CoreAddresses.in_new_folder(1)
+        input_address, output_address = addresses.inputs[self._index], addresses.outputs[self._index]
         self._context = zmq.Context()
         self._inputs = self._context.socket(zmq.PUSH)
         self._inputs.setsockopt(zmq.SNDHWM, 0)    # never block the event loop on a busy core
@@ -105,11 +129,16 @@ class EngineCoreClient(EngineHandle):
         self._outputs = self._context.socket(zmq.PULL)
         self._outputs.setsockopt(zmq.RCVHWM, 0)
         self._outputs.bind(output_address)
+        if self._index > 0:   # the first API server process runs the core
+            self._thread.start()
+            return self
+        self._folder = addresses.folder
         config_path = Path(self._folder) / "config.json"
         config_path.write_bytes(msgspec.json.encode(self.config))
-        command = [sys.executable, "-m", "ondo.engine.core.process", "--input", input_address,
-                   "--output", output_address, "--parent-pid", str(os.getpid()),
+        command = [sys.executable, "-m", "ondo.engine.core.process", "--parent-pid", str(os.getpid()),
                    "--config-file", str(config_path)]
+        for pair in zip(addresses.inputs, addresses.outputs):
+            command += ["--input", pair[0], "--output", pair[1]]
         if self._max_waiting is not None:
             command += ["--max-waiting", str(self._max_waiting)]
         self._process = subprocess.Popen(command)   # its logs go where the server's go
@@ -120,8 +149,8 @@ class EngineCoreClient(EngineHandle):
 
     @property
     def core_pid(self) -> int | None:
-        """The engine-core process's pid (None before start)."""
-        return self._process.pid if self._process is not None else None
+        """The engine-core process's pid (None before start, or before Ready in an attached process)."""
+        return self._process.pid if self._process is not None else self._core_pid
 
     @property
     def engine(self) -> CoreEngineInfo:
@@ -133,9 +162,13 @@ class EngineCoreClient(EngineHandle):
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Abort every request, stop the core process and the reader thread."""
+        if self.before_shutdown is not None:
+            self.before_shutdown()
         self._stopping = True
         process = self._process
-        if process is None:
+        if process is None:   # attached (or never started): the first API server process stops the core
+            if self._thread.is_alive() and threading.current_thread() is not self._thread:
+                self._thread.join(timeout_s)
             return
         if self._ready.is_set() and self._info is not None:
             self._send(m.Shutdown())
@@ -155,7 +188,7 @@ class EngineCoreClient(EngineHandle):
             self._forgotten.extend(self._streams)
             self._streams.clear()
             self._pending_text.clear()
-            self._send_locked(m.AbortAll())
+            self._send_locked(m.AbortAll(client=self._index))
         error = EngineDeadError("the server is shutting down")
         for stream in streams:
             stream.finished = True
@@ -188,12 +221,12 @@ class EngineCoreClient(EngineHandle):
 
     async def load_lora(self, name: str, path: str) -> LoRARequest:
         """Read the adapter folder `path` in the core as `name`; LoRAError if it is not usable."""
-        reply = await self._lora_call(lambda call_id: m.LoadLoRA(call_id, name, str(path)))
+        reply = await self._lora_call(lambda call_id: m.LoadLoRA(call_id, name, str(path), client=self._index))
         return _lora_requests(reply.loras)[name]
 
     async def unload_lora(self, name: str) -> bool:
         """Forget the adapter `name` (running requests finish with it); False if it was not loaded."""
-        reply = await self._lora_call(lambda call_id: m.UnloadLoRA(call_id, name))
+        reply = await self._lora_call(lambda call_id: m.UnloadLoRA(call_id, name, client=self._index))
         return reply.removed
 
     async def _lora_call(self, build: Any) -> m.LoRAReply:
@@ -232,7 +265,7 @@ class EngineCoreClient(EngineHandle):
         else:
             prompt_text = None
         ids = prompt if isinstance(prompt, str) else [int(t) for t in prompt]
-        message = m.AddRequest(request_id, ids, data, m.lora_to_data(lora_request))
+        message = m.AddRequest(request_id, ids, data, m.lora_to_data(lora_request), client=self._index)
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, loop, output_queue or asyncio.Queue(), loop.create_future())
         with self._lock:
@@ -283,6 +316,7 @@ class EngineCoreClient(EngineHandle):
                                                 message.model_name, message.load_time_s, self.config,
                                                 message.pid)
                     self._text = OutputProcessor(tokenizer, message.max_model_len)
+                    self._core_pid = message.pid
                     self._lora_enabled = message.lora_enabled
                     self._loras = _lora_requests(message.loras)
                     logger.info("the engine core is ready (%s, loaded in %.1f s)",
@@ -304,14 +338,18 @@ class EngineCoreClient(EngineHandle):
                 with self._lock:
                     self._inputs.close(linger=0)
             self._context.term()
-            shutil.rmtree(self._folder, ignore_errors=True)
+            if self._folder is not None:
+                shutil.rmtree(self._folder, ignore_errors=True)
 
     def _receive(self, codec: m.Codec) -> Any:
         """The core's next message; None once the process has exited and its messages are read."""
         while True:
             if self._outputs.poll(_POLL_MS):
                 return codec.decode(self._outputs.recv(copy=False).buffer)
-            status = self._process.poll()
+            if self._process is None and self._stopping:   # attached: the core goes on for the others
+                self._end_all(EngineDeadError("the server is shutting down"))
+                return None
+            status = self._process.poll() if self._process is not None else self._attached_core_status()
             if status is None:
                 continue
             if self._outputs.poll(0):   # it exited: read what it sent last (Dead, LoadFailed)
@@ -324,6 +362,12 @@ class EngineCoreClient(EngineHandle):
             else:
                 self._die(EngineCoreDied(f"the engine core process exited ({_describe(status)})"))
             return None
+
+    def _attached_core_status(self) -> int | None:
+        """None while the core (or, before Ready, the process that starts it) lives; else a status."""
+        if self._core_pid is None:
+            return None if os.getppid() == self._parent_pid else -signal.SIGKILL
+        return None if _alive(self._core_pid) else -signal.SIGKILL
 
     def _fail_load(self, error: BaseException) -> None:
         self._load_error = error
@@ -412,6 +456,23 @@ class EngineCoreClient(EngineHandle):
                 process.wait(5)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def _alive(pid: int) -> bool:
+    """The process runs (a zombie, exited but not yet reaped by its parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        if os.path.isdir("/proc"):
+            return False
+    try:   # no /proc: ask the kernel
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _lora_requests(loras: list[m.LoRAData]) -> dict[str, LoRARequest]:

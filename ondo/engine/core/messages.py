@@ -77,6 +77,7 @@ class AddRequest(msgspec.Struct, tag="add"):
     prompt: Union[str, list[int]]
     params: SamplingParamsData
     lora: LoRAData | None = None     # the adapter it runs with; None = the base model
+    client: int = 0                  # which API server process sent it (its deltas go back there)
 
 
 class LoadLoRA(msgspec.Struct, tag="load_lora"):
@@ -84,12 +85,14 @@ class LoadLoRA(msgspec.Struct, tag="load_lora"):
     call_id: int
     name: str
     path: str
+    client: int = 0
 
 
 class UnloadLoRA(msgspec.Struct, tag="unload_lora"):
     """Forget the adapter `name` (running requests finish with it); answered by a LoRAReply."""
     call_id: int
     name: str
+    client: int = 0
 
 
 class Abort(msgspec.Struct, tag="abort"):
@@ -97,7 +100,8 @@ class Abort(msgspec.Struct, tag="abort"):
 
 
 class AbortAll(msgspec.Struct, tag="abort_all"):
-    """Abort every request quietly (graceful shutdown: the front end ends the streams itself)."""
+    """Abort every request of API server `client` quietly (graceful shutdown: it ends the streams itself)."""
+    client: int = 0
 
 
 class StopSequences(msgspec.Struct, tag="stop_sequences"):
@@ -147,7 +151,8 @@ class CoreOutputs(msgspec.Struct, tag="outputs"):
 
 
 class LoRAReply(msgspec.Struct, tag="lora_reply"):
-    """The answer to LoadLoRA / UnloadLoRA `call_id`: error_type is None on success."""
+    """The answer to LoadLoRA / UnloadLoRA `call_id`: error_type is None on success. The other API
+    server processes get a copy with call_id -1, for the loaded set."""
     call_id: int
     loras: list[LoRAData]              # every adapter loaded now
     removed: bool = False              # UnloadLoRA: the adapter was loaded

@@ -40,39 +40,51 @@ class QueueFullError(RuntimeError):
 
 
 class EngineCore:
-    """The loop's state: the Engine, the requests it runs for the front end, the output socket."""
+    """The loop's state: the Engine, the requests it runs for the API server processes (clients),
+    and `send(message, client)` (client None: to every one)."""
 
-    def __init__(self, engine: Any, max_waiting: int | None, send: Any) -> None:
+    def __init__(self, engine: Any, max_waiting: int | None, send: Any, num_clients: int = 1) -> None:
         self.engine, self.max_waiting, self._send = engine, max_waiting, send
-        self.running: set[str] = set()
+        self.num_clients = num_clients
+        self.running: dict[str, int] = {}   # request id -> the client it belongs to
         self.stopping = False
         self._stats_at = 0.0
 
     def handle(self, batch: list[m.ToCore]) -> None:
-        """Apply a batch of front-end messages; answer every add in one message."""
-        added: list[str] = []
-        errors: list[m.AddError] = []
+        """Apply a batch of front-end messages; answer each client's adds in one message."""
+        added: dict[int, list[str]] = {}
+        errors: dict[int, list[m.AddError]] = {}
         for message in batch:
             if isinstance(message, m.AddRequest):
                 error = self._add(message)
                 if error is None:
-                    added.append(message.request_id)
+                    added.setdefault(message.client, []).append(message.request_id)
                 else:
-                    errors.append(m.AddError(message.request_id, type(error).__name__, str(error),
-                                             isinstance(error, ValueError)))
+                    errors.setdefault(message.client, []).append(m.AddError(
+                        message.request_id, type(error).__name__, str(error), isinstance(error, ValueError)))
             elif isinstance(message, m.Abort):
                 for request_id in message.request_ids:
                     self._abort(request_id)
             elif isinstance(message, m.StopSequences):
                 self.engine.stop_sequences(message.sequences)
-                self.running.intersection_update(self.engine.groups)
+                self.running = {r: c for r, c in self.running.items() if r in self.engine.groups}
             elif isinstance(message, (m.LoadLoRA, m.UnloadLoRA)):
-                self._send(self._change_loras(message))
-            elif isinstance(message, (m.AbortAll, m.Shutdown)):
+                reply = self._change_loras(message)
+                self._send(reply, message.client)
+                for client in range(self.num_clients):   # the others learn the loaded set
+                    if client != message.client:
+                        self._send(msgspec.structs.replace(reply, call_id=-1), client)
+            elif isinstance(message, m.AbortAll):
+                for request_id in [r for r, c in self.running.items() if c == message.client]:
+                    self._abort(request_id)
+            elif isinstance(message, m.Shutdown):
                 for request_id in list(self.running):
                     self._abort(request_id)
-                self.stopping = self.stopping or isinstance(message, m.Shutdown)
-        self._send(m.CoreOutputs(added=added, add_errors=errors, stats=self.stats(force=True)))
+                self.stopping = True
+        stats = self.stats(force=True)
+        for client in set(added) | set(errors) or range(self.num_clients):
+            self._send(m.CoreOutputs(added=added.get(client, []), add_errors=errors.get(client, []), stats=stats),
+                       client)
 
     def _add(self, message: m.AddRequest) -> BaseException | None:
         if message.request_id in self.running:
@@ -89,7 +101,7 @@ class EngineCore:
                                              lora_request=m.lora_from_data(message.lora))
         except Exception as exc:  # noqa: BLE001 -- that request's error, raised to its caller
             return exc
-        self.running.add(message.request_id)
+        self.running[message.request_id] = message.client
         return None
 
     def _change_loras(self, message: m.LoadLoRA | m.UnloadLoRA) -> m.LoRAReply:
@@ -119,22 +131,28 @@ class EngineCore:
         return max(0, int(stats.get("num_waiting", 0)) - free_slots)
 
     def _abort(self, request_id: str) -> None:
-        if request_id in self.running:
-            self.running.discard(request_id)
+        if self.running.pop(request_id, None) is not None:
             self.engine.abort_request(request_id)
 
     def step(self) -> bool:
         """One engine step; its deltas (if any) in one message. False if it did nothing."""
         start_s = time.perf_counter()
         deltas = self.engine.core_step()  # an exception here is fatal
-        groups = self.engine.groups
+        by_client: dict[int, list] = {}
+        done = set()
         for delta in deltas:
-            if delta.finish_reason is not None and delta.request_id not in groups:
-                self.running.discard(delta.request_id)
+            client = self.running.get(delta.request_id)
+            if client is None:
+                continue   # aborted meanwhile
+            by_client.setdefault(client, []).append(delta)
+            if delta.finish_reason is not None and delta.request_id not in self.engine.groups:
+                done.add(delta.request_id)   # its other sequences' deltas may follow in this step
+        for request_id in done:
+            del self.running[request_id]
         idle = not self.engine.has_unfinished_requests()
         stats = self.stats(force=idle)
-        if deltas or stats is not None:
-            self._send(m.CoreOutputs(deltas=deltas, stats=stats))
+        for client in range(self.num_clients) if stats is not None else by_client:
+            self._send(m.CoreOutputs(deltas=by_client.get(client, []), stats=stats), client)
         return bool(deltas) or time.perf_counter() - start_s >= _EMPTY_STEP_S
 
     def stats(self, force: bool) -> dict[str, Any] | None:
@@ -154,30 +172,39 @@ def loaded_loras(engine: Any) -> list[m.LoRAData]:
     return [m.lora_to_data(manager.request_for(name)) for name in manager.names()]
 
 
-def serve(config: EngineConfig, input_address: str, output_address: str, parent_pid: int,
+def serve(config: EngineConfig, input_addresses: list[str], output_addresses: list[str], parent_pid: int,
           max_waiting: int | None) -> int:
-    """Run the core until Shutdown (0), a fatal error (1) or the parent's death (0)."""
+    """Run the core until Shutdown (0), a fatal error (1) or the parent's death (0). One pair of
+    addresses per API server process (client): its messages come in on one socket for all, its
+    outputs leave on its own."""
     context = zmq.Context()
     inputs = context.socket(zmq.PULL)
-    inputs.connect(input_address)
-    outputs = context.socket(zmq.PUSH)
-    outputs.setsockopt(zmq.LINGER, 5000)   # the last message (Dead, LoadFailed) must leave
-    outputs.connect(output_address)
+    for address in input_addresses:
+        inputs.connect(address)
+    outputs = []
+    for address in output_addresses:
+        socket = context.socket(zmq.PUSH)
+        socket.setsockopt(zmq.LINGER, 5000)   # the last message (Dead, LoadFailed) must leave
+        socket.connect(address)
+        outputs.append(socket)
     codec = m.core_codec()
 
-    def send(message: msgspec.Struct) -> None:
-        outputs.send(codec.encode(message), copy=False)
+    def send(message: msgspec.Struct, client: int | None = None) -> None:
+        data = codec.encode(message)
+        for socket in outputs if client is None else (outputs[client],):
+            socket.send(data, copy=False)
 
     try:
-        return _run(config, inputs, codec, send, parent_pid, max_waiting)
+        return _run(config, inputs, codec, send, parent_pid, max_waiting, len(outputs))
     finally:
         inputs.close(linger=0)
-        outputs.close()
+        for socket in outputs:
+            socket.close()
         context.term()
 
 
 def _run(config: EngineConfig, inputs: zmq.Socket, codec: m.Codec, send: Any, parent_pid: int,
-         max_waiting: int | None) -> int:
+         max_waiting: int | None, num_clients: int) -> int:
     from ondo.engine.engine import Engine
 
     try:
@@ -190,7 +217,7 @@ def _run(config: EngineConfig, inputs: zmq.Socket, codec: m.Codec, send: Any, pa
                  vocab_size=int(engine.vocab_size), load_time_s=float(engine.load_time_s),
                  config=msgspec.to_builtins(config), pid=os.getpid(),
                  lora_enabled=engine.lora_manager is not None, loras=loaded_loras(engine)))
-    core = EngineCore(engine, max_waiting, send)
+    core = EngineCore(engine, max_waiting, send, num_clients)
     send(m.CoreOutputs(stats=core.stats(force=True)))   # /metrics has engine gauges before any request
     parent_checked = time.monotonic()
     try:
@@ -232,8 +259,10 @@ def _drain(inputs: zmq.Socket, codec: m.Codec, timeout_ms: int) -> list[m.ToCore
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ondo.engine.core.process",
                                      description="ondo's engine core (started by the API server)")
-    parser.add_argument("--input", required=True, help="ZeroMQ address the front end pushes to")
-    parser.add_argument("--output", required=True, help="ZeroMQ address the core pushes to")
+    parser.add_argument("--input", required=True, action="append",
+                        help="ZeroMQ address an API server process pushes to (one per process)")
+    parser.add_argument("--output", required=True, action="append",
+                        help="ZeroMQ address the core pushes that process's outputs to (same order)")
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--max-waiting", type=int, default=None)
     parser.add_argument("--config-file", required=True, help="the EngineConfig as a JSON file")
