@@ -211,7 +211,7 @@ def run_all_clients(url: str, model: str, items: list[WorkItem], concurrency: in
     concurrency), so that one Python client's SSE parsing does not cap what a fast server shows;
     (results in workload order, seconds from the common start to the last request's end)."""
     arrivals = arrival_times(len(items), rate, seed)
-    processes = max(1, min(processes, len(items)))
+    processes = max(1, min(processes, len(items), concurrency or len(items)))   # each keeps >= 1 in flight
     if processes == 1:
         start_wall = time.time()
         results, end = asyncio.run(run_clients(url, model, items, arrivals, concurrency, logprobs, start_wall))
