@@ -31,6 +31,21 @@ run_server(EngineConfig(**a["engine"]), "127.0.0.1", a["port"], a["api_key"], a[
 """
 
 
+def child_processes(pid: int) -> dict[int, bytes]:
+    """pid -> command line of each running process whose parent is `pid`."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat, cmdline = (entry / "stat").read_text(), (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found[int(entry.name)] = cmdline
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -13,29 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from live_server import live_server
+from live_server import child_processes, live_server
 
 pytestmark = pytest.mark.slow
 
 COUNT = 3
 
 
-def _children(pid: int) -> dict[int, bytes]:
-    """pid -> command line of the processes whose parent is `pid`."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat, cmdline = (entry / "stat").read_text(), (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found[int(entry.name)] = cmdline
-    return found
-
-
 def _family(server) -> tuple[list[int], int]:
-    children = _children(server.process.pid)
+    children = child_processes(server.process.pid)
     helpers = [pid for pid, cmd in children.items() if b"ondo.server.api_servers" in cmd]
     (core,) = [pid for pid, cmd in children.items() if b"ondo.engine.core.process" in cmd]
     return helpers, core

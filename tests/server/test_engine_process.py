@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from live_server import live_server, sse_events, statuses_until_exit
+from live_server import child_processes, live_server, sse_events, statuses_until_exit
 
 pytestmark = pytest.mark.slow
 
@@ -35,17 +34,9 @@ def _client(server) -> openai.OpenAI:
 
 def core_pid(server_pid: int) -> int:
     """The engine-core process: the server's child running ondo.engine.core.process."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == server_pid and b"ondo.engine.core.process" in cmdline:
-            return int(entry.name)
+    for pid, cmdline in child_processes(server_pid).items():
+        if b"ondo.engine.core.process" in cmdline:
+            return pid
     raise AssertionError(f"no engine-core child of {server_pid}")
 
 

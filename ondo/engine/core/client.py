@@ -85,7 +85,6 @@ class EngineCoreClient(EngineHandle):
         self.config = config
         self._max_waiting = max_waiting
         self._addresses, self._index = addresses, index
-        self._core_pid: int | None = None      # from Ready (an attached process has no Popen)
         self.before_shutdown: Any = None       # called first by shutdown() (the other API servers drain)
         self._parent_pid = os.getppid()
         self._info: CoreEngineInfo | None = None
@@ -150,7 +149,9 @@ class EngineCoreClient(EngineHandle):
     @property
     def core_pid(self) -> int | None:
         """The engine-core process's pid (None before start, or before Ready in an attached process)."""
-        return self._process.pid if self._process is not None else self._core_pid
+        if self._process is not None:
+            return self._process.pid
+        return self._info.pid if self._info is not None else None
 
     @property
     def engine(self) -> CoreEngineInfo:
@@ -316,7 +317,6 @@ class EngineCoreClient(EngineHandle):
                                                 message.model_name, message.load_time_s, self.config,
                                                 message.pid)
                     self._text = OutputProcessor(tokenizer, message.max_model_len)
-                    self._core_pid = message.pid
                     self._lora_enabled = message.lora_enabled
                     self._loras = _lora_requests(message.loras)
                     logger.info("the engine core is ready (%s, loaded in %.1f s)",
@@ -365,9 +365,9 @@ class EngineCoreClient(EngineHandle):
 
     def _attached_core_status(self) -> int | None:
         """None while the core (or, before Ready, the process that starts it) lives; else a status."""
-        if self._core_pid is None:
+        if self._info is None:
             return None if os.getppid() == self._parent_pid else -signal.SIGKILL
-        return None if _alive(self._core_pid) else -signal.SIGKILL
+        return None if _alive(self._info.pid) else -signal.SIGKILL
 
     def _fail_load(self, error: BaseException) -> None:
         self._load_error = error

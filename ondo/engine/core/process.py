@@ -67,7 +67,9 @@ class EngineCore:
                     self._abort(request_id)
             elif isinstance(message, m.StopSequences):
                 self.engine.stop_sequences(message.sequences)
-                self.running = {r: c for r, c in self.running.items() if r in self.engine.groups}
+                for request_id, _ in message.sequences:
+                    if request_id not in self.engine.groups:   # every sequence of it has ended
+                        self.running.pop(request_id, None)
             elif isinstance(message, (m.LoadLoRA, m.UnloadLoRA)):
                 reply = self._change_loras(message)
                 self._send(reply, message.client)
