@@ -6,7 +6,7 @@ the offline engine in the same run, for the ratio server / offline output tokens
     python benchmarks/serving.py --launch-server --offline --concurrency 32 --num-requests 64 \\
         --prompt-len 64 --max-tokens 64 --output-json serving.json
     python benchmarks/serving.py --launch-server --offline --model llama3-8b --load-format dummy \\
-        --max-num-seqs 256 --concurrency 256 --num-requests 1024 --dataset sharegpt-like --logprobs 0
+        --max-num-seqs 256 --concurrency 256 --num-requests 1024 --dataset sharegpt-like
     # a server that is already running (ondo, vLLM, llama.cpp's server...)
     python benchmarks/serving.py --url http://127.0.0.1:8000 --concurrency 8 --request-rate 4
 
@@ -23,9 +23,11 @@ Reported: requests/s and output tokens/s, time to first token (TTFT), inter-toke
 between consecutive streamed chunks, one sample per gap) and end-to-end latency as p50/p90/p99; with
 --goodput, the requests/s and tokens/s of the requests that met every target (a request's ITL there is its
 mean gap after the first token, vLLM's TPOT). The offline row is the same requests given to `LLM.generate`
-all at once (the engine's ceiling). A model without a tokenizer streams its text only when a request ends,
-so its TTFT/ITL say nothing per token: --logprobs 0 makes the server send one chunk per token (the offline
-run asks for the same logprobs, so the ratio stays like for like).
+all at once (the engine's ceiling). Requests ask for vLLM's `return_token_ids`, so every chunk says which
+tokens it carries and a token without text of its own still counts when it arrives: a random-weight model
+over a smaller tokenizer (the dummy shapes here) draws most of its tokens beyond the tokenizer's
+vocabulary, whose text is empty, and counting text alone would show their steps as gaps. A server without
+that field: --no-token-ids (then --logprobs 0 makes a chunk per token, the offline run asking the same).
 """
 from __future__ import annotations
 
@@ -58,6 +60,8 @@ ENGINE_OPTIONS = [
     ("--quantization", "quantization", str, "int8 | int4 | nf4 | none (dequantize a GGUF)"),
     ("--max-num-seqs", "max_num_seqs", int, "requests in one step at most"),
     ("--max-num-batched-tokens", "max_num_batched_tokens", int, "token budget of one step"),
+    ("--prefill-tokens-while-decoding", "prefill_tokens_while_decoding", lambda v: v if v == "auto" else int(v),
+     "N | auto: prompt tokens per step beside decodes (default: ondo serve's, auto; 0 = no cap)"),
     ("--max-model-len", "max_model_len", int, "context length"),
     ("--block-size", "block_size", int, "tokens per KV block"),
     ("--kv-cache-memory-bytes", "kv_cache_memory_bytes", int, "KV cache budget in bytes"),
@@ -120,6 +124,7 @@ class RequestResult:
     prompt_tokens: int = 0
     output_tokens: int = 0
     chunks: int = 0          # streamed events that carried tokens
+    streamed_token_ids: int = 0   # token ids the chunks listed (return_token_ids; 0 from a server without it)
     ttft_s: float = 0.0
     last_token_s: float = 0.0
     e2e_s: float = 0.0
@@ -136,17 +141,16 @@ class RequestResult:
 
 
 def carries_tokens(choice: dict, seen_any: bool) -> bool:
-    if choice.get("text") or (choice.get("logprobs") or {}).get("tokens"):
+    if choice.get("token_ids") or choice.get("text") or (choice.get("logprobs") or {}).get("tokens"):
         return True
     # A model without a tokenizer sends its one chunk, empty, when the request ends.
     return not seen_any and choice.get("finish_reason") in ("length", "stop")
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, item: WorkItem, logprobs: int | None) -> RequestResult:
+async def one_request(client: httpx.AsyncClient, url: str, model: str, item: WorkItem, extra: dict) -> RequestResult:
     body = {"model": model, "prompt": item.prompt, "max_tokens": item.output_len, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    if logprobs is not None:
-        body["logprobs"] = logprobs
+    body.update(extra)   # logprobs, return_token_ids
     result = RequestResult(ok=False, prompt_len=item.prompt_len, expected_output_tokens=item.output_len)
     start = time.perf_counter()
     last = None
@@ -165,6 +169,7 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, item: Wor
                 if event.get("usage"):
                     result.prompt_tokens = event["usage"]["prompt_tokens"]
                     result.output_tokens = event["usage"]["completion_tokens"]
+                result.streamed_token_ids += sum(len(c.get("token_ids") or ()) for c in event.get("choices", []))
                 if any(carries_tokens(choice, last is not None) for choice in event.get("choices", [])):
                     now = time.perf_counter()
                     if last is None:
@@ -185,7 +190,7 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, item: Wor
 
 
 async def run_clients(url: str, model: str, items: list[WorkItem], arrivals: list[float], concurrency: int | None,
-                      logprobs: int | None, start_wall: float) -> tuple[list[RequestResult], float]:
+                      extra: dict, start_wall: float) -> tuple[list[RequestResult], float]:
     """Every request sent at its arrival time (seconds after `start_wall`, a time.time()) once a slot is
     free; (results in the order of `items`, the time.time() the last one ended)."""
     limit = asyncio.Semaphore(concurrency or len(items) or 1)
@@ -195,18 +200,18 @@ async def run_clients(url: str, model: str, items: list[WorkItem], arrivals: lis
         async def send(item: WorkItem, at: float) -> RequestResult:
             await asyncio.sleep(max(0.0, start_wall + at - time.time()))
             async with limit:
-                return await one_request(client, url, model, item, logprobs)
+                return await one_request(client, url, model, item, extra)
 
         results = await asyncio.gather(*(send(item, at) for item, at in zip(items, arrivals)))
         return list(results), time.time()
 
 
-def _client_process(url, model, items, arrivals, concurrency, logprobs, start_wall):
-    return asyncio.run(run_clients(url, model, items, arrivals, concurrency, logprobs, start_wall))
+def _client_process(url, model, items, arrivals, concurrency, extra, start_wall):
+    return asyncio.run(run_clients(url, model, items, arrivals, concurrency, extra, start_wall))
 
 
 def run_all_clients(url: str, model: str, items: list[WorkItem], concurrency: int | None, rate: float, seed: int,
-                    logprobs: int | None, processes: int = 1) -> tuple[list[RequestResult], float]:
+                    extra: dict, processes: int = 1) -> tuple[list[RequestResult], float]:
     """The workload from `processes` client processes (each with its share of the requests and of the
     concurrency), so that one Python client's SSE parsing does not cap what a fast server shows;
     (results in workload order, seconds from the common start to the last request's end)."""
@@ -214,7 +219,7 @@ def run_all_clients(url: str, model: str, items: list[WorkItem], concurrency: in
     processes = max(1, min(processes, len(items), concurrency or len(items)))   # each keeps >= 1 in flight
     if processes == 1:
         start_wall = time.time()
-        results, end = asyncio.run(run_clients(url, model, items, arrivals, concurrency, logprobs, start_wall))
+        results, end = asyncio.run(run_clients(url, model, items, arrivals, concurrency, extra, start_wall))
         return results, end - start_wall
     import multiprocessing
 
@@ -223,7 +228,7 @@ def run_all_clients(url: str, model: str, items: list[WorkItem], concurrency: in
     start_wall = time.time() + 1.0   # every process starts its clock together
     with multiprocessing.get_context("fork").Pool(processes) as pool:
         parts = pool.starmap(_client_process, [(url, model, [items[j] for j in shard], [arrivals[j] for j in shard],
-                                                share, logprobs, start_wall) for shard in shards])
+                                                share, extra, start_wall) for shard in shards])
     results: list = [None] * len(items)
     for shard, (shard_results, _) in zip(shards, parts):
         for j, result in zip(shard, shard_results):
@@ -284,6 +289,14 @@ def summarize_server(results: list[RequestResult], elapsed_s: float, targets: di
                               "requests_per_s": round(len(good) / elapsed_s, 3),
                               "output_tokens_per_s": round(sum(r.output_tokens for r in good) / elapsed_s, 2)}
     return summary
+
+
+def body_extra(args: argparse.Namespace) -> dict:
+    """Fields every request adds to its body."""
+    extra = {} if args.no_token_ids else {"return_token_ids": True}
+    if args.logprobs is not None:
+        extra["logprobs"] = args.logprobs
+    return extra
 
 
 def print_latencies(summary: dict) -> None:
@@ -403,6 +416,7 @@ def run_offline(spec: common.ModelSpec, options: dict, items: list[WorkItem], wa
                 for i in batch]
 
     started = time.perf_counter()
+    options = {"prefill_tokens_while_decoding": "auto", **options}   # as `ondo serve` defaults: like for like
     llm = LLM(model=spec.ondo_model, load_format=spec.load_format, **options)
     load_s = time.perf_counter() - started
     device = str(llm.engine.device)
@@ -467,6 +481,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     work.add_argument("--request-rate", type=float, default=math.inf,
                       help="Poisson arrivals, requests per second (default inf: all at once)")
     work.add_argument("--logprobs", type=int, default=None, help="sent with every request (and offline)")
+    work.add_argument("--no-token-ids", action="store_true",
+                      help="do not ask for return_token_ids (a server without vLLM's field)")
     work.add_argument("--goodput", nargs="+", metavar="NAME:MS",
                       help="targets a request must meet to count: ttft:MS itl:MS e2e:MS")
     work.add_argument("--client-processes", type=int, default=1,
@@ -520,9 +536,9 @@ def main() -> None:
               flush=True)
         if warmup:
             run_all_clients(url, name, warmup, min(cap or len(warmup), len(warmup)), math.inf,
-                            args.seed, args.logprobs, args.client_processes)
+                            args.seed, body_extra(args), args.client_processes)
         print(f"timed run: {len(items)} requests", flush=True)
-        results, elapsed = run_all_clients(url, name, items, cap, args.request_rate, args.seed, args.logprobs,
+        results, elapsed = run_all_clients(url, name, items, cap, args.request_rate, args.seed, body_extra(args),
                                            args.client_processes)
     finally:
         if server:

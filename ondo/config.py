@@ -27,6 +27,11 @@ class EngineConfig:
     max_model_len: int | None = None         # default: the model's context length, capped at 8192 on the CPU
     max_num_seqs: int = 64                   # requests in one step at most
     max_num_batched_tokens: int | None = None  # token budget of one step; None = 8192 on a GPU, 2048 on the CPU
+    # Prompt tokens per step while any request decodes (decodes go first), so a long prompt arriving
+    # does not stall the streams already running. "auto" (`ondo serve`'s default): 256 on the CPU, on a
+    # GPU as many as a ~30 ms share of a step prefills (timed at start-up); None (LLM's default): 256 on
+    # the CPU, no cap on a GPU (throughput first); 0 = no cap; N = N tokens.
+    prefill_tokens_while_decoding: int | str | None = None
     block_size: int = 16                     # tokens per KV block
     kv_cache_memory_bytes: int | None = None # default: derived from gpu_memory_utilization or CPU RAM
     gpu_memory_utilization: float = 0.9
@@ -58,6 +63,10 @@ class EngineConfig:
         _check(self.max_num_batched_tokens is None or
                (_is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= self.block_size),
                f"max_num_batched_tokens must be >= block_size ({self.block_size}), got {self.max_num_batched_tokens!r}")
+        _check(self.prefill_tokens_while_decoding in (None, "auto") or
+               (_is_int(self.prefill_tokens_while_decoding) and self.prefill_tokens_while_decoding >= 0),
+               f"prefill_tokens_while_decoding must be an integer >= 0 (0 = no cap), 'auto' or None, "
+               f"got {self.prefill_tokens_while_decoding!r}")
         _check(self.max_model_len is None or (_is_int(self.max_model_len) and self.max_model_len >= 1),
                f"max_model_len must be >= 1, got {self.max_model_len!r}")
         _check(0 < self.gpu_memory_utilization <= 1,

@@ -56,6 +56,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise CLIError(f"port must be in [0, 65535], got {args.port}")
     if args.api_server_count < 1:
         raise CLIError(f"api-server-count must be >= 1, got {args.api_server_count}")
+    if args.prefill_tokens_while_decoding is None:   # a server keeps its streams' pace while prompts arrive
+        args.prefill_tokens_while_decoding = "auto"
     config = engine_config(args, args.model, max_waiting=args.max_waiting)
     from ondo.server import ServerLimits, run_server
 

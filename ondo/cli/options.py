@@ -85,6 +85,10 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     add("--max-model-len", type=int, metavar="TOKENS", help="context length (default: the model's, <= 8192 on the CPU)")
     add("--max-num-seqs", type=int, metavar="N", help="requests in one step at most (default 64)")
     add("--max-num-batched-tokens", type=int, metavar="N", help="token budget of one step (default 8192 on a GPU, 2048 on the CPU)")
+    add("--prefill-tokens-while-decoding", type=_tokens_or_auto, metavar="N|auto",
+        help="prompt tokens per step while other requests decode, so running streams keep their pace; "
+             "auto: 256 on the CPU, on a GPU what ~30 ms of a step prefills, timed at start-up; 0: no cap "
+             "(default: auto for serve; 256 on the CPU and no cap on a GPU otherwise)")
     add("--block-size", type=int, metavar="N", help="tokens per KV block: 8, 16, 32, 64 or 128 (default 16)")
     add("--kv-cache-memory-bytes", type=_byte_size, metavar="SIZE",
         help="KV cache budget: bytes or 512MiB, 2GiB... (default: from --gpu-memory-utilization, or 2 GiB on the CPU)")
@@ -104,10 +108,20 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
              "(default: as stored: GGUF blocks stay packed, a folder's quantization_config is read)")
 
 
-_ENGINE_FIELDS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+_ENGINE_FIELDS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                  "prefill_tokens_while_decoding", "block_size",
                   "kv_cache_memory_bytes", "gpu_memory_utilization", "enforce_eager", "enable_prefix_caching",
                   "enable_chunked_prefill", "checkpoint", "chat_template", "tokenizer", "seed", "load_format",
                   "quantization", "tensor_parallel_size")
+
+
+def _tokens_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or auto, got {text!r}") from None
 
 
 def _logit_bias(text: str) -> tuple[int, float]:

@@ -28,7 +28,8 @@ Any other batch without log-probs (a grammar's mask for step N+1 depends on N's 
 n-gram and bad-word bans, custom processors, unmet min_tokens; seeded rows must draw only for steps
 that are kept) launches only the forward of N+1 ahead (`LaunchedForward`), vLLM's order: the device
 computes N+1's logits while the host reads N's tokens, advances the matchers (`apply_sampled` ->
-`GrammarState.accept`) and checks stops; at the next `step()`, once adopted, N+1 is sampled with
+`GrammarState.accept`), starts filling N+1's grammar masks on a background thread
+(`prefetch_bitmask`) and checks stops; at the next `step()`, once adopted, N+1 is sampled with
 every token before it on the host, exactly as the synchronous path samples, and the forward of N+2
 is launched from those sampled ids before they are read. Nothing is drawn for a step that is
 discarded: it was never sampled, so seeded requests stay reproducible. Only log-probs (best_of > n
@@ -50,6 +51,7 @@ from ondo.engine.output_processor import SequenceDelta
 from ondo.engine.request import Request
 from ondo.engine.scheduler import ScheduledRequest, SchedulerOutput
 from ondo.sample.sampler import SamplerOutput
+from ondo.sample.structured import prefetch_bitmask
 
 if TYPE_CHECKING:
     from ondo.engine.engine import Engine
@@ -147,7 +149,22 @@ class DecodeOverlap:
             if self.ahead is not None:   # it was launched on a placeholder token for those rows
                 self.ahead, self.num_discarded = None, self.num_discarded + 1
         sampled = SamplerOutput([host_tokens[row] for row in rows], None, None)
-        return engine.emit(engine.apply_sampled(requests, sampled))
+        touched = engine.apply_sampled(requests, sampled)
+        if isinstance(self.ahead, LaunchedForward):   # its grammars' masks fill while this step is emitted
+            self._prefetch_masks(self.ahead)
+        return engine.emit(touched)
+
+    def _prefetch_masks(self, ahead: LaunchedForward) -> None:
+        """Start filling the grammar masks that sampling `ahead` will ask for, into pinned memory the
+        sampler copies to the device as it is (no staging copy: ~0.4 ms a step at 64 rows, 128k vocabulary)."""
+        states = [r.structured for r in ahead.requests if r.structured is not None and not r.is_finished]
+        if not states:
+            return
+        vocab_size = ahead.logits.shape[1]
+        out = None
+        if ahead.logits.is_cuda:   # torch's caching pinned allocator: cheap, and kept until copied
+            out = torch.empty((len(states), (vocab_size + 31) // 32), dtype=torch.int32, pin_memory=True)
+        prefetch_bitmask(states, vocab_size, out)
 
     # ---- deciding -------------------------------------------------------------------------------
 

@@ -25,6 +25,14 @@ from ondo.sampling_params import SamplingParams, SamplingParamsError
 logger = logging.getLogger("ondo")
 
 CPU_KV_CACHE_BYTES = 2 << 30      # default KV budget on the CPU
+# Prompt chunks beside decodes (config.prefill_tokens_while_decoding): on the CPU a fixed 256 tokens;
+# on a GPU, "auto", as many as this share of a step prefills, so a running stream's inter-token latency
+# stays about a decode step plus this while prompts arrive (8192 tokens at once cost an 8B model ~200 ms
+# on an H200). It costs throughput when many prompts arrive at once (256 prompts of 256 tokens, an 8B
+# shape on an H200: 12.9k against 14.5k output tok/s), so only the server asks for it by default.
+CPU_PREFILL_TOKENS_WHILE_DECODING = 256
+PREFILL_CHUNK_TARGET_S = 0.03
+MIN_PREFILL_CHUNK = 256
 
 
 class RequestError(ValueError):
@@ -74,8 +82,11 @@ class Engine:
         budget = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
         if not config.enable_chunked_prefill:   # a whole prompt must then fit in one step's budget
             budget = max(budget, self.max_model_len)
+        cap = config.prefill_tokens_while_decoding   # "auto" on a GPU: set by _warm_up, which times a prefill
+        if cap in (None, "auto"):
+            cap = CPU_PREFILL_TOKENS_WHILE_DECODING if self.device.type == "cpu" else None
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget, config.enable_chunked_prefill,
-                                   prefill_tokens_while_decoding=256 if self.device.type == "cpu" else None)
+                                   prefill_tokens_while_decoding=cap or None)
         self.runner.lora_manager = self.scheduler.lora_slots = self.lora_manager
         self.sampler = Sampler()
         self.grammars = None   # GrammarCache, built at the first request with structured output
@@ -97,15 +108,32 @@ class Engine:
 
     def _warm_up(self) -> None:
         """One full-budget prefill and one short one, so the first user request does not pay for
-        compiling kernels and choosing GEMM algorithms for those shapes."""
+        compiling kernels and choosing GEMM algorithms for those shapes. A second full prefill, timed,
+        sizes the prompt chunks run beside decodes (config.prefill_tokens_while_decoding="auto")."""
         longest = min(self.scheduler.max_num_batched_tokens, self.max_model_len - 1, self.num_blocks * self.config.block_size)
-        for num_tokens in (longest, 8):
-            request = Request("warm-up", "warm-up", 0, [0] * num_tokens, SamplingParams(), 1, 0,
-                              frozenset(), frozenset(), [])
-            if self.block_manager.allocate(request, num_tokens):
-                self.runner.execute(SchedulerOutput([ScheduledRequest(request, num_tokens)], num_tokens, []))
-                self.block_manager.free(request)
+        self._prefill_dummy(longest)
+        self._prefill_dummy(8)
         torch.cuda.synchronize(self.device)
+        if self.config.prefill_tokens_while_decoding == "auto" and self.config.enable_chunked_prefill:
+            start = time.perf_counter()
+            if self._prefill_dummy(longest):
+                torch.cuda.synchronize(self.device)
+                elapsed = time.perf_counter() - start
+                cap = prefill_chunk_for(longest, elapsed, self.config.block_size)
+                self.scheduler.prefill_tokens_while_decoding = cap
+                logger.info("prompt chunks beside decodes: %s (a %d-token prefill took %.0f ms)",
+                            f"{cap} tokens" if cap else "not capped", longest, elapsed * 1e3)
+
+    def _prefill_dummy(self, num_tokens: int) -> bool:
+        """Run one prompt of num_tokens zeros through the model (its KV blocks freed after); False when
+        the blocks are not there."""
+        request = Request("warm-up", "warm-up", 0, [0] * num_tokens, SamplingParams(), 1, 0,
+                          frozenset(), frozenset(), [])
+        if not self.block_manager.allocate(request, num_tokens):
+            return False
+        self.runner.execute(SchedulerOutput([ScheduledRequest(request, num_tokens)], num_tokens, []))
+        self.block_manager.free(request)
+        return True
 
     def _eos_ids(self, generation_config: dict) -> frozenset[int]:
         ids: set[int] = set()
@@ -395,6 +423,16 @@ class Engine:
             "prompt_tokens_total": self.num_prompt_tokens_total,
             "generation_tokens_total": self.num_generated_tokens_total,
         }
+
+
+def prefill_chunk_for(num_tokens: int, seconds: float, block_size: int) -> int | None:
+    """Prompt tokens per step beside decodes: what PREFILL_CHUNK_TARGET_S of prefill computes at the
+    rate of a timed `num_tokens` prefill, in whole blocks, at least MIN_PREFILL_CHUNK; None (no cap)
+    when the whole budget fits in that time anyway."""
+    tokens = int(num_tokens * PREFILL_CHUNK_TARGET_S / max(seconds, 1e-9))
+    if tokens >= num_tokens:
+        return None
+    return max(MIN_PREFILL_CHUNK, tokens // block_size * block_size)
 
 
 def _tokens(count: int) -> str:

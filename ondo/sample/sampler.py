@@ -75,7 +75,7 @@ class Sampler:
         self._history = TokenHistory()
         self._penalties = PenaltyState()
         self.num_redone_rows = 0  # rows the candidates could not decide, sampled again (a statistic)
-        self._bitmask_staging = BitmaskStaging()
+        self.bitmask_staging = BitmaskStaging()
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[Any]) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(requests):
@@ -126,7 +126,7 @@ class Sampler:
         rows = [i for i, r in enumerate(requests) if getattr(r, "structured", None) is not None]
         if rows:
             bitmask = fill_bitmask([requests[i].structured for i in rows], vocab_size)  # [rows, words]
-            bitmask = self._bitmask_staging.to_device(bitmask, device)
+            bitmask = self.bitmask_staging.to_device(bitmask, device)
             logits = _on_rows(logits, rows, lambda x: apply_token_bitmask(x, bitmask))
         raw_logits = logits  # what an emptied row falls back to: the grammar's mask stays
 
@@ -260,7 +260,8 @@ class Sampler:
 class BitmaskStaging:
     """Host -> device copies of the grammar bitmask through one reused pinned buffer. From pageable
     memory the copy may hold the host until the device reaches it, i.e. until the forward launched
-    ahead (engine/async_decode.py) is done; pinning a fresh buffer each step costs ~1 ms."""
+    ahead (engine/async_decode.py) is done; pinning a fresh buffer each step costs ~1 ms. A mask
+    already in pinned memory (a mask filled ahead, engine/async_decode.py) is copied as it is."""
 
     def __init__(self) -> None:
         self._buffer: torch.Tensor | None = None   # [rows, words] int32, pinned
@@ -269,6 +270,8 @@ class BitmaskStaging:
     def to_device(self, bitmask: torch.Tensor, device: torch.device) -> torch.Tensor:
         if device.type != "cuda":
             return bitmask.to(device)
+        if bitmask.is_pinned():   # torch's pinned allocator keeps it until this copy is done
+            return bitmask.to(device, non_blocking=True)
         rows, words = bitmask.shape
         if self._buffer is None or self._buffer.shape[0] < rows or self._buffer.shape[1] != words:
             self._buffer = torch.empty((max(rows, 64), words), dtype=torch.int32, pin_memory=True)

@@ -13,6 +13,14 @@ masks the logits there (`apply_token_bitmask`) before any other processor: a con
 only ever choose a token its grammar allows. Stop tokens are allowed only where the grammar may
 end; once the matcher has accepted one it is terminated and the request finishes.
 
+The fill is the host's share of every constrained decode step. When the step after this one is
+already launched (engine/async_decode.py), its masks are filled ahead on a background thread
+(`prefetch_bitmask`) as soon as the matchers have accepted this step's tokens, while the engine
+thread detokenizes, emits and schedules; llguidance releases the GIL while it fills. Each state
+remembers the position its row was filled at, so a step that is not the one guessed (or a sibling
+dropped meanwhile) falls back to filling afresh; nothing else touches a matcher while its row is
+being filled (`accept` and `fill_bitmask` wait for it first).
+
 The library is llguidance (imported only when a constraint is used). xgrammar served first; on the
 same 64 rows of a JSON schema stepped with allowed tokens (benchmarks/grammar_masks.py), llguidance
 fills the masks in 3.1 ms a step against 7.2 (bounded strings) and 2.3 against 3.8 (unbounded) on
@@ -24,10 +32,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from concurrent.futures import Future
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ondo.sample.validation import SamplingParamsError
@@ -216,6 +226,8 @@ class GrammarState:
         self._matcher = None
         self._terminated = False
         self.num_accepted = 0
+        # (Future of a bitmask being filled in the background, this state's row in it, num_accepted then)
+        self._prefetched: tuple[Future, int, int] | None = None
 
     @property
     def matcher(self):
@@ -235,6 +247,7 @@ class GrammarState:
         vocabulary writes only byte by byte (U+B1300 after U+00AD, found by the schema fuzzer). The
         request then fails alone, as one whose constraint cannot be followed; it never goes on
         unconstrained."""
+        self.take_prefetched()   # its row is stale after this token; the fill must be done first
         if not self.matcher.consume_token(token_id):
             raise StructuredOutputError(f"structured output: this constraint could not be followed: the grammar "
                                         f"refused token {token_id} after {self.num_accepted} tokens "
@@ -247,30 +260,78 @@ class GrammarState:
         """True once the grammar is complete and a stop token was accepted."""
         return self._terminated
 
+    def take_prefetched(self) -> tuple[torch.Tensor, int] | None:
+        """(bitmask, row): this state's row filled by `prefetch_bitmask` at its current position, or None
+        (none asked for, a token accepted since, or the fill failed: a fresh fill reports why).
+        Waits for a fill still running, which is then forgotten either way."""
+        if self._prefetched is None:
+            return None
+        future, row, position = self._prefetched
+        self._prefetched = None
+        wait([future])
+        if position != self.num_accepted or future.exception() is not None:
+            return None
+        return future.result(), row
+
 
 _executor = None
+_executor_lock = threading.Lock()
+_prefetcher: ThreadPoolExecutor | None = None
 
 
 def fill_bitmask(states: list[GrammarState], vocab_size: int) -> torch.Tensor:
     """Host int32 `[len(states), ceil(vocab / 32)]`: bit t of row i set = token t allowed for row i.
-    Several rows are filled by llguidance's thread pool (the host's share of a constrained step)."""
+    The rows `prefetch_bitmask` filled for these states where they stand now, else filled here."""
+    prefetched = [state.take_prefetched() for state in states]
+    if all(item is not None for item in prefetched):
+        bitmask = prefetched[0][0]
+        if bitmask.shape[0] == len(states) and all(
+                mask is bitmask and row == i for i, (mask, row) in enumerate(prefetched)):
+            return bitmask   # the states, in the order they were prefetched in
+        return torch.stack([mask[row] for mask, row in prefetched])
+    return _fill(states, vocab_size)
+
+
+def prefetch_bitmask(states: list[GrammarState], vocab_size: int, out: torch.Tensor | None = None) -> None:
+    """Start filling these states' rows on a background thread; `fill_bitmask` takes them once
+    the states are sampled from where they stand now. out: int32 [len(states), words] to fill (a
+    pinned buffer the sampler copies from), or None for a new tensor."""
+    global _prefetcher
+    if not states:
+        return
+    try:
+        for state in states:
+            state.take_prefetched()
+            state.matcher   # copied from the compiled grammar here, not on the filling thread
+    except StructuredOutputError:
+        return   # the fresh fill at sampling time fails the request and says why
+    if _prefetcher is None:
+        _prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ondo-masks")
+    future = _prefetcher.submit(_fill, list(states), vocab_size, out)
+    for row, state in enumerate(states):
+        state._prefetched = (future, row, state.num_accepted)
+
+
+def _fill(states: list[GrammarState], vocab_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fill_bitmask's work, into `out` when given: several rows are filled by llguidance's thread pool."""
     import llguidance as llg
 
     global _executor
     if any(state.is_terminated for state in states):
         raise StructuredOutputError("the grammar is already complete: nothing more may be generated")
     matchers = [state.matcher for state in states]
-    bitmask = torch.zeros(len(states), (vocab_size + 31) // 32, dtype=torch.int32)   # [rows, words]
+    bitmask = torch.zeros(len(states), (vocab_size + 31) // 32, dtype=torch.int32) if out is None else out.zero_()
     row_bytes = bitmask.shape[1] * 4
     # llguidance writes each row in place (what its llguidance.torch helpers do; that module would
     # import torch's compiler for a kernel ondo does not use).
     if len(matchers) == 1:
         matchers[0].unsafe_compute_mask_ptr(bitmask.data_ptr(), row_bytes)
     else:
-        if _executor is None:
-            _executor = llg.LLExecutor(num_threads=MASK_THREADS)
-        _executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(), row_bytes,
-                                          len(matchers))
+        with _executor_lock:   # the engine thread and the prefetching thread share one pool
+            if _executor is None:
+                _executor = llg.LLExecutor(num_threads=MASK_THREADS)
+            _executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
+                                              row_bytes, len(matchers))
     errors = [m.get_error() for m in matchers if m.is_error()]
     # NoExtensionBias: no token of the vocabulary continues the output. A row with no way forward
     # fails its request, never samples unconstrained.
@@ -283,6 +344,7 @@ def fill_bitmask(states: list[GrammarState], vocab_size: int) -> torch.Tensor:
 
 
 _BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+_NEG_INF = torch.tensor(float("-inf"))
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
@@ -290,6 +352,9 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Te
     the logits' device (fill_bitmask has checked that each row allows some token). Returns a new
     tensor: the raw logits are still needed for log-probs. A few kernels on a GPU."""
     rows, vocab_size = logits.shape
+    if logits.device.type == "cpu":   # numpy unpacks the bits in a fraction of the shifts' time
+        allowed = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, count=vocab_size, bitorder="little")
+        return torch.where(torch.from_numpy(allowed).bool(), logits, _NEG_INF)
     shifts = _BIT_SHIFTS.get(logits.device)
     if shifts is None:
         shifts = _BIT_SHIFTS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)

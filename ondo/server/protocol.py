@@ -113,6 +113,9 @@ class CompletionRequest(SamplingFields):
                                      "prompt_logprobs).", ge=0)
     prompt_logprobs: Int | None = _ranged("vLLM's extra: log-probs of every prompt token and its top k, "
                                           "returned in each choice's prompt_logprobs.", ge=0, le=20)
+    return_token_ids: bool = Field(False, description="vLLM's extra: each choice also carries its token ids "
+                                   "(token_ids, and prompt_token_ids); streamed, every chunk carries its new "
+                                   "ids, even a token with no text yet, and the first the prompt's.")
 
 
 class FunctionCall(_Request):
@@ -250,6 +253,8 @@ class CompletionChoice(BaseModel):
     stop_reason: int | str | None = Field(None, description="The stop string or token id that ended it.")
     prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = Field(
         None, description="With prompt_logprobs: per prompt token (null for the first), token id -> log-prob.")
+    prompt_token_ids: list[int] | None = Field(None, description="With return_token_ids: the prompt's token ids.")
+    token_ids: list[int] | None = Field(None, description="With return_token_ids: the generated token ids.")
 
 
 class CompletionResponse(BaseModel):

@@ -53,7 +53,9 @@ async def create_completion(state: ServerState, body: CompletionRequest,
                 index=prompt_index * params.n + completion.index, text=echo + completion.text,
                 logprobs=_logprobs(scored, 0, body.logprobs, tokenizer),
                 finish_reason=finish_reason_of(completion), stop_reason=completion.stop_reason,
-                prompt_logprobs=_vllm_prompt_logprobs(final, tokenizer) if body.prompt_logprobs is not None else None))
+                prompt_logprobs=_vllm_prompt_logprobs(final, tokenizer) if body.prompt_logprobs is not None else None,
+                prompt_token_ids=list(prompts[prompt_index][1]) if body.return_token_ids else None,
+                token_ids=list(completion.token_ids) if body.return_token_ids else None))
     return CompletionResponse(id=job.response_id, model=job.model, choices=choices, usage=job.usage(finals))
 
 
@@ -155,7 +157,8 @@ async def _stream(state: ServerState, job: Job, body: CompletionRequest) -> Asyn
     finals: dict[str, RequestOutput] = {}
 
     def chunk(index: int, text: str, logprobs: CompletionLogprobs | None, completion: CompletionOutput | None,
-              finish_reason: str | None, prompt_logprobs: list | None = None) -> str:
+              finish_reason: str | None, prompt_logprobs: list | None = None,
+              prompt_token_ids: list[int] | None = None) -> str:
         choice = {"index": index, "text": text,
                   "logprobs": logprobs.model_dump() if logprobs is not None else None,
                   "finish_reason": finish_reason}
@@ -164,6 +167,10 @@ async def _stream(state: ServerState, job: Job, body: CompletionRequest) -> Asyn
         if prompt_logprobs is not None:
             choice["prompt_logprobs"] = [p if p is None else {t: lp.model_dump() for t, lp in p.items()}
                                          for p in prompt_logprobs]
+        if body.return_token_ids:
+            if prompt_token_ids is not None:
+                choice["prompt_token_ids"] = prompt_token_ids
+            choice["token_ids"] = list(completion.token_ids_delta) if completion is not None else []
         return sse({"id": job.response_id, "object": "text_completion", "created": created,
                     "model": job.model, "choices": [choice]})
 
@@ -176,12 +183,15 @@ async def _stream(state: ServerState, job: Job, body: CompletionRequest) -> Asyn
                 if index in finished:
                     continue
                 # A model without a tokenizer has no text: its tokens still stream, one chunk per step.
-                if not (completion.text_delta or completion.finished
-                        or ((body.logprobs is not None or tokenizer is None) and completion.token_ids_delta)):
+                # So do tokens whose text is not complete yet when they are asked for.
+                if not (completion.text_delta or completion.finished or (
+                        (body.logprobs is not None or body.return_token_ids or tokenizer is None)
+                        and completion.token_ids_delta)):
                     continue
-                text, scored, prompt_logprobs = completion.text_delta, [], None
+                text, scored, prompt_logprobs, prompt_ids = completion.text_delta, [], None, None
                 if index not in text_offsets:   # the choice's first chunk carries the prompt
                     text_offsets[index] = 0
+                    prompt_ids = list(job.prompts[prompt_index][1])
                     if body.echo:
                         text = job.prompts[prompt_index][0] + text
                         scored = _prompt_scored(output)
@@ -193,7 +203,7 @@ async def _stream(state: ServerState, job: Job, body: CompletionRequest) -> Asyn
                 text_offsets[index] += len(text)
                 if completion.finished:
                     finished.add(index)
-                yield chunk(index, text, logprobs, completion, completion.finish_reason, prompt_logprobs)
+                yield chunk(index, text, logprobs, completion, completion.finish_reason, prompt_logprobs, prompt_ids)
         # Requests ended without finishing (the server is shutting down): say so.
         for index in range(len(job.prompts) * n):
             if index not in finished:

@@ -55,6 +55,7 @@ def test_launched_server_and_offline_run_report_the_same_workload(tmp_path):
     for request in requests:
         assert request["complete"] and request["output_tokens"] == request["expected_output_tokens"] == MAX_TOKENS
         assert request["chunks"] > 1          # the built-in model has a tokenizer: it streams token by token
+        assert request["streamed_token_ids"] == MAX_TOKENS   # return_token_ids: every token listed once
         assert 0 < request["ttft_s"] <= request["last_token_s"] <= request["e2e_s"]
 
     assert record["engine_options"] == {"device": "cpu", "max_num_seqs": 4, "max_model_len": 256}

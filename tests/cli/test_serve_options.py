@@ -75,3 +75,14 @@ def test_generate_takes_sampling_defaults_from_the_generation_config(run_main, c
                                       "--temperature", 1.5)
     assert status == 0, stderr
     assert stdout.rstrip("\n") != greedy.rstrip("\n")   # the flags given win over the file
+
+
+def test_serve_paces_prompts_beside_decodes_by_default(run_main, cli_model, monkeypatch):
+    """`ondo serve` asks for the timed prompt chunks ("auto"); a given value is kept."""
+    import ondo.server
+
+    seen = []
+    monkeypatch.setattr(ondo.server, "run_server", lambda config, *args, **kwargs: seen.append(config))
+    assert run_main("serve", cli_model)[0] == 0
+    assert run_main("serve", cli_model, "--prefill-tokens-while-decoding", "0")[0] == 0
+    assert [c.prefill_tokens_while_decoding for c in seen] == ["auto", 0]

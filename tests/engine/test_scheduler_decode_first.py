@@ -52,3 +52,28 @@ def test_without_the_rule_nothing_changes():
     scheduler.add(request("long", 2048))
     scheduler.add(request("short", 4))
     assert run_step(scheduler) == {"long": 2048}
+
+
+def test_a_gpu_sizes_the_chunk_from_a_timed_prefill():
+    from ondo.engine.engine import prefill_chunk_for
+
+    # 8192 tokens in 200 ms (an 8B model on an H200): 30 ms prefill 1228 tokens, in whole blocks.
+    assert prefill_chunk_for(8192, 0.2, 16) == 1216
+    assert prefill_chunk_for(8192, 0.02, 16) is None   # the whole budget takes less than 30 ms: no cap
+    assert prefill_chunk_for(8192, 10.0, 16) == 256    # never below 256 tokens a step
+
+
+def test_the_option_sets_or_removes_the_cap(tiny_llama):
+    import pytest
+
+    from ondo import LLM
+    from ondo.config import ConfigError, EngineConfig
+
+    folder = tiny_llama[0]
+    caps = {value: LLM(str(folder), dtype="float32", prefill_tokens_while_decoding=value).engine.scheduler
+            .prefill_tokens_while_decoding for value in (None, "auto", 0, 512)}
+    assert caps == {None: 256, "auto": 256, 0: None, 512: 512}   # on the CPU both defaults are 256
+    for bad in (-1, "fast", 1.5):
+        with pytest.raises(ConfigError, match=r"prefill_tokens_while_decoding must be an integer >= 0 \(0 = no "
+                                              r"cap\), 'auto' or None, got"):
+            EngineConfig(prefill_tokens_while_decoding=bad)

@@ -12,7 +12,7 @@ from ondo import SamplingParams, SamplingParamsError
 from ondo.sample import Sampler
 from ondo.sample.grammar_cache import GrammarCache
 from ondo.sample.structured import (StructuredOutputError, StructuredOutputsParams, apply_token_bitmask,
-                                    fill_bitmask)
+                                    fill_bitmask, prefetch_bitmask)
 
 EOS = 2
 
@@ -157,3 +157,37 @@ def test_a_refused_token_is_an_error_not_a_silent_skip(grammars):
     letter = grammars[0].encode("x", add_special_tokens=False)[0]
     with pytest.raises(StructuredOutputError, match=f"the grammar refused token {letter} after 0 tokens"):
         fake.structured.accept(letter)
+
+
+def test_prefetched_masks_are_the_masks_of_where_each_state_stands(grammars):
+    """prefetch_bitmask fills rows in the background; fill_bitmask hands them out only for states
+    still where they were then (in any order, any subset), and fills afresh after a token."""
+    hf, cache = grammars
+    vocab = len(hf)
+    schema = StructuredOutputsParams(json={"type": "object", "properties": {"n": {"type": "integer"}}})
+    states = [cache.new_state(schema) for _ in range(3)]
+    states[1].accept(hf.encode("{", add_special_tokens=False)[0])
+    fresh = [fill_bitmask([state], vocab)[0] for state in states]   # one row each, no prefetch
+    assert not torch.equal(fresh[0], fresh[1])
+
+    prefetch_bitmask(states, vocab)
+    whole = fill_bitmask(states, vocab)
+    assert all(torch.equal(whole[i], fresh[i]) for i in range(3))
+    assert all(state.take_prefetched() is None for state in states)   # handed out once
+
+    prefetch_bitmask(states, vocab)
+    assert torch.equal(fill_bitmask([states[2], states[1]], vocab), torch.stack([fresh[2], fresh[1]]))
+    prefetch_bitmask(states, vocab)
+    states[0].accept(hf.encode("{", add_special_tokens=False)[0])   # waits for the fill, then moves on
+    assert torch.equal(fill_bitmask(states[:2], vocab), torch.stack([fresh[1], fresh[1]]))
+
+
+def test_a_prefetch_that_fails_reports_when_the_row_is_sampled(grammars):
+    hf, cache = grammars
+    vocab = len(hf)
+    state = cache.new_state(StructuredOutputsParams(regex="ab"))
+    for token in hf.encode("ab", add_special_tokens=False) + [EOS]:
+        state.accept(token)
+    prefetch_bitmask([state], vocab)   # a terminated grammar: the background fill raises
+    with pytest.raises(StructuredOutputError, match="already complete"):
+        fill_bitmask([state], vocab)

@@ -112,3 +112,29 @@ def test_bad_scoring_options_name_the_field(tiny_server, body, fragment, param):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert fragment in error["message"] and error["param"] == param
+
+
+def test_return_token_ids_gives_the_ids_whole_and_streamed(client, hf_model, hf_tokenizer):
+    """vLLM's return_token_ids: the prompt's ids and the generated ids (transformers' greedy ones);
+    streamed, every chunk carries its new ids, tokens whose text is not complete yet included, and
+    only the first carries the prompt's."""
+    ids = hf_tokenizer.encode(PROMPT)
+    with torch.no_grad():
+        expected = hf_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                                     pad_token_id=0)[0, len(ids):].tolist()
+    options = dict(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, extra_body={
+        "return_token_ids": True, "ignore_eos": True})
+    choice = client.completions.create(**options).choices[0]
+    assert choice.model_extra["prompt_token_ids"] == ids
+    assert choice.model_extra["token_ids"] == expected
+    assert choice.text == hf_tokenizer.decode(expected)
+
+    chunks = [c.choices[0] for c in client.completions.create(**options, stream=True) if c.choices]
+    assert chunks[0].model_extra["prompt_token_ids"] == ids
+    assert all("prompt_token_ids" not in c.model_extra for c in chunks[1:])
+    assert [t for c in chunks for t in c.model_extra["token_ids"]] == expected
+    assert all(c.model_extra["token_ids"] for c in chunks)   # no chunk without a token
+    assert "".join(c.text for c in chunks) == choice.text
+
+    plain = client.completions.create(**{**options, "extra_body": {"ignore_eos": True}}).choices[0]
+    assert plain.model_extra.get("token_ids") is None and plain.text == choice.text
