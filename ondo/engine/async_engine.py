@@ -123,12 +123,15 @@ class EngineHandle:
 class AsyncEngine(EngineHandle):
     """Serve many concurrent asyncio requests from one Engine running on its own thread."""
 
-    def __init__(self, engine_factory: Callable[[], Any], max_waiting: int | None = None) -> None:
+    def __init__(self, engine_factory: Callable[[], Any], max_waiting: int | None = None,
+                 freeze_heap: bool = False) -> None:
         """`engine_factory` builds the Engine; it runs on the engine thread (start() calls it).
         `max_waiting` bounds the requests that cannot be scheduled at once (beyond the engine's free
-        `max_num_seqs` slots); more are refused with QueueFullError."""
+        `max_num_seqs` slots); more are refused with QueueFullError. `freeze_heap`: once loaded, put
+        the process's objects out of the garbage collector's reach (`freeze_startup_heap`; a server)."""
         self._engine_factory = engine_factory
         self._max_waiting = max_waiting
+        self._freeze_heap = freeze_heap
         self._engine: Any = None
         self._dead_error: BaseException | None = None
         self._dead = threading.Event()
@@ -142,10 +145,11 @@ class AsyncEngine(EngineHandle):
         self._thread = threading.Thread(target=self._run, name="ondo-engine", daemon=True)
 
     @classmethod
-    def from_config(cls, config: EngineConfig, max_waiting: int | None = None) -> "AsyncEngine":
+    def from_config(cls, config: EngineConfig, max_waiting: int | None = None,
+                    freeze_heap: bool = False) -> "AsyncEngine":
         from ondo.engine.engine import Engine
 
-        return cls(lambda: Engine(config), max_waiting=max_waiting)
+        return cls(lambda: Engine(config), max_waiting=max_waiting, freeze_heap=freeze_heap)
 
     # ---- life cycle (any thread) ---------------------------------------------------------------
 
@@ -245,6 +249,10 @@ class AsyncEngine(EngineHandle):
         try:
             self._engine = self._engine_factory()
             self._refresh_stats()
+            if self._freeze_heap:
+                from ondo.engine.engine import freeze_startup_heap
+
+                freeze_startup_heap()
         except BaseException as exc:  # noqa: BLE001 -- reported through load_error / health
             logger.exception("the engine failed to load")
             self._load_error = exc

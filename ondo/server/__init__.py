@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import threading
+from pathlib import Path
 from collections.abc import Callable
 from types import FrameType
 
@@ -83,6 +84,12 @@ def run_server(engine_config: EngineConfig, host: str, port: int, api_key: str |
         from ondo.engine.core.client import CoreAddresses, EngineCoreClient
 
         addresses, index = attach or (CoreAddresses.in_new_folder(api_server_count), 0)
+        if attach is None:   # the API server processes started below count into the same files
+            from ondo.server.metrics import share_between_processes
+
+            metrics_folder = Path(addresses.folder) / "metrics"
+            metrics_folder.mkdir()
+            share_between_processes(str(metrics_folder))
         engine = EngineCoreClient(engine_config, max_waiting, addresses, index)
         if attach is None:
             from ondo.server.api_servers import ApiServerGroup, listening_socket, server_options
@@ -99,7 +106,7 @@ def run_server(engine_config: EngineConfig, host: str, port: int, api_key: str |
 
         engine = EngineCoreClient.from_config(engine_config, max_waiting=max_waiting)
     else:
-        engine = AsyncEngine.from_config(engine_config, max_waiting=max_waiting)
+        engine = AsyncEngine.from_config(engine_config, max_waiting=max_waiting, freeze_heap=True)
     app = create_app(engine, served_model_name=served_model_name, api_key=api_key or None,
                      tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser, limits=limits,
                      accept_once_loaded=attach is not None)

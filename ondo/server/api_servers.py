@@ -11,7 +11,8 @@ outputs of its own requests and the same engine facts and gauges to all.
 Life cycle: SIGTERM (or Ctrl+C) on the first process reaches the others; each drains its own
 streams; the first waits for them before it stops the core. If one of them dies while serving, the
 first exits 1 (a supervisor then restarts the whole server); they exit when the core does. `/metrics`
-counts the requests of the process that answers the scrape (the engine's gauges are the core's).
+counts the requests of every process, whichever answers the scrape (Prometheus' multiprocess mode,
+in the core folder; ondo/server/metrics.py); the engine's gauges are the core's.
 """
 from __future__ import annotations
 

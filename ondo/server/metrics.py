@@ -4,14 +4,22 @@ Engine state (running and waiting requests, KV-cache use, prefix-cache hit rate,
 read at scrape time from the engine thread's latest stats snapshot; request counters and latency
 histograms are updated as outputs stream by. Each app owns its registry, so several servers can
 live in one process (tests).
+
+With several API server processes (`ondo serve --api-server-count N`) each process counts the
+requests it serves, so the counters and histograms use Prometheus' multiprocess mode
+(`share_between_processes`): every process writes them to files in one folder and a scrape,
+whichever process answers it, sums them all. The engine gauges come from the one core and are the
+same in every process.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from ondo.outputs import RequestOutput
@@ -42,10 +50,21 @@ class _EngineStatsCollector(Collector):
                 yield GaugeMetricFamily(name, help_text, value=float(stats[key]))
 
 
+def share_between_processes(folder: str) -> None:
+    """Count in Prometheus' multiprocess mode, in `folder` (empty, shared by the API server processes).
+    prometheus_client chooses its value class from PROMETHEUS_MULTIPROC_DIR when it is imported: the
+    processes started after this inherit the variable, and this process switches now, before it
+    creates any metric."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    values.ValueClass = values.MultiProcessValue()
+
+
 class ServerMetrics:
     def __init__(self, read_stats: Callable[[], dict]) -> None:
+        self._engine_stats = _EngineStatsCollector(read_stats)
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineStatsCollector(read_stats))
+        self.registry.register(self._engine_stats)
+        self._shared_folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         self.prompt_tokens = Counter("ondo_prompt_tokens", "Prompt tokens processed.",
                                      registry=self.registry)
         self.generation_tokens = Counter("ondo_generation_tokens", "Tokens generated.",
@@ -68,7 +87,12 @@ class ServerMetrics:
                                      buckets=_E2E_BUCKETS_S, registry=self.registry)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._shared_folder is None:
+            return generate_latest(self.registry)
+        every_process = CollectorRegistry()   # the counters and histograms of all API server processes
+        MultiProcessCollector(every_process, self._shared_folder)
+        every_process.register(self._engine_stats)
+        return generate_latest(every_process)
 
     def track(self) -> "RequestTracker":
         return RequestTracker(self)

@@ -1,6 +1,7 @@
 """`ondo serve --api-server-count 3`: three API server processes share the port and one engine-core
 process. Concurrent requests, streamed or not, with stop strings and n=2, answer as the in-process
-server does, whichever process takes them; SIGTERM stops every process (exit 0); a dead API server
+server does, whichever process takes them, and /metrics counts them all whichever process answers;
+SIGTERM stops every process (exit 0); a dead API server
 process makes the first exit 1 with everything stopped; a killed core does the same."""
 from __future__ import annotations
 
@@ -63,6 +64,14 @@ def _complete(url: str, body: dict) -> list[tuple]:
     return [tuple(parts[i]) for i in sorted(parts)]
 
 
+def _requests_finished(url: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples if sample.name == "ondo_requests_finished_total")
+
+
 def _bodies() -> list[dict]:
     prompts = ["Once upon a time", "The capital of France is", "Hello", "1, 2, 3,"]
     bodies = []
@@ -86,6 +95,9 @@ def test_three_api_servers_answer_as_the_in_process_server_and_stop_together(tmp
         with ThreadPoolExecutor(8) as pool:   # many connections at once: the kernel spreads them
             for _ in range(3):
                 assert list(pool.map(lambda body: _complete(server.url, body), bodies)) == expected
+            # Every scrape, whichever process answers it, counts the requests of all three.
+            scrapes = list(pool.map(lambda _: _requests_finished(server.url), range(12)))
+        assert scrapes == [3 * len(bodies)] * 12, scrapes
         assert server.stop() == 0
     assert _gone(helpers + [core]), "an API server or the core outlived SIGTERM"
 

@@ -166,3 +166,23 @@ def test_a_fatal_step_error_ends_every_stream_and_refuses_new_requests(tiny_engi
         assert "device-side assert" in str(engine.dead_error)
     finally:
         engine.shutdown()
+
+
+def test_a_server_engine_freezes_the_loaded_heap(tiny_engine):
+    """freeze_heap (what `ondo serve` asks): once loaded, a full garbage collection no longer walks
+    the loaded model's objects; a library user's AsyncEngine leaves the collector alone."""
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    plain = AsyncEngine.from_config(EngineConfig(**tiny_engine, max_num_seqs=1)).start()
+    try:
+        assert plain.wait_until_loaded(300) and gc.get_freeze_count() == 0
+    finally:
+        plain.shutdown()
+    server = AsyncEngine.from_config(EngineConfig(**tiny_engine, max_num_seqs=1), freeze_heap=True).start()
+    try:
+        assert server.wait_until_loaded(300)
+        assert gc.get_freeze_count() > 10_000   # the modules and the model, at least
+    finally:
+        server.shutdown()
+        gc.unfreeze()   # the rest of the test session collects as usual

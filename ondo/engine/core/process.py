@@ -207,7 +207,7 @@ def serve(config: EngineConfig, input_addresses: list[str], output_addresses: li
 
 def _run(config: EngineConfig, inputs: zmq.Socket, codec: m.Codec, send: Any, parent_pid: int,
          max_waiting: int | None, num_clients: int) -> int:
-    from ondo.engine.engine import Engine
+    from ondo.engine.engine import Engine, freeze_startup_heap
 
     try:
         engine = Engine(config)
@@ -215,6 +215,7 @@ def _run(config: EngineConfig, inputs: zmq.Socket, codec: m.Codec, send: Any, pa
         logger.exception("the engine failed to load")
         send(m.LoadFailed(type(exc).__name__, str(exc)))
         return 1
+    freeze_startup_heap()   # no full garbage collection walks the loaded model while serving
     send(m.Ready(model_name=str(engine.model_name), max_model_len=int(engine.max_model_len),
                  vocab_size=int(engine.vocab_size), load_time_s=float(engine.load_time_s),
                  config=msgspec.to_builtins(config), pid=os.getpid(),
