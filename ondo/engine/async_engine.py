@@ -17,6 +17,7 @@ supervisor restarts it).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import queue
 import threading
@@ -118,6 +119,17 @@ class EngineHandle:
         stream = await self.add_request(request_id, prompt, params)
         async for output in self.stream_outputs([stream]):
             yield output
+
+
+def freeze_startup_heap() -> None:
+    """Put everything allocated so far (modules, the model's Python objects, the tokenizer: ~220k
+    objects with the built-in model) out of the garbage collector's reach. A full collection walks
+    them all, 130 ms on this project's 2-core CPU and ~200 ms on the GPU host, stalling every stream
+    of a server each time one runs; frozen, it walks only what serving allocates (0 ms right after).
+    Only for processes ondo owns (servers), never a library user's."""
+    gc.collect()
+    gc.freeze()
+
 
 
 class AsyncEngine(EngineHandle):
@@ -250,8 +262,6 @@ class AsyncEngine(EngineHandle):
             self._engine = self._engine_factory()
             self._refresh_stats()
             if self._freeze_heap:
-                from ondo.engine.engine import freeze_startup_heap
-
                 freeze_startup_heap()
         except BaseException as exc:  # noqa: BLE001 -- reported through load_error / health
             logger.exception("the engine failed to load")

@@ -2,7 +2,6 @@
 `AsyncEngine` drives it from one background thread for the server."""
 from __future__ import annotations
 
-import gc
 import logging
 import time
 import weakref
@@ -424,16 +423,6 @@ class Engine:
             "prompt_tokens_total": self.num_prompt_tokens_total,
             "generation_tokens_total": self.num_generated_tokens_total,
         }
-
-
-def freeze_startup_heap() -> None:
-    """Put everything allocated so far (modules, the model's Python objects, the tokenizer: ~220k
-    objects with the built-in model) out of the garbage collector's reach. A full collection walks
-    them all, 130 ms on this project's 2-core CPU and ~200 ms on the GPU host, stalling every stream
-    of a server each time one runs; frozen, it walks only what serving allocates (0 ms right after).
-    Only for processes ondo owns (servers), never a library user's."""
-    gc.collect()
-    gc.freeze()
 
 
 def prefill_chunk_for(num_tokens: int, seconds: float, block_size: int) -> int | None:

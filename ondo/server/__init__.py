@@ -90,7 +90,7 @@ def run_server(engine_config: EngineConfig, host: str, port: int, api_key: str |
             metrics_folder = Path(addresses.folder) / "metrics"
             metrics_folder.mkdir()
             share_between_processes(str(metrics_folder))
-        engine = EngineCoreClient(engine_config, max_waiting, addresses, index)
+        engine = EngineCoreClient(engine_config, max_waiting, addresses, index, freeze_heap=True)
         if attach is None:
             from ondo.server.api_servers import ApiServerGroup, listening_socket, server_options
 
@@ -104,7 +104,7 @@ def run_server(engine_config: EngineConfig, host: str, port: int, api_key: str |
     elif engine_process:
         from ondo.engine.core.client import EngineCoreClient
 
-        engine = EngineCoreClient.from_config(engine_config, max_waiting=max_waiting)
+        engine = EngineCoreClient.from_config(engine_config, max_waiting=max_waiting, freeze_heap=True)
     else:
         engine = AsyncEngine.from_config(engine_config, max_waiting=max_waiting, freeze_heap=True)
     app = create_app(engine, served_model_name=served_model_name, api_key=api_key or None,

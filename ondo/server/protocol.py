@@ -175,6 +175,9 @@ class ChatCompletionRequest(SamplingFields):
         None, description="auto (default with tools), none, required, or {\"type\": \"function\", "
                           "\"function\": {\"name\": ...}}; required and named calls are enforced by a grammar.")
     parallel_tool_calls: bool | None = Field(None, description="false = at most one call (with required).")
+    return_token_ids: bool = Field(False, description="vLLM's extra: the response also carries the prompt's "
+                                   "token ids (prompt_token_ids) and each choice its generated ids (token_ids); "
+                                   "streamed, the first chunk carries the prompt's and every chunk its new ids.")
     # OpenAI fields ondo does not implement: a 400 when set to anything but their neutral value.
     functions: Any = None
     function_call: Any = None
@@ -294,6 +297,7 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = Field(None, description="With return_token_ids: the generated token ids.")
 
 
 class ChatCompletionResponse(BaseModel):
@@ -303,6 +307,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = Field(None, description="With return_token_ids: the prompt's token ids "
+                                               "(the chat template applied).")
 
 
 class ModelCard(BaseModel):

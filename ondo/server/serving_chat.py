@@ -47,8 +47,10 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
         fields = parser.message(completion.text) if parser.active else {"content": completion.text}
         choices.append(ChatChoice(index=completion.index, message=AssistantMessage(**fields), logprobs=logprobs,
                                   finish_reason=_finish_reason(completion, bool(fields.get("tool_calls"))),
-                                  stop_reason=completion.stop_reason))
-    return ChatCompletionResponse(id=job.response_id, model=job.model, choices=choices, usage=job.usage(finals))
+                                  stop_reason=completion.stop_reason,
+                                  token_ids=list(completion.token_ids) if body.return_token_ids else None))
+    return ChatCompletionResponse(id=job.response_id, model=job.model, choices=choices, usage=job.usage(finals),
+                                  prompt_token_ids=list(prompt_ids) if body.return_token_ids else None)
 
 
 def _prepare(state: ServerState, body: ChatCompletionRequest) -> tuple[list[int], SamplingParams, int | None,
@@ -101,27 +103,37 @@ async def _stream(state: ServerState, job: Job, body: ChatCompletionRequest,
     finished: set[int] = set()
     finals: dict[str, RequestOutput] = {}
 
+    # With return_token_ids: each choice's ids not sent yet (a parser may hold text back for a while).
+    unsent_ids: dict[int, list[int]] = {index: [] for index in range(job.params.n)}
+
     def chunk(index: int, delta: dict, logprobs: list | None = None, finish_reason: str | None = None,
-              stop_reason: int | str | None = None) -> str:
+              stop_reason: int | str | None = None, prompt_ids: list[int] | None = None) -> str:
         choice = {"index": index, "delta": delta,
                   "logprobs": {"content": [e.model_dump() for e in logprobs]} if logprobs is not None else None,
                   "finish_reason": finish_reason}
         if finish_reason is not None:
             choice["stop_reason"] = stop_reason
-        return sse({"id": job.response_id, "object": "chat.completion.chunk", "created": created,
-                    "model": job.model, "choices": [choice]})
+        event = {"id": job.response_id, "object": "chat.completion.chunk", "created": created,
+                 "model": job.model, "choices": [choice]}
+        if body.return_token_ids:
+            choice["token_ids"], unsent_ids[index] = unsent_ids[index], []
+            if prompt_ids is not None:
+                event["prompt_token_ids"] = prompt_ids
+        return sse(event)
 
     try:
         # The role comes first, before any token: clients show the turn at once.
         for index in range(job.params.n):
-            yield chunk(index, {"role": "assistant", "content": ""})
+            yield chunk(index, {"role": "assistant", "content": ""},
+                        prompt_ids=list(job.prompts[0][1]) if index == 0 else None)
         async for output in job_outputs(state, job):
             finals[output.request_id] = output
             for completion in output.outputs:
                 if completion.index in finished:
                     continue
+                unsent_ids[completion.index] += completion.token_ids_delta
                 if not (completion.text_delta or completion.finished
-                        or (top_logprobs is not None and completion.token_ids_delta)):
+                        or ((top_logprobs is not None or body.return_token_ids) and completion.token_ids_delta)):
                     continue
                 logprobs = None
                 if top_logprobs is not None:
@@ -137,7 +149,8 @@ async def _stream(state: ServerState, job: Job, body: ChatCompletionRequest,
                 if completion.finished:
                     finished.add(completion.index)
                     finish_reason = _finish_reason(completion, parser.called_tools)
-                if not deltas and finish_reason is None and logprobs is None:
+                if not deltas and finish_reason is None and logprobs is None and not (
+                        body.return_token_ids and unsent_ids[completion.index]):
                     continue   # the parser holds back a tag that may still be forming
                 for i, delta in enumerate(deltas or [{}]):
                     last = i == max(len(deltas), 1) - 1

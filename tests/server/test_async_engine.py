@@ -168,21 +168,27 @@ def test_a_fatal_step_error_ends_every_stream_and_refuses_new_requests(tiny_engi
         engine.shutdown()
 
 
-def test_a_server_engine_freezes_the_loaded_heap(tiny_engine):
-    """freeze_heap (what `ondo serve` asks): once loaded, a full garbage collection no longer walks
-    the loaded model's objects; a library user's AsyncEngine leaves the collector alone."""
+@pytest.mark.parametrize("kind", ["in process", "engine process"])
+def test_a_server_engine_freezes_the_loaded_heap(tiny_engine, kind):
+    """freeze_heap (what `ondo serve` asks, for AsyncEngine and for the engine process's client):
+    once loaded, a full garbage collection no longer walks the loaded modules and model; a library
+    user's engine leaves the collector alone."""
     import gc
 
+    from ondo.engine.core.client import EngineCoreClient
+
+    engine_class = AsyncEngine if kind == "in process" else EngineCoreClient
+    config = EngineConfig(**tiny_engine, max_num_seqs=1)
     assert gc.get_freeze_count() == 0
-    plain = AsyncEngine.from_config(EngineConfig(**tiny_engine, max_num_seqs=1)).start()
+    plain = engine_class.from_config(config).start()
     try:
-        assert plain.wait_until_loaded(300) and gc.get_freeze_count() == 0
+        assert plain.wait_until_loaded(300) and plain.is_ready and gc.get_freeze_count() == 0
     finally:
         plain.shutdown()
-    server = AsyncEngine.from_config(EngineConfig(**tiny_engine, max_num_seqs=1), freeze_heap=True).start()
+    server = engine_class.from_config(config, freeze_heap=True).start()
     try:
-        assert server.wait_until_loaded(300)
-        assert gc.get_freeze_count() > 10_000   # the modules and the model, at least
+        assert server.wait_until_loaded(300) and server.is_ready
+        assert gc.get_freeze_count() > 10_000   # the modules and the model (or tokenizer), at least
     finally:
         server.shutdown()
         gc.unfreeze()   # the rest of the test session collects as usual

@@ -138,3 +138,26 @@ def test_return_token_ids_gives_the_ids_whole_and_streamed(client, hf_model, hf_
 
     plain = client.completions.create(**{**options, "extra_body": {"ignore_eos": True}}).choices[0]
     assert plain.model_extra.get("token_ids") is None and plain.text == choice.text
+
+
+def test_chat_return_token_ids_whole_and_streamed(client, hf_model, hf_tokenizer):
+    messages = [{"role": "user", "content": "Name a color."}]
+    options = dict(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                   extra_body={"return_token_ids": True, "ignore_eos": True})
+    response = client.chat.completions.create(**options)
+    prompt_ids = response.model_extra["prompt_token_ids"]
+    rendered = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert hf_tokenizer.decode(prompt_ids) == rendered and len(prompt_ids) == response.usage.prompt_tokens
+    with torch.no_grad():
+        expected = hf_model.generate(torch.tensor([prompt_ids]), max_new_tokens=10, min_new_tokens=10,
+                                     do_sample=False, pad_token_id=0)[0, len(prompt_ids):].tolist()
+    choice = response.choices[0]
+    assert choice.model_extra["token_ids"] == expected
+    assert choice.message.content == hf_tokenizer.decode(expected)
+
+    chunks = list(client.chat.completions.create(**options, stream=True))
+    assert chunks[0].model_extra["prompt_token_ids"] == prompt_ids
+    assert all("prompt_token_ids" not in c.model_extra for c in chunks[1:])
+    streamed = [t for c in chunks for choice in c.choices for t in choice.model_extra["token_ids"]]
+    assert streamed == expected
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content

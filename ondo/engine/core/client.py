@@ -42,7 +42,8 @@ import msgspec
 import zmq
 
 from ondo.config import EngineConfig
-from ondo.engine.async_engine import EngineDeadError, EngineHandle, Finished, QueueFullError, RequestStream
+from ondo.engine.async_engine import (EngineDeadError, EngineHandle, Finished, QueueFullError, RequestStream,
+                                      freeze_startup_heap)
 from ondo.engine.core import messages as m
 from ondo.engine.core.front_end import CoreEngineInfo, load_front_end_tokenizer
 from ondo.engine.text_output import OutputProcessor
@@ -81,9 +82,10 @@ class EngineCoreClient(EngineHandle):
     ondo/server/api_servers.py) process i > 0 attaches to the same core through `addresses`."""
 
     def __init__(self, config: EngineConfig, max_waiting: int | None = None,
-                 addresses: CoreAddresses | None = None, index: int = 0) -> None:
+                 addresses: CoreAddresses | None = None, index: int = 0, freeze_heap: bool = False) -> None:
         self.config = config
         self._max_waiting = max_waiting
+        self._freeze_heap = freeze_heap   # once ready: freeze_startup_heap (a server's process)
         self._addresses, self._index = addresses, index
         self.before_shutdown: Any = None       # called first by shutdown() (the other API servers drain)
         self._parent_pid = os.getppid()
@@ -112,8 +114,9 @@ class EngineCoreClient(EngineHandle):
         self._thread = threading.Thread(target=self._read, name="ondo-core-reader", daemon=True)
 
     @classmethod
-    def from_config(cls, config: EngineConfig, max_waiting: int | None = None) -> "EngineCoreClient":
-        return cls(config, max_waiting=max_waiting)
+    def from_config(cls, config: EngineConfig, max_waiting: int | None = None,
+                    freeze_heap: bool = False) -> "EngineCoreClient":
+        return cls(config, max_waiting=max_waiting, freeze_heap=freeze_heap)
 
     # ---- life cycle (any thread) ---------------------------------------------------------------
 
@@ -321,6 +324,8 @@ class EngineCoreClient(EngineHandle):
                     self._loras = _lora_requests(message.loras)
                     logger.info("the engine core is ready (%s, loaded in %.1f s)",
                                 message.model_name, message.load_time_s)
+                    if self._freeze_heap:
+                        freeze_startup_heap()
                     self._ready.set()
                 elif isinstance(message, m.LoadFailed):
                     self._fail_load(RuntimeError(message.message))   # the server shows its text

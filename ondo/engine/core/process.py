@@ -207,7 +207,8 @@ def serve(config: EngineConfig, input_addresses: list[str], output_addresses: li
 
 def _run(config: EngineConfig, inputs: zmq.Socket, codec: m.Codec, send: Any, parent_pid: int,
          max_waiting: int | None, num_clients: int) -> int:
-    from ondo.engine.engine import Engine, freeze_startup_heap
+    from ondo.engine.async_engine import freeze_startup_heap
+    from ondo.engine.engine import Engine
 
     try:
         engine = Engine(config)
