@@ -131,7 +131,6 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-
 class AsyncEngine(EngineHandle):
     """Serve many concurrent asyncio requests from one Engine running on its own thread."""
 

@@ -75,7 +75,7 @@ class Sampler:
         self._history = TokenHistory()
         self._penalties = PenaltyState()
         self.num_redone_rows = 0  # rows the candidates could not decide, sampled again (a statistic)
-        self.bitmask_staging = BitmaskStaging()
+        self._bitmask_staging = BitmaskStaging()
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[Any]) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(requests):
@@ -126,7 +126,7 @@ class Sampler:
         rows = [i for i, r in enumerate(requests) if getattr(r, "structured", None) is not None]
         if rows:
             bitmask = fill_bitmask([requests[i].structured for i in rows], vocab_size)  # [rows, words]
-            bitmask = self.bitmask_staging.to_device(bitmask, device)
+            bitmask = self._bitmask_staging.to_device(bitmask, device)
             logits = _on_rows(logits, rows, lambda x: apply_token_bitmask(x, bitmask))
         raw_logits = logits  # what an emptied row falls back to: the grammar's mask stays
 

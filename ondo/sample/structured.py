@@ -292,10 +292,10 @@ def fill_bitmask(states: list[GrammarState], vocab_size: int) -> torch.Tensor:
     return _fill(states, vocab_size)
 
 
-def prefetch_bitmask(states: list[GrammarState], vocab_size: int, out: torch.Tensor | None = None) -> None:
+def prefetch_bitmask(states: list[GrammarState], vocab_size: int, pinned: bool = False) -> None:
     """Start filling these states' rows on a background thread; `fill_bitmask` takes them once
-    the states are sampled from where they stand now. out: int32 [len(states), words] to fill (a
-    pinned buffer the sampler copies from), or None for a new tensor."""
+    the states are sampled from where they stand now. pinned: fill page-locked memory, which the
+    sampler copies to a GPU as it is (torch's caching pinned allocator keeps it until copied)."""
     global _prefetcher
     if not states:
         return
@@ -307,6 +307,8 @@ def prefetch_bitmask(states: list[GrammarState], vocab_size: int, out: torch.Ten
         return   # the fresh fill at sampling time fails the request and says why
     if _prefetcher is None:
         _prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ondo-masks")
+    # Allocated here, on the engine thread, as the GPU runs showed it; filled on the prefetching thread.
+    out = torch.empty(len(states), (vocab_size + 31) // 32, dtype=torch.int32, pin_memory=pinned)
     future = _prefetcher.submit(_fill, list(states), vocab_size, out)
     for row, state in enumerate(states):
         state._prefetched = (future, row, state.num_accepted)

@@ -17,8 +17,8 @@ import signal
 import socket
 import sys
 import threading
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 import uvicorn

@@ -131,7 +131,8 @@ async def _stream(state: ServerState, job: Job, body: ChatCompletionRequest,
             for completion in output.outputs:
                 if completion.index in finished:
                     continue
-                unsent_ids[completion.index] += completion.token_ids_delta
+                if body.return_token_ids:
+                    unsent_ids[completion.index] += completion.token_ids_delta
                 if not (completion.text_delta or completion.finished
                         or ((top_logprobs is not None or body.return_token_ids) and completion.token_ids_delta)):
                     continue

@@ -191,7 +191,8 @@ async def _stream(state: ServerState, job: Job, body: CompletionRequest) -> Asyn
                 text, scored, prompt_logprobs, prompt_ids = completion.text_delta, [], None, None
                 if index not in text_offsets:   # the choice's first chunk carries the prompt
                     text_offsets[index] = 0
-                    prompt_ids = list(job.prompts[prompt_index][1])
+                    if body.return_token_ids:
+                        prompt_ids = list(job.prompts[prompt_index][1])
                     if body.echo:
                         text = job.prompts[prompt_index][0] + text
                         scored = _prompt_scored(output)
