@@ -4,8 +4,9 @@
     python benchmarks/int4_kernel.py --device cpu --threads 2           # CPU: torch's int4 kernel vs bf16
 
 For each batch size M: the time of one token's matrix products of a whole layer stack (qkv, o, gate_up,
-down per layer, times the layer count) through (a) the int4 kernel, (b) dequantize + dense GEMM, the
-path larger batches take, and (c) dense bfloat16; and the weight bytes each reads per call.
+down per layer) through (a) the fused int4 kernel, (b) dequantize + dense GEMM, the path larger batches
+take, and (c) dense bfloat16; and the weight bytes each reads per call. On a GPU every layer has its
+own matrices (so nothing is served from L2) and the stack is timed as one CUDA graph.
 """
 from __future__ import annotations
 
@@ -52,14 +53,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from ondo.layers.linear import Linear, linear_method_scope
     from ondo.layers.quantization.int4 import Int4Method
-    from ondo.layers.quantization import int4_planes
+    from ondo.layers.quantization import int4_gpu, int4_planes
 
     shapes, layers = SHAPES[args.model]
     torch.set_default_dtype(torch.bfloat16)
+    copies = layers if args.device == "cuda" else 1     # the CPU times one layer's set, times the count
     with torch.device(args.device):
-        dense = [Linear(k, n) for n, k in shapes]
+        dense = [Linear(k, n) for _ in range(copies) for n, k in shapes]
         with linear_method_scope(lambda layer: Int4Method()):
-            packed = [Linear(k, n) for n, k in shapes]
+            packed = [Linear(k, n) for _ in range(copies) for n, k in shapes]
     for d, p in zip(dense, packed):
         d.weight.data.normal_(0, 0.02)
         p.load("weight", d.weight.data.float())
@@ -68,20 +70,19 @@ def main() -> None:
     reps = 20 if args.device == "cuda" else 5
     for m in [int(v) for v in args.batch_sizes.split(",")]:
         xs = {k: torch.randn(m, k, device=args.device) for _, k in shapes}
-        method = packed[0].method
-        kernel_limit = int4_planes.GPU_KERNEL_MAX_TOKENS if args.device == "cuda" else int4_planes.CPU_KERNEL_MAX_TOKENS
-        int4_planes.GPU_KERNEL_MAX_TOKENS = int4_planes.CPU_KERNEL_MAX_TOKENS = 1 << 20
-        t_kernel = timed(lambda: [p(xs[p.in_features]) for p in packed], args.device, reps) * layers
-        int4_planes.GPU_KERNEL_MAX_TOKENS = int4_planes.CPU_KERNEL_MAX_TOKENS = 0
-        t_dequant = timed(lambda: [p(xs[p.in_features]) for p in packed], args.device, reps) * layers
-        int4_planes.GPU_KERNEL_MAX_TOKENS = int4_planes.CPU_KERNEL_MAX_TOKENS = kernel_limit
-        t_dense = timed(lambda: [d(xs[d.in_features]) for d in dense], args.device, reps) * layers
-        int4_bytes = sum(p.qweight.nbytes + p.scales_and_zeros.nbytes for p in packed) * layers
-        dense_bytes = sum(d.weight.nbytes for d in dense) * layers
+        repeat = layers // copies
+        saved = int4_gpu.FUSED_MAX_TOKENS, int4_planes.CPU_KERNEL_MAX_TOKENS
+        int4_gpu.FUSED_MAX_TOKENS = int4_planes.CPU_KERNEL_MAX_TOKENS = 1 << 20
+        t_kernel = timed(lambda: [p(xs[p.in_features]) for p in packed], args.device, reps) * repeat
+        int4_gpu.FUSED_MAX_TOKENS = int4_planes.CPU_KERNEL_MAX_TOKENS = 0
+        t_dequant = timed(lambda: [p(xs[p.in_features]) for p in packed], args.device, reps) * repeat
+        int4_gpu.FUSED_MAX_TOKENS, int4_planes.CPU_KERNEL_MAX_TOKENS = saved
+        t_dense = timed(lambda: [d(xs[d.in_features]) for d in dense], args.device, reps) * repeat
+        int4_bytes = sum(p.qweight.nbytes + p.scales_and_zeros.nbytes for p in packed) * repeat
+        dense_bytes = sum(d.weight.nbytes for d in dense) * repeat
         rows.append({"M": m, "int4_kernel_ms": t_kernel * 1e3, "int4_dequant_gemm_ms": t_dequant * 1e3,
                      "bf16_ms": t_dense * 1e3, "int4_GBps": int4_bytes / t_kernel / 1e9,
                      "bf16_GBps": dense_bytes / t_dense / 1e9, "speedup_vs_bf16": t_dense / min(t_kernel, t_dequant)})
-        del method
     print(f"{args.model} layer stack, {args.device}: int4 weights {int4_bytes / 1e9:.2f} GB, bf16 {dense_bytes / 1e9:.2f} GB")
     print(f"{'M':>5} {'int4 kernel ms':>15} {'dequant+GEMM ms':>16} {'bf16 ms':>9} {'int4 GB/s':>10} {'bf16 GB/s':>10} {'best/bf16':>9}")
     for r in rows:

@@ -1,5 +1,6 @@
-"""The Triton int4-tile kernel against the dequantized matrix, for every plane layout and batch size,
-eagerly and replayed from a CUDA graph; and a whole int4 model on the GPU against its CPU twin."""
+"""The GPU int4 kernels (`int4_gpu.py`) against the dequantized matrix, for every plane layout and batch
+size, eagerly and replayed from a CUDA graph; GGUF layers and their embedding rows on the GPU against
+their CPU twins; and a whole int4 model on the GPU against its CPU twin."""
 from __future__ import annotations
 
 import pytest
@@ -37,10 +38,11 @@ def random_affine(n: int, k: int, group: int, bits: int, seed: int = 0) -> Affin
     return AffineCodes(codes, scale, minimum, group, bits)
 
 
-@pytest.mark.parametrize("group,bits", [(32, 4), (32, 8), (16, 6), (128, 4)])
-@pytest.mark.parametrize("num_tokens", [1, 5, 16, 33, 128])   # fused kernel, then dequantize + GEMM
-def test_kernel_matches_dequantized(group, bits, num_tokens):
-    n, k = 4096 + 64 * 3 + 32, 1024          # a padded last tile
+@pytest.mark.parametrize("group,bits,k", [(32, 4, 1024), (32, 8, 1024), (16, 6, 1024), (128, 4, 1024),
+                                          (32, 4, 576), (16, 6, 1040)])           # K padded to whole blocks
+@pytest.mark.parametrize("num_tokens", [1, 5, 16, 32, 33, 64, 128])   # fused kernel, then dequantize + GEMM
+def test_kernel_matches_dequantized(group, bits, k, num_tokens):
+    n = 4096 + 64 * 3 + 32 + 5                # no multiple of any tile
     affine = random_affine(n, k, group, bits)
     layer = packed_layer(affine, n, k)
     x = torch.randn(num_tokens, k, device="cuda", dtype=torch.bfloat16)
@@ -82,3 +84,32 @@ def test_int4_model_on_gpu_matches_cpu(tiny_llama):
         for position in range(1, len(prompt)):
             token = prompt[position]
             assert abs(gpu.prompt_logprobs[position][token].logprob - cpu.prompt_logprobs[position][token].logprob) < 0.05
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 100])
+def test_gguf_layer_and_its_embedding_rows_equal_the_cpu_twin(num_tokens):
+    """A merged layer of Q4_K, Q6_K (groups of 16, two planes) and Q8_0 rows, repacked in chunks into
+    the GPU layout: products and embedding lookups equal the same file's layer on the CPU."""
+    from ondo.layers.quantization.gguf_blocks import GGUFBlocks
+    from tests.layers.test_gguf_packed import random_blocks
+    from tests.loader.test_gguf_repack import K, MIXED_PARTS, merged_layer
+
+    raws = [random_blocks(kind, rows, K, seed=i) for i, (kind, rows) in enumerate(MIXED_PARTS)]
+    layers = {}
+    for device in ("cpu", "cuda"):
+        with torch.device(device):
+            layer = merged_layer(MIXED_PARTS, torch.bfloat16)
+        for shard, ((kind, rows), raw) in enumerate(zip(MIXED_PARTS, raws)):
+            layer.load("weight", GGUFBlocks(kind, (rows, K), raw), shard)
+        layer.finish_loading()
+        layers[device] = layer
+    assert layers["cuda"].qweight.dtype == torch.int32 and layers["cuda"].qweight.is_cuda
+    x = torch.randn(num_tokens, K, dtype=torch.bfloat16)
+    cpu, gpu = layers["cpu"](x).float(), layers["cuda"](x.cuda()).float().cpu()
+    assert (gpu - cpu).abs().max() <= 2e-2 * cpu.abs().max()
+    ids = torch.tensor([0, 5, 159, 160, 300, 455])
+    cpu_rows = layers["cpu"].method.embed(layers["cpu"], ids).float()
+    gpu_rows = layers["cuda"].method.embed(layers["cuda"], ids.cuda()).float().cpu()
+    torch.testing.assert_close(gpu_rows, cpu_rows, rtol=1e-2, atol=1e-4)   # one bf16 rounding apart at most
+    dense = layers["cuda"].method.dense_weight(layers["cuda"], slice(150, 170)).cpu()
+    torch.testing.assert_close(dense, layers["cpu"].method.dense_weight(layers["cpu"], slice(150, 170)), rtol=1e-5, atol=1e-6)

@@ -148,9 +148,9 @@ _GROUP_AND_BITS = {T.Q4_0: (32, 4), T.Q4_1: (32, 4), T.Q5_0: (32, 5), T.Q5_1: (3
 class _ChunkLayer(torch.nn.Module):
     """What `Int4PlanesMethod.store` fills for one chunk of rows, before the rows move into the layer."""
 
-    def __init__(self, dtype: torch.dtype):
+    def __init__(self, dtype: torch.dtype, gpu_layout: bool):
         super().__init__()
-        self.run_dtype, self.run_device = dtype, torch.device("cpu")
+        self.run_dtype, self.run_device, self.gpu_layout = dtype, torch.device("cpu"), gpu_layout
 
 
 class GGUFLinearMethod(Int4PlanesMethod):
@@ -190,7 +190,7 @@ class GGUFLinearMethod(Int4PlanesMethod):
             raise ValueError(f"{covered} of {layer.out_features} output rows were loaded")
         group = min(_GROUP_AND_BITS[blocks.ggml_type][0] for _, blocks in staged)
         bits = max(_GROUP_AND_BITS[blocks.ggml_type][1] for _, blocks in staged)
-        chunk_layer = _ChunkLayer(layer.run_dtype)
+        chunk_layer = _ChunkLayer(layer.run_dtype, layer.gpu_layout)
         with _one_thread():
             self._repack_chunks(layer, staged, group, bits, chunk_layer)
         layer.planes, layer.group = chunk_layer.planes, chunk_layer.group
@@ -199,7 +199,8 @@ class GGUFLinearMethod(Int4PlanesMethod):
     def _repack_chunks(self, layer: Linear, staged: list[tuple[slice, GGUFBlocks]], group: int, bits: int,
                        chunk_layer: _ChunkLayer) -> None:
         n = layer.out_features
-        n_pad = -(-n // TILE_N) * TILE_N
+        # Output rows are tiles of 64 rows on the CPU (padded) and columns of the words on a GPU.
+        n_pad = n if layer.gpu_layout else -(-n // TILE_N) * TILE_N
         for start in range(0, n, REPACK_ROWS):
             stop = min(start + REPACK_ROWS, n)
             pieces = []
@@ -209,13 +210,16 @@ class GGUFLinearMethod(Int4PlanesMethod):
                     part = decode_blocks(blocks.shard(0, slice(lo - rows.start, hi - rows.start)))
                     pieces.append(AffineCodes(part.codes, part.scale, part.minimum, part.group, bits).regroup(group))
             super().store(chunk_layer, concat_rows(pieces))
-            packed, scales = chunk_layer.qweight, chunk_layer.scales_and_zeros    # [rows_pad, ...], [G, rows_pad, 2]
+            packed, scales = chunk_layer.qweight, chunk_layer.scales_and_zeros
+            rows = slice(start, start + scales.shape[1])
             if start == 0:
+                # CPU: tiles [N_pad, K/2], output rows along dim 0; GPU: words [K/8, N], along dim 1.
+                shape = (packed.shape[0], n_pad) if layer.gpu_layout else (n_pad, packed.shape[1])
                 with torch.device(layer.run_device):
-                    qweight = torch.empty(n_pad, packed.shape[1], dtype=packed.dtype)
+                    qweight = torch.empty(shape, dtype=packed.dtype)
                     scales_and_zeros = torch.empty(scales.shape[0], n_pad, 2, dtype=scales.dtype)
-            qweight[start:start + packed.shape[0]].copy_(packed)
-            scales_and_zeros[:, start:start + packed.shape[0]].copy_(scales)
+            (qweight[:, rows] if layer.gpu_layout else qweight[rows]).copy_(packed)
+            scales_and_zeros[:, rows].copy_(scales)
         layer.register_buffer("qweight", qweight, persistent=False)
         layer.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
 

@@ -5,26 +5,27 @@ and a minimum, w = scale * code + minimum, with integer codes of `bits` bits. Su
 a sum of 4-bit planes, code = sum_p 16^p * code_p, so a 5-, 6- or 8-bit format (Q5_K, Q6_K, Q8_0) is
 two int4 matrices side by side along K multiplied by [x, x]: one kernel call, no rounding.
 
-Storage (`Int4Planes`):
-- `qweight` uint8 [N_pad, P * K_eff / 2]: torch's CPU int4 tile layout (tiles of 64 rows; the byte at
-  [tile, k, d] holds row d in its low nibble and row d + 32 in its high one). N is padded to 64.
-- `scales_and_zeros` [P * K_eff / g, N_pad, 2] in the run dtype: w = (code_p - 8) * scale_p + zero_p.
-- Groups of 16 (Q6_K) are padded to 32 with zero inputs, so K_eff = 2K for them, else K.
+Storage, chosen by the run device at load (both lossless):
+- CPU: `qweight` uint8 [N_pad, P * K_eff / 2] in torch's CPU int4 tile layout (tiles of 64 rows; the
+  byte at [tile, k, d] holds row d in its low nibble and row d + 32 in its high one). N is padded to
+  64; groups of 16 (Q6_K) are padded to 32 with zero inputs, so K_eff = 2K for them, else K.
+- CUDA: `qweight` int32 [P * K_pad / 8, N], codes packed along K (`int4_gpu.py`); K_eff = K_pad.
+- Both: `scales_and_zeros` [P * K_eff / g, N(_pad), 2] in the run dtype: w = (code_p - 8) * scale_p + zero_p.
 
 Kernels (`apply`): on the CPU, torch's fused int4 kernel (`aten._weight_int4pack_mm_for_cpu`) reads
 the packed bytes directly, for every batch size (fast for bfloat16/float16 activations, exact but
-slow for float32). On a GPU the same layout
-is read by a Triton kernel (`int4_triton.py`) for every batch size, inside the CUDA graphs.
+slow for float32). On a GPU, Triton kernels (`int4_gpu.py`): a fused kernel for decode-sized
+batches, dequantize + cuBLAS above that, all inside the CUDA graphs.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ondo.layers.linear import Linear, LinearMethod, row_chunks
+from ondo.layers.quantization.int4_gpu import pack_words, padded_k
 
 TILE_N = 64
 KERNEL_GROUPS = (32, 64, 128, 256)
@@ -89,6 +90,7 @@ class Int4PlanesMethod(LinearMethod):
 
     def create_weights(self, layer: Linear, dtype: torch.dtype) -> None:
         layer.run_dtype, layer.run_device = dtype, torch.get_default_device()
+        layer.gpu_layout = layer.run_device.type == "cuda"
         layer.staged = []                                   # (rows, AffineCodes | dense tensor) until loaded
 
     def load_weight(self, layer: Linear, tensor, rows: slice) -> None:
@@ -106,23 +108,16 @@ class Int4PlanesMethod(LinearMethod):
         del layer.staged
 
     def store(self, layer: Linear, affine: AffineCodes) -> None:
+        if layer.gpu_layout:
+            self._store_gpu(layer, affine)
+            return
         n = affine.codes.shape[0]
         padded16 = affine.group == 16
         if padded16:                               # pad each group of 16 to 32 with dummy codes
             affine = _pad_groups_to_32(affine)
         elif affine.group not in KERNEL_GROUPS:
             raise ValueError(f"group size must be 16, 32, 64, 128 or 256, got {affine.group}")
-        planes = math.ceil(affine.bits / 4)
-        if planes == 1:
-            codes, scales, zeros = [affine.codes], [affine.scale], [8 * affine.scale + affine.minimum]
-        else:
-            # Wider codes are centred and split into signed 4-bit digits, c - 2^(b-1) = 16 h + l, stored
-            # as l and h + 8, so every zero but the first is 0 and the first stays small: a bfloat16
-            # zero then rounds by a fraction of one step, not of the whole offset.
-            centred = affine.codes.to(torch.int16) - 2 ** (affine.bits - 1)
-            codes = [(centred & 15).to(torch.uint8), ((centred >> 4) + 8).to(torch.uint8)]
-            scales = [affine.scale, affine.scale * 16]
-            zeros = [(8 + 2 ** (affine.bits - 1)) * affine.scale + affine.minimum, torch.zeros_like(affine.scale)]
+        codes, scales, zeros = _planes(affine)
         n_pad = -(-n // TILE_N) * TILE_N
         codes_all = F.pad(torch.cat(codes, dim=1), (0, 0, 0, n_pad - n))            # [N_pad, P*K_eff]
         sz = torch.stack([torch.cat(scales, 1), torch.cat(zeros, 1)], dim=-1)      # [N, P*G, 2]
@@ -130,8 +125,25 @@ class Int4PlanesMethod(LinearMethod):
         device = layer.run_device
         layer.register_buffer("qweight", pack_tiles(codes_all).to(device), persistent=False)
         layer.register_buffer("scales_and_zeros", sz.to(device=device, dtype=layer.run_dtype), persistent=False)
-        layer.planes, layer.group, layer.padded16 = planes, affine.group, padded16
-        layer.k_eff = codes_all.shape[1] // planes
+        layer.planes, layer.group, layer.padded16 = len(codes), affine.group, padded16
+        layer.k_eff = codes_all.shape[1] // len(codes)
+
+    def _store_gpu(self, layer: Linear, affine: AffineCodes) -> None:
+        """The CUDA layout: each plane padded along K to whole blocks, its extra groups zero."""
+        if affine.group not in (16,) + KERNEL_GROUPS:
+            raise ValueError(f"group size must be 16, 32, 64, 128 or 256, got {affine.group}")
+        k = affine.codes.shape[1]
+        k_pad = padded_k(k, affine.group)
+        extra_groups = (k_pad - k) // affine.group
+        codes, scales, zeros = _planes(affine)
+        codes_all = torch.cat([F.pad(c, (0, k_pad - k)) for c in codes], dim=1)   # [N, P*K_pad]
+        scales = torch.cat([F.pad(s, (0, extra_groups)) for s in scales], dim=1)  # [N, P*G_pad]
+        zeros = torch.cat([F.pad(z, (0, extra_groups)) for z in zeros], dim=1)
+        sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()     # [P*G_pad, N, 2]
+        device = layer.run_device
+        layer.register_buffer("qweight", pack_words(codes_all).to(device), persistent=False)
+        layer.register_buffer("scales_and_zeros", sz.to(device=device, dtype=layer.run_dtype), persistent=False)
+        layer.planes, layer.group, layer.padded16, layer.k_eff = len(codes), affine.group, False, k_pad
 
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         one_plane = layer.__dict__.get("cpu_one_plane")
@@ -147,13 +159,13 @@ class Int4PlanesMethod(LinearMethod):
         x = x.reshape(-1, shape[-1])
         if self._use_kernel(x):
             if x.is_cuda:
-                from ondo.layers.quantization.int4_triton import int4_tiles_mm
+                from ondo.layers.quantization.int4_gpu import int4_linear
 
-                out = int4_tiles_mm(self._kernel_input(layer, x), layer.qweight, layer.scales_and_zeros, layer.group)
+                out = int4_linear(x.contiguous(), layer.qweight, layer.scales_and_zeros, layer.group, layer.planes)
             else:
                 out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                     self._kernel_input(layer, x), layer.qweight, layer.group, layer.scales_and_zeros)
-            out = out[:, :layer.out_features]                                     # [T, out]
+                out = out[:, :layer.out_features]                                 # [T, out]
         else:  # float32 on a GPU, other devices: dequantize a few thousand rows at a time
             out = torch.cat([F.linear(x, self.dense_weight(layer, rows).to(x.dtype))  # [T, out]
                              for rows in row_chunks(layer.out_features)], dim=1)
@@ -175,11 +187,22 @@ class Int4PlanesMethod(LinearMethod):
     def dense_weight(self, layer: Linear, rows: slice | None = None) -> torch.Tensor:
         """Dequantized rows [n, K] in float32 (all output rows by default)."""
         rows = rows or slice(0, layer.out_features)
-        tiles = slice(rows.start, -(-rows.stop // TILE_N) * TILE_N)                 # whole tiles only
+        if layer.gpu_layout:
+            from ondo.layers.quantization.int4_gpu import int4_dequant
+
+            return int4_dequant(layer.qweight[:, rows], layer.scales_and_zeros[:, rows], layer.group,
+                                layer.in_features, layer.planes, torch.float32).t()
+        first = rows.start // TILE_N * TILE_N
+        tiles = slice(first, -(-rows.stop // TILE_N) * TILE_N)                      # whole tiles only
         dense = self._rows(layer, unpack_tiles(layer.qweight[tiles]), layer.scales_and_zeros[:, tiles])
-        return dense[:rows.stop - rows.start]
+        return dense[rows.start - first:rows.stop - first]
 
     def embed(self, layer: Linear, token_ids: torch.Tensor) -> torch.Tensor:
+        if layer.gpu_layout:   # the tokens' columns, dequantized by the GPU kernel
+            from ondo.layers.quantization.int4_gpu import int4_dequant
+
+            return int4_dequant(layer.qweight.index_select(1, token_ids), layer.scales_and_zeros.index_select(1, token_ids),
+                                layer.group, layer.in_features, layer.planes, layer.run_dtype).t()
         # Row n sits in tile n // 64 at byte column n % 32 of every k (low nibble for n % 64 < 32).
         # index_select, not advanced indexing: the latter costs milliseconds per call on a CPU.
         k_total = layer.qweight.shape[1] * 2
@@ -200,6 +223,20 @@ class Int4PlanesMethod(LinearMethod):
         if layer.padded16:
             w = w.view(rows, -1, 32)[..., :16].flatten(1)                            # [R, K]
         return w
+
+
+def _planes(affine: AffineCodes) -> tuple[list, list, list]:
+    """Codes, scales and zeros per 4-bit plane: w = sum_p (code_p - 8) * scale_p + zero_p."""
+    if affine.bits <= 4:
+        return [affine.codes], [affine.scale], [8 * affine.scale + affine.minimum]
+    # Wider codes are centred and split into signed 4-bit digits, c - 2^(b-1) = 16 h + l, stored as l
+    # and h + 8, so every zero but the first is 0 and the first stays small: a bfloat16 zero then
+    # rounds by a fraction of one step, not of the whole offset.
+    centred = affine.codes.to(torch.int16) - 2 ** (affine.bits - 1)
+    codes = [(centred & 15).to(torch.uint8), ((centred >> 4) + 8).to(torch.uint8)]
+    scales = [affine.scale, affine.scale * 16]
+    zeros = [(8 + 2 ** (affine.bits - 1)) * affine.scale + affine.minimum, torch.zeros_like(affine.scale)]
+    return codes, scales, zeros
 
 
 def _pad_groups_to_32(affine: AffineCodes) -> AffineCodes:
