@@ -53,7 +53,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from ondo.layers.linear import Linear, linear_method_scope
     from ondo.layers.quantization.int4 import Int4Method
-    from ondo.layers.quantization import int4_gpu, int4_planes
+    from ondo.layers.quantization import int4_planes
 
     shapes, layers = SHAPES[args.model]
     torch.set_default_dtype(torch.bfloat16)
@@ -71,12 +71,21 @@ def main() -> None:
     for m in [int(v) for v in args.batch_sizes.split(",")]:
         xs = {k: torch.randn(m, k, device=args.device) for _, k in shapes}
         repeat = layers // copies
-        saved = int4_gpu.FUSED_MAX_TOKENS, int4_planes.CPU_KERNEL_MAX_TOKENS
-        int4_gpu.FUSED_MAX_TOKENS = int4_planes.CPU_KERNEL_MAX_TOKENS = 1 << 20
+        # The kernel limits, forced each way: the fused kernel for every batch, then dequantize + GEMM.
+        limits = [(int4_planes, "CPU_KERNEL_MAX_TOKENS")]
+        if args.device == "cuda":                      # Triton only where a GPU runs
+            from ondo.layers.quantization import int4_gpu_kernels
+
+            limits.append((int4_gpu_kernels, "FUSED_MAX_TOKENS"))
+        saved = [getattr(module, name) for module, name in limits]
+        for module, name in limits:
+            setattr(module, name, 1 << 20)
         t_kernel = timed(lambda: [p(xs[p.in_features]) for p in packed], args.device, reps) * repeat
-        int4_gpu.FUSED_MAX_TOKENS = int4_planes.CPU_KERNEL_MAX_TOKENS = 0
+        for module, name in limits:
+            setattr(module, name, 0)
         t_dequant = timed(lambda: [p(xs[p.in_features]) for p in packed], args.device, reps) * repeat
-        int4_gpu.FUSED_MAX_TOKENS, int4_planes.CPU_KERNEL_MAX_TOKENS = saved
+        for (module, name), value in zip(limits, saved):
+            setattr(module, name, value)
         t_dense = timed(lambda: [d(xs[d.in_features]) for d in dense], args.device, reps) * repeat
         int4_bytes = sum(p.qweight.nbytes + p.scales_and_zeros.nbytes for p in packed) * repeat
         dense_bytes = sum(d.weight.nbytes for d in dense) * repeat

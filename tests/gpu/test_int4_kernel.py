@@ -1,4 +1,4 @@
-"""The GPU int4 kernels (`int4_gpu.py`) against the dequantized matrix, for every plane layout and batch
+"""The GPU int4 kernels (`int4_gpu_kernels.py`) against the dequantized matrix, for every plane layout and batch
 size, eagerly and replayed from a CUDA graph; GGUF layers and their embedding rows on the GPU against
 their CPU twins; and a whole int4 model on the GPU against its CPU twin."""
 from __future__ import annotations

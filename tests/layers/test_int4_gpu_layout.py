@@ -98,7 +98,7 @@ def test_gguf_chunked_repack_in_the_gpu_layout_equals_the_whole_matrix(monkeypat
 
 _INTERPRETED = r"""
 import torch
-from ondo.layers.quantization.int4_gpu import int4_dequant, int4_mm, kernel_config
+from ondo.layers.quantization.int4_gpu_kernels import int4_dequant, int4_mm
 from tests.layers.test_int4_gpu_layout import decode_words, gpu_layout_layer, random_affine
 for group, bits, k, m in [(32, 4, 160, 1), (16, 6, 208, 3), (128, 4, 384, 20), (32, 8, 96, 40)]:
     layer = gpu_layout_layer(random_affine(70, k, group, bits))

@@ -1,4 +1,5 @@
-"""Affine 4-bit weights laid out for the GPU, and the Triton kernels that read them.
+"""Affine 4-bit weights laid out for the GPU (the kernels that read them: `int4_gpu_kernels.py`,
+imported only where a GPU runs, so a CPU run never loads Triton).
 
 Layout (`pack_words`): codes are packed along K into int32 words, column-major over N, in blocks of
 128 inputs: word i of block b in column n holds input k = 128 b + 16 j + i in nibble j (i < 16,
@@ -10,7 +11,7 @@ matrices stacked along K, all multiplied by the same x. Groups of 16 (Q6_K) need
 
 `scales_and_zeros` [groups, N, 2] in the run dtype, as on the CPU: w = (code - 8) * scale + zero.
 
-Kernels, picked by batch size (benchmarks/int4_kernel.py, H200, Llama-3-8B shapes):
+Kernels (`int4_gpu_kernels.py`), picked by batch size (benchmarks/int4_kernel.py, H200, Llama-3-8B shapes):
 - `int4_mm` up to `FUSED_MAX_TOKENS` rows: one program owns BLOCK_N outputs and a slice of K; codes
   become floats with the exponent trick (code | 0x4B000000 is the float 2^23 + code, no int-to-float
   conversion), are scaled per group (a second plane added in float32, so each weight is rounded
@@ -25,16 +26,8 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs never launch these kernels
-    triton = None
-
 BLOCK_K = 128                 # inputs per packed block
 SLICE = 16                    # inputs per nibble position in a block
-SMS = 132                     # H100/H200; more programs than this only matter as "enough"
-FUSED_MAX_TOKENS = 32       # between the measured 17 rows (fused 2x faster) and 64 (dequantize wins)
 
 
 def padded_k(k: int, group: int) -> int:
@@ -61,145 +54,3 @@ def unpack_words(words: torch.Tensor) -> torch.Tensor:
     return c.reshape(k8 * 8, n).t().to(torch.uint8).contiguous()
 
 
-if triton is not None:
-
-    @triton.jit
-    def _scale_and_zero(sz_ptr, g, sz_stride, offs_n, n_mask, PAIRED: tl.constexpr, BF16: tl.constexpr):
-        """Group g's scale and zero per output, as float32 [BLOCK_N]."""
-        if PAIRED:   # a 16-bit pair read as one int32: one coalesced load instead of two strided ones
-            pair = tl.load(sz_ptr + g * sz_stride + offs_n, mask=n_mask, other=0)
-            half = tl.bfloat16 if BF16 else tl.float16
-            scale = pair.to(tl.int16).to(half, bitcast=True).to(tl.float32)
-            zero = (pair >> 16).to(tl.int16).to(half, bitcast=True).to(tl.float32)
-        else:
-            scale = tl.load(sz_ptr + g * sz_stride + 2 * offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            zero = tl.load(sz_ptr + g * sz_stride + 2 * offs_n + 1, mask=n_mask, other=0.0).to(tl.float32)
-        return scale, zero
-
-    @triton.jit
-    def _dequant_slice(words, scale, zero, j: tl.constexpr):
-        """Slice j of a block as float32 weights [16, BLOCK_N]."""
-        bits = ((words >> (4 * j)) & 15) | 0x4B000000                                  # float 2^23 + code
-        centred = bits.to(tl.float32, bitcast=True) - 8388616.0                        # code - 8, exact
-        return centred * scale[None, :] + zero[None, :]
-
-    @triton.jit
-    def _int4_mm_kernel(
-        x_ptr, q_ptr, sz_ptr, out_ptr, M, N, K_X, K_P, K_PER_SPLIT, stride_xm, stride_om, SZ_STRIDE,
-        GROUP: tl.constexpr, PLANES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        ATOMIC: tl.constexpr, PAIRED: tl.constexpr, BF16: tl.constexpr,
-    ):
-        # K_P: one plane's padded K. A second plane's weights are added in float32 before the one
-        # rounding to the activation dtype, so a 5- to 8-bit weight is rounded once, as a dense one is.
-        pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_i = tl.arange(0, 16)
-        m_mask, n_mask = offs_m < M, offs_n < N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        k_start = split * K_PER_SPLIT
-        for k0 in range(k_start, k_start + K_PER_SPLIT, 128):
-            words = tl.load(q_ptr + (k0 // 8 + offs_i)[:, None] * N + offs_n[None, :],
-                            mask=n_mask[None, :], other=0)                                  # [16, BN]
-            if PLANES == 2:
-                words_hi = tl.load(q_ptr + ((K_P + k0) // 8 + offs_i)[:, None] * N + offs_n[None, :],
-                                   mask=n_mask[None, :], other=0)
-            for j in tl.static_range(8):
-                g = (k0 + 16 * j) // GROUP
-                scale, zero = _scale_and_zero(sz_ptr, g, SZ_STRIDE, offs_n, n_mask, PAIRED, BF16)
-                w = _dequant_slice(words, scale, zero, j)
-                if PLANES == 2:
-                    scale, zero = _scale_and_zero(sz_ptr, g + K_P // GROUP, SZ_STRIDE, offs_n, n_mask, PAIRED, BF16)
-                    w += _dequant_slice(words_hi, scale, zero, j)
-                k_x = k0 + 16 * j + offs_i
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_x[None, :],
-                            mask=m_mask[:, None] & (k_x < K_X)[None, :], other=0.0)        # [BM, 16]
-                acc = tl.dot(x, w.to(x.dtype), acc)
-        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        mask = m_mask[:, None] & n_mask[None, :]
-        if ATOMIC:
-            tl.atomic_add(out, acc, mask=mask)
-        else:
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _int4_dequant_kernel(q_ptr, sz_ptr, out_ptr, N, Q_STRIDE, SZ_STRIDE, K_P, PLANES: tl.constexpr,
-                             GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
-        # W^T [K_P, N]: row k sums the planes' weights at k; stores coalesce along N.
-        kb, pid_n = tl.program_id(0), tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_i = tl.arange(0, 16)
-        n_mask = offs_n < N
-        for j in tl.static_range(8):
-            w = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-            for p in tl.static_range(PLANES):
-                k0 = p * K_P + kb * 128
-                words = tl.load(q_ptr + (k0 // 8 + offs_i)[:, None] * Q_STRIDE + offs_n[None, :],
-                                mask=n_mask[None, :], other=0)
-                scale, zero = _scale_and_zero(sz_ptr, (k0 + 16 * j) // GROUP, SZ_STRIDE, offs_n, n_mask, False, False)
-                w += _dequant_slice(words, scale, zero, j)
-            rows = kb * 128 + 16 * j + offs_i
-            tl.store(out_ptr + rows[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
-                     mask=n_mask[None, :])
-
-
-def kernel_config(m: int, n: int, k_p: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, split, num_warps) for an [m, K] x [K, n] product, from a sweep on the H200.
-
-    Decode is bound by how many weight loads are in flight, so small batches spread K over many
-    short programs (up to ~16 per SM); larger batches keep longer programs and bigger tiles."""
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    block_n = 128 if m == 1 or m > 16 else 256
-    warps = 2 if m == 1 else 4
-    target = (16 if m <= 16 else 4) * SMS
-    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    blocks = k_p // BLOCK_K
-    split = 1
-    while tiles * split * 2 <= target and blocks % (split * 2) == 0:
-        split *= 2
-    return block_m, block_n, split, warps
-
-
-def int4_mm(x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tensor, group: int, planes: int,
-            config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """x [M, K_X] (bf16/fp16, contiguous) @ W^T -> [M, N] in x's dtype (W: the planes summed)."""
-    m, k_x = x.shape
-    k_p, n = padded_k(k_x, group), words.shape[1]
-    if planes not in (1, 2) or words.shape[0] * 8 != planes * k_p:
-        raise ValueError(f"expected {planes} plane(s) of {k_p} inputs, got words of shape {tuple(words.shape)}")
-    block_m, block_n, split, warps = config or kernel_config(m, n, k_p)
-    if (k_p // BLOCK_K) % split:
-        raise ValueError(f"split {split} does not divide the {k_p // BLOCK_K} blocks of K")
-    atomic = split > 1
-    out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else \
-        torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
-    paired = scales_and_zeros.element_size() == 2
-    sz = scales_and_zeros.view(torch.int32) if paired else scales_and_zeros
-    _int4_mm_kernel[grid](x, words, sz, out, m, n, k_x, k_p, k_p // split, x.stride(0), out.stride(0),
-                          sz.stride(0), GROUP=group, PLANES=planes, BLOCK_M=block_m, BLOCK_N=block_n,
-                          ATOMIC=atomic, PAIRED=paired, BF16=scales_and_zeros.dtype == torch.bfloat16,
-                          num_warps=warps, num_stages=3)
-    return out.to(x.dtype) if atomic else out
-
-
-def int4_dequant(words: torch.Tensor, scales_and_zeros: torch.Tensor, group: int, k_x: int, planes: int,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """The dense W^T [K_X, N] in `dtype`, planes summed. `words` / `scales_and_zeros` may be column
-    slices (output rows) of a layer's buffers."""
-    n = words.shape[1]
-    k_p = padded_k(k_x, group)
-    out = torch.empty(k_p, n, dtype=dtype, device=words.device)
-    block_n = 128
-    _int4_dequant_kernel[(k_p // BLOCK_K, triton.cdiv(n, block_n))](
-        words, scales_and_zeros, out, n, words.stride(0), scales_and_zeros.stride(0), k_p,
-        PLANES=planes, GROUP=group, BLOCK_N=block_n, num_warps=4)
-    return out[:k_x]
-
-
-def int4_linear(x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tensor, group: int,
-                planes: int) -> torch.Tensor:
-    """x [M, K] @ W^T with the kernel the batch size calls for."""
-    if x.shape[0] <= FUSED_MAX_TOKENS:
-        return int4_mm(x, words, scales_and_zeros, group, planes)
-    return x @ int4_dequant(words, scales_and_zeros, group, x.shape[1], planes, x.dtype)

@@ -14,7 +14,7 @@ Storage, chosen by the run device at load (both lossless):
 
 Kernels (`apply`): on the CPU, torch's fused int4 kernel (`aten._weight_int4pack_mm_for_cpu`) reads
 the packed bytes directly, for every batch size (fast for bfloat16/float16 activations, exact but
-slow for float32). On a GPU, Triton kernels (`int4_gpu.py`): a fused kernel for decode-sized
+slow for float32). On a GPU, Triton kernels (`int4_gpu_kernels.py`): a fused kernel for decode-sized
 batches, dequantize + cuBLAS above that, all inside the CUDA graphs.
 """
 from __future__ import annotations
@@ -159,7 +159,7 @@ class Int4PlanesMethod(LinearMethod):
         x = x.reshape(-1, shape[-1])
         if self._use_kernel(x):
             if x.is_cuda:
-                from ondo.layers.quantization.int4_gpu import int4_linear
+                from ondo.layers.quantization.int4_gpu_kernels import int4_linear
 
                 out = int4_linear(x.contiguous(), layer.qweight, layer.scales_and_zeros, layer.group, layer.planes)
             else:
@@ -188,7 +188,7 @@ class Int4PlanesMethod(LinearMethod):
         """Dequantized rows [n, K] in float32 (all output rows by default)."""
         rows = rows or slice(0, layer.out_features)
         if layer.gpu_layout:
-            from ondo.layers.quantization.int4_gpu import int4_dequant
+            from ondo.layers.quantization.int4_gpu_kernels import int4_dequant
 
             return int4_dequant(layer.qweight[:, rows], layer.scales_and_zeros[:, rows], layer.group,
                                 layer.in_features, layer.planes, torch.float32).t()
@@ -199,7 +199,7 @@ class Int4PlanesMethod(LinearMethod):
 
     def embed(self, layer: Linear, token_ids: torch.Tensor) -> torch.Tensor:
         if layer.gpu_layout:   # the tokens' columns, dequantized by the GPU kernel
-            from ondo.layers.quantization.int4_gpu import int4_dequant
+            from ondo.layers.quantization.int4_gpu_kernels import int4_dequant
 
             return int4_dequant(layer.qweight.index_select(1, token_ids), layer.scales_and_zeros.index_select(1, token_ids),
                                 layer.group, layer.in_features, layer.planes, layer.run_dtype).t()
