@@ -33,6 +33,7 @@ _SCALAR_TYPES: dict[int, tuple[str, str]] = {
     10: ("<Q", "<u8"), 11: ("<q", "<i8"), 12: ("<d", "<f8"),
 }
 _STRING, _ARRAY = 8, 9
+_LENGTH = struct.Struct("<Q")
 VOCABULARY_KEYS = frozenset({"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
                              "tokenizer.ggml.token_type"})
 
@@ -146,16 +147,27 @@ class GGUFFile:
 
     def _unpack(self, fmt: str) -> Any:
         size = struct.calcsize(fmt)
-        (value,) = struct.unpack_from(fmt, self._data, self._pos)
+        (value,) = struct.unpack_from(fmt, self._map, self._pos)
         self._pos += size
         return value
 
     def _read_string(self) -> str:
         length = self._unpack("<Q")
-        raw = bytes(self._data[self._pos : self._pos + length])
+        raw = self._map[self._pos : self._pos + length]          # bytes straight from the map: no numpy view
         self._pos += length
         # Some vocabularies hold invalid UTF-8 (partial byte tokens); keep them readable.
         return raw.decode("utf-8", errors="replace")
+
+    def _read_strings(self, count: int) -> list[str]:
+        """`count` strings in a row (a vocabulary, its merges): `_read_string` in one tight loop."""
+        data, pos, strings = self._map, self._pos, []
+        read_length = _LENGTH.unpack_from
+        for _ in range(count):
+            (length,) = read_length(data, pos)
+            strings.append(data[pos + 8 : pos + 8 + length].decode("utf-8", errors="replace"))
+            pos += 8 + length
+        self._pos = pos
+        return strings
 
     def _read_value(self, value_type: int) -> Any:
         if value_type in _SCALAR_TYPES:
@@ -170,6 +182,8 @@ class GGUFFile:
                 values = np.frombuffer(self._data, dtype=dtype, count=count, offset=self._pos)
                 self._pos += count * dtype.itemsize
                 return values.tolist()
+            if item_type == _STRING:
+                return self._read_strings(count)
             return [self._read_value(item_type) for _ in range(count)]
         raise GGUFFormatError(f"{self.path}: unknown metadata value type {value_type} at byte {self._pos}")
 
