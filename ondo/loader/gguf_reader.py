@@ -152,18 +152,16 @@ class GGUFFile:
         return value
 
     def _read_string(self) -> str:
-        length = self._unpack("<Q")
-        raw = self._map[self._pos : self._pos + length]          # bytes straight from the map: no numpy view
-        self._pos += length
-        # Some vocabularies hold invalid UTF-8 (partial byte tokens); keep them readable.
-        return raw.decode("utf-8", errors="replace")
+        return self._read_strings(1)[0]
 
     def _read_strings(self, count: int) -> list[str]:
-        """`count` strings in a row (a vocabulary, its merges): `_read_string` in one tight loop."""
+        """`count` strings in a row (a vocabulary and its merges are 100k of them, so one tight loop),
+        each a u64 length and its bytes, taken straight from the map (no numpy view per string)."""
         data, pos, strings = self._map, self._pos, []
         read_length = _LENGTH.unpack_from
         for _ in range(count):
             (length,) = read_length(data, pos)
+            # Some vocabularies hold invalid UTF-8 (partial byte tokens); keep them readable.
             strings.append(data[pos + 8 : pos + 8 + length].decode("utf-8", errors="replace"))
             pos += 8 + length
         self._pos = pos

@@ -8,34 +8,22 @@ import torch
 
 from ondo.layers.linear import Linear, linear_method_scope
 from ondo.layers.quantization.int4 import Int4Method
-from ondo.layers.quantization.int4_planes import AffineCodes, Int4PlanesMethod
+from ondo.layers.quantization.int4_planes import AffineCodes
+from tests.layers.test_int4_gpu_layout import PassThroughCodes, random_affine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-
-class _Codes(Int4PlanesMethod):
-    def to_codes(self, layer, tensor):
-        return tensor
 
 
 def packed_layer(affine: AffineCodes, n: int, k: int) -> Linear:
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device("cuda"), linear_method_scope(lambda layer: _Codes()):
+        with torch.device("cuda"), linear_method_scope(lambda layer: PassThroughCodes()):
             layer = Linear(k, n)
     finally:
         torch.set_default_dtype(torch.float32)
     layer.load("weight", affine)
     layer.finish_loading()
     return layer
-
-
-def random_affine(n: int, k: int, group: int, bits: int, seed: int = 0) -> AffineCodes:
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 2 ** bits, (n, k), generator=g, dtype=torch.uint8)
-    scale = torch.rand(n, k // group, generator=g) * 0.01 + 1e-3
-    minimum = -scale * 2 ** (bits - 1) + torch.randn(n, k // group, generator=g) * 1e-3
-    return AffineCodes(codes, scale, minimum, group, bits)
 
 
 @pytest.mark.parametrize("group,bits,k", [(32, 4, 1024), (32, 8, 1024), (16, 6, 1024), (128, 4, 1024),

@@ -16,7 +16,9 @@ from ondo.layers.quantization.int4_gpu import pack_words, padded_k, unpack_words
 from ondo.layers.quantization.int4_planes import AffineCodes, Int4PlanesMethod
 
 
-class _Codes(Int4PlanesMethod):
+class PassThroughCodes(Int4PlanesMethod):
+    """Takes `AffineCodes` as they are (the GPU tests share it)."""
+
     def to_codes(self, layer, tensor):
         return tensor
 
@@ -31,7 +33,7 @@ def random_affine(n: int, k: int, group: int, bits: int, seed: int = 0) -> Affin
 
 def gpu_layout_layer(affine: AffineCodes) -> Linear:
     n, k = affine.codes.shape
-    with linear_method_scope(lambda layer: _Codes()):
+    with linear_method_scope(lambda layer: PassThroughCodes()):
         layer = Linear(k, n)
     layer.gpu_layout = True          # what a CUDA run device sets; the packing itself is plain torch
     layer.load("weight", affine)

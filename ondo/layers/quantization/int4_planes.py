@@ -122,11 +122,7 @@ class Int4PlanesMethod(LinearMethod):
         codes_all = F.pad(torch.cat(codes, dim=1), (0, 0, 0, n_pad - n))            # [N_pad, P*K_eff]
         sz = torch.stack([torch.cat(scales, 1), torch.cat(zeros, 1)], dim=-1)      # [N, P*G, 2]
         sz = F.pad(sz, (0, 0, 0, 0, 0, n_pad - n)).transpose(0, 1).contiguous()    # [P*G, N_pad, 2]
-        device = layer.run_device
-        layer.register_buffer("qweight", pack_tiles(codes_all).to(device), persistent=False)
-        layer.register_buffer("scales_and_zeros", sz.to(device=device, dtype=layer.run_dtype), persistent=False)
-        layer.planes, layer.group, layer.padded16 = len(codes), affine.group, padded16
-        layer.k_eff = codes_all.shape[1] // len(codes)
+        _keep(layer, pack_tiles(codes_all), sz, len(codes), affine.group, padded16, codes_all.shape[1] // len(codes))
 
     def _store_gpu(self, layer: Linear, affine: AffineCodes) -> None:
         """The CUDA layout: each plane padded along K to whole blocks, its extra groups zero."""
@@ -140,10 +136,7 @@ class Int4PlanesMethod(LinearMethod):
         scales = torch.cat([F.pad(s, (0, extra_groups)) for s in scales], dim=1)  # [N, P*G_pad]
         zeros = torch.cat([F.pad(z, (0, extra_groups)) for z in zeros], dim=1)
         sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()     # [P*G_pad, N, 2]
-        device = layer.run_device
-        layer.register_buffer("qweight", pack_words(codes_all).to(device), persistent=False)
-        layer.register_buffer("scales_and_zeros", sz.to(device=device, dtype=layer.run_dtype), persistent=False)
-        layer.planes, layer.group, layer.padded16, layer.k_eff = len(codes), affine.group, False, k_pad
+        _keep(layer, pack_words(codes_all), sz, len(codes), affine.group, False, k_pad)
 
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         one_plane = layer.__dict__.get("cpu_one_plane")
@@ -223,6 +216,14 @@ class Int4PlanesMethod(LinearMethod):
         if layer.padded16:
             w = w.view(rows, -1, 32)[..., :16].flatten(1)                            # [R, K]
         return w
+
+
+def _keep(layer: Linear, qweight: torch.Tensor, sz: torch.Tensor, planes: int, group: int, padded16: bool,
+          k_eff: int) -> None:
+    """The packed weight and its scales on the run device, and what the kernels need to read them."""
+    layer.register_buffer("qweight", qweight.to(layer.run_device), persistent=False)
+    layer.register_buffer("scales_and_zeros", sz.to(device=layer.run_device, dtype=layer.run_dtype), persistent=False)
+    layer.planes, layer.group, layer.padded16, layer.k_eff = planes, group, padded16, k_eff
 
 
 def _planes(affine: AffineCodes) -> tuple[list, list, list]:
