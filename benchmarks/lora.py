@@ -10,6 +10,7 @@ temporary folder; weights are random too, since speed does not depend on their v
 - `base`: the LoRA engine, every request on the base model (what enabling LoRA costs by itself);
 - `multi-lora`: the LoRA engine, request i on adapter i % --num-adapters (one batch mixes them all);
 - `1-stream base` / `1-stream lora`: one request at a time (decode latency).
+`vs base` compares with the LoRA engine's base-model rows, `vs plain` with the engine without LoRA.
 Each engine runs in a child process so GPU memory and CUDA graphs of one do not affect the other.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import common
 
 COLUMNS = [("case", "case"), ("requests", "requests"), ("output_tokens", "out tokens"), ("elapsed_s", "seconds"),
-           ("output_tok_s", "out tok/s"), ("vs_base", "vs base")]
+           ("output_tok_s", "out tok/s"), ("vs_base", "vs base"), ("vs_plain", "vs plain")]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -144,8 +145,11 @@ def main(argv=None) -> None:
             rows += json.loads(result.read_text())
     by_case = {row["case"]: row for row in rows}
     for row in rows:
-        reference = by_case["1-stream base" if row["case"].startswith("1-stream") else "base"]
+        single = row["case"].startswith("1-stream")
+        reference = by_case["1-stream base" if single else "base"]
         row["vs_base"] = round(row["output_tok_s"] / reference["output_tok_s"], 3)
+        plain = by_case["1-stream plain" if single else "plain"]
+        row["vs_plain"] = round(row["output_tok_s"] / plain["output_tok_s"], 3)
     common.print_table(f"LoRA: {args.num_prompts} requests over {args.num_adapters} rank-{args.rank} adapters "
                        f"({args.model}, prompt {args.prompt_len}, output {args.output_len})", rows, COLUMNS)
     common.write_json(args.output_json, {"benchmark": "lora", "args": vars(args), "rows": rows,

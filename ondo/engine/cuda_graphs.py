@@ -4,11 +4,15 @@ A graph is captured per batch-size bucket over static input buffers. A decode st
 replays the smallest bucket >= n; the padding rows get `seq_lens = 0` and `slot_mapping = -1`, so
 the attention kernels neither read nor write the cache for them, and their outputs are dropped.
 Attention is captured with `max_seq_len = max_model_len`, the most any replay can see.
+A model with several forms captures one graph set per variant (the LoRA engine: with and without the
+adapter kernels) and each step names the variant it replays.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from typing import Callable, ContextManager
 
 import numpy as np
 import torch
@@ -26,8 +30,10 @@ def batch_size_buckets(max_num_seqs: int) -> list[int]:
 
 class CudaGraphRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], backend: AttentionBackend,
-                 max_num_seqs: int, max_model_len: int, block_size: int, device: torch.device):
+                 max_num_seqs: int, max_model_len: int, block_size: int, device: torch.device,
+                 variants: dict[str, Callable[[], ContextManager]] | None = None):
         self.model, self.kv_caches, self.backend = model, kv_caches, backend
+        self.variants = variants or {"": contextlib.nullcontext}   # name -> the mode the model is captured in
         self.max_model_len, self.device = max_model_len, device
         self.buckets = batch_size_buckets(max_num_seqs)
         max_bs, max_blocks = self.buckets[-1], -(-max_model_len // block_size)
@@ -45,8 +51,8 @@ class CudaGraphRunner:
                           for _ in range(2)]
         self.host_copied: list[torch.cuda.Event | None] = [None, None]   # recorded after each set's copies
         self.num_runs = 0
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}   # (variant, batch size) -> graph
+        self.outputs: dict[tuple[str, int], torch.Tensor] = {}
 
     def _context(self, bs: int) -> ForwardContext:
         meta = AttentionMetadata(
@@ -60,15 +66,16 @@ class CudaGraphRunner:
     def capture(self) -> None:
         start_s = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
-        for bs in reversed(self.buckets):   # largest first: smaller graphs reuse its memory
-            with set_forward_context(self._context(bs)):
-                self.model.compute_logits(self.model(self.input_ids[:bs], self.positions[:bs]))  # warm-up: compiles
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    hidden = self.model(self.input_ids[:bs], self.positions[:bs])     # [bs, hidden]
-                    self.outputs[bs] = self.model.compute_logits(hidden)              # [bs, vocab]
-            self.graphs[bs] = graph
+        for variant, mode in self.variants.items():
+            for bs in reversed(self.buckets):   # largest first: smaller graphs reuse its memory
+                with mode(), set_forward_context(self._context(bs)):
+                    self.model.compute_logits(self.model(self.input_ids[:bs], self.positions[:bs]))  # warm-up: compiles
+                    torch.cuda.synchronize(self.device)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        hidden = self.model(self.input_ids[:bs], self.positions[:bs])     # [bs, hidden]
+                        self.outputs[variant, bs] = self.model.compute_logits(hidden)     # [bs, vocab]
+                self.graphs[variant, bs] = graph
         torch.cuda.synchronize(self.device)
         logger.info("captured %d CUDA graphs (batch sizes up to %d) in %.1f s",
                     len(self.graphs), self.buckets[-1], time.perf_counter() - start_s)
@@ -92,7 +99,7 @@ class CudaGraphRunner:
 
     def run(self, input_ids: np.ndarray | None, positions: np.ndarray, slot_mapping: np.ndarray,
             seq_lens: np.ndarray, block_tables: np.ndarray, *,
-            device_input_ids: torch.Tensor | None = None) -> torch.Tensor:
+            device_input_ids: torch.Tensor | None = None, variant: str = "") -> torch.Tensor:
         """Replay for one decode step of n sequences; returns their logits [n, vocab] (float32).
         The token ids come from the host (`input_ids`) or, already on the device, from `device_input_ids`."""
         n = len(positions)
@@ -121,5 +128,5 @@ class CudaGraphRunner:
         event = self.host_copied[which] or torch.cuda.Event()
         event.record()
         self.host_copied[which] = event
-        self.graphs[bs].replay()
-        return self.outputs[bs][:n]
+        self.graphs[variant, bs].replay()
+        return self.outputs[variant, bs][:n]

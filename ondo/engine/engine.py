@@ -72,7 +72,7 @@ class Engine:
         self.lora_manager = build_lora_manager(config, self.model, self.dtype, self.device, self.max_model_len)
         self.runner = ModelRunner(self.model, spec, self.num_blocks, config.block_size, self.device,
                                   enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs,
-                                  max_model_len=self.max_model_len)
+                                  max_model_len=self.max_model_len, lora_manager=self.lora_manager)
         self.runner.step_sender = self.executor   # None at tensor_parallel_size 1
         if self.executor is not None:
             self.executor.before_leaving.append(weakref.WeakMethod(self.runner.release_cuda_graphs))
@@ -87,7 +87,7 @@ class Engine:
             cap = CPU_PREFILL_TOKENS_WHILE_DECODING if self.device.type == "cpu" else None
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget, config.enable_chunked_prefill,
                                    prefill_tokens_while_decoding=cap or None)
-        self.runner.lora_manager = self.scheduler.lora_slots = self.lora_manager
+        self.scheduler.lora_slots = self.lora_manager
         self.sampler = Sampler()
         self.grammars = None   # GrammarCache, built at the first request with structured output
         self.groups: dict[str, list[Request]] = {}   # a user request's id -> its sequences (n / best_of)

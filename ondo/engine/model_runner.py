@@ -74,7 +74,7 @@ class KVCacheSpec:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, spec: KVCacheSpec, num_blocks: int, block_size: int,
                  device: torch.device, *, enforce_eager: bool = True, max_num_seqs: int = 1,
-                 max_model_len: int = 0):
+                 max_model_len: int = 0, lora_manager=None):
         self.model, self.spec, self.device = model, spec, device
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
@@ -85,12 +85,13 @@ class ModelRunner:
         # (`sender(step)`), and hears of a step that failed here (`sender.step_failed(error)`).
         self.step_sender: StepSender | None = None
         self.cuda_graphs = None
-        self.lora_manager = None   # set by the engine with enable_lora: writes each token's adapter slot
+        self.lora_manager = lora_manager   # with enable_lora: writes each token's adapter slot every step
         if self.backend is not None:
             from ondo.engine.cuda_graphs import CudaGraphRunner
 
+            variants = lora_manager.graph_variants() if lora_manager is not None else None
             self.cuda_graphs = CudaGraphRunner(model, self.kv_caches, self.backend, max_num_seqs,
-                                               max_model_len, block_size, device)
+                                               max_model_len, block_size, device, variants)
             self.cuda_graphs.capture()
 
     def release_cuda_graphs(self) -> None:
@@ -201,8 +202,9 @@ class ModelRunner:
             device_input_ids = broadcast_from_first(device_input_ids, step.num_tokens, torch.int64, self.device)
         if step.use_graph:
             n = len(step.positions)
+            variant = self.lora_manager.step_variant() if self.lora_manager is not None else ""
             logits = self.cuda_graphs.run(step.input_ids, step.positions, step.slot_mapping, step.seq_lens,
-                                          step.block_tables, device_input_ids=device_input_ids)
+                                          step.block_tables, device_input_ids=device_input_ids, variant=variant)
             if len(step.sample_indices) < n:   # a 1-token prompt chunk among the decodes samples nothing
                 logits = logits[self.to_device(step.sample_rows)]
             return ModelRunnerOutput(logits, step.sample_indices, {})

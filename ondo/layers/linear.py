@@ -125,15 +125,17 @@ class Linear(nn.Module):
         return sum(self.full_out_sizes), self.full_in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # An adapter's first half (x A^T) may start before the base product and run beside it (ondo/lora).
+        lora_started = self.lora.begin(x) if self.lora is not None else None
         if self.sharded and self.parallel == "row":
             out = self.method.apply(self, x)                                 # [T, out] this rank's partial sum
             if self.lora is not None:
-                out = self.lora(x, out)                                      # before the sum, as its own partial
+                out = self.lora.finish(x, out, lora_started)                 # before the sum, as its own partial
             out = all_reduce(out)                                            # [T, out]
             return out if self.bias is None else out + self.bias
         out = self.method.apply(self, x, self.bias)                          # [T, out]
         if self.lora is not None:
-            out = self.lora(x, out)                                          # out + x A^T B^T per token's adapter
+            out = self.lora.finish(x, out, lora_started)                     # out + x A^T B^T per token's adapter
         return out
 
     def shard_rows(self, shard: int | None) -> slice:

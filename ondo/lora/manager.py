@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from typing import Callable, ContextManager
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -25,7 +25,7 @@ class LoRAManager:
     def __init__(self, model: nn.Module, max_loras: int, max_rank: int, max_tokens: int,
                  dtype: torch.dtype, device: torch.device):
         self.model, self.max_loras, self.max_rank, self.device = model, max_loras, max_rank, device
-        self.state = LoRAStepState(max_tokens, device)
+        self.state = LoRAStepState(max_loras, max_tokens, device)
         self.layers: dict[str, LoRALinear] = {}
         for name, layer in linear_layers(model):
             if isinstance(layer, (VocabEmbedding, LMHead)):
@@ -40,11 +40,11 @@ class LoRAManager:
         self.default: LoRARequest | None = None      # applied to requests that name none (CLI --lora)
         self._lock = threading.Lock()                # the server loads/unloads from its own thread
         self._next_id = 1 << 30                      # ids for adapters registered by name only
-        self._written = 0                            # token_slots[:_written] may hold slots >= 0
 
     def _compile_kernels(self) -> None:
         """Compile the Triton kernels for every layer shape now: the first launch of a kernel must not
-        happen while a CUDA graph is being captured. Slot -1 everywhere: nothing is computed."""
+        happen while a CUDA graph is being captured, and a prefill should not wait for a compile. One
+        call per row-tile size; no slot has tokens yet, so nothing is computed."""
         from ondo.lora.triton_ops import add_lora
 
         seen = set()
@@ -52,9 +52,18 @@ class LoRAManager:
             shape = (layer.lora_a.shape[1:], layer.lora_b.shape[1])
             if shape not in seen:
                 seen.add(shape)
-                x = torch.zeros(1, layer.lora_a.shape[2], dtype=layer.lora_a.dtype, device=self.device)
-                out = torch.zeros(1, layer.lora_b.shape[1], dtype=layer.lora_a.dtype, device=self.device)
-                add_lora(x, layer.lora_a, layer.lora_b, self.state.token_slots[:1], out)
+                for tokens in (1, 65, 513):
+                    x = torch.zeros(tokens, layer.lora_a.shape[2], dtype=layer.lora_a.dtype, device=self.device)
+                    out = torch.zeros(tokens, layer.lora_b.shape[1], dtype=layer.lora_a.dtype, device=self.device)
+                    add_lora(x, layer.lora_a, layer.lora_b, self.state.token_groups, out)
+
+    def graph_variants(self) -> dict[str, Callable[[], ContextManager]]:
+        """The decode graph sets to capture: with the LoRA kernels and without (base-model steps)."""
+        return {"lora": lambda: self.state.graph_variant(True), "base": lambda: self.state.graph_variant(False)}
+
+    def step_variant(self) -> str:
+        """Which graph set this step replays."""
+        return "lora" if self.state.spans else "base"
 
     # ---- the adapter registry (host) -------------------------------------------------------------
 
@@ -141,30 +150,17 @@ class LoRAManager:
                                [item.num_new_tokens for item in schedule.scheduled])
 
     def write_token_slots(self, seq_slots: list[int], query_lens: list[int]) -> None:
-        """Each token's slot (its sequence's, -1 = base model) into the static buffer the layers read;
-        rows past the step's tokens stay -1, so CUDA-graph padding rows run the base model."""
-        num_tokens = sum(query_lens)
-        slots = np.full(max(num_tokens, self._written), -1, dtype=np.int32)
-        ranges: dict[int, list[tuple[int, int]]] = {}
+        """Which rows of the step's tokens use which slot (its sequence's; -1 = base model), for the
+        grouped GEMMs and, on the GPU, in the device buffer the kernels read."""
+        spans: dict[int, list[tuple[int, int]]] = {}
         start = 0
         for slot, count in zip(seq_slots, query_lens):
             if slot >= 0:
-                slots[start:start + count] = slot
-                ranges.setdefault(slot, []).append((start, start + count))
+                spans.setdefault(slot, []).append((start, start + count))
             start += count
-        self.state.groups = [(slot, self._rows(spans)) for slot, spans in ranges.items()]
-        if ranges or self._written:
-            host = torch.from_numpy(slots)
-            if self.device.type == "cuda":
-                host = host.pin_memory()
-            self.state.token_slots[:len(slots)].copy_(host, non_blocking=True)
-        self._written = num_tokens if ranges else 0
-
-    def _rows(self, spans: list[tuple[int, int]]) -> slice | torch.Tensor:
-        if len(spans) == 1:
-            return slice(*spans[0])
-        rows = np.concatenate([np.arange(a, b) for a, b in spans])
-        return torch.from_numpy(rows).to(self.device, non_blocking=True)
+        self.state.set_spans(spans)
+        if spans and self.state.token_groups is not None:
+            self.state.token_groups.write(spans)
 
 
 def build_lora_manager(config, model: nn.Module, dtype: torch.dtype, device: torch.device,

@@ -17,6 +17,18 @@ def _random_pool(loras: int, width: int, k: int, n: int, dtype, seed: int):
     return a, b
 
 
+def _groups(slots: list[int], loras: int):
+    from ondo.lora.triton_ops import TokenGroups
+
+    groups = TokenGroups(loras, 512, torch.device("cuda"))
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for t, slot in enumerate(slots):
+        if slot >= 0:
+            spans.setdefault(slot, []).append((t, t + 1))
+    groups.write(spans)
+    return groups
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens,k,n,width", [(1, 4096, 6144, 48), (7, 4096, 28672, 32), (64, 14336, 4096, 16),
                                               (300, 200, 130, 24)])
@@ -26,31 +38,35 @@ def test_kernel_matches_reference(dtype, tokens, k, n, width):
     a, b = _random_pool(4, width, k, n, dtype, seed=tokens)
     x = torch.randn(tokens, k, device="cuda", dtype=dtype)
     out = torch.randn(tokens, n, device="cuda", dtype=dtype)
-    slots = torch.randint(-1, 4, (tokens,), device="cuda", dtype=torch.int32)
+    slots = torch.randint(-1, 4, (tokens,), generator=torch.Generator().manual_seed(tokens)).tolist()
     expected = add_lora_reference(x, a, b, slots, out)
-    result = add_lora(x, a, b, slots, out.clone()).float()
+    result = add_lora(x, a, b, _groups(slots, 4), out.clone()).float()
     torch.testing.assert_close(result, expected, rtol=2e-2, atol=2e-2)
-    untouched = slots == -1
+    untouched = torch.tensor(slots, device="cuda") == -1
     assert torch.equal(result[untouched], out.float()[untouched])   # slot -1 adds nothing
 
 
-def test_kernel_replays_in_a_cuda_graph_with_new_slots():
+def test_kernel_replays_in_a_cuda_graph_with_new_groups():
     from ondo.lora.triton_ops import add_lora
 
     a, b = _random_pool(3, 16, 512, 384, torch.bfloat16, seed=0)
     x = torch.randn(8, 512, device="cuda", dtype=torch.bfloat16)
     base = torch.randn(8, 384, device="cuda", dtype=torch.bfloat16)
-    slots = torch.full((8,), -1, device="cuda", dtype=torch.int32)
+    groups = _groups([-1] * 8, 3)
     out = base.clone()
-    add_lora(x, a, b, slots, out)   # compile outside the capture
+    add_lora(x, a, b, groups, out)   # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out.copy_(base)
-        add_lora(x, a, b, slots, out)
-    for pattern in ([0, 1, 2, -1, 0, 1, 2, -1], [2, 2, 2, 2, -1, -1, 1, 0]):
-        slots.copy_(torch.tensor(pattern, dtype=torch.int32))
+        add_lora(x, a, b, groups, out)
+    for pattern in ([0, 1, 2, -1, 0, 1, 2, -1], [2, 2, 2, 2, -1, -1, 1, 0], [1, -1, -1, -1, -1, -1, -1, -1]):
+        spans: dict[int, list[tuple[int, int]]] = {}
+        for t, slot in enumerate(pattern):
+            if slot >= 0:
+                spans.setdefault(slot, []).append((t, t + 1))
+        groups.write(spans)
         graph.replay()
-        torch.testing.assert_close(out.float(), add_lora_reference(x, a, b, slots, base), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(out.float(), add_lora_reference(x, a, b, pattern, base), rtol=2e-2, atol=2e-2)
 
 
 def test_engine_with_adapters_under_cuda_graphs_matches_peft(tmp_path):
@@ -60,10 +76,17 @@ def test_engine_with_adapters_under_cuda_graphs_matches_peft(tmp_path):
     base, adapters = base_and_adapters(tmp_path, "llama", count=2)
     loras = [LoRARequest(f"a{i}", i + 1, str(folder)) for i, (folder, _) in enumerate(adapters)]
     llm = LLM(str(base), dtype="bfloat16", enable_lora=True, max_num_seqs=8)
-    assert llm.engine.runner.cuda_graphs is not None
+    graphs = llm.engine.runner.cuda_graphs
+    assert graphs is not None and {variant for variant, _ in graphs.graphs} == {"base", "lora"}
+    replayed = []
+    graphs.run = _recording(graphs.run, replayed)
     prompt = [5, 9, 33, 7, 12, 40, 3]
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=0)
     outputs = llm.generate([prompt] * 3, params, lora_request=[loras[0], None, loras[1]])
+    assert replayed and set(replayed) == {"lora"}
+    before = len(replayed)
+    llm.generate([prompt], params)
+    assert len(replayed) > before and set(replayed[before:]) == {"base"}   # no adapter: no LoRA kernels
     for output, (_, peft_model) in zip((outputs[0], outputs[2]), adapters):
         peft_model = peft_model.to("cuda")
         with torch.no_grad():
@@ -76,3 +99,10 @@ def test_engine_with_adapters_under_cuda_graphs_matches_peft(tmp_path):
                 assert float(logprobs.max() - logprobs[token]) < 0.3
                 assert output.outputs[0].logprobs[step][token].logprob == pytest.approx(float(logprobs[token]), abs=0.3)
                 ids.append(token)
+
+
+def _recording(run, replayed: list[str]):
+    def recorded(*args, **kwargs):
+        replayed.append(kwargs.get("variant", ""))
+        return run(*args, **kwargs)
+    return recorded

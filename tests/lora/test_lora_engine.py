@@ -182,3 +182,18 @@ def test_errors_name_the_adapter_and_the_problem(tmp_path, three_adapters):
     (tmp_path / "head-lora" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(LoRAError, match="DoRA"):
         llm.generate([PROMPT], GREEDY, lora_request=LoRARequest("d", 12, str(tmp_path / "head-lora")))
+
+
+def test_steps_name_the_graph_set_with_lora_kernels_only_when_a_token_uses_an_adapter(three_adapters):
+    base, _ = three_adapters
+    llm = LLM(str(base), enable_lora=True, max_loras=2)
+    manager = llm.engine.lora_manager
+    manager.write_token_slots([-1, -1], [3, 1])
+    assert manager.step_variant() == "base" and manager.state.groups == []
+    manager.write_token_slots([-1, 1, -1, 1], [2, 1, 1, 1])
+    assert manager.step_variant() == "lora"
+    [(slot, rows)] = manager.state.groups
+    assert slot == 1 and rows.tolist() == [2, 4]
+    with manager.state.graph_variant(False):
+        assert manager.step_variant() == "base"
+    assert manager.step_variant() == "lora"   # the step's grouping survives a capture
