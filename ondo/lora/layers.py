@@ -32,6 +32,24 @@ from torch import nn
 from ondo.layers.linear import Linear
 from ondo.lora.adapter import ModuleDelta
 
+
+def token_spans(seq_slots: list[int], query_lens: list[int]) -> dict[int, list[tuple[int, int]]]:
+    """slot -> the [start, end) rows of the step's tokens that use it, from each sequence's slot
+    (-1 = base model, in no span) and number of tokens."""
+    spans: dict[int, list[tuple[int, int]]] = {}
+    start = 0
+    for slot, count in zip(seq_slots, query_lens):
+        if slot >= 0:
+            spans.setdefault(slot, []).append((start, start + count))
+        start += count
+    return spans
+
+
+def span_rows(spans: list[tuple[int, int]]) -> np.ndarray:
+    """The row indices [start, end) spans cover, in order (int32)."""
+    return np.concatenate([np.arange(a, b, dtype=np.int32) for a, b in spans])
+
+
 class LoRAStepState:
     """What every LoRA layer reads during a forward, written once per step by the manager."""
 
@@ -158,8 +176,7 @@ def add_lora_reference(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tens
 def _rows(spans: list[tuple[int, int]], device: torch.device) -> slice | torch.Tensor:
     if len(spans) == 1:
         return slice(*spans[0])
-    rows = np.concatenate([np.arange(a, b) for a, b in spans])
-    return torch.from_numpy(rows).to(device, non_blocking=True)
+    return torch.from_numpy(span_rows(spans)).to(device, torch.long, non_blocking=True)
 
 
 def _triton_available() -> bool:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ondo.layers.linear import LMHead, VocabEmbedding, linear_layers
 from ondo.lora.adapter import LoRAAdapter, LoRAError, map_to_model, read_peft_adapter
-from ondo.lora.layers import LoRALinear, LoRAStepState
+from ondo.lora.layers import LoRALinear, LoRAStepState, token_spans
 from ondo.lora.request import LoRARequest
 
 
@@ -152,12 +152,7 @@ class LoRAManager:
     def write_token_slots(self, seq_slots: list[int], query_lens: list[int]) -> None:
         """Which rows of the step's tokens use which slot (its sequence's; -1 = base model), for the
         grouped GEMMs and, on the GPU, in the device buffer the kernels read."""
-        spans: dict[int, list[tuple[int, int]]] = {}
-        start = 0
-        for slot, count in zip(seq_slots, query_lens):
-            if slot >= 0:
-                spans.setdefault(slot, []).append((start, start + count))
-            start += count
+        spans = token_spans(seq_slots, query_lens)
         self.state.set_spans(spans)
         if spans and self.state.token_groups is not None:
             self.state.token_groups.write(spans)

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ondo.lora.layers import span_rows
+
 # Tiling, module-level so benchmarks can sweep it (a kernel recompiles for each value).
 SPLIT_K = 512
 BLOCK_N = 128
@@ -109,7 +111,7 @@ class TokenGroups:
         header = np.zeros((3, self.max_groups), dtype=np.int32)   # slot, start, count
         tokens, offset = [], 0
         for group, (slot, slot_spans) in enumerate(spans.items()):
-            rows = np.concatenate([np.arange(a, b, dtype=np.int32) for a, b in slot_spans])
+            rows = span_rows(slot_spans)
             header[:, group] = slot, offset, len(rows)
             offset += len(rows)
             tokens.append(rows)

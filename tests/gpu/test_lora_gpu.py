@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ondo.lora.layers import add_lora_reference
+from ondo.lora.layers import add_lora_reference, token_spans
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -21,11 +21,7 @@ def _groups(slots: list[int], loras: int):
     from ondo.lora.triton_ops import TokenGroups
 
     groups = TokenGroups(loras, 512, torch.device("cuda"))
-    spans: dict[int, list[tuple[int, int]]] = {}
-    for t, slot in enumerate(slots):
-        if slot >= 0:
-            spans.setdefault(slot, []).append((t, t + 1))
-    groups.write(spans)
+    groups.write(token_spans(slots, [1] * len(slots)))
     return groups
 
 
@@ -60,11 +56,7 @@ def test_kernel_replays_in_a_cuda_graph_with_new_groups():
         out.copy_(base)
         add_lora(x, a, b, groups, out)
     for pattern in ([0, 1, 2, -1, 0, 1, 2, -1], [2, 2, 2, 2, -1, -1, 1, 0], [1, -1, -1, -1, -1, -1, -1, -1]):
-        spans: dict[int, list[tuple[int, int]]] = {}
-        for t, slot in enumerate(pattern):
-            if slot >= 0:
-                spans.setdefault(slot, []).append((t, t + 1))
-        groups.write(spans)
+        groups.write(token_spans(pattern, [1] * len(pattern)))
         graph.replay()
         torch.testing.assert_close(out.float(), add_lora_reference(x, a, b, pattern, base), rtol=2e-2, atol=2e-2)
 

@@ -4,16 +4,13 @@ GGUF layers repacked a chunk of rows at a time equal the whole-matrix packing; a
 (run by Triton's interpreter where Triton is installed) equal the dequantized matrix."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from ondo.layers.linear import Linear, linear_method_scope
 from ondo.layers.quantization.int4_gpu import pack_words, padded_k, unpack_words
 from ondo.layers.quantization.int4_planes import AffineCodes, Int4PlanesMethod
+from tests.triton_interpreter import assert_passes_in_triton_interpreter
 
 
 class PassThroughCodes(Int4PlanesMethod):
@@ -118,8 +115,4 @@ print("ok")
 
 
 def test_kernels_in_the_triton_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
-                            timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    assert_passes_in_triton_interpreter(_INTERPRETED)

@@ -3,26 +3,12 @@ run by Triton's interpreter on the CPU (float32: the interpreter's bf16 dots are
 tests/gpu/test_lora_gpu.py runs them compiled, in bf16 and inside CUDA graphs."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-import pytest
+from tests.triton_interpreter import assert_passes_in_triton_interpreter
 
 _INTERPRETED = r"""
 import torch
-from ondo.lora.layers import add_lora_reference
+from ondo.lora.layers import add_lora_reference, token_spans
 from ondo.lora.triton_ops import TokenGroups, add_lora, lora_expand, lora_shrink
-
-def spans_of(slots):
-    spans = {}
-    for t, slot in enumerate(slots):
-        if slot >= 0:
-            if slot in spans and spans[slot][-1][1] == t:
-                spans[slot][-1] = (spans[slot][-1][0], t + 1)
-            else:
-                spans.setdefault(slot, []).append((t, t + 1))
-    return spans
 
 generator = torch.Generator().manual_seed(0)
 # (slots per token, K, N, width): one decode token; a mixed batch over every slot with base rows between;
@@ -36,7 +22,7 @@ for slots, k, n, width in cases:
     x = torch.randn(len(slots), k, generator=generator)
     out = torch.randn(len(slots), n, generator=generator)
     groups = TokenGroups(4, 2048, torch.device("cpu"))
-    groups.write(spans_of(slots))
+    groups.write(token_spans(slots, [1] * len(slots)))   # one token per sequence, as in decode
     got = add_lora(x, a, b, groups, out.clone())
     expected = add_lora_reference(x, a, b, slots, out)
     assert (got - expected).abs().max() < 1e-4 * expected.abs().max(), (slots, k, n, width)
@@ -51,8 +37,4 @@ print("ok")
 
 
 def test_grouped_kernels_in_the_triton_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
-                            timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    assert_passes_in_triton_interpreter(_INTERPRETED)
