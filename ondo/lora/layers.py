@@ -96,13 +96,14 @@ class LoRAStepState:
             self.in_graph = False
 
 
-# Up to this many tokens a decode graph computes the delta beside the base product. Measured on an H200,
-# Llama-3-8B's 128 LoRA layers in one graph: 1 token +1.10 ms in line, +0.48 beside; 64 tokens over 8
-# adapters +1.75 / +1.19; 256 tokens +2.07 / +2.06 (nothing left to overlap).
+# Up to this many tokens a decode graph computes the delta beside the base product. Measured on an H200
+# with benchmarks/lora_kernels.py (Llama-3-8B's 128 LoRA layers in one graph), cost over the base
+# matmuls in line / beside: 1 token +1.08 / +0.39 ms, 64 tokens over 8 adapters +1.73 / +1.03; at 256
+# tokens a side stream did not help (+2.07 / +2.06 in a sweep), so larger graphs run in line.
 SIDE_STREAM_TOKENS = 64
 # Beside the base product the shrink adds its K splits atomically into one zeroed row per token (the
 # memset is off the critical path there), so short splits cost the expand nothing: 64 tokens over 8
-# adapters +1.04 ms with splits of 128 summed, +1.50 with splits of 512 kept apart (same H200 graph).
+# adapters +1.04 ms with splits of 128 summed, +1.50 with splits of 512 kept apart (a sweep, same graph).
 SIDE_SPLIT_K, SIDE_BLOCK_K = 128, 64
 
 
