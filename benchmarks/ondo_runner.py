@@ -51,7 +51,7 @@ class OndoRunner:
 
     def latency(self, prompt: list[int], output_len: int) -> dict:
         """One request alone. No device sync per step: a step hands back host token ids, so its return is
-        when the token exists (a sync there would also stall a decode step launched ahead)."""
+        when the token exists (a sync there would also stall the step launched ahead, async scheduling)."""
         engine = self.llm.engine
         request_id = f"latency-{next(self._ids)}"
         stamps: list[tuple[float, int]] = []   # (time, tokens so far) at every step that added tokens

@@ -3,7 +3,7 @@
     python benchmarks/structured.py                                   # the built-in GGUF, batch 64, on the CPU
     python benchmarks/structured.py --device cuda --batch-size 64 --output-len 128 --output-json out.json
     python benchmarks/structured.py --model qwen3-0.6b --load-format dummy --device cuda   # tokenizer: built-in's
-    python benchmarks/structured.py --device cuda --no-decode-overlap   # every step synchronous, to compare
+    python benchmarks/structured.py --device cuda --no-async-scheduling   # every step synchronous, to compare
 
 Throughput: --batch-size requests given at once, each yielding exactly --output-len tokens, in
 --num-iters rounds (median reported; the workloads alternate within a round, so a machine whose load
@@ -11,7 +11,7 @@ changes skews them alike): unconstrained (EOS ignored) and under a structure-hea
 {"name", "age", "tags"} objects, so no request can finish early), with and without length bounds on
 its strings and arrays; the gap is the grammar's cost (bitmask fill on the host, one copy, the mask on
 the device, and the wait for the host's grammar work where the device has no forward queued: on a GPU
-the next step's forward is launched before the tokens are read, engine/async_decode.py). Compile time: the p50 of
+the next step's forward is launched before the tokens are read, engine/in_flight.py). Compile time: the p50 of
 compiling --num-schemas distinct schemas against the vocabulary (fresh), then of asking for each again
 (cached: an LRU hit). Random-weight models have no tokenizer: --tokenizer (default the built-in GGUF's)
 gives one; a larger model vocabulary is masked beyond the tokenizer's.
@@ -52,8 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-schemas", type=int, default=20, help="distinct schemas compiled for the p50")
     parser.add_argument("--num-iters", type=int, default=3,
                         help="timed rounds, the workloads alternating within each; the median is reported")
-    parser.add_argument("--no-decode-overlap", action="store_true",
-                        help="run every step synchronously (no decode step launched ahead), for comparison")
+    parser.add_argument("--no-async-scheduling", action="store_true",
+                        help="run every step synchronously (none launched ahead), for comparison")
     args = parser.parse_args(argv)
     common.check_positive(parser, args, "batch-size", "output-len", "num-schemas", "num-iters", "threads",
                           "max-model-len")
@@ -69,6 +69,8 @@ def load(args: argparse.Namespace):
     options = dict(device=args.device, dtype=args.dtype, load_format=spec.load_format,
                    max_num_seqs=args.batch_size, max_model_len=args.max_model_len or 512,
                    enforce_eager=args.enforce_eager, seed=args.seed)
+    if args.no_async_scheduling:
+        options["async_scheduling"] = False
     if tokenizer:
         options["tokenizer"] = tokenizer
     if args.max_num_batched_tokens:
@@ -79,8 +81,6 @@ def load(args: argparse.Namespace):
         from ondo.tokenizer.tokenizer import load_tokenizer
 
         llm.engine.tokenizer = load_tokenizer(tokenizer)
-    if args.no_decode_overlap:
-        llm.engine.decode_overlap = None
     return llm, spec, time.perf_counter() - start
 
 
@@ -95,8 +95,7 @@ def throughput(llm, device: str, args: argparse.Namespace, workload: str, offset
     texts = [f"List people as JSON (#{offset + i})." for i in range(args.batch_size)]
     if llm.tokenizer.chat_template is not None:
         texts = [llm.tokenizer.render_chat([{"role": "user", "content": text}]) for text in texts]
-    overlap = llm.engine.decode_overlap
-    adopted = overlap.num_adopted if overlap is not None else 0
+    launched_ahead = llm.engine.num_steps_launched_ahead
     start = common.now(device)
     outputs = llm.generate(texts, params)
     elapsed = common.now(device) - start
@@ -105,8 +104,8 @@ def throughput(llm, device: str, args: argparse.Namespace, workload: str, offset
     return {"workload": workload, "requests": len(outputs),
             "output_tokens": tokens, "elapsed_s": elapsed, "output_tok_s": tokens / elapsed,
             "all_ran_to_output_len": cut == len(outputs),
-            # decode steps launched ahead and adopted: about output_len when the overlap works
-            "steps_launched_ahead": (overlap.num_adopted - adopted) if overlap is not None else 0}
+            # steps launched before the previous step's tokens were read: about output_len with async scheduling
+            "steps_launched_ahead": llm.engine.num_steps_launched_ahead - launched_ahead}
 
 
 def compile_times(llm, count: int) -> dict:
@@ -161,10 +160,10 @@ def main(argv=None) -> dict:
               f"unconstrained output tok/s")
     print(f"schema compile p50: fresh {compile_figures['compile_fresh_p50_ms']:.1f} ms, "
           f"cached {compile_figures['compile_cached_p50_ms']:.3f} ms ({args.num_schemas} schemas)")
-    print("decode steps launched ahead per run: " + ", ".join(
+    print("steps launched ahead per run: " + ", ".join(
         f"{row['workload']} {row['steps_launched_ahead']}" for row in rows))
     payload = {"benchmark": "structured", "model": spec.label, "load_s": load_s, "rows": rows,
-               "decode_overlap": llm.engine.decode_overlap is not None,
+               "async_scheduling": llm.engine.async_scheduling,
                "grammar_overhead_pct": {row["workload"]: 100 * (1 - row["vs_unconstrained"]) for row in rows[1:]},
                **compile_figures,
                "args": {k: v for k, v in vars(args).items() if not k.startswith("child")},

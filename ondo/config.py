@@ -38,6 +38,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False              # turns the fast paths (CUDA graphs, fused kernels) off
+    # Each step scheduled and launched before the previous step's tokens reach the host
+    # (ondo/engine/in_flight.py); None = where CUDA graphs run (on the CPU the device is the host).
+    async_scheduling: bool | None = None
     load_format: str = "auto"                # "dummy" = random weights from a config (benchmarks)
     max_waiting: int | None = None           # waiting-queue bound (server); None = unbounded
     # None = as the checkpoint holds it (GGUF blocks stay packed; a folder's quantization_config is read);
@@ -82,6 +85,8 @@ class EngineConfig:
         _check(self.tensor_parallel_size == 1 or self.device in ("auto", "cpu", "cuda"),
                f"device must be 'auto', 'cpu' or 'cuda' with tensor_parallel_size > 1 (rank i runs on cuda:i), "
                f"got {self.device!r}")
+        _check(self.async_scheduling in (None, True, False),
+               f"async_scheduling must be True, False or None (where CUDA graphs run), got {self.async_scheduling!r}")
         _check(_is_int(self.max_loras) and self.max_loras >= 1, f"max_loras must be >= 1, got {self.max_loras!r}")
         _check(_is_int(self.max_lora_rank) and 1 <= self.max_lora_rank <= 512,
                f"max_lora_rank must be in [1, 512], got {self.max_lora_rank!r}")

@@ -96,6 +96,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     add("--tensor-parallel-size", type=int, metavar="N",
         help="split the model over N devices, one worker process each (default 1; see docs/distributed.md)")
     add("--enforce-eager", action="store_true", default=None, help="turn CUDA graphs and fused kernels off")
+    add("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+        help="schedule and launch each step before the previous step's tokens reach the host "
+             "(default: on where CUDA graphs run)")
     add("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None)
     add("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false", default=None)
     add("--checkpoint", metavar="FILE", help="fine-tuned state dict (.ckpt/.pt/.bin/.safetensors) loaded over MODEL")
@@ -110,7 +113,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
 
 _ENGINE_FIELDS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                   "prefill_tokens_while_decoding", "block_size",
-                  "kv_cache_memory_bytes", "gpu_memory_utilization", "enforce_eager", "enable_prefix_caching",
+                  "kv_cache_memory_bytes", "gpu_memory_utilization", "enforce_eager", "async_scheduling",
+                  "enable_prefix_caching",
                   "enable_chunked_prefill", "checkpoint", "chat_template", "tokenizer", "seed", "load_format",
                   "quantization", "tensor_parallel_size")
 

@@ -100,7 +100,8 @@ class BlockManager:
         """Hash the blocks that became full of computed tokens, so later requests can share them."""
         if not self.enable_prefix_caching:
             return
-        num_full = request.num_computed_tokens // self.block_size
+        # A token still in flight (async scheduling) has K/V but no id on the host yet: not hashable.
+        num_full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
         for i in range(len(request.block_hashes), num_full):
             parent = request.block_hashes[-1] if request.block_hashes else chain_root(request)
             block_hash = chain_hash(parent, request.token_ids(i * self.block_size, (i + 1) * self.block_size))

@@ -44,7 +44,7 @@ class CudaGraphRunner:
         self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
-        # Two sets of pinned host buffers, used in turn: with decode steps launched ahead (async_decode.py)
+        # Two sets of pinned host buffers, used in turn: with async scheduling (in_flight.py)
         # a step's buffers are written while the previous step's copies may still be queued.
         self.host_sets = [{name: torch.zeros_like(getattr(self, name), device="cpu").pin_memory()
                            for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables")}

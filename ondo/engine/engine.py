@@ -9,8 +9,8 @@ import weakref
 import torch
 
 from ondo.config import EngineConfig
-from ondo.engine.async_decode import DecodeOverlap
 from ondo.engine.block_manager import BlockManager
+from ondo.engine.in_flight import LaunchedStep, SampledStep, gather_rows, sample_on_device, samples_on_device
 from ondo.engine.model_runner import KVCacheSpec, ModelRunner
 from ondo.engine.output_processor import SequenceDelta, append_token, check_stop, take_delta
 from ondo.engine.request import Request
@@ -20,6 +20,7 @@ from ondo.loader import load_model
 from ondo.lora.manager import build_lora_manager, resolve_lora_request
 from ondo.outputs import Logprob, RequestOutput
 from ondo.sample.sampler import Sampler, SamplerOutput, prompt_logprobs
+from ondo.sample.structured import prefetch_bitmask
 from ondo.sampling_params import SamplingParams, SamplingParamsError
 
 logger = logging.getLogger("ondo")
@@ -95,9 +96,14 @@ class Engine:
         self.text = OutputProcessor(self.tokenizer, self.max_model_len)
         self.num_prompt_tokens_total = 0
         self.num_generated_tokens_total = 0
-        # Decode steps launched one ahead of the host (CUDA graphs only: elsewhere the host is the device).
-        # With tensor parallelism rank 0 broadcasts the launched step's input ids to the other ranks.
-        self.decode_overlap = DecodeOverlap(self) if self.runner.cuda_graphs is not None else None
+        # Async scheduling (ondo/engine/in_flight.py): by default where CUDA graphs run, i.e. where the
+        # device runs apart from the host. With tensor parallelism rank 0 broadcasts the placeholders' ids.
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.runner.cuda_graphs is not None)
+        self.launched: LaunchedStep | None = None   # a step whose forward is queued, not sampled yet
+        self.num_steps_launched_ahead = 0   # launched before the previous step's tokens were read
+        self.num_rows_taken_back = 0        # launched on a placeholder the sampler left to its full sort
+        self.num_rows_not_sampled = 0       # launched, then not sampled: their request finished, or taken back
         if self.device.type == "cuda":
             self._warm_up()
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.0f MiB); max_model_len %d",
@@ -297,31 +303,85 @@ class Engine:
         return outputs
 
     def core_step(self) -> list[SequenceDelta]:
-        """One step of scheduler -> model runner -> sampler: each touched sequence's new tokens."""
+        """One step of scheduler -> model runner -> sampler: each touched sequence's new tokens. With
+        async scheduling (ondo/engine/in_flight.py) the next step's forward is queued before this
+        step's tokens are read, and is left running on the device."""
         if self.executor is not None:
             self.executor.check_alive()   # a dead worker: a clear error now, never a hang in a collective
-        if self.decode_overlap is not None:
-            return self.decode_overlap.step()
+        touched: dict[str, list[Request]] = {}
+        launched, self.launched = self.launched, None
+        if launched is None or not launched.has_running_rows():   # nothing useful queued: launch one now
+            launched = self._schedule_and_launch(None, touched)
+        sampled = self._sample_launched(launched, touched) if launched is not None else None
+        if self.async_scheduling:
+            self.launched = self._schedule_and_launch(sampled, touched)
+        if sampled is not None:
+            self._land(sampled, touched)
+        if self.launched is not None:
+            self._prefetch_masks(self.launched)
+        return self.emit(touched)
+
+    def _schedule_and_launch(self, sampled: SampledStep | None,
+                             touched: dict[str, list[Request]]) -> LaunchedStep | None:
+        """Schedule a step and queue its forward; its placeholders read `sampled`'s tokens on the device."""
         schedule = self.scheduler.schedule()
         if schedule.is_empty:
-            return []
-        return self.run_schedule(schedule)
-
-    def run_schedule(self, schedule) -> list[SequenceDelta]:
-        """The synchronous step: forward, sample (waiting for the tokens), stop checks, outputs."""
+            return None
         try:
-            result = self.runner.execute(schedule)
+            result = self.runner.execute(schedule, sampled.in_flight() if sampled is not None else None)
         except Exception as error:  # a failed forward fails the requests in it, never the engine
             logger.exception("model forward failed")
-            return self._fail([s.request for s in schedule.scheduled], f"model forward failed: {error}")
+            touched.update(self._fail([s.request for s in schedule.scheduled], f"model forward failed: {error}"))
+            return None
         self.scheduler.update_after_step(schedule)
+        self.num_steps_launched_ahead += sampled is not None
+        return LaunchedStep(schedule, result)
+
+    def _sample_launched(self, launched: LaunchedStep, touched: dict[str, list[Request]]) -> SampledStep | None:
+        """A launched step's prompt log-probs, finished score-only requests and samples. The tokens stay
+        on the device (returned) with async scheduling when nothing else is read back; otherwise they are
+        sampled on the host and applied now."""
+        result, scheduled = launched.result, launched.schedule.scheduled
         for index, logits in result.prompt_logits.items():
-            self._add_prompt_logprobs(schedule.scheduled[index], logits)
-        sampling = [schedule.scheduled[i].request for i in result.sample_indices]
-        touched = self._finish_scored(schedule)
-        if sampling:
-            touched.update(self._sample(sampling, result.sample_logits))
-        return self.emit(touched)
+            if not scheduled[index].request.is_finished:
+                self._add_prompt_logprobs(scheduled[index], logits)
+        touched.update(self._finish_scored(launched.schedule))
+        rows = launched.rows_to_sample()
+        self.num_rows_not_sampled += len(result.sample_indices) - len(rows)
+        if not rows:
+            return None
+        requests = [scheduled[result.sample_indices[row]].request for row in rows]
+        logits = gather_rows(result.sample_logits, rows)
+        if self.async_scheduling and all(map(samples_on_device, requests)):
+            try:
+                return sample_on_device(self.sampler, requests, logits)
+            except Exception:   # a grammar with no way forward, a failing processor: found request by request below
+                pass
+        touched.update(self._sample(requests, logits))
+        return None
+
+    def _land(self, sampled: SampledStep, touched: dict[str, list[Request]]) -> None:
+        """Read `sampled`'s tokens (the device is running the next step meanwhile), check their stops."""
+        tokens = sampled.read()
+        if min(tokens) < 0:   # rows the sampler's candidates left open: the full sort decides them
+            left_open = {request for request, token in zip(sampled.requests, tokens) if token < 0}
+            tokens = self.sampler.redo(sampled.processed, sampled.requests, tokens)
+            if self.launched is not None:   # its rows for them ran on a placeholder: computed again next step
+                for item in self.launched.schedule.scheduled:
+                    if item.request in left_open:
+                        self.scheduler.unschedule_placeholder(item.request)
+                        self.launched.taken_back.add(item.request)
+                        self.num_rows_taken_back += 1
+        touched.update(self.apply_sampled(sampled.requests, SamplerOutput(tokens, None, None)))
+
+    def _prefetch_masks(self, launched: LaunchedStep) -> None:
+        """Start filling the grammar masks that sampling `launched` will ask for, while this step is
+        emitted; on a GPU into pinned memory the sampler copies as it is."""
+        scheduled, logits = launched.schedule.scheduled, launched.result.sample_logits
+        states = [scheduled[i].request.structured for i in launched.result.sample_indices
+                  if scheduled[i].request.structured is not None and not scheduled[i].request.is_finished]
+        if states:
+            prefetch_bitmask(states, logits.shape[1], pinned=logits.is_cuda)
 
     def _finish_scored(self, schedule: SchedulerOutput) -> dict[str, list[Request]]:
         """Score-only requests (max_tokens=0) end once their whole prompt is computed: their
@@ -329,7 +389,8 @@ class Engine:
         touched = {}
         for item in schedule.scheduled:
             request = item.request
-            if request.max_tokens == 0 and request.num_computed_tokens >= request.num_prompt_tokens:
+            if (request.max_tokens == 0 and not request.is_finished
+                    and request.num_computed_tokens >= request.num_prompt_tokens):
                 request.finish_reason = "length"
                 self.scheduler.finish(request)
                 touched[request.group_id] = self.groups[request.group_id]
@@ -359,6 +420,8 @@ class Engine:
         for i, request in enumerate(batch):
             if request.is_finished:
                 continue
+            if request.num_output_placeholders:   # counted since its step was launched
+                request.num_output_placeholders -= 1
             token = out.token_ids[i]
             append_token(request, token, out.logprobs[i] if out.logprobs else None,
                          out.top_logprobs[i] if out.top_logprobs else None)
@@ -381,14 +444,14 @@ class Engine:
                 self.groups.pop(request_id, None)
         return deltas
 
-    def _fail(self, requests: list[Request], message: str) -> list[SequenceDelta]:
+    def _fail(self, requests: list[Request], message: str) -> dict[str, list[Request]]:
         touched = {}
         for request in requests:
             request.error, request.finish_reason = message, "error"
             self.scheduler.finish(request)
             if request.group_id in self.groups:
                 touched[request.group_id] = self.groups[request.group_id]
-        return self.emit(touched)
+        return touched
 
     def _add_prompt_logprobs(self, item, logits: torch.Tensor) -> None:
         request = item.request

@@ -47,8 +47,12 @@ class StepInput:
     max_seq_len: int
     is_decode: bool                # every sequence has exactly one new token
     use_graph: bool                # replay a captured CUDA graph (decode only)
-    input_ids: np.ndarray | None = None   # [T] int64; None = already on the device (a decode launched ahead)
+    input_ids: np.ndarray | None = None   # [T] int64 (0 at placeholder rows)
     lora_slots: np.ndarray | None = None  # [S] int32 adapter slot per sequence; None = no adapters
+    # Token rows whose id is a placeholder: sampled by the previous step on rank 0's device, not read
+    # back yet (async scheduling); `placeholder_sources` are their rows in that step's token tensor.
+    placeholder_rows: np.ndarray | None = None     # [P] int64, ascending
+    placeholder_sources: np.ndarray | None = None  # [P] int64
 
     @property
     def num_tokens(self) -> int:
@@ -58,6 +62,14 @@ class StepInput:
 class StepSender(Protocol):
     def __call__(self, step: StepInput) -> None: ...
     def step_failed(self, error: BaseException) -> None: ...
+
+
+@dataclass
+class InFlightTokens:
+    """Tokens a step sampled on the device that the host has not read yet: the input ids of the
+    placeholders (Request.num_output_placeholders) a following step computes."""
+    token_ids: torch.Tensor          # [rows] int64 on the device
+    row_of: dict                     # Request -> its row in token_ids
 
 
 @dataclass(frozen=True)
@@ -100,29 +112,34 @@ class ModelRunner:
             self.cuda_graphs.release()
             self.cuda_graphs = None
 
-    def execute(self, output: SchedulerOutput, input_ids: torch.Tensor | None = None) -> ModelRunnerOutput:
-        """`input_ids` ([num_scheduled] on the device) is for a decode step launched before its input
-        tokens reached the host (see async_decode.py): one token per request, every request samples."""
+    def execute(self, output: SchedulerOutput, in_flight: InFlightTokens | None = None) -> ModelRunnerOutput:
+        """Launch one step's forward. `in_flight` holds the ids of the placeholders it computes (async
+        scheduling: tokens of the previous step not read back yet)."""
         if self.lora_manager is not None:
             self.lora_manager.prepare(output)
-        step = self.prepare(output, with_input_ids=input_ids is None)
+        step = self.prepare(output, in_flight.row_of if in_flight is not None else None)
+        tokens = in_flight.token_ids if in_flight is not None else None
         if self.step_sender is None:
-            return self.run(step, input_ids)
+            return self.run(step, tokens)
         self.step_sender(step)
         try:
-            return self.run(step, input_ids)
+            return self.run(step, tokens)
         except BaseException as error:
             self.step_sender.step_failed(error)
             raise
 
     # ---- host side: SchedulerOutput -> StepInput -------------------------------------------------
 
-    def prepare(self, output: SchedulerOutput, with_input_ids: bool = True) -> StepInput:
-        """The step's plain inputs; without `with_input_ids` the token ids are left to the caller and
-        every request samples (a decode step launched ahead of its input tokens)."""
+    def prepare(self, output: SchedulerOutput, in_flight_rows: dict | None = None) -> StepInput:
+        """The step's plain inputs. A token past a request's known ones is a placeholder: its id is the
+        row `in_flight_rows[request]` of the tokens the previous step sampled on the device."""
+        placeholders = Placeholders(in_flight_rows)
         if self._graph_step(output):
-            return self._prepare_decode(output, with_input_ids)
-        return self._prepare_flat(output, with_input_ids)
+            step = self._prepare_decode(output, placeholders)
+        else:
+            step = self._prepare_flat(output, placeholders)
+        step.placeholder_rows, step.placeholder_sources = placeholders.arrays()
+        return step
 
     def _graph_step(self, output: SchedulerOutput) -> bool:
         """Decode-only steps (one token per request) that no prompt_logprobs request needs eager."""
@@ -137,30 +154,28 @@ class ModelRunner:
         graphs = self.cuda_graphs
         return graphs.bucket(num_seqs) if graphs is not None and graphs.fits(num_seqs) else num_seqs
 
-    def _prepare_decode(self, output: SchedulerOutput, with_input_ids: bool) -> StepInput:
+    def _prepare_decode(self, output: SchedulerOutput, placeholders: Placeholders) -> StepInput:
         """A decode-only step (one new token per request) for the captured graphs."""
         n = len(output.scheduled)
         requests = [item.request for item in output.scheduled]
         positions = np.fromiter((r.num_computed_tokens for r in requests), dtype=np.int64, count=n)
-        input_ids = None
-        if with_input_ids:
-            # Usually the last sampled token, but a 1-token chunk of a prompt takes that prompt token.
-            input_ids = np.fromiter((r.token_ids(r.num_computed_tokens, r.num_computed_tokens + 1)[0]
-                                     for r in requests), dtype=np.int64, count=n)
+        # Usually the last sampled token (a placeholder while it is in flight), but a 1-token chunk of a
+        # prompt takes that prompt token.
+        input_ids = np.fromiter((placeholders.token(r, r.num_computed_tokens, i) for i, r in enumerate(requests)),
+                                dtype=np.int64, count=n)
         tables = np.array(_pad([r.block_table for r in requests]), dtype=np.int32)
         block_ids = tables[np.arange(n), positions // self.block_size]
         slot_mapping = block_ids.astype(np.int64) * self.block_size + positions % self.block_size
-        sample_indices = ([i for i, item in enumerate(output.scheduled) if item.samples] if with_input_ids
-                          else list(range(n)))
+        sample_indices = [i for i, item in enumerate(output.scheduled) if item.samples]
         seq_lens = (positions + 1).astype(np.int32)
         return StepInput(positions, slot_mapping, np.arange(n + 1, dtype=np.int32), seq_lens, tables,
                          np.array(sample_indices, dtype=np.int64), sample_indices, [], 1, int(seq_lens.max()),
                          is_decode=True, use_graph=True, input_ids=input_ids)
 
-    def _prepare_flat(self, output: SchedulerOutput, with_input_ids: bool) -> StepInput:
+    def _prepare_flat(self, output: SchedulerOutput, placeholders: Placeholders) -> StepInput:
         scheduled = output.scheduled
         num_tokens = output.num_batched_tokens
-        input_ids = np.empty(num_tokens, dtype=np.int64) if with_input_ids else None
+        input_ids = np.empty(num_tokens, dtype=np.int64)
         positions = np.empty(num_tokens, dtype=np.int64)
         query_lens, seq_lens, tables = [], [], []
         sample_rows, sample_indices, prompt_rows = [], [], []
@@ -168,15 +183,17 @@ class ModelRunner:
         for i, item in enumerate(scheduled):
             request, n = item.request, item.num_new_tokens
             first = request.num_computed_tokens
-            if with_input_ids:
+            if first + n <= request.num_tokens:
                 input_ids[start:start + n] = request.token_ids(first, first + n)
+            else:   # only a decoding request has a placeholder, and then it is its one new token
+                input_ids[start] = placeholders.token(request, first, start)
             positions[start:start + n] = np.arange(first, first + n)
             query_lens.append(n)
             seq_lens.append(first + n)
             tables.append(request.block_table)
             if request.wants_prompt_logprobs and first < request.num_prompt_tokens:
                 prompt_rows.append((i, start, start + n))
-            if item.samples or not with_input_ids:
+            if item.samples:
                 sample_rows.append(start + n - 1)
                 sample_indices.append(i)
             start += n
@@ -193,13 +210,13 @@ class ModelRunner:
     # ---- device side: StepInput -> logits ---------------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, step: StepInput, device_input_ids: torch.Tensor | None = None) -> ModelRunnerOutput:
+    def run(self, step: StepInput, in_flight_tokens: torch.Tensor | None = None) -> ModelRunnerOutput:
         """The forward of one step (graph replay or eager) and the logits of its sampled rows. Every
-        tensor-parallel rank runs this with the same `step`, so the collectives inside match."""
-        if step.input_ids is None and tp_size() > 1:
-            # A decode launched ahead (async_decode.py): its input ids, the tokens rank 0 just sampled,
-            # exist on rank 0's device only.
-            device_input_ids = broadcast_from_first(device_input_ids, step.num_tokens, torch.int64, self.device)
+        tensor-parallel rank runs this with the same `step`, so the collectives inside match.
+        in_flight_tokens: the previous step's sampled tokens (rank 0 only), for the placeholder rows."""
+        device_input_ids = None
+        if step.placeholder_rows is not None:
+            device_input_ids = self._input_ids_with_placeholders(step, in_flight_tokens)
         if step.use_graph:
             n = len(step.positions)
             variant = self.lora_manager.step_variant() if self.lora_manager is not None else ""
@@ -215,6 +232,21 @@ class ModelRunner:
         rows = self.to_device(step.sample_rows)
         sample_logits = self.model.compute_logits(hidden[rows])               # [num_sampling, vocab]
         return ModelRunnerOutput(sample_logits, step.sample_indices, prompt_logits)
+
+    def _input_ids_with_placeholders(self, step: StepInput, in_flight_tokens: torch.Tensor | None) -> torch.Tensor:
+        """[T] input ids on the device: the host's, with the placeholder rows taken from the tokens the
+        previous step sampled (on rank 0's device; broadcast to the other tensor-parallel ranks)."""
+        rows, sources = step.placeholder_rows, step.placeholder_sources
+        values = None
+        if in_flight_tokens is not None:   # rank 0
+            identity = len(sources) <= len(in_flight_tokens) and bool((sources == np.arange(len(sources))).all())
+            values = in_flight_tokens[:len(sources)] if identity else in_flight_tokens[self.to_device(sources)]
+        if tp_size() > 1:
+            values = broadcast_from_first(values, len(rows), torch.int64, self.device)
+        if len(rows) == step.num_tokens:   # every token is in flight (rows ascending: 0..T-1)
+            return values
+        input_ids = self.to_device(step.input_ids)
+        return input_ids.index_copy_(0, self.to_device(rows), values)
 
     def device_inputs(self, step: StepInput, device_input_ids: torch.Tensor | None = None):
         """(input_ids [T], positions [T], AttentionMetadata) of an eager step, on the device."""
@@ -237,6 +269,31 @@ class ModelRunner:
         if self.pin_memory:
             tensor = tensor.pin_memory()
         return tensor.to(self.device, non_blocking=True)
+
+
+class Placeholders:
+    """Collects a step's placeholder rows while its input ids are prepared (see `ModelRunner.prepare`)."""
+
+    def __init__(self, in_flight_rows: dict | None):
+        self.in_flight_rows = in_flight_rows
+        self.rows: list[int] = []
+        self.sources: list[int] = []
+
+    def token(self, request, position: int, row: int) -> int:
+        """The id of `request`'s token at `position`, computed at token row `row`: known on the host, or
+        a placeholder (0 here; its id comes from the device)."""
+        if position < request.num_tokens:
+            return request.token_ids(position, position + 1)[0]
+        if self.in_flight_rows is None or request not in self.in_flight_rows:
+            raise RuntimeError(f"request {request.request_id!r}: token {position} is neither known nor in flight")
+        self.rows.append(row)
+        self.sources.append(self.in_flight_rows[request])
+        return 0
+
+    def arrays(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if not self.rows:
+            return None, None
+        return np.array(self.rows, dtype=np.int64), np.array(self.sources, dtype=np.int64)
 
 
 def _fast_backend(device: torch.device, dtype: torch.dtype):

@@ -37,7 +37,10 @@ class Request:
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0          # tokens whose K/V are in the cache
+    num_computed_tokens: int = 0          # tokens whose K/V are in the cache (or queued on the device)
+    # Tokens sampled on the device whose ids have not reached the host yet (async scheduling): the
+    # scheduler counts them as known tokens, so the next step can be scheduled before they land.
+    num_output_placeholders: int = 0
     num_cached_tokens: int = 0            # prompt tokens served by the prefix cache at first schedule
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks so far

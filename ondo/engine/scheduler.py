@@ -5,6 +5,12 @@ hands out at most `max_num_batched_tokens` new tokens so that computed catches u
 prefill, chunked prefill, decode and prefix-cache hits are all that rule. Running requests are
 served first; when the block pool runs dry the newest running request is preempted (its blocks
 freed, its tokens kept) and recomputed later, so nothing is lost.
+
+Async scheduling is the same rule with placeholders (as vLLM's v1): a token sampled on the device
+but not yet read back counts as known (`Request.num_output_placeholders`), so step N+1 is scheduled
+while step N's tokens are still in flight; the model runner takes such a token's id from the device.
+A placeholder that would pass max_tokens is never scheduled, and a preempted request waits for its
+placeholder to land before it is admitted again.
 """
 from __future__ import annotations
 
@@ -24,8 +30,9 @@ class ScheduledRequest:
     def samples(self) -> bool:
         """True when this step reaches the end of the known tokens, so a new token is sampled
         (never for a score-only request, max_tokens=0, which ends with its prompt)."""
-        return (self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
-                and self.request.max_tokens > 0)
+        request = self.request
+        return (request.num_computed_tokens + self.num_new_tokens == request.num_tokens + request.num_output_placeholders
+                and request.max_tokens > 0)
 
 
 @dataclass
@@ -67,21 +74,29 @@ class Scheduler:
         preempted: list[Request] = []
         order = list(self.running)
         if self.prefill_tokens_while_decoding is not None and self.enable_chunked_prefill:
-            num_decoding = sum(1 for r in order if r.num_tokens - r.num_computed_tokens == 1)
+            num_decoding = sum(1 for r in order if _num_remaining(r) == 1)
             if num_decoding:
                 budget = min(budget, num_decoding + self.prefill_tokens_while_decoding)
-                order.sort(key=lambda r: r.num_tokens - r.num_computed_tokens > 1)   # decodes first, stable
+                order.sort(key=lambda r: _num_remaining(r) > 1)   # decodes first, stable
 
         for request in order:
             if budget == 0 or request in preempted:
                 continue
-            num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
+            if request.num_output_placeholders and request.num_output_tokens + request.num_output_placeholders >= request.max_tokens:
+                continue   # its last token is in flight: nothing more to compute
+            num_new = self._chunk(_num_remaining(request), budget)
             if num_new == 0:
                 continue
             while not self.blocks.allocate(request, request.num_computed_tokens + num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim)
+                # Decodes go first (above), so the newest request may already be in this step: take it out.
+                for item in scheduled:
+                    if item.request is victim:
+                        scheduled.remove(item)
+                        budget += item.num_new_tokens
+                        break
                 if victim is request:
                     break
             if request in preempted:
@@ -101,6 +116,9 @@ class Scheduler:
             if leader is not None and not leader.is_finished and leader.num_computed_tokens < leader.num_prompt_tokens:
                 skipped.append(request)   # wait for the sibling's prompt blocks to share them
                 continue
+            if request.num_output_placeholders:
+                skipped.append(request)   # preempted with a token in flight: admitted once it has landed
+                continue
             if self.lora_slots is not None and not self.lora_slots.acquire(request):
                 skipped.append(request)   # every adapter slot is held by running requests: wait for one
                 continue
@@ -109,6 +127,9 @@ class Scheduler:
                 request.num_cached_tokens = request.num_computed_tokens
             num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
             if num_new == 0 or not self.blocks.allocate(request, request.num_computed_tokens + num_new):
+                # Let go of a matched prefix: waiting requests holding cached blocks could starve the pool.
+                self.blocks.free(request)
+                request.num_computed_tokens = request.num_cached_tokens = 0
                 self.waiting.appendleft(request)
                 break
             request.status = RequestStatus.RUNNING
@@ -134,10 +155,21 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def update_after_step(self, output: SchedulerOutput) -> None:
-        """The forward ran: advance computed counts and publish newly full blocks to the prefix cache."""
+        """The forward was launched: advance computed counts, count each token being sampled as a
+        placeholder until it lands (`Engine.apply_sampled`), publish newly full blocks to the prefix cache."""
         for item in output.scheduled:
-            item.request.num_computed_tokens += item.num_new_tokens
-            self.blocks.cache_full_blocks(item.request)
+            request = item.request
+            if item.samples:
+                request.num_output_placeholders += 1
+            request.num_computed_tokens += item.num_new_tokens
+            self.blocks.cache_full_blocks(request)
+
+    def unschedule_placeholder(self, request: Request) -> None:
+        """Take back a launched step's row whose input was a placeholder that turned out unusable (the
+        device left the token to the host's full sort): the row is neither sampled nor counted, and the
+        next step computes that position again with the real token."""
+        request.num_computed_tokens -= 1
+        request.num_output_placeholders -= 1
 
     def finish(self, request: Request) -> None:
         """Remove a finished or aborted request and free its blocks."""
@@ -152,3 +184,8 @@ class Scheduler:
         self.blocks.free(request)
         if self.lora_slots is not None:
             self.lora_slots.release(request)
+
+
+def _num_remaining(request: Request) -> int:
+    """Tokens to compute before the request is caught up, its placeholders included."""
+    return request.num_tokens + request.num_output_placeholders - request.num_computed_tokens

@@ -33,8 +33,7 @@ class _Slot:
     index: int
     ref: weakref.ref | None
     counted: int = -1  # output tokens held in the buffers; -1 = never filled
-    last_token: int | None = -1  # the last of them, to check cheaply that the output still
-    # extends it; None while it is a pending token (on the device only)
+    last_token: int = -1  # the last of them, to check cheaply that the output still extends it
 
 
 @dataclass
@@ -58,10 +57,8 @@ class PenaltyState:
         self._device: torch.device | None = None
 
     def rows(self, requests: Sequence[Any], vocab_size: int, device: torch.device,
-             need_seen: bool, need_counts: bool, pending: torch.Tensor | None = None) -> PenaltyRows:
-        """Bring the slots of `requests` up to date with their token lists; return their rows.
-        pending: [rows] on the device, a newest token per request that its list does not hold yet
-        (a step launched ahead): counted too, and checked against the list at the next call."""
+             need_seen: bool, need_counts: bool) -> PenaltyRows:
+        """Bring the slots of `requests` up to date with their token lists; return their rows."""
         self._ensure_buffers(vocab_size, device, need_seen, need_counts)
         self._in_batch = {id(r) for r in requests}  # never freed while the batch uses them
         slots = [self._slot(r) for r in requests]
@@ -74,8 +71,7 @@ class PenaltyState:
             output = request.output_token_ids
             length = len(output)
             if (slot.counted < 0 or slot.counted > length
-                    or (slot.counted and slot.last_token is not None
-                        and output[slot.counted - 1] != slot.last_token)):
+                    or (slot.counted and output[slot.counted - 1] != slot.last_token)):
                 resets.append(slot.index)
                 prompt = request.prompt_token_ids
                 seen_slots += [slot.index] * len(prompt)
@@ -91,8 +87,6 @@ class PenaltyState:
             slot.last_token = output[-1] if length else -1
         row_slots = [s.index for s in slots]
         self._upload(resets, seen_slots, seen_tokens, count_slots, count_tokens, row_slots)
-        if pending is not None:
-            self._add_pending(pending, slots)
         identity = row_slots == list(range(len(row_slots)))
         if identity:  # the batch holds slots 0..rows-1 in order: views, no gather
             pick = lambda buffer: buffer[:len(row_slots)]  # noqa: E731
@@ -122,23 +116,6 @@ class PenaltyState:
         if sizes[3] and self._counts is not None:
             self._counts.index_put_((count_slots_d, count_tokens_d),
                                     _scalar(1.0, torch.float32, self._device), accumulate=True)
-
-    def _add_pending(self, pending: torch.Tensor, slots: list[_Slot]) -> None:
-        index = (self._last_row_index, pending)
-        if self._seen is not None:
-            self._seen.index_put_(index, _scalar(True, torch.bool, self._device))
-        if self._counts is not None:
-            self._counts.index_put_(index, _scalar(1.0, torch.float32, self._device), accumulate=True)
-        for slot in slots:
-            slot.counted += 1
-            slot.last_token = None  # not known on the host yet: taken from the list next time
-
-    def forget(self, requests: Sequence[Any]) -> None:
-        """Rebuild these requests' rows from their lists at their next use."""
-        for request in requests:
-            slot = self._slots.get(id(request))
-            if slot is not None:
-                slot.counted = -1
 
     # ---- slots ---------------------------------------------------------------------------------
 

@@ -89,23 +89,20 @@ class Sampler:
             out = self._redo(logits, raw_logits, requests, out)
         return out
 
-    def sample_on_device(self, logits: torch.Tensor, requests: Sequence[Any],
-                         pending_token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steps 0-9 without reading anything back (a decode step launched ahead): the token ids
-        [rows] on the device, -1 for a row that `redo` must decide, and the processed logits
+    def sample_on_device(self, logits: torch.Tensor, requests: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 0-9 without reading anything back (async scheduling, engine/in_flight.py): the token
+        ids [rows] on the device, -1 for a row that `redo` must decide, and the processed logits
         [rows, vocab] that `redo` needs. Log-probs are not computed."""
-        processed = self.apply_processors(logits, requests, pending_token_ids)
+        processed = self.apply_processors(logits, requests)
         return self._choose(processed, requests), processed
 
     def redo(self, processed: torch.Tensor, requests: Sequence[Any], token_ids: list[int]) -> list[int]:
-        """`token_ids` with its -1 rows sampled by the full sort (after `sample_on_device`). Their
-        penalty rows counted a placeholder token for them if a step was launched on it: forgotten."""
+        """`token_ids` with its -1 rows sampled by the full sort (after `sample_on_device`)."""
         rows = [i for i, t in enumerate(token_ids) if t < 0]
         self.num_redone_rows += len(rows)
         index = _long(rows, processed.device)
         redone = draw(warp(processed.index_select(0, index), [requests[i].sampling_params for i in rows]),
                       [requests[i].generator for i in rows]).tolist()
-        self._penalties.forget([requests[i] for i in rows])
         fixed = list(token_ids)
         for i, token in zip(rows, redone):
             fixed[i] = token
@@ -113,11 +110,8 @@ class Sampler:
 
     # ---- steps 0-7: processors shared by greedy and sampling rows ------------------------------
 
-    def apply_processors(self, logits: torch.Tensor, requests: Sequence[Any],
-                         pending_token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Steps 0-7 (see the module docstring); returns new logits, the input is left intact.
-        pending_token_ids: [rows] on the device, each request's newest token when it is not in
-        `output_token_ids` yet (a step launched ahead, engine/async_decode.py); the penalties count it."""
+    def apply_processors(self, logits: torch.Tensor, requests: Sequence[Any]) -> torch.Tensor:
+        """Steps 0-7 (see the module docstring); returns new logits, the input is left intact."""
         vocab_size = logits.shape[1]
         device = logits.device
         params = [r.sampling_params for r in requests]
@@ -141,11 +135,7 @@ class Sampler:
         rows = [i for i, p in enumerate(params)
                 if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty]
         if rows:
-            pending = pending_token_ids
-            if pending is not None and len(rows) != len(requests):
-                pending = pending.index_select(0, _long(rows, device))
-            logits = _on_rows(logits, rows, self._penalties_step([requests[i] for i in rows], vocab_size,
-                                                                 device, pending))
+            logits = _on_rows(logits, rows, self._penalties_step([requests[i] for i in rows], vocab_size, device))
 
         for size in sorted({p.no_repeat_ngram_size for p in params} - {0}):
             rows = [i for i, p in enumerate(params) if p.no_repeat_ngram_size == size]
@@ -184,13 +174,12 @@ class Sampler:
             logits = torch.where(empty, raw_logits, logits)
         return logits
 
-    def _penalties_step(self, requests: list[Any], vocab_size: int, device: torch.device,
-                        pending: torch.Tensor | None) -> Callable:
+    def _penalties_step(self, requests: list[Any], vocab_size: int, device: torch.device) -> Callable:
         """Step 2 from the device-side token presence / counts of each request (penalty_state.py)."""
         params = [r.sampling_params for r in requests]
         need_seen = any(p.repetition_penalty != 1.0 for p in params)
         need_counts = any(p.presence_penalty or p.frequency_penalty for p in params)
-        state = self._penalties.rows(requests, vocab_size, device, need_seen, need_counts, pending)
+        state = self._penalties.rows(requests, vocab_size, device, need_seen, need_counts)
         values = lp.host_to_device([[float(p.repetition_penalty), float(p.presence_penalty),
                                      float(p.frequency_penalty)] for p in params], torch.float32,
                                    device)  # [rows, 3]
@@ -260,8 +249,8 @@ class Sampler:
 class BitmaskStaging:
     """Host -> device copies of the grammar bitmask through one reused pinned buffer. From pageable
     memory the copy may hold the host until the device reaches it, i.e. until the forward launched
-    ahead (engine/async_decode.py) is done; pinning a fresh buffer each step costs ~1 ms. A mask
-    already in pinned memory (a mask filled ahead, engine/async_decode.py) is copied as it is."""
+    before it (async scheduling, engine/in_flight.py) is done; pinning a fresh buffer each step costs
+    ~1 ms. A mask already in pinned memory (filled ahead by `prefetch_bitmask`) is copied as it is."""
 
     def __init__(self) -> None:
         self._buffer: torch.Tensor | None = None   # [rows, words] int32, pinned

@@ -14,12 +14,12 @@ only ever choose a token its grammar allows. Stop tokens are allowed only where 
 end; once the matcher has accepted one it is terminated and the request finishes.
 
 The fill is the host's share of every constrained decode step. When the step after this one is
-already launched (engine/async_decode.py), its masks are filled ahead on a background thread
-(`prefetch_bitmask`) as soon as the matchers have accepted this step's tokens, while the engine
-thread detokenizes, emits and schedules; llguidance releases the GIL while it fills. Each state
-remembers the position its row was filled at, so a step that is not the one guessed (or a sibling
-dropped meanwhile) falls back to filling afresh; nothing else touches a matcher while its row is
-being filled (`accept` and `fill_bitmask` wait for it first).
+already launched (async scheduling, engine/in_flight.py), its masks are filled ahead on a background
+thread (`prefetch_bitmask`) as soon as the matchers have accepted this step's tokens, while the engine
+thread emits and the text is made; llguidance releases the GIL while it fills. Each state remembers
+the position its row was filled at, so a row sampled from elsewhere falls back to filling afresh;
+nothing else touches a matcher while its row is being filled (`accept` and `fill_bitmask` wait for it
+first).
 
 The library is llguidance (imported only when a constraint is used). xgrammar served first; on the
 same 64 rows of a JSON schema stepped with allowed tokens (benchmarks/grammar_masks.py), llguidance

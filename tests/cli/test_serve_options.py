@@ -86,3 +86,13 @@ def test_serve_paces_prompts_beside_decodes_by_default(run_main, cli_model, monk
     assert run_main("serve", cli_model)[0] == 0
     assert run_main("serve", cli_model, "--prefill-tokens-while-decoding", "0")[0] == 0
     assert [c.prefill_tokens_while_decoding for c in seen] == ["auto", 0]
+
+
+def test_async_scheduling_is_on_off_or_the_device_default(run_main, cli_model, monkeypatch):
+    import ondo.server
+
+    seen = []
+    monkeypatch.setattr(ondo.server, "run_server", lambda config, *args, **kwargs: seen.append(config))
+    for flags in ([], ["--async-scheduling"], ["--no-async-scheduling"]):
+        assert run_main("serve", cli_model, *flags)[0] == 0
+    assert [c.async_scheduling for c in seen] == [None, True, False]

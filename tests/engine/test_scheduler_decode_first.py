@@ -18,8 +18,9 @@ def run_step(scheduler: Scheduler) -> dict[str, int]:
     out = scheduler.schedule()
     scheduler.update_after_step(out)
     for item in out.scheduled:   # a step that reaches the end of the known tokens samples one
-        if item.request.num_computed_tokens == item.request.num_tokens:
-            item.request.output_token_ids.append(7)
+        if item.request.num_computed_tokens == item.request.num_tokens + item.request.num_output_placeholders:
+            item.request.output_token_ids.append(7)   # the token lands
+            item.request.num_output_placeholders -= 1
     return {item.request.request_id: item.num_new_tokens for item in out.scheduled}
 
 
@@ -45,6 +46,24 @@ def test_decoders_go_first_and_the_prompt_prefills_in_small_chunks():
         assert all(step[f"d{i}"] == 1 for i in range(3)), step   # every decoder, every step
         assert step["long"] == 256, step
     assert run_step(scheduler) == {"d0": 1, "d1": 1, "d2": 1, "long": 1}   # it decodes too now
+
+
+def test_a_decoder_preempted_after_its_turn_leaves_the_step():
+    """Decodes go first, so the newest request, the one preemption takes, may already be in the step:
+    it leaves the step (its budget returned) instead of running with freed blocks."""
+    scheduler = Scheduler(BlockManager(3, 16), max_num_seqs=8, max_num_batched_tokens=64,
+                          prefill_tokens_while_decoding=16)
+    decoder, prompt = request("decoder", 4), request("prompt", 40)
+    scheduler.add(decoder)
+    assert run_step(scheduler) == {"decoder": 4}
+    scheduler.add(prompt)
+    assert run_step(scheduler) == {"decoder": 1, "prompt": 16}
+    scheduler.running.reverse()   # the prompt first, as if it had arrived first: the decoder is the newest
+    assert run_step(scheduler) == {"decoder": 1, "prompt": 16}   # 3 blocks: the pool is full
+    out = scheduler.schedule()   # the prompt's last 8 tokens need a 4th block: the decoder is preempted
+    assert [(item.request.request_id, item.num_new_tokens) for item in out.scheduled] == [("prompt", 8)]
+    assert out.preempted == [decoder] and decoder.num_computed_tokens == 0 and not decoder.block_table
+    assert list(scheduler.waiting) == [decoder]
 
 
 def test_without_the_rule_nothing_changes():
@@ -77,3 +96,24 @@ def test_the_option_sets_or_removes_the_cap(tiny_llama):
         with pytest.raises(ConfigError, match=r"prefill_tokens_while_decoding must be an integer >= 0 \(0 = no "
                                               r"cap\), 'auto' or None, got"):
             EngineConfig(prefill_tokens_while_decoding=bad)
+
+
+def test_a_request_that_cannot_be_admitted_holds_no_cached_blocks():
+    """Its matched prefix is let go: waiting requests holding cached blocks could take the whole pool
+    and nothing would ever run again."""
+    blocks = BlockManager(4, 16)
+    scheduler = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=256)
+    first = request("first", 33)
+    scheduler.add(first)
+    run_step(scheduler)
+    scheduler.finish(first)                 # its full blocks stay in the prefix cache
+    running = request("running", 20)
+    scheduler.add(running)
+    run_step(scheduler)                     # takes 2 of the 4 blocks
+    late = request("late", 60)              # shares a prefix with `first`, needs 4 blocks
+    scheduler.add(late)
+    hits = blocks.prefix_hits
+    assert run_step(scheduler) == {"running": 1}
+    assert blocks.prefix_hits > hits        # the prefix matched...
+    assert late.block_table == [] and late.num_computed_tokens == 0   # ...and was let go
+    assert blocks.num_free_blocks == 4 - len(running.block_table)

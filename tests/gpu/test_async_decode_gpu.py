@@ -1,5 +1,5 @@
-"""On CUDA, decode steps launched ahead of the host (ondo/engine/async_decode.py) give token-for-token
-the synchronous path's greedy outputs: a batch of different lengths finishing at different steps by
+"""On CUDA, async scheduling (ondo/engine/in_flight.py) gives token-for-token the synchronous path's
+greedy outputs: a batch of different lengths finishing at different steps by
 max_tokens and by stop tokens (which, like EOS, are only known once the token is on the host).
 
 Run on a GPU machine: `pytest -q tests/gpu` (skipped without CUDA).
@@ -28,9 +28,8 @@ def engines(tmp_path_factory):
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(path)
     options = dict(dtype="bfloat16", max_model_len=1024, max_num_seqs=8, kv_cache_memory_bytes=1 << 30)
-    fast, sync = LLM(str(path), **options), LLM(str(path), **options)
-    assert fast.engine.decode_overlap is not None, "CUDA graphs should turn the overlap on"
-    sync.engine.decode_overlap = None
+    fast, sync = LLM(str(path), **options), LLM(str(path), async_scheduling=False, **options)
+    assert fast.engine.async_scheduling, "CUDA graphs should turn async scheduling on"
     return fast, sync
 
 
@@ -51,9 +50,9 @@ def assert_no_leak(llm):
 def test_staggered_max_tokens_match_sync(engines):
     fast, sync = engines
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (5, 80, 33, 1, 64, 17)]
-    before = fast.engine.decode_overlap.num_adopted
+    before = fast.engine.num_steps_launched_ahead
     assert summary(fast.generate(prompts(), params)) == summary(sync.generate(prompts(), params))
-    assert fast.engine.decode_overlap.num_adopted - before > 60
+    assert fast.engine.num_steps_launched_ahead - before > 60
     assert_no_leak(fast)
 
 
@@ -64,11 +63,13 @@ def test_stop_tokens_at_different_steps_match_sync(engines):
     positions, limits = (3, 40, 12, 0, 70, 25), (80, 80, 10, 80, 50, 80)
     params = [SamplingParams(temperature=0, max_tokens=limit, ignore_eos=True, stop_token_ids=[o.outputs[0].token_ids[i]])
               for o, i, limit in zip(free, positions, limits)]
-    overlap = fast.engine.decode_overlap
-    adopted, discarded = overlap.num_adopted, overlap.num_discarded
+    engine = fast.engine
+    launched_ahead, not_sampled = engine.num_steps_launched_ahead, engine.num_rows_not_sampled
     expected = summary(sync.generate(prompts(), params))
     assert len({len(tokens) for tokens, _, _ in expected}) >= 4
     assert summary(fast.generate(prompts(), params)) == expected
-    print(f"steps launched ahead: {overlap.num_adopted - adopted} adopted, {overlap.num_discarded - discarded} discarded")
-    assert overlap.num_adopted - adopted > 20   # the longest request runs 30+ steps
+    print(f"steps launched ahead: {engine.num_steps_launched_ahead - launched_ahead}, "
+          f"rows of stopped requests not sampled: {engine.num_rows_not_sampled - not_sampled}")
+    assert engine.num_steps_launched_ahead - launched_ahead > 20   # the longest request runs 30+ steps
+    assert engine.num_rows_not_sampled > not_sampled
     assert_no_leak(fast)

@@ -10,6 +10,7 @@ Run on a GPU machine: `pytest -q tests/gpu` (skipped without CUDA).
 from __future__ import annotations
 
 import importlib
+import statistics
 import time
 
 import pytest
@@ -80,11 +81,14 @@ def test_cached_prompt_decodes_at_least_as_fast_as_fresh(llm):
         return time.perf_counter() - start
 
     llm.generate([prompt(512, 99)], SamplingParams(max_tokens=8, ignore_eos=True))   # warm
-    for seed in (20, 21):
+    fresh, cached = [], []
+    for seed in range(20, 25):
         tokens = prompt(512, seed)
-        fresh_s = timed(tokens)
+        fresh.append(timed(tokens))
         hits_before = llm.engine.block_manager.prefix_hits
-        cached_s = timed(tokens)
+        cached.append(timed(tokens))
         assert llm.engine.block_manager.prefix_hits - hits_before == 496   # all but the last block
-        # the cached run prefills 16 tokens instead of 512: it may only be faster (5 % timing noise allowed)
-        assert cached_s <= fresh_s * 1.05, f"cached {cached_s:.3f} s vs fresh {fresh_s:.3f} s"
+    # The cached run prefills 16 tokens instead of 512: it may only be faster. One run of this tiny model
+    # varies by up to 4 % (an H200), so medians of five are compared, with 3 % allowed for noise.
+    fresh_s, cached_s = statistics.median(fresh), statistics.median(cached)
+    assert cached_s <= fresh_s * 1.03, f"cached {cached_s:.4f} s vs fresh {fresh_s:.4f} s (medians of 5)"

@@ -41,15 +41,14 @@ def qwen3_folder(tmp_path_factory):
 
 
 def generate(folder, prompts, logprobs=2, **options):
-    """The completions, and how many decode steps were launched ahead of the host and kept: none with
-    logprobs, which the host must see before the next step."""
+    """The completions, and how many steps were launched before the previous step's tokens were read:
+    none with logprobs, which the host must see before the next step."""
     llm = LLM(str(folder), dtype="bfloat16", max_model_len=512, kv_cache_memory_bytes=1 << 30, max_num_seqs=32,
               **options)
     try:
         params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0, ignore_eos=True, logprobs=logprobs)
         outputs = [o.outputs[0] for o in llm.generate(prompts, params)]
-        overlap = llm.engine.decode_overlap
-        return outputs, overlap.num_adopted if overlap is not None else 0
+        return outputs, llm.engine.num_steps_launched_ahead
     finally:
         llm.engine.shutdown()
         del llm
@@ -64,7 +63,7 @@ def test_tp2_matches_tp1(qwen3_folder, enforce_eager):
     prompts = [torch.randint(3, 4096, (int(n),), generator=generator).tolist()
                for n in torch.randint(4, 300, (20,), generator=generator)]
     single, _ = generate(qwen3_folder, prompts, enforce_eager=enforce_eager)
-    # Without logprobs the graphs' decode steps are launched ahead, their input ids broadcast from rank 0.
+    # Without logprobs steps are launched ahead, their placeholder ids broadcast from rank 0.
     split, adopted = generate(qwen3_folder, prompts, logprobs=None, enforce_eager=enforce_eager, tensor_parallel_size=2)
     assert adopted > 0 or enforce_eager
     for ref, ours in zip(single, split):
@@ -77,14 +76,14 @@ def test_tp2_matches_tp1(qwen3_folder, enforce_eager):
 
 
 def test_tp2_stops_promptly_after_a_step_launched_ahead(qwen3_folder):
-    """The last decode step launched ahead is discarded but still runs on every rank: each rank waits
+    """The last step launched ahead is never sampled but still runs on every rank: each rank waits
     for it, destroys its CUDA graphs (which hold NCCL kernels: with them alive, NCCL's abort blocked
     for over 10 s), then aborts its group (docs/distributed.md). This module's tests run one TP=2
     engine after another in one process: each joins a new group after the last one left."""
     llm = LLM(str(qwen3_folder), dtype="bfloat16", max_model_len=512, kv_cache_memory_bytes=1 << 30,
               max_num_seqs=32, tensor_parallel_size=2)
     llm.generate([[5, 6, 7]] * 8, SamplingParams(max_tokens=NUM_TOKENS, temperature=0, ignore_eos=True))
-    assert llm.engine.decode_overlap.num_adopted > 0
+    assert llm.engine.num_steps_launched_ahead > 0
     workers = llm.engine.executor.processes
     started = time.perf_counter()
     llm.engine.shutdown()

@@ -239,13 +239,11 @@ def test_siblings_and_subsets_keep_their_own_counts():
         assert torch.equal(sampler.apply_processors(rows, batch), rebuilt_penalties(rows, batch))
 
 
-# ---- decode steps launched ahead (engine/async_decode.py) with penalties and sampling ---------------
+# ---- async scheduling (engine/in_flight.py) with penalties and sampling ----------------------------
 
 
 def test_penalties_on_steps_launched_ahead_match_the_synchronous_path(tiny_llama):
     from ondo import LLM, SamplingParams
-    from ondo.engine.async_decode import DecodeOverlap
-
     prompts = [[1, 5, 9, 33, 4], list(range(10, 47)), [7] * 17]
     params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.8),
               SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, presence_penalty=1.5,
@@ -254,35 +252,32 @@ def test_penalties_on_steps_launched_ahead_match_the_synchronous_path(tiny_llama
                              frequency_penalty=0.4)]
     sync = LLM(str(tiny_llama[0]), dtype="float32", device="cpu")
     expected = [o.outputs[0].token_ids for o in sync.generate(prompts, params)]
-    fast = LLM(str(tiny_llama[0]), dtype="float32", device="cpu")
-    fast.engine.decode_overlap = overlap = DecodeOverlap(fast.engine)  # off on the CPU unless set
+    fast = LLM(str(tiny_llama[0]), dtype="float32", device="cpu", async_scheduling=True)  # off on the CPU unless set
     assert [o.outputs[0].token_ids for o in fast.generate(prompts, params)] == expected
-    assert overlap.num_adopted > 10
-    # Unseeded sampling runs ahead too (its tokens cannot be compared); seeded sampling does not.
+    assert fast.engine.num_steps_launched_ahead > 10
+    # Unseeded sampling runs ahead too (its tokens cannot be compared).
     sampled = SamplingParams(temperature=0.9, top_p=0.9, top_k=40, repetition_penalty=1.1, max_tokens=16,
                              ignore_eos=True)
-    adopted = overlap.num_adopted
+    launched_ahead = fast.engine.num_steps_launched_ahead
     outputs = fast.generate(prompts, sampled)
     assert all(len(o.outputs[0].token_ids) == 16 for o in outputs)
-    assert overlap.num_adopted > adopted
+    assert fast.engine.num_steps_launched_ahead > launched_ahead
     stats = fast.engine.stats()
     assert stats["num_free_blocks"] == stats["num_total_blocks"]
 
 
 def test_a_row_left_open_on_a_step_launched_ahead_is_redone(tiny_llama, monkeypatch):
     from ondo import LLM, SamplingParams
-    from ondo.engine.async_decode import DecodeOverlap
     from ondo.sample import candidates
 
     # A budget far too small: every top_p row comes back -1 and is redone on the host.
     monkeypatch.setattr(candidates, "TOP_P_CANDIDATES", 2)
     monkeypatch.setattr(candidates, "MAX_BUDGET_FRACTION", 1.0)
-    llm = LLM(str(tiny_llama[0]), dtype="float32", device="cpu")
-    llm.engine.decode_overlap = overlap = DecodeOverlap(llm.engine)
+    llm = LLM(str(tiny_llama[0]), dtype="float32", device="cpu", async_scheduling=True)
     params = SamplingParams(temperature=1.0, top_p=0.99, max_tokens=12, ignore_eos=True,
                             presence_penalty=0.5)
     outputs = llm.generate([[1, 5, 9, 33, 4], [7] * 17], params)
     assert all(len(o.outputs[0].token_ids) == 12 for o in outputs)
-    assert llm.engine.sampler.num_redone_rows > 0 and overlap.num_discarded > 0
+    assert llm.engine.sampler.num_redone_rows > 0 and llm.engine.num_rows_taken_back > 0
     stats = llm.engine.stats()
     assert stats["num_free_blocks"] == stats["num_total_blocks"]

@@ -9,7 +9,6 @@ import jsonschema
 import pytest
 
 from ondo import LLM, SamplingParams, SamplingParamsError
-from ondo.engine.async_decode import DecodeOverlap
 from ondo.engine.engine import RequestError
 from ondo.sampling_params import StructuredOutputsParams
 
@@ -94,18 +93,17 @@ def test_stop_strings_and_streaming_deltas(llm):
     assert final["streamed"].text.startswith(final["stopped"].text) and streamed["stopped"] == final["stopped"].text
 
 
-def test_constrained_batches_run_ahead_under_async_decode(tiny_llama_with_tokenizer, llm):
+def test_constrained_batches_run_ahead_under_async_scheduling(tiny_llama_with_tokenizer, llm):
     """Their forwards are launched ahead and sampled with the mask once the previous tokens are read
-    (tests/engine/test_async_decode_structured.py covers the cases)."""
-    fast = LLM(str(tiny_llama_with_tokenizer[0]))
-    fast.engine.decode_overlap = DecodeOverlap(fast.engine)   # what CUDA graphs switch on
+    (tests/engine/test_async_scheduling_structured.py covers the cases)."""
+    fast = LLM(str(tiny_llama_with_tokenizer[0]), async_scheduling=True)   # what CUDA graphs switch on
     batch = [params(StructuredOutputsParams(json=SCHEMA), temperature=0),
              SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
              params(StructuredOutputsParams(regex="[a-z]{4}"), temperature=0)]
     expected = texts(llm.generate(PROMPTS, batch))
     assert texts(fast.generate(PROMPTS, batch)) == expected
     jsonschema.validate(json.loads(expected[0][0]), SCHEMA)
-    assert fast.engine.decode_overlap.num_adopted > 10
+    assert fast.engine.num_steps_launched_ahead > 10
 
 
 def test_a_constraint_the_vocabulary_cannot_write_is_refused_when_added(llm):

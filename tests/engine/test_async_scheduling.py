@@ -1,25 +1,27 @@
-"""Decode steps launched ahead of the host (ondo/engine/async_decode.py) give exactly the synchronous outputs.
+"""Async scheduling (ondo/engine/in_flight.py) gives exactly the synchronous outputs.
 
-On the CPU the overlap is off by default; these tests switch it on (the torch backend takes the
-device-side input ids like the CUDA graphs do), so its bookkeeping is checked without a GPU.
+On the CPU it is off by default; these tests switch it on (`async_scheduling=True`: the torch backend
+takes placeholder ids from the device like the CUDA graphs do), so its bookkeeping is checked without a GPU.
 """
 from __future__ import annotations
 
 import pytest
 
 from ondo import LLM, SamplingParams
-from ondo.engine.async_decode import DecodeOverlap
 from tests.engine.scripted import drive, summary
 
 PROMPTS = [[1, 5, 9, 33, 4], list(range(10, 47)), [7] * 17, list(range(100, 164)), [3, 4]]
 
 
 def make_llm(folder, overlap: bool, **options) -> LLM:
-    llm = LLM(str(folder), dtype="float32", **options)
-    assert llm.engine.decode_overlap is None   # off on the CPU unless asked for
-    if overlap:
-        llm.engine.decode_overlap = DecodeOverlap(llm.engine)
+    llm = LLM(str(folder), dtype="float32", async_scheduling=overlap or None, **options)
+    assert llm.engine.async_scheduling is overlap   # off on the CPU unless asked for
     return llm
+
+
+def ahead(llm) -> int:
+    """Steps launched before the previous step's tokens were read."""
+    return llm.engine.num_steps_launched_ahead
 
 
 def assert_no_leak(llm):
@@ -44,8 +46,7 @@ def test_staggered_lengths_match_sync(tiny_llama):
     sync = make_llm(tiny_llama[0], overlap=False)
     fast = make_llm(tiny_llama[0], overlap=True, block_size=8)   # block boundaries crossed ahead
     assert summary(fast.generate(PROMPTS, params)) == summary(sync.generate(PROMPTS, params))
-    overlap = fast.engine.decode_overlap
-    assert overlap.num_adopted > 30 and overlap.num_discarded == 0   # length stops are foreseen
+    assert ahead(fast) > 30 and fast.engine.num_rows_not_sampled == 0   # length stops are foreseen
     assert_no_leak(fast)
 
 
@@ -58,7 +59,7 @@ def test_stop_tokens_at_different_steps_match_sync(tiny_llama, sync_tokens):
     expected = summary(sync.generate(PROMPTS, params))
     assert len({len(o[0][0]) for o in expected}) >= 3 and any(o[0][2] == "stop" for o in expected)
     assert summary(fast.generate(PROMPTS, params)) == expected
-    assert fast.engine.decode_overlap.num_discarded > 0
+    assert fast.engine.num_rows_not_sampled > 0   # rows launched for requests that had just stopped
     assert_no_leak(fast)
 
 
@@ -75,15 +76,15 @@ def test_options_needing_host_tokens_match_sync(tiny_llama):
     # Alone, the history-free options (logit_bias, min_tokens once reached) do run ahead.
     alone = [greedy(20, ignore_eos=True, min_tokens=12), greedy(20, ignore_eos=True, logit_bias={7: 3.0})]
     assert summary(fast.generate(PROMPTS[:2], alone)) == summary(sync.generate(PROMPTS[:2], alone))
-    assert fast.engine.decode_overlap.num_adopted > 0
+    assert ahead(fast) > 0
     assert_no_leak(fast)
 
 
-def test_seeded_and_banned_batches_launch_their_forward_ahead(tiny_llama):
-    """Without a grammar too, a batch whose sampling needs the newest token on the host (seeded draws,
-    n-gram and bad-word bans, unmet min_tokens) launches only its next forward ahead and is sampled
-    once the tokens are on the host: the same tokens as the synchronous path, seeds reproducible, and
-    no draw spent on a step that is discarded. Log-probs alone keep a batch synchronous."""
+def test_seeded_and_banned_batches_run_ahead(tiny_llama):
+    """A step is sampled once every earlier token is on the host, so options that read them (seeded
+    draws, n-gram and bad-word bans, unmet min_tokens) run ahead too: the same tokens as the
+    synchronous path, seeds reproducible. Log-probs alone are sampled on the host at once, so the
+    step after them is not launched ahead."""
     params = [SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=20, ignore_eos=True),
               SamplingParams(temperature=1.1, seed=3, max_tokens=15, ignore_eos=True, no_repeat_ngram_size=2),
               greedy(20, ignore_eos=True, min_tokens=18), greedy(12, ignore_eos=True, repetition_penalty=1.3)]
@@ -92,11 +93,10 @@ def test_seeded_and_banned_batches_launch_their_forward_ahead(tiny_llama):
     expected = summary(sync.generate(PROMPTS[:4], params))
     assert summary(fast.generate(PROMPTS[:4], params)) == expected
     assert summary(fast.generate(PROMPTS[:4], params)) == expected   # seeded: the same again
-    overlap = fast.engine.decode_overlap
-    assert overlap.num_adopted >= 2 * 10
-    adopted = overlap.num_adopted
+    assert ahead(fast) >= 2 * 10
+    launched_ahead = ahead(fast)
     fast.generate(PROMPTS[:2], [greedy(20, ignore_eos=True, logprobs=1), params[0]])   # finish together
-    assert overlap.num_adopted == adopted
+    assert ahead(fast) == launched_ahead
     assert_no_leak(fast)
 
 
@@ -110,7 +110,7 @@ def test_requests_added_and_aborted_mid_decode_match_sync(tiny_llama):
     expected = drive(sync, script)
     assert expected["a"][0][0][2] is None and len(expected["a"][0][0][0]) < 30   # aborted: no final output
     assert drive(fast, script) == expected
-    assert fast.engine.decode_overlap.num_adopted > 0 and fast.engine.decode_overlap.num_discarded > 0
+    assert ahead(fast) >= 15 and fast.engine.num_rows_not_sampled > 0   # a's row launched before its abort
     assert_no_leak(fast)
 
 
@@ -125,5 +125,34 @@ def test_stop_strings_and_eos_with_text_match_sync(tiny_llama_with_tokenizer):
     params = [greedy(30, stop=[s]) if s.strip() else greedy(30) for s in stops]
     expected = summary(sync.generate(prompts, params))
     assert summary(fast.generate(prompts, params)) == expected
-    assert fast.engine.decode_overlap.num_adopted > 0
+    assert ahead(fast) > 0
+    assert_no_leak(fast)
+
+
+def test_prompt_chunks_beside_decodes_run_ahead(tiny_llama):
+    """Steps that mix prompt chunks with decodes are launched ahead too: the decoding rows take their
+    newest token from the device, the chunks' tokens from the host."""
+    script = {0: ("add", "a", PROMPTS[0], greedy(30, ignore_eos=True)),
+              3: ("add", "b", list(range(200, 300)), greedy(8, ignore_eos=True)),   # 100 tokens in chunks of 16
+              5: ("add", "c", PROMPTS[3], greedy(6, ignore_eos=True, prompt_logprobs=2))}
+    options = dict(max_num_batched_tokens=16, prefill_tokens_while_decoding=8)
+    sync = make_llm(tiny_llama[0], overlap=False, **options)
+    fast = make_llm(tiny_llama[0], overlap=True, **options)
+    expected = drive(sync, script)
+    assert drive(fast, script) == expected
+    assert ahead(fast) >= 20   # all but the first step and those after c's log-prob steps
+    assert_no_leak(fast)
+
+
+def test_preempted_with_a_token_in_flight_matches_sync(tiny_llama):
+    """A cache too small for every request: the newest is preempted while its token is in flight, waits
+    for it to land, and is recomputed with it."""
+    params = [greedy(40, ignore_eos=True) for _ in PROMPTS]
+    # 28 blocks of 8 tokens (512 bytes a token: K and V, 2 layers, 2 heads of 16 float32) for 325 tokens
+    options = dict(block_size=8, max_model_len=128, kv_cache_memory_bytes=28 * 8 * 512)
+    sync = make_llm(tiny_llama[0], overlap=False, **options)
+    fast = make_llm(tiny_llama[0], overlap=True, **options)
+    expected = summary(sync.generate(PROMPTS, params))
+    assert summary(fast.generate(PROMPTS, params)) == expected
+    assert fast.engine.scheduler.num_preemptions > 0 and ahead(fast) > 30
     assert_no_leak(fast)
