@@ -10,7 +10,7 @@ import torch
 
 from ondo.config import EngineConfig
 from ondo.engine.block_manager import BlockManager
-from ondo.engine.in_flight import LaunchedStep, SampledStep, gather_rows, sample_on_device, samples_on_device
+from ondo.engine.in_flight import LaunchedStep, SampledStep, gather_rows, sample_on_device
 from ondo.engine.model_runner import KVCacheSpec, ModelRunner
 from ondo.engine.output_processor import SequenceDelta, append_token, check_stop, take_delta
 from ondo.engine.request import Request
@@ -338,9 +338,9 @@ class Engine:
         return LaunchedStep(schedule, result)
 
     def _sample_launched(self, launched: LaunchedStep, touched: dict[str, list[Request]]) -> SampledStep | None:
-        """A launched step's prompt log-probs, finished score-only requests and samples. The tokens stay
-        on the device (returned) with async scheduling when nothing else is read back; otherwise they are
-        sampled on the host and applied now."""
+        """A launched step's prompt log-probs, finished score-only requests and samples. With async
+        scheduling the tokens stay on the device (returned); otherwise, or when sampling there fails
+        (a grammar with no way forward, a failing processor), they are sampled on the host and applied now."""
         result, scheduled = launched.result, launched.schedule.scheduled
         for index, logits in result.prompt_logits.items():
             if not scheduled[index].request.is_finished:
@@ -352,7 +352,7 @@ class Engine:
             return None
         requests = [scheduled[result.sample_indices[row]].request for row in rows]
         logits = gather_rows(result.sample_logits, rows)
-        if self.async_scheduling and all(map(samples_on_device, requests)):
+        if self.async_scheduling:
             try:
                 return sample_on_device(self.sampler, requests, logits)
             except Exception:   # a grammar with no way forward, a failing processor: found request by request below
@@ -362,17 +362,17 @@ class Engine:
 
     def _land(self, sampled: SampledStep, touched: dict[str, list[Request]]) -> None:
         """Read `sampled`'s tokens (the device is running the next step meanwhile), check their stops."""
-        tokens = sampled.read()
-        if min(tokens) < 0:   # rows the sampler's candidates left open: the full sort decides them
-            left_open = {request for request, token in zip(sampled.requests, tokens) if token < 0}
-            tokens = self.sampler.redo(sampled.processed, sampled.requests, tokens)
+        out = sampled.read()
+        if min(out.token_ids) < 0:   # rows the sampler's candidates left open: the full sort decides them
+            left_open = {request for request, token in zip(sampled.requests, out.token_ids) if token < 0}
+            out = self.sampler.redo(sampled.sample, sampled.requests, out)
             if self.launched is not None:   # its rows for them ran on a placeholder: computed again next step
                 for item in self.launched.schedule.scheduled:
                     if item.request in left_open:
                         self.scheduler.unschedule_placeholder(item.request)
                         self.launched.taken_back.add(item.request)
                         self.num_rows_taken_back += 1
-        touched.update(self.apply_sampled(sampled.requests, SamplerOutput(tokens, None, None)))
+        touched.update(self.apply_sampled(sampled.requests, out))
 
     def _prefetch_masks(self, launched: LaunchedStep) -> None:
         """Start filling the grammar masks that sampling `launched` will ask for, while this step is

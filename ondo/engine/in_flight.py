@@ -9,9 +9,8 @@ step ahead, for every batch (prefill chunks, decodes, mixed), in four stages:
     (`Request.num_output_placeholders`).
  2. sampled, at the start of the next `core_step`: every earlier token is on the host by then, so
     the sampler sees what the synchronous path sees (grammar masks, n-gram and bad-word bans,
-    penalties, min_tokens, seeded draws). The chosen ids stay on the device (`SampledStep`) and
-    their host copy is queued behind them. A batch with log-probs is sampled on the host at once
-    and its tokens applied, as the synchronous path does.
+    penalties, min_tokens, seeded draws). The chosen ids (and the log-probs asked for) stay on the
+    device (`SampledStep`) and their host copy is queued behind them.
  3. the next step is scheduled and launched; its placeholders take their ids from the sampled
     tokens on the device (`InFlightTokens`).
  4. landed: the host reads the sampled tokens, checks their stops and emits them while the device
@@ -41,7 +40,7 @@ import torch
 from ondo.engine.model_runner import InFlightTokens, ModelRunnerOutput
 from ondo.engine.request import Request
 from ondo.engine.scheduler import SchedulerOutput
-from ondo.sample.sampler import Sampler
+from ondo.sample.sampler import DeviceSample, Sampler, SamplerOutput, unpack_logprobs
 
 
 @dataclass
@@ -64,44 +63,42 @@ class LaunchedStep:
 
 @dataclass
 class SampledStep:
-    """A step's tokens, chosen on the device; the host has not read them yet."""
+    """A step's tokens (and log-probs), chosen on the device; the host has not read them yet."""
     requests: list[Request]            # one per row
-    token_ids: torch.Tensor            # [rows] int64 on the device; -1 = left to Sampler.redo
-    host_token_ids: torch.Tensor       # [rows] int64 host copy, valid once `copied` has completed
+    sample: DeviceSample               # processed None when every row is greedy (never redone)
+    host: torch.Tensor                 # host copy of the token ids, or of the log-prob columns (token first)
     copied: torch.cuda.Event | None    # None when the device is the host
-    processed: torch.Tensor | None     # [rows, vocab] the processed logits Sampler.redo needs; None if greedy
 
     def in_flight(self) -> InFlightTokens:
-        tokens = self.token_ids if self.processed is None else self.token_ids.clamp(min=0)   # -1 rows: taken back
+        tokens = self.sample.token_ids
+        if self.sample.processed is not None:
+            tokens = tokens.clamp(min=0)   # a -1 row's placeholder is taken back when it lands
         return InFlightTokens(tokens, {request: row for row, request in enumerate(self.requests)})
 
-    def read(self) -> list[int]:
+    def read(self) -> SamplerOutput:
         if self.copied is not None:
             self.copied.synchronize()
-        return self.host_token_ids.tolist()
-
-
-def samples_on_device(request: Request) -> bool:
-    """True when the request's token can stay on the device: nothing but the token is read back
-    (no log-probs; best_of > n ranks by them)."""
-    params = request.sampling_params
-    return params.logprobs is None and params.best_of <= params.n and not request.wants_prompt_logprobs
+        logprobs = self.sample.logprobs
+        if logprobs is None:
+            return SamplerOutput(self.host.tolist(), None, None)
+        return unpack_logprobs(self.host.tolist(), self.requests, logprobs.k_max)
 
 
 def sample_on_device(sampler: Sampler, requests: list[Request], logits: torch.Tensor) -> SampledStep:
     """The sampler's choice for `requests`, left on the device with its host copy queued."""
-    token_ids, processed = sampler.sample_on_device(logits, requests)   # [rows]
+    sample = sampler.sample_on_device(logits, requests)
     if all(r.sampling_params.greedy for r in requests):
-        processed = None   # greedy rows never need Sampler.redo
-    elif processed.data_ptr() == logits.data_ptr():
-        processed = processed.clone()   # a graph's output buffer: the next step's replay overwrites it
-    if token_ids.device.type == "cpu":
-        return SampledStep(requests, token_ids, token_ids, None, processed)
-    host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
-    host.copy_(token_ids, non_blocking=True)
+        sample.processed = None   # greedy rows never need Sampler.redo
+    elif sample.processed.data_ptr() == logits.data_ptr():
+        sample.processed = sample.processed.clone()   # a graph's output buffer: the next replay overwrites it
+    wanted = sample.logprobs.columns if sample.logprobs is not None else sample.token_ids
+    if wanted.device.type == "cpu":
+        return SampledStep(requests, sample, wanted, None)
+    host = torch.empty(wanted.shape, dtype=wanted.dtype, pin_memory=True)
+    host.copy_(wanted, non_blocking=True)
     copied = torch.cuda.Event()
     copied.record()
-    return SampledStep(requests, token_ids, host, copied, processed)
+    return SampledStep(requests, sample, host, copied)
 
 
 def gather_rows(values: torch.Tensor, rows: list[int]) -> torch.Tensor:

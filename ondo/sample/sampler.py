@@ -89,24 +89,29 @@ class Sampler:
             out = self._redo(logits, raw_logits, requests, out)
         return out
 
-    def sample_on_device(self, logits: torch.Tensor, requests: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_on_device(self, logits: torch.Tensor, requests: Sequence[Any]) -> DeviceSample:
         """Steps 0-9 without reading anything back (async scheduling, engine/in_flight.py): the token
-        ids [rows] on the device, -1 for a row that `redo` must decide, and the processed logits
-        [rows, vocab] that `redo` needs. Log-probs are not computed."""
+        ids on the device (-1 for a row that `redo` must decide), the processed logits `redo` needs,
+        and the log-prob columns when a request asks for them."""
         processed = self.apply_processors(logits, requests)
-        return self._choose(processed, requests), processed
+        token_ids = self._choose(processed, requests)
+        return DeviceSample(token_ids, processed, device_logprobs(logits, token_ids, requests))
 
-    def redo(self, processed: torch.Tensor, requests: Sequence[Any], token_ids: list[int]) -> list[int]:
-        """`token_ids` with its -1 rows sampled by the full sort (after `sample_on_device`)."""
-        rows = [i for i, t in enumerate(token_ids) if t < 0]
+    def redo(self, sample: DeviceSample, requests: Sequence[Any], out: SamplerOutput) -> SamplerOutput:
+        """`out` (a `sample_on_device` read back) with its -1 rows sampled by the full sort, and their
+        chosen tokens' log-probs where asked for (the top ones do not depend on the choice)."""
+        rows = [i for i, t in enumerate(out.token_ids) if t < 0]
         self.num_redone_rows += len(rows)
-        index = _long(rows, processed.device)
-        redone = draw(warp(processed.index_select(0, index), [requests[i].sampling_params for i in rows]),
-                      [requests[i].generator for i in rows]).tolist()
-        fixed = list(token_ids)
-        for i, token in zip(rows, redone):
-            fixed[i] = token
-        return fixed
+        index = _long(rows, sample.processed.device)
+        redone = draw(warp(sample.processed.index_select(0, index), [requests[i].sampling_params for i in rows]),
+                      [requests[i].generator for i in rows])
+        if out.logprobs is not None:
+            chosen = sample.logprobs.log_probs[index, redone].tolist()
+            for i, logprob in zip(rows, chosen):
+                out.logprobs[i] = logprob
+        for i, token in zip(rows, redone.tolist()):
+            out.token_ids[i] = token
+        return out
 
     # ---- steps 0-7: processors shared by greedy and sampling rows ------------------------------
 
@@ -369,13 +374,28 @@ def _sample_candidates(logits: torch.Tensor, params: Sequence[Any], budgets: Seq
     return draw_candidates(select_candidates(logits, params, budgets), generators)
 
 
-def _pack_output(raw_logits: torch.Tensor, token_ids: torch.Tensor,
-                 requests: Sequence[Any]) -> SamplerOutput:
-    """Chosen tokens and, when asked, their raw log-probs and the top-k, in one host copy."""
+@dataclass
+class DeviceLogprobs:
+    """Log-probs of a step sampled on the device, not read back yet."""
+    log_probs: torch.Tensor  # [rows, vocab] raw log-softmax (a row redone later takes its choice's from it)
+    columns: torch.Tensor    # [rows, 2 + 2 k_max] float64: token, its log-prob, the top k_max ids, their log-probs
+    k_max: int
+
+
+@dataclass
+class DeviceSample:
+    token_ids: torch.Tensor                # [rows] int64; -1 = left to `Sampler.redo`
+    processed: torch.Tensor                # [rows, vocab] the processed logits `redo` draws from
+    logprobs: DeviceLogprobs | None        # None when no request asks for log-probs
+
+
+def device_logprobs(raw_logits: torch.Tensor, token_ids: torch.Tensor,
+                    requests: Sequence[Any]) -> DeviceLogprobs | None:
+    """The chosen tokens' raw log-probs and the top-k, as one tensor to copy back; None when no request
+    needs them (logprobs, or best_of > n, which ranks by them)."""
     params = [r.sampling_params for r in requests]
-    need_logprobs = any(p.logprobs is not None or p.best_of > p.n for p in params)
-    if not need_logprobs:
-        return SamplerOutput(token_ids.tolist(), None, None)
+    if not any(p.logprobs is not None or p.best_of > p.n for p in params):
+        return None
     log_probs = raw_logits.float().log_softmax(dim=-1)  # [rows, vocab]
     chosen = log_probs.gather(1, token_ids.clamp(min=0)[:, None])  # [rows, 1]; -1: redone later
     k_max = min(max(p.logprobs or 0 for p in params), raw_logits.shape[1])
@@ -383,7 +403,21 @@ def _pack_output(raw_logits: torch.Tensor, token_ids: torch.Tensor,
     if k_max:
         top = log_probs.topk(k_max, dim=-1)  # [rows, k_max]
         columns += [top.indices.double(), top.values.double()]
-    host = torch.cat(columns, dim=1).tolist()  # float64 holds token ids and float32 exactly
+    return DeviceLogprobs(log_probs, torch.cat(columns, dim=1), k_max)  # float64 holds ids and float32 exactly
+
+
+def _pack_output(raw_logits: torch.Tensor, token_ids: torch.Tensor,
+                 requests: Sequence[Any]) -> SamplerOutput:
+    """Chosen tokens and, when asked, their raw log-probs and the top-k, in one host copy."""
+    logprobs = device_logprobs(raw_logits, token_ids, requests)
+    if logprobs is None:
+        return SamplerOutput(token_ids.tolist(), None, None)
+    return unpack_logprobs(logprobs.columns.tolist(), requests, logprobs.k_max)
+
+
+def unpack_logprobs(host: list[list[float]], requests: Sequence[Any], k_max: int) -> SamplerOutput:
+    """A `SamplerOutput` from `DeviceLogprobs.columns` read back."""
+    params = [r.sampling_params for r in requests]
     tokens = [int(row[0]) for row in host]
     chosen_logprobs = [row[1] for row in host]
     if not k_max:

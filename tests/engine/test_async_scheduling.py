@@ -5,10 +5,12 @@ takes placeholder ids from the device like the CUDA graphs do), so its bookkeepi
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from ondo import LLM, SamplingParams
-from tests.engine.scripted import drive, summary
+from tests.engine.scripted import assert_logprobs_close, drive, summary
 
 PROMPTS = [[1, 5, 9, 33, 4], list(range(10, 47)), [7] * 17, list(range(100, 164)), [3, 4]]
 
@@ -72,7 +74,7 @@ def test_options_needing_host_tokens_match_sync(tiny_llama):
     expected = sync.generate(PROMPTS, params)
     got = fast.generate(PROMPTS, params)
     assert summary(got) == summary(expected)
-    assert got[0].outputs[0].logprobs == expected[0].outputs[0].logprobs
+    assert_logprobs_close(got[0].outputs[0].logprobs, expected[0].outputs[0].logprobs)
     # Alone, the history-free options (logit_bias, min_tokens once reached) do run ahead.
     alone = [greedy(20, ignore_eos=True, min_tokens=12), greedy(20, ignore_eos=True, logit_bias={7: 3.0})]
     assert summary(fast.generate(PROMPTS[:2], alone)) == summary(sync.generate(PROMPTS[:2], alone))
@@ -83,8 +85,7 @@ def test_options_needing_host_tokens_match_sync(tiny_llama):
 def test_seeded_and_banned_batches_run_ahead(tiny_llama):
     """A step is sampled once every earlier token is on the host, so options that read them (seeded
     draws, n-gram and bad-word bans, unmet min_tokens) run ahead too: the same tokens as the
-    synchronous path, seeds reproducible. Log-probs alone are sampled on the host at once, so the
-    step after them is not launched ahead."""
+    synchronous path, seeds reproducible. Log-probs come back with the tokens."""
     params = [SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=20, ignore_eos=True),
               SamplingParams(temperature=1.1, seed=3, max_tokens=15, ignore_eos=True, no_repeat_ngram_size=2),
               greedy(20, ignore_eos=True, min_tokens=18), greedy(12, ignore_eos=True, repetition_penalty=1.3)]
@@ -95,8 +96,13 @@ def test_seeded_and_banned_batches_run_ahead(tiny_llama):
     assert summary(fast.generate(PROMPTS[:4], params)) == expected   # seeded: the same again
     assert ahead(fast) >= 2 * 10
     launched_ahead = ahead(fast)
-    fast.generate(PROMPTS[:2], [greedy(20, ignore_eos=True, logprobs=1), params[0]])   # finish together
-    assert ahead(fast) == launched_ahead
+    with_logprobs = [greedy(20, ignore_eos=True, logprobs=1), dataclasses.replace(params[0], logprobs=3)]
+    expected = sync.generate(PROMPTS[:2], with_logprobs)
+    got = fast.generate(PROMPTS[:2], with_logprobs)
+    assert summary(got) == summary(expected)
+    for completion, expected_completion in zip(got, expected):
+        assert_logprobs_close(completion.outputs[0].logprobs, expected_completion.outputs[0].logprobs)
+    assert ahead(fast) >= launched_ahead + 18
     assert_no_leak(fast)
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from ondo import LLM, SamplingParams
 from ondo.sampling_params import StructuredOutputsParams
-from tests.engine.scripted import drive, summary
+from tests.engine.scripted import assert_logprobs_close, drive, summary
 
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 6},
@@ -149,11 +149,12 @@ def test_rows_left_to_sampler_redo_in_a_structured_batch(engines, monkeypatch):
     monkeypatch.setattr(candidates, "MAX_BUDGET_FRACTION", 1.0)
     fast, sync = engines
     params = [constrained("json", temperature=1.0, top_p=0.99, seed=2), constrained("regex"),
-              SamplingParams(temperature=0.7, top_p=0.95, seed=9, max_tokens=20, ignore_eos=True)]
+              SamplingParams(temperature=0.7, top_p=0.95, seed=9, max_tokens=20, ignore_eos=True, logprobs=2)]
     redone, (_, discarded) = fast.engine.sampler.num_redone_rows, counters(fast)
-    expected = summary(sync.generate(PROMPTS[:3], params))
+    expected = sync.generate(PROMPTS[:3], params)
     got = fast.generate(PROMPTS[:3], params)
-    assert summary(got) == expected
+    assert summary(got) == summary(expected)
+    assert_logprobs_close(got[2].outputs[0].logprobs, expected[2].outputs[0].logprobs)   # redone rows' too
     assert_parses("json", got[0].outputs[0].text)
     assert fast.engine.sampler.num_redone_rows > redone and counters(fast)[1] > discarded
     assert_no_leak(fast)
@@ -179,13 +180,14 @@ def test_a_request_whose_sampling_fails_mid_batch_fails_alone(engines):
     assert_no_leak(fast)
 
 
-def test_log_probs_keep_a_structured_batch_synchronous(engines):
+def test_log_probs_of_a_structured_batch_come_back_with_its_tokens(engines):
     fast, sync = engines
-    params = [constrained("json", logprobs=2), constrained("regex")]
-    adopted = counters(fast)[0]
+    params = [constrained("json", logprobs=2), constrained("regex", n=2, best_of=3, temperature=0.8, seed=4)]
+    launched_ahead = counters(fast)[0]
     expected = sync.generate(PROMPTS[:2], params)
     got = fast.generate(PROMPTS[:2], params)
     assert summary(got) == summary(expected)
-    assert got[0].outputs[0].logprobs == expected[0].outputs[0].logprobs
-    assert counters(fast)[0] == adopted
+    assert_logprobs_close(got[0].outputs[0].logprobs, expected[0].outputs[0].logprobs)
+    assert [c.cumulative_logprob for c in got[1].outputs] == pytest.approx([c.cumulative_logprob for c in expected[1].outputs])
+    assert counters(fast)[0] > launched_ahead + 10
     assert_no_leak(fast)

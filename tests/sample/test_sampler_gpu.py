@@ -126,7 +126,7 @@ def test_fast_path_matches_cpu_and_never_syncs():
     torch.cuda.set_sync_debug_mode("error")
     try:
         token_ids = sampler._choose(sampler.apply_processors(on_device, gpu_reqs), gpu_reqs)
-        ahead, _ = sampler.sample_on_device(on_device, gpu_reqs)
+        ahead = sampler.sample_on_device(on_device, gpu_reqs).token_ids
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert token_ids.shape == ahead.shape == (4,)
