@@ -50,15 +50,17 @@ class LaunchedStep:
     result: ModelRunnerOutput
     taken_back: set[Request] = field(default_factory=set)   # rows computed on an unusable placeholder
 
+    def stands(self, request: Request) -> bool:
+        """The request's row still counts: the request runs on and its row was not taken back."""
+        return not request.is_finished and request not in self.taken_back
+
     def has_running_rows(self) -> bool:
-        return any(not item.request.is_finished and item.request not in self.taken_back
-                   for item in self.schedule.scheduled)
+        return any(self.stands(item.request) for item in self.schedule.scheduled)
 
     def rows_to_sample(self) -> list[int]:
-        """Rows of `result.sample_logits` still to sample: their request is running and the row stands."""
+        """Rows of `result.sample_logits` still to sample."""
         scheduled = self.schedule.scheduled
-        return [row for row, index in enumerate(self.result.sample_indices)
-                if not scheduled[index].request.is_finished and scheduled[index].request not in self.taken_back]
+        return [row for row, index in enumerate(self.result.sample_indices) if self.stands(scheduled[index].request)]
 
 
 @dataclass
