@@ -40,7 +40,7 @@ import torch
 from ondo.engine.model_runner import InFlightTokens, ModelRunnerOutput
 from ondo.engine.request import Request
 from ondo.engine.scheduler import SchedulerOutput
-from ondo.sample.sampler import DeviceSample, Sampler, SamplerOutput, unpack_logprobs
+from ondo.sample.sampler import DeviceSample, Sampler, SamplerOutput, host_output
 
 
 @dataclass
@@ -80,10 +80,7 @@ class SampledStep:
     def read(self) -> SamplerOutput:
         if self.copied is not None:
             self.copied.synchronize()
-        logprobs = self.sample.logprobs
-        if logprobs is None:
-            return SamplerOutput(self.host.tolist(), None, None)
-        return unpack_logprobs(self.host.tolist(), self.requests, logprobs.k_max)
+        return host_output(self.host.tolist(), self.requests, self.sample.logprobs)
 
 
 def sample_on_device(sampler: Sampler, requests: list[Request], logits: torch.Tensor) -> SampledStep:
@@ -93,7 +90,7 @@ def sample_on_device(sampler: Sampler, requests: list[Request], logits: torch.Te
         sample.processed = None   # greedy rows never need Sampler.redo
     elif sample.processed.data_ptr() == logits.data_ptr():
         sample.processed = sample.processed.clone()   # a graph's output buffer: the next replay overwrites it
-    wanted = sample.logprobs.columns if sample.logprobs is not None else sample.token_ids
+    wanted = sample.to_read()
     if wanted.device.type == "cpu":
         return SampledStep(requests, sample, wanted, None)
     host = torch.empty(wanted.shape, dtype=wanted.dtype, pin_memory=True)

@@ -81,12 +81,10 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"logits must be [num_requests={len(requests)}, vocab], "
                              f"got {tuple(logits.shape)}")
-        raw_logits = logits
-        logits = self.apply_processors(logits, requests)
-        token_ids = self._choose(logits, requests)
-        out = _pack_output(raw_logits, token_ids, requests)
+        sample = self.sample_on_device(logits, requests)
+        out = host_output(sample.to_read().tolist(), requests, sample.logprobs)   # the step's one host copy
         if min(out.token_ids) < 0:
-            out = self._redo(logits, raw_logits, requests, out)
+            out = self.redo(sample, requests, out)
         return out
 
     def sample_on_device(self, logits: torch.Tensor, requests: Sequence[Any]) -> DeviceSample:
@@ -98,8 +96,10 @@ class Sampler:
         return DeviceSample(token_ids, processed, device_logprobs(logits, token_ids, requests))
 
     def redo(self, sample: DeviceSample, requests: Sequence[Any], out: SamplerOutput) -> SamplerOutput:
-        """`out` (a `sample_on_device` read back) with its -1 rows sampled by the full sort, and their
-        chosen tokens' log-probs where asked for (the top ones do not depend on the choice)."""
+        """`out` (a `sample_on_device` read back) with its -1 rows -- those whose kept set the candidates
+        could not prove (a nucleus wider than the budget, ties past it) -- sampled by the full sort, and
+        their chosen tokens' log-probs where asked for (the top ones do not depend on the choice): a
+        second host copy, in those steps only."""
         rows = [i for i, t in enumerate(out.token_ids) if t < 0]
         self.num_redone_rows += len(rows)
         index = _long(rows, sample.processed.device)
@@ -219,7 +219,7 @@ class Sampler:
     # ---- steps 8-9: greedy argmax or warpers + sampling ----------------------------------------
 
     def _choose(self, logits: torch.Tensor, requests: Sequence[Any]) -> torch.Tensor:
-        """[rows] token ids; -1 for a row the candidates could not decide (see `_redo`)."""
+        """[rows] token ids; -1 for a row the candidates could not decide (see `redo`)."""
         params = [r.sampling_params for r in requests]
         sampling = [i for i, p in enumerate(params) if not p.greedy]
         if not sampling:
@@ -231,24 +231,6 @@ class Sampler:
         sampled = sample(logits.index_select(0, index), [params[i] for i in sampling],
                          [requests[i].generator for i in sampling])
         return token_ids.index_copy(0, index, sampled)
-
-    def _redo(self, logits: torch.Tensor, raw_logits: torch.Tensor, requests: Sequence[Any],
-              out: SamplerOutput) -> SamplerOutput:
-        """The rows whose kept set the candidates could not prove (a nucleus wider than the budget,
-        ties past it) are sampled again with the full sort: a second host copy, in those steps only."""
-        rows = [i for i, t in enumerate(out.token_ids) if t < 0]
-        self.num_redone_rows += len(rows)
-        index = _long(rows, logits.device)
-        redone = draw(warp(logits.index_select(0, index), [requests[i].sampling_params for i in rows]),
-                      [requests[i].generator for i in rows])
-        part = _pack_output(raw_logits.index_select(0, index), redone, [requests[i] for i in rows])
-        for j, i in enumerate(rows):
-            out.token_ids[i] = part.token_ids[j]
-            if out.logprobs is not None:
-                out.logprobs[i] = part.logprobs[j]
-            if out.top_logprobs is not None:
-                out.top_logprobs[i] = part.top_logprobs[j]
-        return out
 
 
 class BitmaskStaging:
@@ -388,6 +370,10 @@ class DeviceSample:
     processed: torch.Tensor                # [rows, vocab] the processed logits `redo` draws from
     logprobs: DeviceLogprobs | None        # None when no request asks for log-probs
 
+    def to_read(self) -> torch.Tensor:
+        """What the host reads back: the log-prob columns (token first) when asked for, else the token ids."""
+        return self.logprobs.columns if self.logprobs is not None else self.token_ids
+
 
 def device_logprobs(raw_logits: torch.Tensor, token_ids: torch.Tensor,
                     requests: Sequence[Any]) -> DeviceLogprobs | None:
@@ -406,17 +392,11 @@ def device_logprobs(raw_logits: torch.Tensor, token_ids: torch.Tensor,
     return DeviceLogprobs(log_probs, torch.cat(columns, dim=1), k_max)  # float64 holds ids and float32 exactly
 
 
-def _pack_output(raw_logits: torch.Tensor, token_ids: torch.Tensor,
-                 requests: Sequence[Any]) -> SamplerOutput:
-    """Chosen tokens and, when asked, their raw log-probs and the top-k, in one host copy."""
-    logprobs = device_logprobs(raw_logits, token_ids, requests)
+def host_output(host: list, requests: Sequence[Any], logprobs: DeviceLogprobs | None) -> SamplerOutput:
+    """A `SamplerOutput` from `DeviceSample.to_read()` read back: token ids, or the log-prob columns."""
     if logprobs is None:
-        return SamplerOutput(token_ids.tolist(), None, None)
-    return unpack_logprobs(logprobs.columns.tolist(), requests, logprobs.k_max)
-
-
-def unpack_logprobs(host: list[list[float]], requests: Sequence[Any], k_max: int) -> SamplerOutput:
-    """A `SamplerOutput` from `DeviceLogprobs.columns` read back."""
+        return SamplerOutput(host, None, None)
+    k_max = logprobs.k_max
     params = [r.sampling_params for r in requests]
     tokens = [int(row[0]) for row in host]
     chosen_logprobs = [row[1] for row in host]
