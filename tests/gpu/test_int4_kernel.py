@@ -40,10 +40,11 @@ def test_kernel_matches_dequantized(group, bits, k, num_tokens):
     assert error < 1.5e-2, f"relative error {error:.2e}"
 
 
-def test_kernel_inside_a_cuda_graph():
+@pytest.mark.parametrize("num_tokens", [1, 4])      # the one-row kernel, then the fused tiles
+def test_kernel_inside_a_cuda_graph(num_tokens):
     n, k = 2048, 2048
     layer = packed_layer(random_affine(n, k, 32, 4), n, k)
-    x = torch.randn(4, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(num_tokens, k, device="cuda", dtype=torch.bfloat16)
     eager = layer(x)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):

@@ -97,7 +97,7 @@ def test_gguf_chunked_repack_in_the_gpu_layout_equals_the_whole_matrix(monkeypat
 
 _INTERPRETED = r"""
 import torch
-from ondo.layers.quantization.int4_gpu_kernels import int4_dequant, int4_mm
+from ondo.layers.quantization.int4_gpu_kernels import int4_dequant, int4_gemv, int4_mm
 from tests.layers.test_int4_gpu_layout import decode_words, gpu_layout_layer, random_affine
 for group, bits, k, m in [(32, 4, 160, 1), (16, 6, 208, 3), (128, 4, 384, 20), (32, 8, 96, 40)]:
     layer = gpu_layout_layer(random_affine(70, k, group, bits))
@@ -110,6 +110,18 @@ for group, bits, k, m in [(32, 4, 160, 1), (16, 6, 208, 3), (128, 4, 384, 20), (
         assert (got - reference).abs().max() < 1e-4 * reference.abs().max(), (group, bits, k, m, config)
     wt = int4_dequant(layer.qweight[:, 10:50], layer.scales_and_zeros[:, 10:50], group, k, layer.planes, torch.float32)
     assert torch.allclose(wt.t(), dense[10:50], atol=1e-6), (group, bits, k)
+# The one-row kernel reads bf16 scales: compare against the weights those scales give, in float64.
+for group, bits, k in [(32, 4, 160), (16, 6, 208), (128, 4, 384), (32, 8, 96), (256, 4, 512), (64, 5, 256)]:
+    layer = gpu_layout_layer(random_affine(70, k, group, bits))
+    layer.scales_and_zeros = layer.scales_and_zeros.to(torch.bfloat16)
+    x = torch.randn(1, k).to(torch.bfloat16)
+    layer.scales_and_zeros, sz = layer.scales_and_zeros.float(), layer.scales_and_zeros
+    reference = x.double() @ decode_words(layer).double().t()
+    blocks = layer.qweight.shape[0] * 8 // 128 // layer.planes
+    for config in [None, (32, 1, 1, 4), (32, 4, 1, 4)] + ([(32, 1, 2, 4), (64, 4, 2, 1)] if blocks % 2 == 0 else []):
+        got = int4_gemv(x, layer.qweight, sz, group, layer.planes, config)
+        # the partial sums are exact to float32; the one rounding is to bfloat16 at the end
+        assert (got.double() - reference).abs().max() < 8e-3 * reference.abs().max(), (group, bits, k, config)
 print("ok")
 """
 

@@ -95,6 +95,91 @@ def _int4_dequant_kernel(q_ptr, sz_ptr, out_ptr, N, Q_STRIDE, SZ_STRIDE, K_P, PL
                  mask=n_mask[None, :])
 
 
+@triton.jit
+def _int4_gemv_kernel(x_ptr, q_ptr, sz_ptr, out_ptr, N, K_X, K_P, BLOCKS_PER_SPLIT, SZ_STRIDE,
+                      GROUP: tl.constexpr, PLANES: tl.constexpr, BLOCK_N: tl.constexpr, STACK: tl.constexpr,
+                      RUN: tl.constexpr, ATOMIC: tl.constexpr, BF16: tl.constexpr):
+    # One row: out[n] = sum_k x[k] w[n, k] on the CUDA cores (a 1-row tile would waste 15/16 of the
+    # tensor cores, and feeding them costs a trip through shared memory). Decode is bound by the
+    # loads in flight, so STACK blocks of 128 inputs load at once ([STACK, 16, BLOCK_N] words, up to
+    # 64 KB a program). Each slice of 16 inputs reduces to [STACK, BLOCK_N] sums of (code - 8) * x,
+    # and a group's scale and zero apply once per RUN slices:
+    #   sum_k x w = sum_groups scale * sum (code - 8) x + zero * sum x.
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_s, offs_i = tl.arange(0, STACK), tl.arange(0, 16)
+    acc = tl.zeros([STACK, BLOCK_N], dtype=tl.float32)
+    first = split * BLOCKS_PER_SPLIT
+    end = first + BLOCKS_PER_SPLIT
+    for b0 in tl.range(first, end, STACK):
+        blocks = b0 + offs_s                                                            # [S]
+        live = blocks < end                                                             # a last, partial stack
+        word_rows = blocks[:, None] * 16 + offs_i[None, :]                              # [S, 16]
+        for p in tl.static_range(PLANES):
+            words = tl.load(q_ptr + (p * (K_P // 8) + word_rows)[:, :, None] * N + offs_n[None, None, :],
+                            mask=live[:, None, None] & n_mask[None, None, :], other=0)   # [S, 16, BN]
+            for run in tl.static_range(8 // RUN):
+                part = tl.zeros([STACK, BLOCK_N], dtype=tl.float32)
+                x_sum = tl.zeros([STACK], dtype=tl.float32)
+                for jj in tl.static_range(RUN):
+                    j = run * RUN + jj
+                    k = blocks[:, None] * 128 + 16 * j + offs_i[None, :]                # [S, 16]
+                    x = tl.load(x_ptr + k, mask=live[:, None] & (k < K_X), other=0.0).to(tl.float32)
+                    bits = ((words >> (4 * j)) & 15) | 0x4B000000                       # float 2^23 + code
+                    centred = bits.to(tl.float32, bitcast=True) - 8388616.0             # code - 8, exact
+                    part += tl.sum(centred * x[:, :, None], axis=1)
+                    x_sum += tl.sum(x, axis=1)
+                g = (p * K_P + blocks * 128 + 16 * run * RUN) // GROUP                  # [S]
+                scale, zero = _scale_and_zero(sz_ptr, g[:, None], SZ_STRIDE, offs_n[None, :],
+                                              live[:, None] & n_mask[None, :], True, BF16)   # [S, BN] each
+                acc += scale * part + zero * x_sum[:, None]
+    out = tl.sum(acc, axis=0)
+    if ATOMIC:
+        tl.atomic_add(out_ptr + offs_n, out, mask=n_mask)
+    else:
+        tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+def gemv_config(n: int, k_p: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, STACK, split, num_warps) of a one-row product, from a sweep of the Llama-3-8B shapes on
+    the H200: K is split until there are about 1.5 programs per SM, and each program loads 8 blocks
+    at once (8 warps) where its share of K allows, else 4 (4 warps)."""
+    block_n = 128
+    tiles = triton.cdiv(n, block_n)
+    blocks = k_p // BLOCK_K
+    split = 1
+    while tiles * split < 1.5 * SMS and blocks % (split * 2) == 0 and blocks // (split * 2) >= 4:
+        split *= 2
+    stack = min(8, 1 << ((blocks // split).bit_length() - 1))                     # a power of two <= the share
+    return block_n, stack, split, 8 if stack == 8 else 4
+
+
+def int4_gemv(x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tensor, group: int, planes: int,
+              config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """One row x [1, K_X] (bf16/fp16) @ W^T -> [1, N] in x's dtype (`_int4_gemv_kernel`); config:
+    (BLOCK_N, STACK, split, num_warps)."""
+    k_x = x.shape[1]
+    k_p, n = padded_k(k_x, group), words.shape[1]
+    if planes not in (1, 2) or words.shape[0] * 8 != planes * k_p:
+        raise ValueError(f"expected {planes} plane(s) of {k_p} inputs, got words of shape {tuple(words.shape)}")
+    if scales_and_zeros.element_size() != 2:
+        raise ValueError(f"the one-row kernel reads bf16/fp16 scales, got {scales_and_zeros.dtype}")
+    block_n, stack, split, warps = config or gemv_config(n, k_p)
+    blocks = k_p // BLOCK_K
+    if blocks % split:
+        raise ValueError(f"split {split} does not divide the {blocks} blocks of K")
+    atomic = split > 1
+    out = torch.zeros(1, n, dtype=torch.float32, device=x.device) if atomic else \
+        torch.empty(1, n, dtype=x.dtype, device=x.device)
+    sz = scales_and_zeros.view(torch.int32)                 # each (scale, zero) pair read as one word
+    _int4_gemv_kernel[(triton.cdiv(n, block_n), split)](
+        x, words, sz, out, n, k_x, k_p, blocks // split, sz.stride(0), GROUP=group, PLANES=planes,
+        BLOCK_N=block_n, STACK=stack, RUN=min(group // 16, 8), ATOMIC=atomic,
+        BF16=scales_and_zeros.dtype == torch.bfloat16, num_warps=warps, num_stages=2)
+    return out.to(x.dtype) if atomic else out
+
+
 def kernel_config(m: int, n: int, k_p: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, split, num_warps) for an [m, K] x [K, n] product, from a sweep on the H200.
 
@@ -152,6 +237,8 @@ def int4_dequant(words: torch.Tensor, scales_and_zeros: torch.Tensor, group: int
 def int4_linear(x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tensor, group: int,
                 planes: int) -> torch.Tensor:
     """x [M, K] @ W^T with the kernel the batch size calls for."""
+    if x.shape[0] == 1 and scales_and_zeros.element_size() == 2:
+        return int4_gemv(x, words, scales_and_zeros, group, planes)
     if x.shape[0] <= FUSED_MAX_TOKENS:
         return int4_mm(x, words, scales_and_zeros, group, planes)
     return x @ int4_dequant(words, scales_and_zeros, group, x.shape[1], planes, x.dtype)
