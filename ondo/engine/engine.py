@@ -350,7 +350,8 @@ class Engine:
         self.num_rows_not_sampled += len(result.sample_indices) - len(rows)
         if not rows:
             return None
-        requests = [scheduled[result.sample_indices[row]].request for row in rows]
+        sampled_requests = launched.sampled_requests()
+        requests = [sampled_requests[row] for row in rows]
         logits = gather_rows(result.sample_logits, rows)
         if self.async_scheduling:
             try:
@@ -375,11 +376,12 @@ class Engine:
         touched.update(self.apply_sampled(sampled.requests, out))
 
     def _prefetch_masks(self, launched: LaunchedStep) -> None:
-        """Start filling the grammar masks that sampling `launched` will ask for, while this step is
-        emitted; on a GPU into pinned memory the sampler copies as it is."""
-        scheduled, logits = launched.schedule.scheduled, launched.result.sample_logits
-        states = [scheduled[i].request.structured for i in launched.result.sample_indices
-                  if scheduled[i].request.structured is not None and not scheduled[i].request.is_finished]
+        """Start filling the grammar masks that sampling `launched` will ask for (the rows
+        `_sample_launched` will sample, in its order), while this step is emitted; on a GPU into pinned
+        memory the sampler copies as it is."""
+        requests, logits = launched.sampled_requests(), launched.result.sample_logits
+        states = [requests[row].structured for row in launched.rows_to_sample()
+                  if requests[row].structured is not None]
         if states:
             prefetch_bitmask(states, logits.shape[1], pinned=logits.is_cuda)
 

@@ -59,8 +59,12 @@ class LaunchedStep:
 
     def rows_to_sample(self) -> list[int]:
         """Rows of `result.sample_logits` still to sample."""
+        return [row for row, request in enumerate(self.sampled_requests()) if self.stands(request)]
+
+    def sampled_requests(self) -> list[Request]:
+        """The request of each row of `result.sample_logits`."""
         scheduled = self.schedule.scheduled
-        return [row for row, index in enumerate(self.result.sample_indices) if self.stands(scheduled[index].request)]
+        return [scheduled[index].request for index in self.result.sample_indices]
 
 
 @dataclass

@@ -30,9 +30,7 @@ class ScheduledRequest:
     def samples(self) -> bool:
         """True when this step reaches the end of the known tokens, so a new token is sampled
         (never for a score-only request, max_tokens=0, which ends with its prompt)."""
-        request = self.request
-        return (request.num_computed_tokens + self.num_new_tokens == request.num_tokens + request.num_output_placeholders
-                and request.max_tokens > 0)
+        return self.num_new_tokens == _num_remaining(self.request) and self.request.max_tokens > 0
 
 
 @dataclass
@@ -125,7 +123,7 @@ class Scheduler:
             if request.num_computed_tokens == 0 and not request.block_table:
                 request.num_computed_tokens = self.blocks.match_prefix(request)
                 request.num_cached_tokens = request.num_computed_tokens
-            num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = self._chunk(_num_remaining(request), budget)
             if num_new == 0 or not self.blocks.allocate(request, request.num_computed_tokens + num_new):
                 # Let go of a matched prefix: waiting requests holding cached blocks could starve the pool.
                 self.blocks.free(request)

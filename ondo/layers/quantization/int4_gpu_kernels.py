@@ -159,10 +159,7 @@ def int4_gemv(x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tens
               config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """One row x [1, K_X] (bf16/fp16) @ W^T -> [1, N] in x's dtype (`_int4_gemv_kernel`); config:
     (BLOCK_N, STACK, split, num_warps)."""
-    k_x = x.shape[1]
-    k_p, n = padded_k(k_x, group), words.shape[1]
-    if planes not in (1, 2) or words.shape[0] * 8 != planes * k_p:
-        raise ValueError(f"expected {planes} plane(s) of {k_p} inputs, got words of shape {tuple(words.shape)}")
+    k_x, k_p, n = _product_shape(x, words, group, planes)
     if scales_and_zeros.element_size() != 2:
         raise ValueError(f"the one-row kernel reads bf16/fp16 scales, got {scales_and_zeros.dtype}")
     block_n, stack, split, warps = config or gemv_config(n, k_p)
@@ -170,8 +167,7 @@ def int4_gemv(x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tens
     if blocks % split:
         raise ValueError(f"split {split} does not divide the {blocks} blocks of K")
     atomic = split > 1
-    out = torch.zeros(1, n, dtype=torch.float32, device=x.device) if atomic else \
-        torch.empty(1, n, dtype=x.dtype, device=x.device)
+    out = _output(1, n, x, atomic)
     sz = scales_and_zeros.view(torch.int32)                 # each (scale, zero) pair read as one word
     _int4_gemv_kernel[(triton.cdiv(n, block_n), split)](
         x, words, sz, out, n, k_x, k_p, blocks // split, sz.stride(0), GROUP=group, PLANES=planes,
@@ -200,16 +196,13 @@ def kernel_config(m: int, n: int, k_p: int) -> tuple[int, int, int, int]:
 def int4_mm(x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tensor, group: int, planes: int,
             config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K_X] (bf16/fp16, contiguous) @ W^T -> [M, N] in x's dtype (W: the planes summed)."""
-    m, k_x = x.shape
-    k_p, n = padded_k(k_x, group), words.shape[1]
-    if planes not in (1, 2) or words.shape[0] * 8 != planes * k_p:
-        raise ValueError(f"expected {planes} plane(s) of {k_p} inputs, got words of shape {tuple(words.shape)}")
+    m = x.shape[0]
+    k_x, k_p, n = _product_shape(x, words, group, planes)
     block_m, block_n, split, warps = config or kernel_config(m, n, k_p)
     if (k_p // BLOCK_K) % split:
         raise ValueError(f"split {split} does not divide the {k_p // BLOCK_K} blocks of K")
     atomic = split > 1
-    out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else \
-        torch.empty(m, n, dtype=x.dtype, device=x.device)
+    out = _output(m, n, x, atomic)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
     paired = scales_and_zeros.element_size() == 2
     sz = scales_and_zeros.view(torch.int32) if paired else scales_and_zeros
@@ -218,6 +211,23 @@ def int4_mm(x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tensor
                           ATOMIC=atomic, PAIRED=paired, BF16=scales_and_zeros.dtype == torch.bfloat16,
                           num_warps=warps, num_stages=3)
     return out.to(x.dtype) if atomic else out
+
+
+def _product_shape(x: torch.Tensor, words: torch.Tensor, group: int, planes: int) -> tuple[int, int, int]:
+    """(K_X, K_P, N) of x [M, K_X] @ W^T, W's words checked to hold `planes` planes of K_P inputs."""
+    k_x = x.shape[1]
+    k_p, n = padded_k(k_x, group), words.shape[1]
+    if planes not in (1, 2) or words.shape[0] * 8 != planes * k_p:
+        raise ValueError(f"expected {planes} plane(s) of {k_p} inputs, got words of shape {tuple(words.shape)}")
+    return k_x, k_p, n
+
+
+def _output(m: int, n: int, x: torch.Tensor, atomic: bool) -> torch.Tensor:
+    """The product's buffer: float32 zeros that split-K programs add into (cast to x's dtype after),
+    else x's dtype."""
+    if atomic:
+        return torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    return torch.empty(m, n, dtype=x.dtype, device=x.device)
 
 
 def int4_dequant(words: torch.Tensor, scales_and_zeros: torch.Tensor, group: int, k_x: int, planes: int,
