@@ -162,8 +162,11 @@ def main(argv=None) -> dict:
           f"cached {compile_figures['compile_cached_p50_ms']:.3f} ms ({args.num_schemas} schemas)")
     print("steps launched ahead per run: " + ", ".join(
         f"{row['workload']} {row['steps_launched_ahead']}" for row in rows))
+    from ondo.sample.grammar_cache import LANES
+    from ondo.sample.structured import MASK_THREADS
+
     payload = {"benchmark": "structured", "model": spec.label, "load_s": load_s, "rows": rows,
-               "async_scheduling": llm.engine.async_scheduling,
+               "async_scheduling": llm.engine.async_scheduling, "grammar_lanes": LANES, "mask_threads": MASK_THREADS,
                "grammar_overhead_pct": {row["workload"]: 100 * (1 - row["vs_unconstrained"]) for row in rows[1:]},
                **compile_figures,
                "args": {k: v for k, v in vars(args).items() if not k.startswith("child")},

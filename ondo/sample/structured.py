@@ -23,9 +23,10 @@ first).
 
 The library is llguidance (imported only when a constraint is used). xgrammar served first; on the
 same 64 rows of a JSON schema stepped with allowed tokens (benchmarks/grammar_masks.py), llguidance
-fills the masks in 3.1 ms a step against 7.2 (bounded strings) and 2.3 against 3.8 (unbounded) on
-the GPU machine's CPU at 4 threads, 3.5 against 8.5 and 1.2 against 2.2 on two cores: the mask is
-the host's share of every constrained decode step, which the GPU's forward must hide.
+filled the masks in 3.1 ms a step against 7.2 (bounded strings) and 2.3 against 3.8 (unbounded) on
+the GPU machine's CPU at 4 threads, 3.5 against 8.5 and 1.2 against 2.2 on two cores, before rows
+were spread over lanes (grammar_cache.py: 1.4 ms bounded at 4 threads there). The mask is the host's
+share of every constrained decode step, which the GPU's forward must hide.
 """
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexi
 _KINDS = ("json", "regex", "choice", "grammar", "json_object")
 # A grammar still compiling after this long fails its request instead of holding up the batch.
 COMPILE_TIMEOUT_S = 60.0
-# Threads filling a batch's masks: on the 16-core GPU machine 4 were fastest (3.1 ms a step at 64
-# rows against 3.8 with 8 and 4.7 with 12); more only contend with the engine's own thread.
+# Threads filling a batch's masks. On the 16-core GPU machine, 64 rows of a bounded-string schema over
+# 2x as many lanes (grammar_cache.py): 2.2 ms a step with 2 threads, 1.4 with 4, 1.3-1.5 with 8 or 12,
+# which only take cores from the engine's own thread.
 MASK_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 # llguidance echoes the grammar's source under its message ("   1 | start: ..."): the reason ends there.
 _SOURCE_ECHO = re.compile(r"\n\s*\d+ \|")
@@ -221,7 +223,9 @@ class GrammarState:
     the first bitmask."""
 
     def __init__(self, compiled: Future, stop_token_ids: list[int]) -> None:
-        self._compiled = compiled   # Future of the constraint's llguidance LLMatcher, never advanced itself
+        # Future of one of the constraint's compiled llguidance LLMatchers (its lane, grammar_cache.py),
+        # never advanced itself: this state's matcher is a copy sharing its lexer.
+        self.lane = compiled
         self._stop_token_ids = frozenset(stop_token_ids)
         self._matcher = None
         self._terminated = False
@@ -233,7 +237,7 @@ class GrammarState:
     def matcher(self):
         if self._matcher is None:
             try:
-                compiled = self._compiled.result(timeout=COMPILE_TIMEOUT_S)
+                compiled = self.lane.result(timeout=COMPILE_TIMEOUT_S)
             except TimeoutError:
                 raise StructuredOutputError(f"the grammar took more than {COMPILE_TIMEOUT_S:.0f} s to compile") from None
             except Exception as error:  # noqa: BLE001 -- reported as this request's failure
@@ -322,17 +326,20 @@ def _fill(states: list[GrammarState], vocab_size: int, out: torch.Tensor | None 
     if any(state.is_terminated for state in states):
         raise StructuredOutputError("the grammar is already complete: nothing more may be generated")
     matchers = [state.matcher for state in states]
-    bitmask = torch.zeros(len(states), (vocab_size + 31) // 32, dtype=torch.int32) if out is None else out.zero_()
+    # llguidance writes every word of each row in place (what its llguidance.torch helpers do; that
+    # module would import torch's compiler for a kernel ondo does not use), so nothing is zeroed.
+    bitmask = torch.empty(len(states), (vocab_size + 31) // 32, dtype=torch.int32) if out is None else out
     row_bytes = bitmask.shape[1] * 4
-    # llguidance writes each row in place (what its llguidance.torch helpers do; that module would
-    # import torch's compiler for a kernel ondo does not use).
     if len(matchers) == 1:
         matchers[0].unsafe_compute_mask_ptr(bitmask.data_ptr(), row_bytes)
     else:
+        # Rows grouped by lane (grammar_cache.py): the pool's threads take contiguous runs of the
+        # list, so each mostly holds one lane's lexer instead of queueing for another's.
+        order = sorted(range(len(states)), key=lambda i: id(states[i].lane))
         with _executor_lock:   # the engine thread and the prefetching thread share one pool
             if _executor is None:
                 _executor = llg.LLExecutor(num_threads=MASK_THREADS)
-            _executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
+            _executor.unsafe_compute_mask_ptr([(matchers[i], i) for i in order], bitmask.data_ptr(),
                                               row_bytes, len(matchers))
     errors = [m.get_error() for m in matchers if m.is_error()]
     # NoExtensionBias: no token of the vocabulary continues the output. A row with no way forward

@@ -103,6 +103,33 @@ def test_cache_compiles_once_per_constraint_and_evicts_least_recently_used(gramm
     assert cache.compile_now(constraints[0]) is not first and cache.misses - start_misses == 5
 
 
+def test_sequences_of_one_constraint_take_its_lanes_in_turn_and_each_row_gets_its_own_mask(grammars):
+    """A matcher copied from a compiled one shares its lexer behind one lock, so the cache compiles a
+    constraint into LANES matchers that its sequences take in turn; the batch fill, which groups the
+    rows by lane, still writes each state's mask into that state's row."""
+    from ondo.sample.grammar_cache import LANES
+
+    hf, cache = grammars
+    vocab = len(hf)
+    schema = StructuredOutputsParams(json={"type": "object", "properties": {"n": {"type": "integer"},
+                                                                            "s": {"type": "string"}}})
+    cache.check(schema)   # takes no lane from the sequences
+    states = [cache.new_state(schema) for _ in range(2 * LANES + 1)]
+    cache.check(schema)
+    lanes = [state.lane for state in states]
+    assert len({id(lane) for lane in lanes}) == LANES and lanes[0] is lanes[LANES] is lanes[2 * LANES]
+    assert cache.submit(schema) is lanes[0]
+    # Rows at different places, interleaved across lanes.
+    text_so_far = ['{"n": 1', '{"s": "ab', "", '{"n"', '{']
+    for i, state in enumerate(states):
+        for token in hf.encode(text_so_far[i % len(text_so_far)], add_special_tokens=False):
+            state.accept(token)
+    singles = torch.cat([fill_bitmask([state], vocab) for state in states])
+    assert len({tuple(row.tolist()) for row in singles}) == len(text_so_far)
+    assert torch.equal(fill_bitmask(states, vocab), singles)
+    assert torch.equal(fill_bitmask(states[::-1], vocab), singles.flip(0))
+
+
 # ---- the sampler ---------------------------------------------------------------------------------------
 
 
