@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ondo.sample.per_batch import derived
+
 NEG_INF = float("-inf")
 # The candidates of a row with top_p and no top_k: wide enough for the nucleus of a typical
 # language-model step; a wider nucleus falls back to the full sort.
@@ -71,16 +73,27 @@ class Prepared:
     # has top_p without top_k (the only rule that measures mass against the whole vocabulary)
 
 
-def prepare_candidates(logits: torch.Tensor, params: Sequence[Any], budgets: Sequence[int]) -> Prepared:
-    rows, vocab_size = logits.shape
+def _options(params: Sequence[Any], budgets: Sequence[int], vocab_size: int,
+             device: torch.device) -> tuple[torch.Tensor, bool, bool]:
+    """[rows, 6] options on the device; whether a row has top_p without top_k; whether a row divides
+    by a temperature."""
     width = max(budgets)
     with_top_k = [0 < p.top_k < vocab_size for p in params]
     top_k = [p.top_k if has else width for p, has in zip(params, with_top_k)]
     columns = [[float(b), float(k), float(p.top_p), float(p.min_p), float(p.temperature), float(has)]
                for b, k, p, has in zip(budgets, top_k, params, with_top_k)]
-    options = torch.tensor(columns, dtype=torch.float32).to(logits.device, non_blocking=True)  # [rows, 6]
-    temperature = options[:, 4:5]  # [rows, 1]
+    options = torch.tensor(columns, dtype=torch.float32).to(device, non_blocking=True)  # [rows, 6]
     without_top_k = any(p.top_p < 1.0 and not has for p, has in zip(params, with_top_k))
+    return options, without_top_k, any(p.temperature != 1.0 for p in params)
+
+
+def prepare_candidates(logits: torch.Tensor, params: Sequence[Any], budgets: Sequence[int]) -> Prepared:
+    rows, vocab_size = logits.shape
+    width = max(budgets)
+    # The budgets derive from the params and vocab_size too: the same params, the same options.
+    options, without_top_k, divided = derived(("candidate options", vocab_size, logits.device), params,
+                                              lambda: _options(params, budgets, vocab_size, logits.device))
+    temperature = options[:, 4:5]  # [rows, 1]
 
     # Dividing by a temperature keeps the order (at most it makes ties), so the candidates are
     # taken on the raw logits and only they are divided.
@@ -89,7 +102,6 @@ def prepare_candidates(logits: torch.Tensor, params: Sequence[Any], budgets: Seq
     # by value, so that a tie group cut by top_p keeps the same tokens.
     token_ids, by_id = token_ids.sort(dim=-1)
     values = values.gather(1, by_id)
-    divided = any(p.temperature != 1.0 for p in params)
     if divided:
         values = values / temperature
     values, by_value = values.sort(dim=-1, descending=True, stable=True)

@@ -18,6 +18,7 @@ lists. Slots are freed when their request is garbage-collected or found finished
 
 from __future__ import annotations
 
+import operator
 import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -50,6 +51,9 @@ class PenaltyState:
         self._free: list[int] = []
         self._transient: list[int] = []  # slots of requests that cannot be weakly referenced
         self._in_batch: set[int] = set()  # ids of the requests of the call under way
+        self._last_batch: list = []  # the last call's requests (kept alive), their slots, and
+        self._last_slots: list[_Slot] = []  # whether those were 0..rows-1 in order
+        self._last_identity = False
         self._capacity = 0
         self._seen: torch.Tensor | None = None  # [capacity, vocab] bool
         self._counts: torch.Tensor | None = None  # [capacity, vocab] float32
@@ -60,18 +64,25 @@ class PenaltyState:
              need_seen: bool, need_counts: bool) -> PenaltyRows:
         """Bring the slots of `requests` up to date with their token lists; return their rows."""
         self._ensure_buffers(vocab_size, device, need_seen, need_counts)
-        self._in_batch = {id(r) for r in requests}  # never freed while the batch uses them
-        slots = [self._slot(r) for r in requests]
+        slots, identity = self._batch_slots(requests)
         resets: list[int] = []
         seen_slots: list[int] = []
         seen_tokens: list[int] = []
         count_slots: list[int] = []
         count_tokens: list[int] = []
+        one_slots: list[int] = []    # the common step: one token appended since the last one,
+        one_tokens: list[int] = []   # seen and counted alike
         for request, slot in zip(requests, slots):
             output = request.output_token_ids
             length = len(output)
-            if (slot.counted < 0 or slot.counted > length
-                    or (slot.counted and output[slot.counted - 1] != slot.last_token)):
+            counted = slot.counted
+            if counted == length - 1 and counted >= 0 and (not counted or output[counted - 1] == slot.last_token):
+                token = output[counted]
+                one_slots.append(slot.index)
+                one_tokens.append(token)
+                slot.counted, slot.last_token = length, token
+                continue
+            if counted < 0 or counted > length or (counted and output[counted - 1] != slot.last_token):
                 resets.append(slot.index)
                 prompt = request.prompt_token_ids
                 seen_slots += [slot.index] * len(prompt)
@@ -86,8 +97,8 @@ class PenaltyState:
             slot.counted = length
             slot.last_token = output[-1] if length else -1
         row_slots = [s.index for s in slots]
-        self._upload(resets, seen_slots, seen_tokens, count_slots, count_tokens, row_slots)
-        identity = row_slots == list(range(len(row_slots)))
+        self._upload(resets, seen_slots + one_slots, seen_tokens + one_tokens, count_slots + one_slots,
+                     count_tokens + one_tokens, row_slots)
         if identity:  # the batch holds slots 0..rows-1 in order: views, no gather
             pick = lambda buffer: buffer[:len(row_slots)]  # noqa: E731
         else:
@@ -98,6 +109,21 @@ class PenaltyState:
         self._free += self._transient
         self._transient = []
         return picked
+
+    def _batch_slots(self, requests: Sequence[Any]) -> tuple[list[_Slot], bool]:
+        """Each request's slot, and whether they are slots 0..rows-1 in order. A decode batch is mostly
+        the same requests step after step: then the last step's answer stands (it holds those
+        requests, so none of their slots was freed meanwhile)."""
+        last = self._last_batch
+        if len(last) == len(requests) and all(map(operator.is_, last, requests)):
+            return self._last_slots, self._last_identity
+        self._in_batch = {id(r) for r in requests}  # never freed while the batch uses them
+        slots = [self._slot(r) for r in requests]
+        identity = all(slot.index == i for i, slot in enumerate(slots))
+        # A transient slot is freed after this call: such a batch is not kept.
+        self._last_batch = list(requests) if not self._transient else []
+        self._last_slots, self._last_identity = slots, identity
+        return slots, identity
 
     def _upload(self, resets, seen_slots, seen_tokens, count_slots, count_tokens, row_slots) -> None:
         """One host -> device copy for the whole step, then the scatters."""

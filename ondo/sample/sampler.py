@@ -33,7 +33,10 @@ Fast paths, each exact against the reference it replaces (tests/sample/test_samp
   step's new tokens (penalty_state.py), not rebuilt from the token lists;
 - top_k / top_p / min_p are decided among each row's most likely tokens (candidates.py; one fused
   kernel on CUDA, candidates_triton.py) instead of sorting the vocabulary; a row whose candidates
-  cannot prove its kept set comes back -1 and is redone with the full sort (`warp` + `draw`).
+  cannot prove its kept set comes back -1 and is redone with the full sort (`warp` + `draw`);
+- what derives from the rows' options (candidate budgets, option columns on the device, penalty
+  values) is built once while the same SamplingParams objects come back in the same order
+  (per_batch.py): a steady decode batch.
 
 Everything stays on `logits.device`; the only device -> host copy is the final `.tolist()` (and a
 second one in the rare step that redoes a row).
@@ -50,6 +53,7 @@ import torch
 from ondo.sample import logits_processors as lp
 from ondo.sample.candidates import candidate_budget, draw_candidates, select_candidates
 from ondo.sample.penalty_state import PenaltyState
+from ondo.sample.per_batch import derived
 from ondo.sample.structured import apply_token_bitmask, fill_bitmask
 from ondo.sample.token_history import TokenHistory
 
@@ -185,9 +189,9 @@ class Sampler:
         need_seen = any(p.repetition_penalty != 1.0 for p in params)
         need_counts = any(p.presence_penalty or p.frequency_penalty for p in params)
         state = self._penalties.rows(requests, vocab_size, device, need_seen, need_counts)
-        values = lp.host_to_device([[float(p.repetition_penalty), float(p.presence_penalty),
-                                     float(p.frequency_penalty)] for p in params], torch.float32,
-                                   device)  # [rows, 3]
+        values = derived(("penalty values", device), params, lambda: lp.host_to_device(
+            [[float(p.repetition_penalty), float(p.presence_penalty), float(p.frequency_penalty)] for p in params],
+            torch.float32, device))  # [rows, 3]
         penalty, presence, frequency = values.unbind(1)  # [rows] each
 
         def apply(x: torch.Tensor) -> torch.Tensor:
@@ -266,7 +270,8 @@ def sample(logits: torch.Tensor, params: Sequence[Any],
     """Steps 8-9 for sampling rows: the candidates' fast path (candidates.py) for the rows it
     covers, `warp` + `draw` for the others. [rows] token ids, -1 where the full sort must decide."""
     vocab_size = logits.shape[1]
-    budgets = [candidate_budget(p, vocab_size) for p in params]
+    budgets = derived(("candidate budgets", vocab_size), params,
+                      lambda: [candidate_budget(p, vocab_size) for p in params])
     fast = [i for i, b in enumerate(budgets) if b is not None]
     if not fast:
         return draw(warp(logits, params), generators)

@@ -281,3 +281,44 @@ def test_a_row_left_open_on_a_step_launched_ahead_is_redone(tiny_llama, monkeypa
     assert llm.engine.sampler.num_redone_rows > 0 and llm.engine.num_rows_taken_back > 0
     stats = llm.engine.stats()
     assert stats["num_free_blocks"] == stats["num_total_blocks"]
+
+
+# ---- options derived once per steady batch (per_batch.py) -------------------------------------------
+
+
+def test_derived_options_are_rebuilt_when_any_rows_params_object_changes():
+    from ondo import SamplingParams
+    from ondo.sample.per_batch import derived
+
+    first, second = SamplingParams(top_k=5), SamplingParams(top_k=5)   # equal, but other objects
+    built = []
+
+    def build(params):
+        built.append([p.top_k for p in params])
+        return len(built)
+
+    assert derived("test", [first, second], lambda: build([first, second])) == 1
+    assert derived("test", [first, second], lambda: build([first, second])) == 1   # a new list, same objects
+    assert derived("test", [second, first], lambda: build([second, first])) == 2   # another order
+    assert derived("test", [second], lambda: build([second])) == 3
+    assert derived("other", [second], lambda: build([second])) == 4   # names do not share entries
+    assert derived("test", [second], lambda: build([second])) == 3
+
+
+def test_a_steady_batch_whose_row_changes_options_samples_with_the_new_ones():
+    """The candidates' options and penalty values are kept while the same params come back; a row
+    given other params (a request replaced in the batch) is decided with its own."""
+    vocab = 512   # wide enough for the candidates' path (budget 64 <= a quarter of it)
+    reqs = [request(top_k=3, temperature=0.7, repetition_penalty=1.3, seed=i) for i in range(4)]
+    assert candidate_budget(reqs[0].sampling_params, vocab) == 64
+    sampler = Sampler()
+    for step in range(3):
+        logits = random_logits(4, step, vocab=vocab)
+        assert torch.equal(sampler.apply_processors(logits, reqs), rebuilt_penalties(logits, reqs))
+        sampler(logits, reqs)
+    reqs[2] = request(top_k=1, repetition_penalty=3.0, prompt=(7, 8))   # top_k=1 sampling is the argmax
+    for step in range(3, 12):
+        logits = random_logits(4, step, scale=0.05, vocab=vocab)   # near ties: top_k=3 would often differ
+        processed = sampler.apply_processors(logits, reqs)
+        assert torch.equal(processed, rebuilt_penalties(logits, reqs))
+        assert sampler(logits, reqs).token_ids[2] == int(processed[2].argmax())
