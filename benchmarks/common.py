@@ -305,6 +305,34 @@ def run_engines(args: argparse.Namespace, engines: list[str], run_one, extra_arg
     return results
 
 
+def capture_cuda_graph(fn):
+    """fn() run once (compiling its kernels), then captured as a CUDA graph, replayed once, and returned."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph
+
+
+def replay_seconds(graph, reps: int, warmup: int = 0) -> float:
+    """Seconds per replay of a captured CUDA graph: launch gaps are the engine's, the host is not timed."""
+    import torch
+
+    for _ in range(warmup):
+        graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps
+
+
 def print_table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> None:
     """`columns`: (key, heading) pairs; floats are rounded for reading, the JSON keeps them whole."""
     print(f"\n{title}")

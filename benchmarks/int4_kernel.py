@@ -16,6 +16,8 @@ import time
 
 import torch
 
+import common
+
 SHAPES = {  # (out, in) per layer; layer count
     "llama3-8b": ([(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)], 32),
     "smollm2-135m": ([(960, 576), (576, 576), (3072, 576), (576, 1536)], 30),
@@ -23,21 +25,14 @@ SHAPES = {  # (out, in) per layer; layer count
 
 
 def timed(fn, device: str, reps: int) -> float:
+    """Seconds per call: on a GPU per replay of a CUDA graph of fn (common.replay_seconds)."""
     for _ in range(3):
         fn()
     if device == "cuda":
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(reps):
-            graph.replay()
-        torch.cuda.synchronize()
-    else:
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
+        return common.replay_seconds(common.capture_cuda_graph(fn), reps)
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
     return (time.perf_counter() - start) / reps
 
 

@@ -9,7 +9,6 @@ timed graph's outputs are first checked against the per-token reference.
 from __future__ import annotations
 
 import argparse
-import time
 from types import SimpleNamespace
 
 import common
@@ -65,13 +64,7 @@ def time_graph(state, layers, slots: list[int], mode: str, iterations: int) -> f
             outputs.append(out)
 
     with state.graph_variant(True):
-        forward()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            forward()
-    graph.replay()
-    torch.cuda.synchronize()
+        graph = common.capture_cuda_graph(forward)
     if mode != "base":
         for index in range(len(layers)):
             k, weight, lora = layers[index]
@@ -79,14 +72,7 @@ def time_graph(state, layers, slots: list[int], mode: str, iterations: int) -> f
             error = (outputs[index].float() - expected).abs().max().item()
             if error > 3e-2:
                 raise SystemExit(f"{mode}: layer {index} differs from the reference by {error:.3g}")
-    for _ in range(5):
-        graph.replay()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iterations):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iterations * 1e3
+    return common.replay_seconds(graph, iterations, warmup=5) * 1e3
 
 
 def main(argv=None) -> None:

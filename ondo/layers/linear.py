@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ondo.distributed.parallel_state import all_gather, all_reduce, divide, kv_heads_per_rank, tp_rank, tp_size
+from ondo.engine.forward_context import fused_ops_enabled
 
 PARALLEL_KINDS = ("replicated", "column", "row")
 
@@ -59,6 +60,10 @@ class LinearMethod:
         """Called once every shard is loaded (repacking, quantizing, dropping staging buffers)."""
 
     def apply(self, layer: "Linear", x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.shape[0] == 1 and _one_row_gemv(x, layer.weight):   # single-stream decode on a GPU
+            from ondo.layers.dense_gemv import gemv
+
+            return gemv(x, layer.weight, bias)                               # [1, out]
         return F.linear(x, layer.weight, bias)                               # [T, out]
 
     def embed(self, layer: "Linear", token_ids: torch.Tensor) -> torch.Tensor:
@@ -67,6 +72,13 @@ class LinearMethod:
     def dense_weight(self, layer: "Linear") -> torch.Tensor:
         """The weight as a dense [out, in] matrix in the layer's dtype (for tests and merging)."""
         return layer.weight.data
+
+
+def _one_row_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a one-row product goes to the Triton GEMV (dense_gemv.py): half precision on a GPU, in a
+    forward that runs the fused kernels (not under enforce_eager, which keeps F.linear as the reference)."""
+    return (x.is_cuda and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and x.is_contiguous() and weight.stride(1) == 1 and fused_ops_enabled())
 
 
 DENSE = LinearMethod()
