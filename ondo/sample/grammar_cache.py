@@ -13,7 +13,8 @@ DFA, behind one mutex, and a mask is computed holding it. So 64 rows copied from
 schema fill their masks one at a time however many threads fill them (3.4 ms a step on the H200
 machine's CPU at 1 to 12 threads). A constraint is therefore compiled into up to LANES matchers,
 the first when it is asked for and the others as more sequences follow it, and its sequences take
-the lanes in turn; the fill groups rows by lane (structured.py). LANES = 2 x the fill threads was
+the lanes in turn (one whose lane is still compiling takes the first: a slow grammar never holds a
+step up); the fill groups rows by lane (structured.py). LANES = 2 x the fill threads was
 the fastest there: with 4 threads 1.4 ms on 8 lanes, 1.8 on 4, 1.5 on 16 (each lane builds its
 DFA again). Llama-3-8B at batch 64 under that schema went from 0.68 to 0.93 of its unconstrained
 output tok/s (benchmarks/structured.py).
@@ -100,7 +101,7 @@ class GrammarCache:
             if entry.lanes[lane] is None:
                 entry.lanes[lane] = self._pool.submit(self._compile, constraint)
             compiled = entry.lanes[lane]
-        return GrammarState(compiled, self.stop_token_ids)
+        return GrammarState(compiled, self.stop_token_ids, first_lane=entry.lanes[0])
 
     def _compile(self, constraint: StructuredOutputsParams):
         import llguidance as llg

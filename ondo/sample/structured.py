@@ -222,10 +222,13 @@ class GrammarState:
     """One sequence's position in its grammar; its matcher is copied from the compiled grammar at
     the first bitmask."""
 
-    def __init__(self, compiled: Future, stop_token_ids: list[int]) -> None:
+    def __init__(self, compiled: Future, stop_token_ids: list[int], first_lane: Future | None = None) -> None:
         # Future of one of the constraint's compiled llguidance LLMatchers (its lane, grammar_cache.py),
-        # never advanced itself: this state's matcher is a copy sharing its lexer.
+        # never advanced itself: this state's matcher is a copy sharing its lexer. A lane still
+        # compiling when the matcher is first needed gives way to the first lane, which the add-time
+        # check compiled: a slow grammar is never compiled again on the engine's time.
         self.lane = compiled
+        self._first_lane = first_lane or compiled
         self._stop_token_ids = frozenset(stop_token_ids)
         self._matcher = None
         self._terminated = False
@@ -236,6 +239,8 @@ class GrammarState:
     @property
     def matcher(self):
         if self._matcher is None:
+            if not (self.lane.done() and self.lane.exception() is None):
+                self.lane = self._first_lane
             try:
                 compiled = self.lane.result(timeout=COMPILE_TIMEOUT_S)
             except TimeoutError:

@@ -119,6 +119,8 @@ def test_sequences_of_one_constraint_take_its_lanes_in_turn_and_each_row_gets_it
     lanes = [state.lane for state in states]
     assert len({id(lane) for lane in lanes}) == LANES and lanes[0] is lanes[LANES] is lanes[2 * LANES]
     assert cache.submit(schema) is lanes[0]
+    for lane in lanes:
+        lane.result()   # compiled (a lane still compiling would give way to the first one)
     # Rows at different places, interleaved across lanes.
     text_so_far = ['{"n": 1', '{"s": "ab', "", '{"n"', '{']
     for i, state in enumerate(states):
@@ -128,6 +130,29 @@ def test_sequences_of_one_constraint_take_its_lanes_in_turn_and_each_row_gets_it
     assert len({tuple(row.tolist()) for row in singles}) == len(text_so_far)
     assert torch.equal(fill_bitmask(states, vocab), singles)
     assert torch.equal(fill_bitmask(states[::-1], vocab), singles.flip(0))
+    assert [state.lane for state in states] == lanes   # each filled on its own lane
+
+
+def test_a_lane_still_compiling_gives_way_to_the_first_lane(grammars):
+    """A slow grammar's extra lanes compile in the background; a sequence whose lane is not ready when
+    its first mask is needed follows the first lane instead of waiting for it."""
+    from concurrent.futures import Future
+
+    from ondo.sample.structured import GrammarState
+
+    hf, cache = grammars
+    first = cache.submit(StructuredOutputsParams(regex="[ab]+"))
+    still_compiling = Future()
+    state = GrammarState(still_compiling, [EOS], first_lane=first)
+    assert allowed_tokens(state_request(state), len(hf)) == allowed_tokens(state_request(
+        GrammarState(first, [EOS])), len(hf))
+    assert state.lane is first and not still_compiling.done()
+
+
+def state_request(state):
+    fake = request(eos=[EOS])
+    fake.structured = state
+    return fake
 
 
 # ---- the sampler ---------------------------------------------------------------------------------------
