@@ -2,6 +2,7 @@
 its matchers, with ondo's grammar library (llguidance) and, side by side, xgrammar when installed.
 
     python benchmarks/grammar_masks.py --rows 64 --steps 64 --output-json out.json
+    python benchmarks/grammar_masks.py --threads 1,4,8 --lanes 1,8,16 --peer none   # ondo's fill threads x lanes
 
 Every row follows benchmarks/structured.py's JSON schemas over the built-in model's vocabulary and is
 stepped with a token its mask allows, drawn at random with one seed for both libraries (a random
@@ -20,7 +21,7 @@ import torch
 import common
 from structured import WORKLOADS
 
-COLUMNS = [("workload", "workload"), ("library", "library"), ("threads", "threads"),
+COLUMNS = [("workload", "workload"), ("library", "library"), ("threads", "threads"), ("lanes", "lanes"),
            ("fill_ms", "fill ms/step"), ("accept_ms", "accept ms/step"), ("vs_ondo", "fill vs ondo")]
 
 
@@ -31,6 +32,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peer", choices=["xgrammar", "none"], default="xgrammar",
                         help="also measure xgrammar (skipped with a note when it is not installed)")
+    parser.add_argument("--threads", default=None,
+                        help="comma-separated fill thread counts to measure ondo at (default: its own choice)")
+    parser.add_argument("--lanes", default=None,
+                        help="comma-separated grammar lane counts to measure ondo at (default: its own choice; "
+                             "1 = every row copies one compiled matcher and shares its lexer's lock)")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args(argv)
     if args.rows < 1 or args.steps < 1:
@@ -56,7 +62,28 @@ def walk(fill, accept, vocab: int, steps: int, seed: int) -> tuple[float, float]
     return statistics.fmean(fills) * 1e3, statistics.fmean(accepts) * 1e3
 
 
+def ondo_rows(hf, vocab: int, eos: list[int], schema: dict, args) -> list[dict]:
+    """ondo at its own thread and lane counts, or at each of --threads x --lanes."""
+    from ondo.sample import grammar_cache, structured
+
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else [structured.MASK_THREADS]
+    lanes = [int(n) for n in args.lanes.split(",")] if args.lanes else [grammar_cache.LANES]
+    saved = structured.MASK_THREADS, grammar_cache.LANES
+    rows = []
+    try:
+        for thread_count in threads:
+            for lane_count in lanes:
+                structured.MASK_THREADS, grammar_cache.LANES = thread_count, lane_count
+                structured._executor = None   # rebuilt with thread_count threads
+                rows.append(ondo_row(hf, vocab, eos, schema, args))
+    finally:
+        structured.MASK_THREADS, grammar_cache.LANES = saved
+        structured._executor = None
+    return rows
+
+
 def ondo_row(hf, vocab: int, eos: list[int], schema: dict, args) -> dict:
+    from ondo.sample import grammar_cache
     from ondo.sample.grammar_cache import GrammarCache
     from ondo.sample.structured import MASK_THREADS, StructuredOutputsParams, fill_bitmask
 
@@ -64,6 +91,8 @@ def ondo_row(hf, vocab: int, eos: list[int], schema: dict, args) -> dict:
     constraint = StructuredOutputsParams(json=schema)
     cache.compile_now(constraint)
     states = [cache.new_state(constraint) for _ in range(args.rows)]
+    for state in states:
+        state.lane.result()   # every lane compiled before the walk (a lane still compiling would give way)
 
     def accept(tokens):
         for state, token in zip(states, tokens):
@@ -73,7 +102,8 @@ def ondo_row(hf, vocab: int, eos: list[int], schema: dict, args) -> dict:
     cache.shutdown()
     from importlib.metadata import version
 
-    return {"library": f"ondo (llguidance {version('llguidance')})", "threads": MASK_THREADS, "fill_ms": fill_ms, "accept_ms": accept_ms}
+    return {"library": f"ondo (llguidance {version('llguidance')})", "threads": MASK_THREADS,
+            "lanes": grammar_cache.LANES, "fill_ms": fill_ms, "accept_ms": accept_ms}
 
 
 def xgrammar_row(hf, vocab: int, eos: list[int], schema: dict, args) -> dict:
@@ -119,7 +149,8 @@ def main(argv=None) -> dict:
     for workload, schema in WORKLOADS.items():
         if schema is None:
             continue
-        measured = [dict(workload=workload, **row(hf, vocab, eos, schema, args)) for row in (ondo_row, *peers)]
+        measured = [dict(workload=workload, **row) for row in ondo_rows(hf, vocab, eos, schema, args)]
+        measured += [dict(workload=workload, **peer(hf, vocab, eos, schema, args)) for peer in peers]
         for row in measured:
             row["vs_ondo"] = row["fill_ms"] / measured[0]["fill_ms"]
         rows.extend(measured)
