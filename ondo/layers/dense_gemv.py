@@ -1,11 +1,12 @@
 """One-row products with dense half-precision weights on a GPU (single-stream decode): a Triton GEMV.
 
 For one row cuBLAS picks poorly against the small matrices of small models. On an H200, 28 distinct
-Qwen3-0.6B layers in one CUDA graph: o_proj [1024, 2048] takes 12.6 us (0.33 TB/s), down_proj
-[1024, 3072] 6.7 us; the whole model's products 0.93 ms a token. Here each program reduces
+Qwen3-0.6B layers in one CUDA graph: o_proj [1024, 2048] takes 10.1 us (0.42 TB/s), down_proj
+[1024, 3072] 6.6 us; the whole model's products 0.85 ms a token. Here each program reduces
 BLOCK_N = 2 output rows over K, 1024 inputs at a time, in float32: N / 2 programs keep every SM
 streaming, and rows of K contiguous bf16 coalesce. The same products take 3.3 and 4.0 us, the model's
-0.54 ms; Llama-3-8B's 3.77 against 3.95 ms (its large matrices were already near the copy bandwidth).
+0.53 ms; Llama-3-8B's 3.77 against 3.95 ms (its large matrices were already near the copy bandwidth).
+Figures from `benchmarks/results/h200-gemv.json`.
 That was the best of a sweep of BLOCK_N 2-64, BLOCK_K 128-1024, 4 or 8 warps, 1 or 3 stages over
 every projection of both models and their LM heads; `benchmarks/gemv.py` times it beside cuBLAS.
 
