@@ -17,6 +17,8 @@ if torch.cuda.is_available():   # the CPU never launches these: importing Triton
     try:
         import triton
         import triton.language as tl
+
+        from ondo.layers.triton_math import gated_value
     except ImportError:  # no Triton: the PyTorch paths below serve every call
         triton = None
 
@@ -97,14 +99,8 @@ if triton is not None:
         mask = cols < n_cols
         gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
         up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
-        g = gate.to(tl.float32)
-        if GELU_TANH:      # 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), tanh through exp2
-            inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-            act = g - g / (tl.exp2(inner * (2.0 * 1.4426950408889634)) + 1.0)
-        else:              # silu: g * sigmoid(g)
-            act = g / (1.0 + tl.exp2(-g * 1.4426950408889634))
-        act = act.to(gate.dtype).to(tl.float32)   # the activation is rounded before the product, as unfused
-        tl.store(out_ptr + row * stride_out + cols, (act * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+        out = gated_value(gate, up, GELU_TANH)
+        tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,

@@ -45,7 +45,7 @@ class GemmaMLP(nn.Module):
         self.act = GatedActivation(config.hidden_activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj(self.act.of_projection(self.gate_up_proj, x))
 
 
 class Gemma2DecoderLayer(nn.Module):

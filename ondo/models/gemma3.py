@@ -9,7 +9,6 @@ from torch import nn
 from ondo.layers.rotary import RotaryEmbedding
 from ondo.models.gemma2 import Gemma2Attention, Gemma2DecoderLayer, Gemma2ForCausalLM, Gemma2Model, gemma_norm
 from ondo.models.llama import head_dim_of, rotary_inputs
-from ondo.models.qwen3 import norm_heads
 
 _DEFAULT_LAYER_TYPE = "full_attention"
 
@@ -27,9 +26,8 @@ class Gemma3Attention(Gemma2Attention):
         self.q_norm = gemma_norm(self.head_dim, config)
         self.k_norm = gemma_norm(self.head_dim, config)
 
-    def rotate(self, q, k, cos, sin):
-        q, k = norm_heads(self.q_norm, q, self.head_dim), norm_heads(self.k_norm, k, self.head_dim)
-        return super().rotate(q, k, cos, sin)
+    def head_norms(self):
+        return self.q_norm, self.k_norm
 
 
 class Gemma3DecoderLayer(Gemma2DecoderLayer):

@@ -38,12 +38,23 @@ class LlamaAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))     # [T, H*D], [T, KVH*D], [T, KVH*D]
+        if q.is_cuda and fused_ops_enabled() and cos.shape[-1] == self.head_dim:
+            # One launch: the head norms, the rotation and the cache write (the backend then skips its own).
+            self.attn.rotate_and_cache(q, k, v, cos, sin, self.head_norms())
+            return self.o_proj(self.attn(q, k, v, kv_written=True))
         q, k = self.rotate(q, k, cos, sin)
         return self.o_proj(self.attn(q, k, v))
 
+    def head_norms(self) -> tuple[nn.Module, nn.Module] | None:
+        """The RMSNorms applied to each head of q and of k before the rotation (Qwen3, Gemma 3), or None."""
+        return None
+
     def rotate(self, q, k, cos, sin):
-        """Rotates q and k in place (they are fresh: views of this step's qkv output, or normed copies);
-        cos / sin come from `rotary_inputs`."""
+        """Normalises each head (`head_norms`) and rotates q and k in place (they are fresh: views of this
+        step's qkv output, or normed copies); cos / sin come from `rotary_inputs`."""
+        norms = self.head_norms()
+        if norms is not None:
+            q, k = norm_heads(norms[0], q, self.head_dim), norm_heads(norms[1], k, self.head_dim)
         if q.is_cuda and fused_ops_enabled():
             fused.apply_rotary_(q, k, cos, sin, self.head_dim)   # in place on the qkv views
             return q, k
@@ -54,6 +65,11 @@ class LlamaAttention(nn.Module):
             apply_rotary_(q, cos, sin, self.head_dim)
             apply_rotary_(k, cos, sin, self.head_dim)
         return q, k
+
+
+def norm_heads(norm: RMSNorm, x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Applies `norm` to every head of x [T, heads * head_dim] separately."""
+    return norm(x.unflatten(-1, (-1, head_dim))).flatten(-2)   # [T, heads * head_dim]
 
 
 def rotary_inputs(cos: torch.Tensor, sin: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +101,7 @@ class LlamaMLP(nn.Module):
         self.act = GatedActivation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj(self.act.of_projection(self.gate_up_proj, x))
 
 
 class LlamaDecoderLayer(nn.Module):

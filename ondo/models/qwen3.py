@@ -2,16 +2,9 @@
 RoPE); q/k/v/o carry a bias only when `attention_bias` is set."""
 from __future__ import annotations
 
-import torch
-
 from ondo.layers.norm import RMSNorm
 from ondo.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from ondo.models.qwen2 import layer_sliding_window
-
-
-def norm_heads(norm: RMSNorm, x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Applies `norm` to every head of x [T, heads * head_dim] separately."""
-    return norm(x.unflatten(-1, (-1, head_dim))).flatten(-2)   # [T, heads * head_dim]
 
 
 class Qwen3Attention(LlamaAttention):
@@ -22,9 +15,8 @@ class Qwen3Attention(LlamaAttention):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def rotate(self, q, k, cos, sin):
-        q, k = norm_heads(self.q_norm, q, self.head_dim), norm_heads(self.k_norm, k, self.head_dim)
-        return super().rotate(q, k, cos, sin)
+    def head_norms(self):
+        return self.q_norm, self.k_norm
 
 
 class Qwen3DecoderLayer(LlamaDecoderLayer):

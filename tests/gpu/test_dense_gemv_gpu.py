@@ -44,6 +44,52 @@ def test_gemv_inside_a_cuda_graph():
     torch.testing.assert_close(out, gemv(x, weight), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("n,k", [(2 * 14336, 4096), (2 * 3072, 1024), (2 * 4864, 896)])
+def test_gated_gemv_equals_the_product_then_the_activation_kernel(n, k):
+    """A [gate | up] matrix's one-row product applying the activation itself (the MLP's fused decode path)
+    gives the bits of the product followed by the fused activation kernel."""
+    from ondo.layers import fused
+    from ondo.layers.dense_gemv import gemv
+
+    weight = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    for b in (None, bias):
+        product = gemv(x, weight, b)
+        torch.testing.assert_close(gemv(x, weight, b, gated="silu"), fused.silu_and_mul(product), rtol=0, atol=0)
+        gelu = gemv(x, weight, b, gated="gelu_tanh").float()
+        expected = fused.gelu_tanh_and_mul(product).float()   # the compiler may contract g + c g^3 here: 1 step
+        assert ((gelu - expected).abs() <= 2 ** -7 * expected.abs() + 1e-6).all()
+
+
+def test_mlp_decode_row_applies_the_activation_in_the_product(monkeypatch):
+    """LlamaMLP on one row in a fused forward: one gated product, the same bits as product + activation."""
+    from types import SimpleNamespace
+
+    from ondo.engine.forward_context import ForwardContext, set_forward_context
+    from ondo.layers import dense_gemv
+    from ondo.models.llama import LlamaMLP
+
+    config = SimpleNamespace(hidden_size=512, intermediate_size=1536, hidden_act="silu")
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            mlp = LlamaMLP(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for linear in (mlp.gate_up_proj, mlp.down_proj):
+        linear.weight.data.normal_(0, 0.05)
+    x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    calls = []
+    real = dense_gemv.gemv
+    monkeypatch.setattr(dense_gemv, "gemv", lambda *a, **kw: calls.append(kw.get("gated")) or real(*a, **kw))
+    with set_forward_context(ForwardContext(None, [], None, use_fused_ops=True)):
+        fused_out = mlp(x)
+        assert calls == ["silu", None]
+        unfused = mlp.down_proj(mlp.act(mlp.gate_up_proj(x)))
+    torch.testing.assert_close(fused_out, unfused, rtol=0, atol=0)
+
+
 def test_linear_takes_the_gemv_for_one_row_in_a_fused_forward_only(monkeypatch):
     from ondo.engine.forward_context import ForwardContext, set_forward_context
     from ondo.layers import dense_gemv
@@ -51,7 +97,7 @@ def test_linear_takes_the_gemv_for_one_row_in_a_fused_forward_only(monkeypatch):
 
     calls = []
     real = dense_gemv.gemv
-    monkeypatch.setattr(dense_gemv, "gemv", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(dense_gemv, "gemv", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
     with torch.device("cuda"):
         torch.set_default_dtype(torch.bfloat16)
         try:

@@ -96,6 +96,43 @@ def test_rotary_in_place_matches_module(dtype_name, tokens, heads, kv_heads, hea
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (16, 8, 128), (4, 1, 256), (6, 2, 64)])
+@pytest.mark.parametrize("norm_offset", [None, 0.0, 1.0])     # Llama, Qwen3 head norms, Gemma 3 (1 + w)
+def test_rotate_and_write_equals_norm_rotary_and_write_kernels(dtype_name, heads, kv_heads, head_dim, norm_offset):
+    """The attention layer's one-launch path against the three kernels it replaces: per-head norms
+    (fused.rms_norm), rotation (fused.apply_rotary_) and the cache write (write_kv_cache)."""
+    from ondo.layers.attention.triton_cache import rotate_and_write_kv, write_kv_cache
+
+    dtype = getattr(torch, dtype_name)
+    tokens, page = 37, 16
+    gen = torch.Generator().manual_seed(heads * head_dim)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(DEVICE, dtype)
+    q, k, v = (t.view(tokens, -1, head_dim) for t in
+               qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1))
+    angles = torch.rand(tokens, head_dim // 2, generator=gen) * 100
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(DEVICE, dtype) for f in (torch.cos, torch.sin))
+    slots = torch.randperm(4 * page, generator=gen)[:tokens].to(DEVICE)
+    slots[3] = -1                                                                  # a padded token
+    norms = None
+    if norm_offset is not None:
+        norms = tuple(RMSNorm(head_dim, 1e-6, offset=norm_offset).to(DEVICE, dtype) for _ in range(2))
+        for n in norms:
+            n.weight.data.normal_(0, 0.5, generator=None)
+    want_q, want_k = q.clone(), k.clone()
+    if norms is not None:
+        want_q, want_k = (fused.rms_norm(x, n.weight, n.eps, offset=n.offset) for x, n in zip((want_q, want_k), norms))
+    fused.apply_rotary_(want_q, want_k, cos, sin, head_dim)
+    want_cache = torch.zeros(2, 4, page, kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    write_kv_cache(want_cache, want_k, v, slots)
+    got_cache = torch.zeros_like(want_cache)
+    rotate_and_write_kv(q, k, v, cos, sin, got_cache, slots, norms)
+    assert_close_to_module(q, want_q, min_exact=0.999)
+    assert_close_to_module(got_cache, want_cache, min_exact=0.999)
+
+
+@pytest.mark.gpu
 @needs_kernels
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])

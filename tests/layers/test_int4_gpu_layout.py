@@ -122,6 +122,19 @@ for group, bits, k in [(32, 4, 160), (16, 6, 208), (128, 4, 384), (32, 8, 96), (
         got = int4_gemv(x, layer.qweight, sz, group, layer.planes, config)
         # the partial sums are exact to float32; the one rounding is to bfloat16 at the end
         assert (got.double() - reference).abs().max() < 8e-3 * reference.abs().max(), (group, bits, k, config)
+# Split K four ways: the last program of each tile adds the partials in split order, so the result is the
+# same bits at every run, and every lock is back at zero afterwards.
+from ondo.layers import split_k
+layer = gpu_layout_layer(random_affine(70, 512, 32, 4))
+sz = layer.scales_and_zeros.to(torch.bfloat16)
+x = torch.randn(1, 512).to(torch.bfloat16)
+runs = [int4_gemv(x, layer.qweight, sz, 32, 1, (32, 1, 4, 4)) for _ in range(2)]
+assert torch.equal(runs[0], runs[1]) and not split_k.locks(x.device, 1).any()
+unsplit = int4_gemv(x, layer.qweight, sz, 32, 1, (32, 4, 1, 4)).double()
+assert (runs[0].double() - unsplit).abs().max() < 8e-3 * unsplit.abs().max()
+xm = torch.randn(5, 512)
+runs = [int4_mm(xm, layer.qweight, layer.scales_and_zeros, 32, 1, (16, 32, 4, 4)) for _ in range(2)]
+assert torch.equal(runs[0], runs[1]) and not split_k.locks(x.device, 1).any()
 print("ok")
 """
 

@@ -177,3 +177,28 @@ def test_nf4_needs_rows_made_of_whole_blocks():
     layer = build(Linear, NF4Method(), torch.float32, 96, 8)
     with pytest.raises(ValueError, match="in_features must be a multiple of 64, got 96"):
         layer.load("weight", weight((8, 96), torch.float32))
+
+
+_INT8_KERNEL_INTERPRETED = r"""
+import torch
+from ondo.layers import split_k
+from ondo.layers.quantization.int8_triton import int8_mm
+torch.manual_seed(0)
+# K split 4 ways (512 inputs, few tiles), 2 ways and not at all: the last program of a tile adds the
+# partials in split order, so two runs give the same bits and every lock is back at zero.
+for m, n, k in [(3, 70, 512), (1, 200, 256), (20, 2000, 96)]:
+    codes = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scale = torch.rand(n) * 0.01
+    x = torch.randn(m, k).to(torch.float16)
+    reference = x.double() @ (codes.double() * scale.double()[:, None]).t()
+    runs = [int8_mm(x, codes, scale) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1]) and not split_k.locks(x.device, 1).any()
+    assert (runs[0].double() - reference).abs().max() <= 2e-3 * reference.abs().max(), (m, n, k)
+print("ok")
+"""
+
+
+def test_int8_gpu_kernel_in_the_triton_interpreter():
+    from tests.triton_interpreter import assert_passes_in_triton_interpreter
+
+    assert_passes_in_triton_interpreter(_INT8_KERNEL_INTERPRETED)

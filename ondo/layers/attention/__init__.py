@@ -29,7 +29,7 @@ class AttentionMetadata:
 class AttentionBackend(Protocol):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, *, scale: float, sliding_window: int | None,
-                logit_softcap: float | None) -> torch.Tensor: ...
+                logit_softcap: float | None, kv_written: bool = False) -> torch.Tensor: ...
 
 
 _portable: AttentionBackend | None = None
@@ -54,7 +54,8 @@ class Attention(nn.Module):
         self.scale, self.layer_idx = scale, layer_idx
         self.sliding_window, self.logit_softcap = sliding_window, logit_softcap
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_written: bool = False) -> torch.Tensor:
+        """kv_written: k and v are already in the cache (`rotate_and_cache`), so the backend skips its write."""
         from ondo.engine.forward_context import get_forward_context
 
         context = get_forward_context()
@@ -65,5 +66,21 @@ class Attention(nn.Module):
             k.view(num_tokens, self.num_kv_heads, self.head_dim),     # [T, KVH, D]
             v.view(num_tokens, self.num_kv_heads, self.head_dim),
             context.kv_caches[self.layer_idx], context.attn_metadata,
-            scale=self.scale, sliding_window=self.sliding_window, logit_softcap=self.logit_softcap)
+            scale=self.scale, sliding_window=self.sliding_window, logit_softcap=self.logit_softcap,
+            kv_written=kv_written)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def rotate_and_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, head_norms=None) -> None:
+        """GPU fast path, one launch: q and k normed per head (head_norms: the (q, k) RMSNorm modules, or
+        None) and rotated in place (cos / sin [T, head_dim]), k and v written to this layer's cache.
+        Then call forward with kv_written=True."""
+        from ondo.engine.forward_context import get_forward_context
+        from ondo.layers.attention.triton_cache import rotate_and_write_kv
+
+        context = get_forward_context()
+        num_tokens = q.shape[0]
+        rotate_and_write_kv(q.view(num_tokens, self.num_heads, self.head_dim),
+                            k.view(num_tokens, self.num_kv_heads, self.head_dim),
+                            v.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin,
+                            context.kv_caches[self.layer_idx], context.attn_metadata.slot_mapping, head_norms)

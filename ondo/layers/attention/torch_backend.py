@@ -94,8 +94,10 @@ class TorchAttentionBackend:
         self._step_meta: AttentionMetadata | None = None
         self._step_shared: dict = {}
 
-    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, *, scale, sliding_window, logit_softcap):
-        write_kv(kv_cache, k, v, meta.slot_mapping)
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, *, scale, sliding_window, logit_softcap,
+                kv_written: bool = False):
+        if not kv_written:
+            write_kv(kv_cache, k, v, meta.slot_mapping)
         if meta.is_decode:
             return self._decode(q, kv_cache, meta, scale, sliding_window, logit_softcap)
         out = torch.empty_like(q)

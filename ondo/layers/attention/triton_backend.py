@@ -86,11 +86,12 @@ class TritonAttentionBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, *, scale: float, sliding_window: int | None,
-                logit_softcap: float | None) -> torch.Tensor:
+                logit_softcap: float | None, kv_written: bool = False) -> torch.Tensor:
         from ondo.layers.attention.triton_cache import write_kv_cache
 
         check_inputs(q, k, v, kv_cache)
-        write_kv_cache(kv_cache, k, v, meta.slot_mapping)
+        if not kv_written:
+            write_kv_cache(kv_cache, k, v, meta.slot_mapping)
         if meta.is_decode:
             return self.decode(q, kv_cache, meta, scale=scale, sliding_window=sliding_window,
                                logit_softcap=logit_softcap)

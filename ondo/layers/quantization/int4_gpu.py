@@ -14,12 +14,14 @@ matrices stacked along K, all multiplied by the same x. Groups of 16 (Q6_K) need
 Kernels (`int4_gpu_kernels.py`), picked by batch size (benchmarks/int4_kernel.py, H200, Llama-3-8B shapes):
 - `int4_gemv` for one row (single-stream decode), on the CUDA cores: up to 8 blocks of words load at
   once, (code - 8) * x is summed per slice in float32 and each group's scale and zero apply once.
+  (Not fused with the MLP's activation as the dense GEMV is: a variant taking gate and up columns
+  side by side in each program ran ten times slower on the H200.)
   Llama-3-8B layer stack: 2.97 ms (bf16 cuBLAS 3.75 ms; `int4_mm` 3.6 ms).
 - `int4_mm` from 2 up to `FUSED_MAX_TOKENS` rows: one program owns BLOCK_N outputs and a slice of K; codes
   become floats with the exponent trick (code | 0x4B000000 is the float 2^23 + code, no int-to-float
   conversion), are scaled per group (a second plane added in float32, so each weight is rounded
   once) and meet the activations on the tensor cores. Matrices too narrow to fill the GPU split K
-  across programs that add into a float32 output. Llama-3-8B layer stack: 4.0 ms for 4 rows
+  across programs, the last of which adds the partial sums (`ondo/layers/split_k.py`). Llama-3-8B layer stack: 4.0 ms for 4 rows
   (bf16 cuBLAS 3.76 ms), 4.8 ms for 17 rows, 11.6 ms for 64.
 - above it, `int4_dequant` writes the dense W^T once per call (about 5.5 ms for that stack) and
   cuBLAS multiplies: 9.3 ms at any batch up to a few hundred rows.

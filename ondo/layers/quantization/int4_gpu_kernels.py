@@ -6,7 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ondo.layers import split_k
 from ondo.layers.quantization.int4_gpu import BLOCK_K, padded_k
+from ondo.layers.split_k import split_k_total
 
 SMS = 132                   # H100/H200; more programs than this only matter as "enough"
 FUSED_MAX_TOKENS = 32       # between the measured 17 rows (fused 2x faster) and 64 (dequantize wins)
@@ -37,9 +39,9 @@ def _dequant_slice(words, scale, zero, j: tl.constexpr):
 
 @triton.jit
 def _int4_mm_kernel(
-    x_ptr, q_ptr, sz_ptr, out_ptr, M, N, K_X, K_P, K_PER_SPLIT, stride_xm, stride_om, SZ_STRIDE,
+    x_ptr, q_ptr, sz_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K_X, K_P, K_PER_SPLIT, stride_xm, stride_om, SZ_STRIDE,
     GROUP: tl.constexpr, PLANES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ATOMIC: tl.constexpr, PAIRED: tl.constexpr, BF16: tl.constexpr,
+    SPLITS: tl.constexpr, PAIRED: tl.constexpr, BF16: tl.constexpr,
 ):
     # K_P: one plane's padded K. A second plane's weights are added in float32 before the one
     # rounding to the activation dtype, so a 5- to 8-bit weight is rounded once, as a dense one is.
@@ -69,8 +71,11 @@ def _int4_mm_kernel(
             acc = tl.dot(x, w.to(x.dtype), acc)
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
-    if ATOMIC:
-        tl.atomic_add(out, acc, mask=mask)
+    if SPLITS > 1:   # the tile's last program adds the partials (split_k.py)
+        last, acc = split_k_total(acc, ws_ptr, offs_m[:, None] * N + offs_n[None, :], mask,
+                                  lock_ptr + pid_m * tl.num_programs(0) + pid_n, split, SPLITS, M * N)
+        if last:
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -96,9 +101,9 @@ def _int4_dequant_kernel(q_ptr, sz_ptr, out_ptr, N, Q_STRIDE, SZ_STRIDE, K_P, PL
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, q_ptr, sz_ptr, out_ptr, N, K_X, K_P, BLOCKS_PER_SPLIT, SZ_STRIDE,
+def _int4_gemv_kernel(x_ptr, q_ptr, sz_ptr, out_ptr, ws_ptr, lock_ptr, N, K_X, K_P, BLOCKS_PER_SPLIT, SZ_STRIDE,
                       GROUP: tl.constexpr, PLANES: tl.constexpr, BLOCK_N: tl.constexpr, STACK: tl.constexpr,
-                      RUN: tl.constexpr, ATOMIC: tl.constexpr, BF16: tl.constexpr):
+                      RUN: tl.constexpr, SPLITS: tl.constexpr, BF16: tl.constexpr):
     # One row: out[n] = sum_k x[k] w[n, k] on the CUDA cores (a 1-row tile would waste 15/16 of the
     # tensor cores, and feeding them costs a trip through shared memory). Decode is bound by the
     # loads in flight, so STACK blocks of 128 inputs load at once ([STACK, 16, BLOCK_N] words, up to
@@ -135,8 +140,10 @@ def _int4_gemv_kernel(x_ptr, q_ptr, sz_ptr, out_ptr, N, K_X, K_P, BLOCKS_PER_SPL
                                               live[:, None] & n_mask[None, :], True, BF16)   # [S, BN] each
                 acc += scale * part + zero * x_sum[:, None]
     out = tl.sum(acc, axis=0)
-    if ATOMIC:
-        tl.atomic_add(out_ptr + offs_n, out, mask=n_mask)
+    if SPLITS > 1:   # the tile's last program adds the partials (split_k.py)
+        last, out = split_k_total(out, ws_ptr, offs_n, n_mask, lock_ptr + pid_n, split, SPLITS, N)
+        if last:
+            tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
     else:
         tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
 
@@ -166,14 +173,15 @@ def int4_gemv(x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tens
     blocks = k_p // BLOCK_K
     if blocks % split:
         raise ValueError(f"split {split} does not divide the {blocks} blocks of K")
-    atomic = split > 1
-    out = _output(1, n, x, atomic)
+    tiles = triton.cdiv(n, block_n)
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    ws = split_k.workspace(split, n, x.device) if split > 1 else out
     sz = scales_and_zeros.view(torch.int32)                 # each (scale, zero) pair read as one word
-    _int4_gemv_kernel[(triton.cdiv(n, block_n), split)](
-        x, words, sz, out, n, k_x, k_p, blocks // split, sz.stride(0), GROUP=group, PLANES=planes,
-        BLOCK_N=block_n, STACK=stack, RUN=min(group // 16, 8), ATOMIC=atomic,
+    _int4_gemv_kernel[(tiles, split)](
+        x, words, sz, out, ws, split_k.locks(x.device, tiles), n, k_x, k_p, blocks // split, sz.stride(0),
+        GROUP=group, PLANES=planes, BLOCK_N=block_n, STACK=stack, RUN=min(group // 16, 8), SPLITS=split,
         BF16=scales_and_zeros.dtype == torch.bfloat16, num_warps=warps, num_stages=2)
-    return out.to(x.dtype) if atomic else out
+    return out
 
 
 def kernel_config(m: int, n: int, k_p: int) -> tuple[int, int, int, int]:
@@ -201,16 +209,16 @@ def int4_mm(x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tensor
     block_m, block_n, split, warps = config or kernel_config(m, n, k_p)
     if (k_p // BLOCK_K) % split:
         raise ValueError(f"split {split} does not divide the {k_p // BLOCK_K} blocks of K")
-    atomic = split > 1
-    out = _output(m, n, x, atomic)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    ws = split_k.workspace(split, m * n, x.device) if split > 1 else out
     paired = scales_and_zeros.element_size() == 2
     sz = scales_and_zeros.view(torch.int32) if paired else scales_and_zeros
-    _int4_mm_kernel[grid](x, words, sz, out, m, n, k_x, k_p, k_p // split, x.stride(0), out.stride(0),
-                          sz.stride(0), GROUP=group, PLANES=planes, BLOCK_M=block_m, BLOCK_N=block_n,
-                          ATOMIC=atomic, PAIRED=paired, BF16=scales_and_zeros.dtype == torch.bfloat16,
-                          num_warps=warps, num_stages=3)
-    return out.to(x.dtype) if atomic else out
+    _int4_mm_kernel[grid](x, words, sz, out, ws, split_k.locks(x.device, grid[0] * grid[1]), m, n, k_x, k_p,
+                          k_p // split, x.stride(0), out.stride(0), sz.stride(0), GROUP=group, PLANES=planes,
+                          BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=split, PAIRED=paired,
+                          BF16=scales_and_zeros.dtype == torch.bfloat16, num_warps=warps, num_stages=3)
+    return out
 
 
 def _product_shape(x: torch.Tensor, words: torch.Tensor, group: int, planes: int) -> tuple[int, int, int]:
@@ -220,14 +228,6 @@ def _product_shape(x: torch.Tensor, words: torch.Tensor, group: int, planes: int
     if planes not in (1, 2) or words.shape[0] * 8 != planes * k_p:
         raise ValueError(f"expected {planes} plane(s) of {k_p} inputs, got words of shape {tuple(words.shape)}")
     return k_x, k_p, n
-
-
-def _output(m: int, n: int, x: torch.Tensor, atomic: bool) -> torch.Tensor:
-    """The product's buffer: float32 zeros that split-K programs add into (cast to x's dtype after),
-    else x's dtype."""
-    if atomic:
-        return torch.zeros(m, n, dtype=torch.float32, device=x.device)
-    return torch.empty(m, n, dtype=x.dtype, device=x.device)
 
 
 def int4_dequant(words: torch.Tensor, scales_and_zeros: torch.Tensor, group: int, k_x: int, planes: int,

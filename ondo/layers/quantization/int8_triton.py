@@ -2,8 +2,8 @@
 
 One program owns BLOCK_N output rows and a slice of K: it loads [BLOCK_N, BLOCK_K] int8 codes, widens
 them to the activation dtype (exact: |code| <= 127) and multiplies on the tensor cores; the row scale
-applies once at the end. Decode matrices with few rows split K across programs that add into a
-float32 output, as the int4 kernel does. Launch shapes depend on host integers only (CUDA graphs).
+applies once at the end. Decode matrices with few rows split K across programs, the last of which adds
+their partial sums (`ondo/layers/split_k.py`), as the int4 kernels do. Launch shapes depend on host integers only (CUDA graphs).
 """
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ import torch
 try:
     import triton
     import triton.language as tl
+
+    from ondo.layers import split_k
+    from ondo.layers.split_k import split_k_total
 except ImportError:  # CPU-only installs never launch these kernels
     triton = None
 
@@ -21,8 +24,9 @@ TARGET_PROGRAMS = 4 * 132
 if triton is not None:
 
     @triton.jit
-    def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_wn, stride_om,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr):
+    def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_wn,
+                        stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        SPLITS: tl.constexpr):
         pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -37,8 +41,11 @@ if triton is not None:
         acc = acc * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
         out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
         mask = m_mask & (offs_n[None, :] < N)
-        if ATOMIC:
-            tl.atomic_add(out, acc, mask=mask)
+        if SPLITS > 1:   # the tile's last program adds the partials (split_k.py)
+            last, acc = split_k_total(acc, ws_ptr, offs_m[:, None] * N + offs_n[None, :], mask,
+                                      lock_ptr + pid_m * tl.num_programs(0) + pid_n, split, SPLITS, M * N)
+            if last:
+                tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
         else:
             tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -55,10 +62,10 @@ def int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.
     split = 1
     while grid_n * grid_m * split * 2 <= TARGET_PROGRAMS and k % (split * 2 * block_k) == 0:
         split *= 2
-    atomic = split > 1
-    out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else \
-        torch.empty(m, n, dtype=x.dtype, device=x.device)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    ws = split_k.workspace(split, m * n, x.device) if split > 1 else out
     _int8_mm_kernel[(grid_n, grid_m, split)](
-        x, codes, scale, out, m, n, k, k // split, x.stride(0), codes.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=atomic, num_warps=4, num_stages=3)
-    return out.to(x.dtype) if atomic else out
+        x, codes, scale, out, ws, split_k.locks(x.device, grid_n * grid_m), m, n, k, k // split, x.stride(0),
+        codes.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=split,
+        num_warps=4, num_stages=3)
+    return out
