@@ -18,7 +18,7 @@ if torch.cuda.is_available():   # the CPU never launches these: importing Triton
         import triton
         import triton.language as tl
 
-        from ondo.layers.triton_math import gated_value
+        from ondo.layers.triton_math import gated_value, norm_and_rotate_heads, rms_scaled
     except ImportError:  # no Triton: the PyTorch paths below serve every call
         triton = None
 
@@ -50,30 +50,8 @@ if triton is not None:
         xf = x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(xf * xf, 0) / n_cols + eps)
         w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_OFFSET:     # Gemma: (offset + w) multiplied in float32, one rounding
-            y = xf * rstd * (offset + w)
-        else:              # Llama: normalised value rounded first, then times the weight
-            y = (xf * rstd).to(x.dtype).to(tl.float32) * w
+        y = rms_scaled(xf, rstd, w, offset, HAS_OFFSET, x.dtype)
         tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _rotate_heads(x_ptr, tok, stride_tok, stride_head, cos, sin, NUM_HEADS: tl.constexpr,
-                      HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-        offs_h = tl.arange(0, BLOCK_H)
-        offs_i = tl.arange(0, BLOCK_HALF)
-        mask = (offs_h < NUM_HEADS)[:, None] & (offs_i < HALF)[None, :]
-        first = x_ptr + tok * stride_tok + offs_h[:, None] * stride_head + offs_i[None, :]   # [BLOCK_H, BLOCK_HALF]
-        x1 = tl.load(first, mask=mask, other=0.0)
-        x2 = tl.load(first + HALF, mask=mask, other=0.0)
-        dtype = x1.dtype
-        x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-        # x * cos + rotate_half(x) * sin, each product rounded like the unfused bf16/fp16 ops
-        a1 = (x1f * cos).to(dtype).to(tl.float32)
-        b1 = (x2f * sin).to(dtype).to(tl.float32)
-        a2 = (x2f * cos).to(dtype).to(tl.float32)
-        b2 = (x1f * sin).to(dtype).to(tl.float32)
-        tl.store(first, (a1 - b1).to(dtype), mask=mask)
-        tl.store(first + HALF, (a2 + b2).to(dtype), mask=mask)
 
     @triton.jit
     def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, positions_ptr,
@@ -88,8 +66,10 @@ if triton is not None:
         offs_i = tl.arange(0, BLOCK_HALF)
         cos = tl.load(cos_ptr + row * stride_cos + offs_i, mask=offs_i < HALF, other=0.0).to(tl.float32)[None, :]
         sin = tl.load(sin_ptr + row * stride_cos + offs_i, mask=offs_i < HALF, other=0.0).to(tl.float32)[None, :]
-        _rotate_heads(q_ptr, tok, stride_q_tok, stride_q_head, cos, sin, NUM_Q_HEADS, HALF, BLOCK_HQ, BLOCK_HALF)
-        _rotate_heads(k_ptr, tok, stride_k_tok, stride_k_head, cos, sin, NUM_K_HEADS, HALF, BLOCK_HK, BLOCK_HALF)
+        norm_and_rotate_heads(q_ptr, tok, stride_q_tok, stride_q_head, cos, sin, q_ptr, 0.0, 0.0,
+                              NUM_Q_HEADS, HALF, BLOCK_HQ, BLOCK_HALF, False, False)
+        norm_and_rotate_heads(k_ptr, tok, stride_k_tok, stride_k_head, cos, sin, k_ptr, 0.0, 0.0,
+                              NUM_K_HEADS, HALF, BLOCK_HK, BLOCK_HALF, False, False)
 
     @triton.jit
     def _gated_act_kernel(x_ptr, out_ptr, stride_x, stride_out, n_cols,

@@ -16,3 +16,45 @@ def gated_value(gate, up, GELU_TANH: tl.constexpr):
     else:              # silu: g * sigmoid(g)
         act = g / (1.0 + tl.exp2(-g * 1.4426950408889634))
     return act.to(gate.dtype).to(tl.float32) * up.to(tl.float32)
+
+
+@triton.jit
+def rms_scaled(xf, rstd, w, offset, HAS_OFFSET: tl.constexpr, dtype: tl.constexpr):
+    """x / rms(x) * (offset + w) in float32 (xf, w float32), rounded where RMSNorm rounds; the caller
+    rounds the result to `dtype`. Gemma (HAS_OFFSET) multiplies by (offset + w) in float32 at once;
+    Llama rounds the normalised value to `dtype` first, then multiplies by the weight."""
+    if HAS_OFFSET:
+        return xf * rstd * (offset + w)
+    return (xf * rstd).to(dtype).to(tl.float32) * w
+
+
+@triton.jit
+def norm_and_rotate_heads(x_ptr, tok, stride_tok, stride_head, cos, sin, w_ptr, eps, offset,
+                          NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                          BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr, HAS_OFFSET: tl.constexpr):
+    """The heads [NUM_HEADS, 2 * HALF] of token `tok` (neox layout, cos / sin float32 [1, BLOCK_HALF]),
+    RMS-normed over each head first when HAS_NORM (weight w_ptr [2 * HALF]), rotated in place; returns
+    the two rotated halves [BLOCK_H, BLOCK_HALF] in x's dtype."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_i = tl.arange(0, BLOCK_HALF)
+    mask = (offs_h < NUM_HEADS)[:, None] & (offs_i < HALF)[None, :]
+    first = x_ptr + tok * stride_tok + offs_h[:, None] * stride_head + offs_i[None, :]   # [BLOCK_H, BLOCK_HALF]
+    x1 = tl.load(first, mask=mask, other=0.0)
+    x2 = tl.load(first + HALF, mask=mask, other=0.0)
+    dtype = x1.dtype
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    if HAS_NORM:
+        rstd = tl.rsqrt((tl.sum(x1f * x1f, 1) + tl.sum(x2f * x2f, 1)) / (2 * HALF) + eps)[:, None]
+        w1 = tl.load(w_ptr + offs_i, mask=offs_i < HALF, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(w_ptr + HALF + offs_i, mask=offs_i < HALF, other=0.0).to(tl.float32)[None, :]
+        x1f = rms_scaled(x1f, rstd, w1, offset, HAS_OFFSET, dtype).to(dtype).to(tl.float32)
+        x2f = rms_scaled(x2f, rstd, w2, offset, HAS_OFFSET, dtype).to(dtype).to(tl.float32)
+    # x * cos + rotate_half(x) * sin, each product rounded like the unfused bf16/fp16 ops
+    a1 = (x1f * cos).to(dtype).to(tl.float32)
+    b1 = (x2f * sin).to(dtype).to(tl.float32)
+    a2 = (x2f * cos).to(dtype).to(tl.float32)
+    b2 = (x1f * sin).to(dtype).to(tl.float32)
+    r1, r2 = (a1 - b1).to(dtype), (a2 + b2).to(dtype)
+    tl.store(first, r1, mask=mask)
+    tl.store(first + HALF, r2, mask=mask)
+    return r1, r2

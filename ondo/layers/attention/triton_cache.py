@@ -16,6 +16,8 @@ import torch
 try:
     import triton
     import triton.language as tl
+
+    from ondo.layers.triton_math import norm_and_rotate_heads
 except ImportError:  # CPU-only installs never launch these kernels
     triton = None
 
@@ -64,40 +66,6 @@ def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slo
 if triton is not None:
 
     @triton.jit
-    def _norm_and_rotate(x_ptr, tok, stride_tok, stride_head, cos, sin, w_ptr, eps, offset,
-                         NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                         BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr, HAS_OFFSET: tl.constexpr):
-        """Heads [NUM_HEADS, 2 * HALF] of token `tok`, RMS-normed (optional) and rotated, in place; returns
-        the two rotated halves [BLOCK_H, BLOCK_HALF] in x's dtype."""
-        offs_h = tl.arange(0, BLOCK_H)
-        offs_i = tl.arange(0, BLOCK_HALF)
-        mask = (offs_h < NUM_HEADS)[:, None] & (offs_i < HALF)[None, :]
-        first = x_ptr + tok * stride_tok + offs_h[:, None] * stride_head + offs_i[None, :]
-        x1 = tl.load(first, mask=mask, other=0.0)
-        x2 = tl.load(first + HALF, mask=mask, other=0.0)
-        dtype = x1.dtype
-        x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-        if HAS_NORM:   # as fused.rms_norm over each head: Llama rounds the normed value, then times w
-            rstd = tl.rsqrt((tl.sum(x1f * x1f, 1) + tl.sum(x2f * x2f, 1)) / (2 * HALF) + eps)[:, None]
-            w1 = tl.load(w_ptr + offs_i, mask=offs_i < HALF, other=0.0).to(tl.float32)[None, :]
-            w2 = tl.load(w_ptr + HALF + offs_i, mask=offs_i < HALF, other=0.0).to(tl.float32)[None, :]
-            if HAS_OFFSET:     # Gemma: (offset + w) multiplied in float32, one rounding
-                x1f = (x1f * rstd * (offset + w1)).to(dtype).to(tl.float32)
-                x2f = (x2f * rstd * (offset + w2)).to(dtype).to(tl.float32)
-            else:
-                x1f = ((x1f * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
-                x2f = ((x2f * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
-        # x * cos + rotate_half(x) * sin, each product rounded like the unfused bf16/fp16 ops
-        a1 = (x1f * cos).to(dtype).to(tl.float32)
-        b1 = (x2f * sin).to(dtype).to(tl.float32)
-        a2 = (x2f * cos).to(dtype).to(tl.float32)
-        b2 = (x1f * sin).to(dtype).to(tl.float32)
-        r1, r2 = (a1 - b1).to(dtype), (a2 + b2).to(dtype)
-        tl.store(first, r1, mask=mask)
-        tl.store(first + HALF, r2, mask=mask)
-        return r1, r2
-
-    @triton.jit
     def _rotate_and_write_kernel(
         q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_w_ptr, k_w_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
         stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head, stride_cos,
@@ -110,9 +78,9 @@ if triton is not None:
         offs_i = tl.arange(0, BLOCK_HALF)
         cos = tl.load(cos_ptr + tok * stride_cos + offs_i, mask=offs_i < HALF, other=0.0).to(tl.float32)[None, :]
         sin = tl.load(sin_ptr + tok * stride_cos + offs_i, mask=offs_i < HALF, other=0.0).to(tl.float32)[None, :]
-        _norm_and_rotate(q_ptr, tok, stride_q_tok, stride_q_head, cos, sin, q_w_ptr, eps, offset,
-                         NUM_Q_HEADS, HALF, BLOCK_HQ, BLOCK_HALF, HAS_NORM, HAS_OFFSET)
-        k1, k2 = _norm_and_rotate(k_ptr, tok, stride_k_tok, stride_k_head, cos, sin, k_w_ptr, eps, offset,
+        norm_and_rotate_heads(q_ptr, tok, stride_q_tok, stride_q_head, cos, sin, q_w_ptr, eps, offset,
+                              NUM_Q_HEADS, HALF, BLOCK_HQ, BLOCK_HALF, HAS_NORM, HAS_OFFSET)
+        k1, k2 = norm_and_rotate_heads(k_ptr, tok, stride_k_tok, stride_k_head, cos, sin, k_w_ptr, eps, offset,
                                   NUM_KV_HEADS, HALF, BLOCK_HK, BLOCK_HALF, HAS_NORM, HAS_OFFSET)
         slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
         if slot >= 0:   # < 0: CUDA-graph padding, no cache slot
