@@ -32,22 +32,29 @@ def locks(device: torch.device, tiles: int) -> torch.Tensor:
     return _LOCKS[key]
 
 
-def workspace(splits: int, size: int, device: torch.device) -> torch.Tensor:
-    """Room for every split's float32 partial sums of `size` outputs (uninitialised: each is written first)."""
-    return torch.empty(splits, size, dtype=torch.float32, device=device)
+def buffers(splits: int, size: int, tiles: int, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(workspace, locks) of a launch with `tiles` output tiles: room for every split's float32 partial
+    sums of `size` outputs (uninitialised: each is written first; `out` stands in when K is not split,
+    as nothing is written there), and the device's locks."""
+    workspace = torch.empty(splits, size, dtype=torch.float32, device=out.device) if splits > 1 else out
+    return workspace, locks(out.device, tiles)
 
 
 @triton.jit
-def split_k_total(part, ws_ptr, offs, mask, lock_ptr, split, SPLITS: tl.constexpr, WS_STRIDE):
-    """(is_last, total): stores this program's float32 `part` at workspace row `split`, offsets `offs`;
-    the last of the tile's SPLITS programs gets the sum of all rows, in split order (others get zeros)."""
-    tl.store(ws_ptr + split * WS_STRIDE + offs, part, mask=mask)
-    tl.debug_barrier()                          # every thread's partial is stored before the count
-    arrived = tl.atomic_add(lock_ptr, 1)        # acq_rel at GPU scope: publishes the partials, sees the others'
-    last = arrived == SPLITS - 1
-    total = tl.zeros_like(part)
-    if last:
-        for s in tl.static_range(SPLITS):
-            total += tl.load(ws_ptr + s * WS_STRIDE + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.atomic_xchg(lock_ptr, 0)             # zero again for the next launch
-    return last, total
+def store_split_k(acc, out_ptrs, mask, ws_ptr, offs, lock_ptr, split, SPLITS: tl.constexpr, WS_STRIDE):
+    """Stores a product's float32 `acc` at `out_ptrs`, in their dtype. K not split: at once. Split: this
+    program stores its partial sums at workspace row `split`, offsets `offs`, and counts itself in the
+    tile's lock; the last of the SPLITS programs adds every row in split order, stores the total and
+    resets the lock."""
+    if SPLITS > 1:
+        tl.store(ws_ptr + split * WS_STRIDE + offs, acc, mask=mask)
+        tl.debug_barrier()                          # every thread's partial is stored before the count
+        arrived = tl.atomic_add(lock_ptr, 1)        # acq_rel at GPU scope: publishes the partials, sees the others'
+        if arrived == SPLITS - 1:
+            total = tl.zeros_like(acc)
+            for s in tl.static_range(SPLITS):
+                total += tl.load(ws_ptr + s * WS_STRIDE + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(lock_ptr, 0)             # zero again for the next launch
+    else:
+        tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask)

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from ondo.layers import split_k
 from ondo.layers.quantization.int4_gpu import BLOCK_K, padded_k
-from ondo.layers.split_k import split_k_total
+from ondo.layers.split_k import store_split_k
 
 SMS = 132                   # H100/H200; more programs than this only matter as "enough"
 FUSED_MAX_TOKENS = 32       # between the measured 17 rows (fused 2x faster) and 64 (dequantize wins)
@@ -69,15 +69,9 @@ def _int4_mm_kernel(
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_x[None, :],
                         mask=m_mask[:, None] & (k_x < K_X)[None, :], other=0.0)        # [BM, 16]
             acc = tl.dot(x, w.to(x.dtype), acc)
-    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    if SPLITS > 1:   # the tile's last program adds the partials (split_k.py)
-        last, acc = split_k_total(acc, ws_ptr, offs_m[:, None] * N + offs_n[None, :], mask,
-                                  lock_ptr + pid_m * tl.num_programs(0) + pid_n, split, SPLITS, M * N)
-        if last:
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    store_split_k(acc, out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], m_mask[:, None] & n_mask[None, :],
+                  ws_ptr, offs_m[:, None] * N + offs_n[None, :], lock_ptr + pid_m * tl.num_programs(0) + pid_n,
+                  split, SPLITS, M * N)
 
 @triton.jit
 def _int4_dequant_kernel(q_ptr, sz_ptr, out_ptr, N, Q_STRIDE, SZ_STRIDE, K_P, PLANES: tl.constexpr,
@@ -139,13 +133,7 @@ def _int4_gemv_kernel(x_ptr, q_ptr, sz_ptr, out_ptr, ws_ptr, lock_ptr, N, K_X, K
                 scale, zero = _scale_and_zero(sz_ptr, g[:, None], SZ_STRIDE, offs_n[None, :],
                                               live[:, None] & n_mask[None, :], True, BF16)   # [S, BN] each
                 acc += scale * part + zero * x_sum[:, None]
-    out = tl.sum(acc, axis=0)
-    if SPLITS > 1:   # the tile's last program adds the partials (split_k.py)
-        last, out = split_k_total(out, ws_ptr, offs_n, n_mask, lock_ptr + pid_n, split, SPLITS, N)
-        if last:
-            tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+    store_split_k(tl.sum(acc, axis=0), out_ptr + offs_n, n_mask, ws_ptr, offs_n, lock_ptr + pid_n, split, SPLITS, N)
 
 
 def gemv_config(n: int, k_p: int) -> tuple[int, int, int, int]:
@@ -175,10 +163,9 @@ def int4_gemv(x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tens
         raise ValueError(f"split {split} does not divide the {blocks} blocks of K")
     tiles = triton.cdiv(n, block_n)
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    ws = split_k.workspace(split, n, x.device) if split > 1 else out
     sz = scales_and_zeros.view(torch.int32)                 # each (scale, zero) pair read as one word
     _int4_gemv_kernel[(tiles, split)](
-        x, words, sz, out, ws, split_k.locks(x.device, tiles), n, k_x, k_p, blocks // split, sz.stride(0),
+        x, words, sz, out, *split_k.buffers(split, n, tiles, out), n, k_x, k_p, blocks // split, sz.stride(0),
         GROUP=group, PLANES=planes, BLOCK_N=block_n, STACK=stack, RUN=min(group // 16, 8), SPLITS=split,
         BF16=scales_and_zeros.dtype == torch.bfloat16, num_warps=warps, num_stages=2)
     return out
@@ -211,10 +198,9 @@ def int4_mm(x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tensor
         raise ValueError(f"split {split} does not divide the {k_p // BLOCK_K} blocks of K")
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    ws = split_k.workspace(split, m * n, x.device) if split > 1 else out
     paired = scales_and_zeros.element_size() == 2
     sz = scales_and_zeros.view(torch.int32) if paired else scales_and_zeros
-    _int4_mm_kernel[grid](x, words, sz, out, ws, split_k.locks(x.device, grid[0] * grid[1]), m, n, k_x, k_p,
+    _int4_mm_kernel[grid](x, words, sz, out, *split_k.buffers(split, m * n, grid[0] * grid[1], out), m, n, k_x, k_p,
                           k_p // split, x.stride(0), out.stride(0), sz.stride(0), GROUP=group, PLANES=planes,
                           BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=split, PAIRED=paired,
                           BF16=scales_and_zeros.dtype == torch.bfloat16, num_warps=warps, num_stages=3)

@@ -14,7 +14,7 @@ try:
     import triton.language as tl
 
     from ondo.layers import split_k
-    from ondo.layers.split_k import split_k_total
+    from ondo.layers.split_k import store_split_k
 except ImportError:  # CPU-only installs never launch these kernels
     triton = None
 
@@ -39,15 +39,9 @@ if triton is not None:
             w = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :], mask=n_mask, other=0)
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))                                  # [BM, BN]
         acc = acc * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
-        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        mask = m_mask & (offs_n[None, :] < N)
-        if SPLITS > 1:   # the tile's last program adds the partials (split_k.py)
-            last, acc = split_k_total(acc, ws_ptr, offs_m[:, None] * N + offs_n[None, :], mask,
-                                      lock_ptr + pid_m * tl.num_programs(0) + pid_n, split, SPLITS, M * N)
-            if last:
-                tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        store_split_k(acc, out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], m_mask & (offs_n[None, :] < N),
+                      ws_ptr, offs_m[:, None] * N + offs_n[None, :], lock_ptr + pid_m * tl.num_programs(0) + pid_n,
+                      split, SPLITS, M * N)
 
 
 def int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -63,9 +57,8 @@ def int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.
     while grid_n * grid_m * split * 2 <= TARGET_PROGRAMS and k % (split * 2 * block_k) == 0:
         split *= 2
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    ws = split_k.workspace(split, m * n, x.device) if split > 1 else out
     _int8_mm_kernel[(grid_n, grid_m, split)](
-        x, codes, scale, out, ws, split_k.locks(x.device, grid_n * grid_m), m, n, k, k // split, x.stride(0),
+        x, codes, scale, out, *split_k.buffers(split, m * n, grid_n * grid_m, out), m, n, k, k // split, x.stride(0),
         codes.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=split,
         num_warps=4, num_stages=3)
     return out
