@@ -24,19 +24,18 @@ def get_activation(name: str):
     return _ACTIVATIONS[name]
 
 
-_FUSED = {"silu": fused.silu_and_mul, "swish": fused.silu_and_mul, "gelu_pytorch_tanh": fused.gelu_tanh_and_mul,
-          "gelu_new": fused.gelu_tanh_and_mul, "gelu_fast": fused.gelu_tanh_and_mul}
 # The names the fused kernels (and the products that apply the activation themselves) know them by.
 _KERNEL_NAMES = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                  "gelu_fast": "gelu_tanh"}
+_FUSED = {"silu": fused.silu_and_mul, "gelu_tanh": fused.gelu_tanh_and_mul}   # by kernel name
 
 
 class GatedActivation(nn.Module):
     def __init__(self, name: str):
         super().__init__()
         self.act = get_activation(name)
-        self.fused = _FUSED.get(name)
         self.kernel_name = _KERNEL_NAMES.get(name)
+        self.fused = _FUSED.get(self.kernel_name)
 
     def of_projection(self, gate_up_proj, x: torch.Tensor) -> torch.Tensor:
         """act(gate) * up of the merged [gate | up] projection of x: on the GPU's fused path the product
