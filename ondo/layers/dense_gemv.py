@@ -21,16 +21,30 @@ import torch
 import triton
 import triton.language as tl
 
-from ondo.layers.triton_math import gated_value
+from ondo.layers.triton_math import gated_value, programmatic_launch, wait_for_previous_kernel
 
 BLOCK_N = 2
 BLOCK_K = 1024
 
 
 @triton.jit
+def _weight_block(rows, offs_k, n_mask, K, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(rows + offs_k[None, :], mask=n_mask[:, None], other=0.0)
+    return tl.load(rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _input_block(x_ptr, offs_k, K, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(x_ptr + offs_k).to(tl.float32)
+    return tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_wn, HAS_BIAS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
-                 GELU_TANH: tl.constexpr):
+                 GELU_TANH: tl.constexpr, PDL: tl.constexpr):
     # out[n] = sum_k x[k] w[n, k] (+ bias[n]), for BLOCK_N rows n of W [N, K].
     # GATED: W is [gate | up] (N = 2 I); a program takes gate row c and up row c + I (BLOCK_N = 2) and
     # stores act(gate) * up at c, so the MLP's activation costs no launch of its own.
@@ -40,17 +54,16 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_wn, HAS_BIAS: tl.
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # The first block of weights is read before waiting for the previous kernel (PDL): no kernel of a
+    # step writes the weights, so they stream in while that kernel finishes.
+    offs_k = tl.arange(0, BLOCK_K)
+    w = _weight_block(rows, offs_k, n_mask, K, EVEN_K)
+    wait_for_previous_kernel(PDL)
+    acc = w.to(tl.float32) * _input_block(x_ptr, offs_k, K, EVEN_K)[None, :]      # [BLOCK_N, BLOCK_K]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            x = tl.load(x_ptr + offs_k)
-            w = tl.load(rows + offs_k[None, :], mask=n_mask[:, None], other=0.0)
-        else:
-            k_mask = offs_k < K
-            x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
-            w = tl.load(rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        acc += _weight_block(rows, offs_k, n_mask, K, EVEN_K).to(tl.float32) * \
+            _input_block(x_ptr, offs_k, K, EVEN_K)[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -71,8 +84,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if gated not in (None, "silu", "gelu_tanh") or (gated and n % 2):
         raise ValueError(f"gated must be None, 'silu' or 'gelu_tanh' over an even N, got {gated!r} with N {n}")
     out = torch.empty(1, n // 2 if gated else n, dtype=x.dtype, device=x.device)
+    pdl = programmatic_launch(x)
     _gemv_kernel[(n // 2 if gated else triton.cdiv(n, BLOCK_N),)](
         x, weight, bias if bias is not None else x, out, n, k, weight.stride(0), HAS_BIAS=bias is not None,
         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_K=k % BLOCK_K == 0, GATED=gated is not None,
-        GELU_TANH=gated == "gelu_tanh", num_warps=4, num_stages=1)
+        GELU_TANH=gated == "gelu_tanh", PDL=pdl, num_warps=4, num_stages=1, launch_pdl=pdl)
     return out

@@ -18,7 +18,8 @@ if torch.cuda.is_available():   # the CPU never launches these: importing Triton
         import triton
         import triton.language as tl
 
-        from ondo.layers.triton_math import gated_value, norm_and_rotate_heads, rms_scaled
+        from ondo.layers.triton_math import (gated_value, norm_and_rotate_heads, programmatic_launch, rms_scaled,
+                                             wait_for_previous_kernel)
     except ImportError:  # no Triton: the PyTorch paths below serve every call
         triton = None
 
@@ -38,7 +39,9 @@ if triton is not None:
     @triton.jit
     def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
                          stride_x, stride_residual, stride_out, stride_residual_out, n_cols, eps, offset,
-                         HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+        wait_for_previous_kernel(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -58,7 +61,8 @@ if triton is not None:
                        stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_cos,
                        NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
                        BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                       HAS_POSITIONS: tl.constexpr):
+                       HAS_POSITIONS: tl.constexpr, PDL: tl.constexpr):
+        wait_for_previous_kernel(PDL)
         tok = tl.program_id(0).to(tl.int64)
         row = tok
         if HAS_POSITIONS:
@@ -73,7 +77,8 @@ if triton is not None:
 
     @triton.jit
     def _gated_act_kernel(x_ptr, out_ptr, stride_x, stride_out, n_cols,
-                          GELU_TANH: tl.constexpr, BLOCK: tl.constexpr):
+                          GELU_TANH: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        wait_for_previous_kernel(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -98,10 +103,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     res_out = torch.empty_like(out) if residual is not None else out
     block = triton.next_power_of_2(hidden)
     if x2d.shape[0]:
+        pdl = programmatic_launch(x)
         _rms_norm_kernel[(x2d.shape[0],)](
             x2d, res2d, weight, out, res_out, x2d.stride(0), res2d.stride(0), out.stride(0), res_out.stride(0),
             hidden, eps, offset, HAS_RESIDUAL=residual is not None, HAS_OFFSET=offset != 0.0, BLOCK=block,
-            num_warps=min(max(block // 512, 1), 16), enable_fp_fusion=False)
+            PDL=pdl, num_warps=min(max(block // 512, 1), 16), enable_fp_fusion=False, launch_pdl=pdl)
     if residual is None:
         return out.view(x.shape)
     return out.view(x.shape), res_out.view(x.shape)
@@ -138,13 +144,14 @@ def apply_rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
         raise ValueError("cos and sin must share one layout, dense in the last dim")
     half = rot_dim // 2
     if num_tokens:
+        pdl = programmatic_launch(q)
         _rotary_kernel[(num_tokens,)](
             q3, k3, cos, sin, positions if positions is not None else cos,
             q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), cos.stride(0),
             NUM_Q_HEADS=q3.shape[1], NUM_K_HEADS=k3.shape[1], HALF=half,
             BLOCK_HQ=triton.next_power_of_2(q3.shape[1]), BLOCK_HK=triton.next_power_of_2(k3.shape[1]),
-            BLOCK_HALF=triton.next_power_of_2(half), HAS_POSITIONS=positions is not None, num_warps=4,
-            enable_fp_fusion=False)
+            BLOCK_HALF=triton.next_power_of_2(half), HAS_POSITIONS=positions is not None, PDL=pdl, num_warps=4,
+            enable_fp_fusion=False, launch_pdl=pdl)
 
 
 def _apply_rotary_torch(x3, cos, sin, positions):
@@ -178,7 +185,8 @@ def _gated(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
     out = torch.empty((x2d.shape[0], inter), dtype=x.dtype, device=x.device)
     block = min(triton.next_power_of_2(inter), 1024)
     if x2d.shape[0]:
+        pdl = programmatic_launch(x)
         _gated_act_kernel[(x2d.shape[0], triton.cdiv(inter, block))](
-            x2d, out, x2d.stride(0), out.stride(0), inter, GELU_TANH=gelu_tanh, BLOCK=block, num_warps=4,
-            enable_fp_fusion=False)
+            x2d, out, x2d.stride(0), out.stride(0), inter, GELU_TANH=gelu_tanh, BLOCK=block, PDL=pdl, num_warps=4,
+            enable_fp_fusion=False, launch_pdl=pdl)
     return out.view(*x.shape[:-1], inter)

@@ -1,8 +1,38 @@
 """Triton device functions shared by several kernels (imported only where Triton runs)."""
 from __future__ import annotations
 
+import functools
+import os
+
+import torch
 import triton
 import triton.language as tl
+
+
+def programmatic_launch(t: torch.Tensor) -> bool:
+    """Whether kernels working on t launch with programmatic dependent launch (PDL; sm_90 and newer).
+
+    A decode step is some ten small kernels a layer inside a CUDA graph, and each used to start only
+    once the one before it had finished: the gap between them is part of every token. With PDL a kernel
+    is launched while its predecessor runs, its programs become resident, and `wait_for_previous_kernel`
+    holds them until the predecessor's writes are visible. A kernel launched so must call that wait
+    before it touches memory the previous kernels write (or read), so that completion stays ordered
+    along the stream. ONDO_PDL=0 turns it off."""
+    return t.is_cuda and _pdl_supported(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _pdl_supported(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9 and os.environ.get("ONDO_PDL", "1") != "0"
+
+
+@triton.jit
+def wait_for_previous_kernel(PDL: tl.constexpr):
+    """With PDL (`programmatic_launch`): wait until the previous kernel in the stream has finished and its
+    writes are visible, then let the next kernel launch. No-op otherwise."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit

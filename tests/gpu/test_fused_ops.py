@@ -35,11 +35,11 @@ def poison_allocator(like: torch.Tensor) -> None:
     torch.full((4 * like.numel(),), float("nan"), dtype=like.dtype, device=like.device)
 
 
-def assert_close_to_module(got: torch.Tensor, want: torch.Tensor, min_exact: float):
+def assert_close_to_module(got: torch.Tensor, want: torch.Tensor, min_exact: float, atol: float = 1e-5):
     """Within two rounding steps everywhere (an intermediate rounding that flips can add one), bit-identical
     on at least `min_exact` of the elements."""
     assert got.dtype == want.dtype and got.shape == want.shape
-    torch.testing.assert_close(got, want, rtol=2 * torch.finfo(got.dtype).eps, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=2 * torch.finfo(got.dtype).eps, atol=atol)
     exact = (got == want).float().mean().item()
     assert exact >= min_exact, f"only {exact:.3f} of the elements are bit-identical to the module"
 
@@ -119,7 +119,7 @@ def test_rotate_and_write_equals_norm_rotary_and_write_kernels(dtype_name, heads
     if norm_offset is not None:
         norms = tuple(RMSNorm(head_dim, 1e-6, offset=norm_offset).to(DEVICE, dtype) for _ in range(2))
         for n in norms:
-            n.weight.data.normal_(0, 0.5, generator=None)
+            n.weight.data.copy_(torch.randn(head_dim, generator=gen) * 0.5)
     want_q, want_k = q.clone(), k.clone()
     if norms is not None:
         want_q, want_k = (fused.rms_norm(x, n.weight, n.eps, offset=n.offset) for x, n in zip((want_q, want_k), norms))
@@ -128,8 +128,12 @@ def test_rotate_and_write_equals_norm_rotary_and_write_kernels(dtype_name, heads
     write_kv_cache(want_cache, want_k, v, slots)
     got_cache = torch.zeros_like(want_cache)
     rotate_and_write_kv(q, k, v, cos, sin, got_cache, slots, norms)
-    assert_close_to_module(q, want_q, min_exact=0.999)
-    assert_close_to_module(got_cache, want_cache, min_exact=0.999)
+    # Each head's sum of squares is added in another order than fused.rms_norm adds it: a normed value
+    # may differ by one step, and where the rotation's two products cancel that step is large against
+    # the result. So the bound is one step of the largest value, and nearly every element is exact.
+    atol = 2 * torch.finfo(dtype).eps * want_q.abs().max().item() if norms is not None else 1e-5
+    assert_close_to_module(q, want_q, min_exact=0.999, atol=atol)
+    assert_close_to_module(got_cache, want_cache, min_exact=0.999, atol=atol)
 
 
 @pytest.mark.gpu

@@ -16,6 +16,8 @@ import torch
 try:
     import triton
     import triton.language as tl
+
+    from ondo.layers.triton_math import programmatic_launch, wait_for_previous_kernel
 except ImportError:  # CPU-only installs never launch these kernels
     triton = None
 
@@ -42,8 +44,9 @@ if triton is not None:
         stride_bt_seq, stride_out_tok, stride_out_head,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-        HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PDL: tl.constexpr,
     ):
+        wait_for_previous_kernel(PDL)
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -108,8 +111,9 @@ if triton is not None:
     def _merge_splits_kernel(
         part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, num_splits,
         stride_out_tok, stride_out_head,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr,
     ):
+        wait_for_previous_kernel(PDL)
         seq = tl.program_id(0)
         head = tl.program_id(1)
         num_heads = tl.num_programs(1)
@@ -162,6 +166,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     else:
         part_acc = part_max = part_sum = out   # unused when SPLIT is off
     k_cache, v_cache = kv_cache[0], kv_cache[1]
+    pdl = programmatic_launch(q)
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens,
         out, part_acc, part_max, part_sum,
@@ -171,13 +176,13 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_N=block_n, PAGE_SIZE=page_size, SPLIT=split,
-        HAS_SOFTCAP=logit_softcap is not None, HAS_WINDOW=sliding_window is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        HAS_SOFTCAP=logit_softcap is not None, HAS_WINDOW=sliding_window is not None, PDL=pdl,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     if split:
         _merge_splits_kernel[(num_seqs, num_heads)](
             part_acc, part_max, part_sum, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=triton.next_power_of_2(num_splits),
-            num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=triton.next_power_of_2(num_splits), PDL=pdl,
+            num_warps=4, launch_pdl=pdl,
         )
     return out

@@ -9,6 +9,7 @@ import triton.language as tl
 from ondo.layers import split_k
 from ondo.layers.quantization.int4_gpu import BLOCK_K, padded_k
 from ondo.layers.split_k import store_split_k
+from ondo.layers.triton_math import programmatic_launch, wait_for_previous_kernel
 
 SMS = 132                   # H100/H200; more programs than this only matter as "enough"
 FUSED_MAX_TOKENS = 32       # between the measured 17 rows (fused 2x faster) and 64 (dequantize wins)
@@ -97,13 +98,14 @@ def _int4_dequant_kernel(q_ptr, sz_ptr, out_ptr, N, Q_STRIDE, SZ_STRIDE, K_P, PL
 @triton.jit
 def _int4_gemv_kernel(x_ptr, q_ptr, sz_ptr, out_ptr, ws_ptr, lock_ptr, N, K_X, K_P, BLOCKS_PER_SPLIT, SZ_STRIDE,
                       GROUP: tl.constexpr, PLANES: tl.constexpr, BLOCK_N: tl.constexpr, STACK: tl.constexpr,
-                      RUN: tl.constexpr, SPLITS: tl.constexpr, BF16: tl.constexpr):
+                      RUN: tl.constexpr, SPLITS: tl.constexpr, BF16: tl.constexpr, PDL: tl.constexpr):
     # One row: out[n] = sum_k x[k] w[n, k] on the CUDA cores (a 1-row tile would waste 15/16 of the
     # tensor cores, and feeding them costs a trip through shared memory). Decode is bound by the
     # loads in flight, so STACK blocks of 128 inputs load at once ([STACK, 16, BLOCK_N] words, up to
     # 64 KB a program). Each slice of 16 inputs reduces to [STACK, BLOCK_N] sums of (code - 8) * x,
     # and a group's scale and zero apply once per RUN slices:
     #   sum_k x w = sum_groups scale * sum (code - 8) x + zero * sum x.
+    wait_for_previous_kernel(PDL)
     pid_n, split = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -164,10 +166,11 @@ def int4_gemv(x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tens
     tiles = triton.cdiv(n, block_n)
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     sz = scales_and_zeros.view(torch.int32)                 # each (scale, zero) pair read as one word
+    pdl = programmatic_launch(x)
     _int4_gemv_kernel[(tiles, split)](
         x, words, sz, out, *split_k.buffers(split, n, tiles, out), n, k_x, k_p, blocks // split, sz.stride(0),
         GROUP=group, PLANES=planes, BLOCK_N=block_n, STACK=stack, RUN=min(group // 16, 8), SPLITS=split,
-        BF16=scales_and_zeros.dtype == torch.bfloat16, num_warps=warps, num_stages=2)
+        BF16=scales_and_zeros.dtype == torch.bfloat16, PDL=pdl, num_warps=warps, num_stages=2, launch_pdl=pdl)
     return out
 
 

@@ -15,6 +15,7 @@ try:
 
     from ondo.layers import split_k
     from ondo.layers.split_k import store_split_k
+    from ondo.layers.triton_math import programmatic_launch, wait_for_previous_kernel
 except ImportError:  # CPU-only installs never launch these kernels
     triton = None
 
@@ -26,7 +27,8 @@ if triton is not None:
     @triton.jit
     def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, K_PER_SPLIT, stride_xm, stride_wn,
                         stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        SPLITS: tl.constexpr):
+                        SPLITS: tl.constexpr, PDL: tl.constexpr):
+        wait_for_previous_kernel(PDL)
         pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -57,8 +59,9 @@ def int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.
     while grid_n * grid_m * split * 2 <= TARGET_PROGRAMS and k % (split * 2 * block_k) == 0:
         split *= 2
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    pdl = programmatic_launch(x)
     _int8_mm_kernel[(grid_n, grid_m, split)](
         x, codes, scale, out, *split_k.buffers(split, m * n, grid_n * grid_m, out), m, n, k, k // split, x.stride(0),
-        codes.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=split,
-        num_warps=4, num_stages=3)
+        codes.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=split, PDL=pdl,
+        num_warps=4, num_stages=3, launch_pdl=pdl)
     return out
