@@ -1,9 +1,10 @@
 """The candidates' rules and the draw in one Triton kernel per step (CUDA).
 
 `candidates.select_candidates` + `draw_candidates` cost some fifty small PyTorch operations per step;
-for one stream their launches cost more than the model's decode step leaves room for. Here `topk`,
-the stable re-sort and the noise stay PyTorch operations, and one kernel (one program per row) runs
-top_k -> top_p -> min_p, the proof that the budget holds the kept set, and the exponential race.
+for one stream their launches cost more than the model's decode step leaves room for. Here `topk`
+and the noise stay PyTorch operations, and one kernel (one program per row) divides the candidates by
+the temperature, sorts them as the reference's stable sort orders them, and runs top_k -> top_p ->
+min_p, the proof that the budget holds the kept set, and the exponential race.
 It follows `candidates.py` rule for rule; tests/sample/test_sampler_gpu.py compares the two.
 """
 
@@ -19,13 +20,30 @@ from ondo.sample.candidates import candidate_noise, prepare_candidates
 
 
 @triton.jit
+def _sorted_as_the_reference(v, ids):
+    """v [K] float32 and their token ids, sorted by value descending, equal values in token-id order (the
+    reference's stable sort): one sort of 64-bit keys, the value's bits (mapped so that integer order is
+    float order) above (2^32 - 1 - id)."""
+    low_bits: tl.constexpr = 4294967295
+    bits = v.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)   # negative floats: larger magnitude, smaller integer
+    keys = tl.sort((ordered.to(tl.int64) << 32) | (low_bits - ids.to(tl.int64)), descending=True)
+    ordered = (keys >> 32).to(tl.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True), low_bits - (keys & low_bits)
+
+
+@triton.jit
 def _decide_and_draw(values_ptr, ids_ptr, options_ptr, lse_ptr, noise_ptr, out_ptr,
-                     K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr):
+                     K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr, DIVIDE: tl.constexpr):
     row = tl.program_id(0)
     pos = tl.arange(0, K)
     neg_inf = float("-inf")
-    v = tl.load(values_ptr + row * K + pos)  # [K] descending, temperature applied
+    v = tl.load(values_ptr + row * K + pos)  # [K] raw logits as topk left them (prepare_candidates(sort=False))
     ids = tl.load(ids_ptr + row * K + pos)
+    if DIVIDE:   # rounded as candidates.py's `values / temperature`
+        v = tl.math.div_rn(v, tl.load(options_ptr + row * 6 + 4))
+    v, ids = _sorted_as_the_reference(v, ids)   # descending, temperature applied
     # options: [rows, 6] budget, top_k, top_p, min_p, temperature, has_top_k (candidates.Prepared)
     budget = tl.load(options_ptr + row * 6).to(tl.int32)
     k = tl.load(options_ptr + row * 6 + 1).to(tl.int32)
@@ -69,7 +87,7 @@ def sample_candidates(logits: torch.Tensor, params: Sequence[Any], budgets: Sequ
                       generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """[rows] token ids, -1 where the full sort must decide: `draw_candidates(select_candidates(...))`
     with the rules and the draw fused."""
-    prepared = prepare_candidates(logits, params, budgets)
+    prepared = prepare_candidates(logits, params, budgets, sort=False)
     rows, width = prepared.values.shape
     noise = candidate_noise(prepared.values, budgets, generators)  # [rows, K]
     lse = prepared.full_lse if prepared.full_lse is not None else prepared.values[:, 0]  # unused then
@@ -77,6 +95,7 @@ def sample_candidates(logits: torch.Tensor, params: Sequence[Any], budgets: Sequ
     _decide_and_draw[(rows,)](prepared.values.contiguous(), prepared.token_ids.contiguous(),
                               prepared.options.contiguous(), lse.contiguous(), noise, out, K=width,
                               TOP_P=any(p.top_p < 1.0 for p in params),
-                              MIN_P=any(p.min_p > 0 for p in params), num_warps=4 if width <= 256 else 8)
+                              MIN_P=any(p.min_p > 0 for p in params), DIVIDE=any(p.temperature != 1.0 for p in params),
+                              num_warps=4 if width <= 256 else 8)
     return out
 
