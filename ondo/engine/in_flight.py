@@ -49,6 +49,7 @@ class LaunchedStep:
     schedule: SchedulerOutput
     result: ModelRunnerOutput
     taken_back: set[Request] = field(default_factory=set)   # rows computed on an unusable placeholder
+    _sampled: list[Request] | None = field(default=None, repr=False)   # sampled_requests(), built once
 
     def stands(self, request: Request) -> bool:
         """The request's row still counts: the request runs on and its row was not taken back."""
@@ -62,9 +63,12 @@ class LaunchedStep:
         return [row for row, request in enumerate(self.sampled_requests()) if self.stands(request)]
 
     def sampled_requests(self) -> list[Request]:
-        """The request of each row of `result.sample_logits`."""
-        scheduled = self.schedule.scheduled
-        return [scheduled[index].request for index in self.result.sample_indices]
+        """The request of each row of `result.sample_logits` (one list per step, asked for up to three
+        times: callers only read it)."""
+        if self._sampled is None:
+            scheduled = self.schedule.scheduled
+            self._sampled = [scheduled[index].request for index in self.result.sample_indices]
+        return self._sampled
 
 
 @dataclass

@@ -9,7 +9,7 @@ from torch import nn
 
 from ondo.layers.activation import GatedActivation
 from ondo.layers.attention import Attention
-from ondo.layers.linear import Linear, MergedLinear, VocabEmbedding, LMHead
+from ondo.layers.linear import Linear, MergedLinear, VocabEmbedding
 from ondo.layers.norm import RMSNorm
 from ondo.layers.rotary import RotaryEmbedding
 from ondo.models.llama import LlamaAttention, LlamaForCausalLM, head_dim_of, rotary_inputs
