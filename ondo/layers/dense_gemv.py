@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ondo.layers.triton_math import gated_value, programmatic_launch, wait_for_previous_kernel
+from ondo.layers.triton_math import gated_value, programmatic_launch_options, wait_for_previous_kernel
 
 BLOCK_N = 2
 BLOCK_K = 1024
@@ -84,9 +84,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if gated not in (None, "silu", "gelu_tanh") or (gated and n % 2):
         raise ValueError(f"gated must be None, 'silu' or 'gelu_tanh' over an even N, got {gated!r} with N {n}")
     out = torch.empty(1, n // 2 if gated else n, dtype=x.dtype, device=x.device)
-    pdl = programmatic_launch(x)
     _gemv_kernel[(n // 2 if gated else triton.cdiv(n, BLOCK_N),)](
         x, weight, bias if bias is not None else x, out, n, k, weight.stride(0), HAS_BIAS=bias is not None,
         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, EVEN_K=k % BLOCK_K == 0, GATED=gated is not None,
-        GELU_TANH=gated == "gelu_tanh", PDL=pdl, num_warps=4, num_stages=1, launch_pdl=pdl)
+        GELU_TANH=gated == "gelu_tanh", num_warps=4, num_stages=1,
+        **programmatic_launch_options(x))
     return out

@@ -18,8 +18,8 @@ if torch.cuda.is_available():   # the CPU never launches these: importing Triton
         import triton
         import triton.language as tl
 
-        from ondo.layers.triton_math import (gated_value, norm_and_rotate_heads, programmatic_launch, rms_scaled,
-                                             wait_for_previous_kernel)
+        from ondo.layers.triton_math import (gated_value, norm_and_rotate_heads, programmatic_launch_options,
+                                             rms_scaled, wait_for_previous_kernel)
     except ImportError:  # no Triton: the PyTorch paths below serve every call
         triton = None
 
@@ -103,11 +103,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     res_out = torch.empty_like(out) if residual is not None else out
     block = triton.next_power_of_2(hidden)
     if x2d.shape[0]:
-        pdl = programmatic_launch(x)
         _rms_norm_kernel[(x2d.shape[0],)](
             x2d, res2d, weight, out, res_out, x2d.stride(0), res2d.stride(0), out.stride(0), res_out.stride(0),
             hidden, eps, offset, HAS_RESIDUAL=residual is not None, HAS_OFFSET=offset != 0.0, BLOCK=block,
-            PDL=pdl, num_warps=min(max(block // 512, 1), 16), enable_fp_fusion=False, launch_pdl=pdl)
+            num_warps=min(max(block // 512, 1), 16), enable_fp_fusion=False, **programmatic_launch_options(x))
     if residual is None:
         return out.view(x.shape)
     return out.view(x.shape), res_out.view(x.shape)
@@ -144,14 +143,13 @@ def apply_rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
         raise ValueError("cos and sin must share one layout, dense in the last dim")
     half = rot_dim // 2
     if num_tokens:
-        pdl = programmatic_launch(q)
         _rotary_kernel[(num_tokens,)](
             q3, k3, cos, sin, positions if positions is not None else cos,
             q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), cos.stride(0),
             NUM_Q_HEADS=q3.shape[1], NUM_K_HEADS=k3.shape[1], HALF=half,
             BLOCK_HQ=triton.next_power_of_2(q3.shape[1]), BLOCK_HK=triton.next_power_of_2(k3.shape[1]),
-            BLOCK_HALF=triton.next_power_of_2(half), HAS_POSITIONS=positions is not None, PDL=pdl, num_warps=4,
-            enable_fp_fusion=False, launch_pdl=pdl)
+            BLOCK_HALF=triton.next_power_of_2(half), HAS_POSITIONS=positions is not None, num_warps=4,
+            enable_fp_fusion=False, **programmatic_launch_options(q))
 
 
 def _apply_rotary_torch(x3, cos, sin, positions):
@@ -185,8 +183,7 @@ def _gated(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
     out = torch.empty((x2d.shape[0], inter), dtype=x.dtype, device=x.device)
     block = min(triton.next_power_of_2(inter), 1024)
     if x2d.shape[0]:
-        pdl = programmatic_launch(x)
         _gated_act_kernel[(x2d.shape[0], triton.cdiv(inter, block))](
-            x2d, out, x2d.stride(0), out.stride(0), inter, GELU_TANH=gelu_tanh, BLOCK=block, PDL=pdl, num_warps=4,
-            enable_fp_fusion=False, launch_pdl=pdl)
+            x2d, out, x2d.stride(0), out.stride(0), inter, GELU_TANH=gelu_tanh, BLOCK=block, num_warps=4,
+            enable_fp_fusion=False, **programmatic_launch_options(x))
     return out.view(*x.shape[:-1], inter)

@@ -9,27 +9,35 @@ import triton
 import triton.language as tl
 
 
-def programmatic_launch(t: torch.Tensor) -> bool:
-    """Whether kernels working on t launch with programmatic dependent launch (PDL; sm_90 and newer).
+def programmatic_launch_options(t: torch.Tensor) -> dict:
+    """The launch keywords of a kernel working on t that calls `wait_for_previous_kernel(PDL)`: PDL and
+    launch_pdl together, on where programmatic dependent launch exists (sm_90 and newer).
 
     A decode step is some ten small kernels a layer inside a CUDA graph, and each used to start only
     once the one before it had finished: the gap between them is part of every token. With PDL a kernel
     is launched while its predecessor runs, its programs become resident, and `wait_for_previous_kernel`
     holds them until the predecessor's writes are visible. A kernel launched so must call that wait
     before it touches memory the previous kernels write (or read), so that completion stays ordered
-    along the stream. ONDO_PDL=0 turns it off."""
-    return t.is_cuda and _pdl_supported(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    along the stream; passing both keywords from here keeps the launch and the wait together.
+    ONDO_PDL=0 (read at the first launch on a device) turns it off."""
+    if not t.is_cuda:   # Triton's interpreter on the CPU
+        return _PDL_OFF
+    return _cuda_options(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+_PDL_OFF = {"PDL": False, "launch_pdl": False}
 
 
 @functools.cache
-def _pdl_supported(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9 and os.environ.get("ONDO_PDL", "1") != "0"
+def _cuda_options(device_index: int) -> dict:
+    on = torch.cuda.get_device_capability(device_index)[0] >= 9 and os.environ.get("ONDO_PDL", "1") != "0"
+    return {"PDL": on, "launch_pdl": on}
 
 
 @triton.jit
 def wait_for_previous_kernel(PDL: tl.constexpr):
-    """With PDL (`programmatic_launch`): wait until the previous kernel in the stream has finished and its
-    writes are visible, then let the next kernel launch. No-op otherwise."""
+    """With PDL (`programmatic_launch_options`): wait until the previous kernel in the stream has finished
+    and its writes are visible, then let the next kernel launch. No-op otherwise."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

@@ -17,7 +17,7 @@ try:
     import triton
     import triton.language as tl
 
-    from ondo.layers.triton_math import norm_and_rotate_heads, programmatic_launch, wait_for_previous_kernel
+    from ondo.layers.triton_math import norm_and_rotate_heads, programmatic_launch_options, wait_for_previous_kernel
 except ImportError:  # CPU-only installs never launch these kernels
     triton = None
 
@@ -55,13 +55,13 @@ def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slo
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     block_d = triton.next_power_of_2(head_dim)
     block_h = triton.next_power_of_2(num_kv_heads)
-    pdl = programmatic_launch(k)
     _write_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d,
-        PAGE_SIZE=kv_cache.shape[2], PDL=pdl, num_warps=4 if block_h * block_d >= 1024 else 1, launch_pdl=pdl,
+        PAGE_SIZE=kv_cache.shape[2], num_warps=4 if block_h * block_d >= 1024 else 1,
+        **programmatic_launch_options(k),
     )
 
 
@@ -120,7 +120,6 @@ def rotate_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: 
         eps, offset, q_w, k_w = q_norm.eps, q_norm.offset, q_norm.weight, k_norm.weight
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     half = head_dim // 2
-    pdl = programmatic_launch(q)
     _rotate_and_write_kernel[(num_tokens,)](
         q, k, v, cos, sin, q_w, k_w, k_cache, v_cache, slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
@@ -128,4 +127,4 @@ def rotate_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: 
         NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half,
         BLOCK_HQ=triton.next_power_of_2(num_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half), PAGE_SIZE=kv_cache.shape[2], HAS_NORM=head_norms is not None,
-        HAS_OFFSET=offset != 0.0, PDL=pdl, num_warps=4, enable_fp_fusion=False, launch_pdl=pdl)
+        HAS_OFFSET=offset != 0.0, num_warps=4, enable_fp_fusion=False, **programmatic_launch_options(q))

@@ -17,7 +17,7 @@ try:
     import triton
     import triton.language as tl
 
-    from ondo.layers.triton_math import programmatic_launch, wait_for_previous_kernel
+    from ondo.layers.triton_math import programmatic_launch_options, wait_for_previous_kernel
 except ImportError:  # CPU-only installs never launch these kernels
     triton = None
 
@@ -166,7 +166,6 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     else:
         part_acc = part_max = part_sum = out   # unused when SPLIT is off
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    pdl = programmatic_launch(q)
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens,
         out, part_acc, part_max, part_sum,
@@ -176,13 +175,13 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_N=block_n, PAGE_SIZE=page_size, SPLIT=split,
-        HAS_SOFTCAP=logit_softcap is not None, HAS_WINDOW=sliding_window is not None, PDL=pdl,
-        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        HAS_SOFTCAP=logit_softcap is not None, HAS_WINDOW=sliding_window is not None,
+        num_warps=num_warps, num_stages=num_stages, **programmatic_launch_options(q),
     )
     if split:
         _merge_splits_kernel[(num_seqs, num_heads)](
             part_acc, part_max, part_sum, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=triton.next_power_of_2(num_splits), PDL=pdl,
-            num_warps=4, launch_pdl=pdl,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            num_warps=4, **programmatic_launch_options(q),
         )
     return out

@@ -9,7 +9,7 @@ import triton.language as tl
 from ondo.layers import split_k
 from ondo.layers.quantization.int4_gpu import BLOCK_K, padded_k
 from ondo.layers.split_k import store_split_k
-from ondo.layers.triton_math import programmatic_launch, wait_for_previous_kernel
+from ondo.layers.triton_math import programmatic_launch_options, wait_for_previous_kernel
 
 SMS = 132                   # H100/H200; more programs than this only matter as "enough"
 FUSED_MAX_TOKENS = 32       # between the measured 17 rows (fused 2x faster) and 64 (dequantize wins)
@@ -166,11 +166,11 @@ def int4_gemv(x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tens
     tiles = triton.cdiv(n, block_n)
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     sz = scales_and_zeros.view(torch.int32)                 # each (scale, zero) pair read as one word
-    pdl = programmatic_launch(x)
     _int4_gemv_kernel[(tiles, split)](
         x, words, sz, out, *split_k.buffers(split, n, tiles, out), n, k_x, k_p, blocks // split, sz.stride(0),
         GROUP=group, PLANES=planes, BLOCK_N=block_n, STACK=stack, RUN=min(group // 16, 8), SPLITS=split,
-        BF16=scales_and_zeros.dtype == torch.bfloat16, PDL=pdl, num_warps=warps, num_stages=2, launch_pdl=pdl)
+        BF16=scales_and_zeros.dtype == torch.bfloat16, num_warps=warps, num_stages=2,
+        **programmatic_launch_options(x))
     return out
 
 

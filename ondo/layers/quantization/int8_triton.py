@@ -3,7 +3,8 @@
 One program owns BLOCK_N output rows and a slice of K: it loads [BLOCK_N, BLOCK_K] int8 codes, widens
 them to the activation dtype (exact: |code| <= 127) and multiplies on the tensor cores; the row scale
 applies once at the end. Decode matrices with few rows split K across programs, the last of which adds
-their partial sums (`ondo/layers/split_k.py`), as the int4 kernels do. Launch shapes depend on host integers only (CUDA graphs).
+their partial sums (`ondo/layers/split_k.py`), as the int4 kernels do. Launch shapes depend on host
+integers only (CUDA graphs).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ try:
 
     from ondo.layers import split_k
     from ondo.layers.split_k import store_split_k
-    from ondo.layers.triton_math import programmatic_launch, wait_for_previous_kernel
+    from ondo.layers.triton_math import programmatic_launch_options, wait_for_previous_kernel
 except ImportError:  # CPU-only installs never launch these kernels
     triton = None
 
@@ -59,9 +60,8 @@ def int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.
     while grid_n * grid_m * split * 2 <= TARGET_PROGRAMS and k % (split * 2 * block_k) == 0:
         split *= 2
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    pdl = programmatic_launch(x)
     _int8_mm_kernel[(grid_n, grid_m, split)](
         x, codes, scale, out, *split_k.buffers(split, m * n, grid_n * grid_m, out), m, n, k, k // split, x.stride(0),
-        codes.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=split, PDL=pdl,
-        num_warps=4, num_stages=3, launch_pdl=pdl)
+        codes.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=split,
+        num_warps=4, num_stages=3, **programmatic_launch_options(x))
     return out
