@@ -35,14 +35,14 @@ def _sorted_as_the_reference(v, ids):
 
 @triton.jit
 def _decide_and_draw(values_ptr, ids_ptr, options_ptr, lse_ptr, noise_ptr, out_ptr,
-                     K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr, DIVIDE: tl.constexpr):
+                     K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr):
     row = tl.program_id(0)
     pos = tl.arange(0, K)
     neg_inf = float("-inf")
     v = tl.load(values_ptr + row * K + pos)  # [K] raw logits as topk left them (prepare_candidates(sort=False))
     ids = tl.load(ids_ptr + row * K + pos)
-    if DIVIDE:   # rounded as candidates.py's `values / temperature`
-        v = tl.math.div_rn(v, tl.load(options_ptr + row * 6 + 4))
+    # rounded as candidates.py's `values / temperature` (a temperature of 1 divides exactly)
+    v = tl.math.div_rn(v, tl.load(options_ptr + row * 6 + 4))
     v, ids = _sorted_as_the_reference(v, ids)   # descending, temperature applied
     # options: [rows, 6] budget, top_k, top_p, min_p, temperature, has_top_k (candidates.Prepared)
     budget = tl.load(options_ptr + row * 6).to(tl.int32)
@@ -95,7 +95,6 @@ def sample_candidates(logits: torch.Tensor, params: Sequence[Any], budgets: Sequ
     _decide_and_draw[(rows,)](prepared.values.contiguous(), prepared.token_ids.contiguous(),
                               prepared.options.contiguous(), lse.contiguous(), noise, out, K=width,
                               TOP_P=any(p.top_p < 1.0 for p in params),
-                              MIN_P=any(p.min_p > 0 for p in params), DIVIDE=any(p.temperature != 1.0 for p in params),
-                              num_warps=4 if width <= 256 else 8)
+                              MIN_P=any(p.min_p > 0 for p in params), num_warps=4 if width <= 256 else 8)
     return out
 
