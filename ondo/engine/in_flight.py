@@ -49,7 +49,7 @@ class LaunchedStep:
     schedule: SchedulerOutput
     result: ModelRunnerOutput
     taken_back: set[Request] = field(default_factory=set)   # rows computed on an unusable placeholder
-    _sampled: list[Request] | None = field(default=None, repr=False)   # sampled_requests(), built once
+    _sampled: list[Request] | None = field(default=None, init=False, repr=False)   # sampled_requests(), built once
 
     def stands(self, request: Request) -> bool:
         """The request's row still counts: the request runs on and its row was not taken back."""

@@ -32,3 +32,23 @@ def request(prompt=(1, 2, 3), output=(), seed=None, eos=(), stop=(), bad_words=(
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     return FakeRequest(SamplingParams(**params), list(prompt), list(output), generator,
                        frozenset(eos), frozenset(stop), [list(w) for w in bad_words], min_tokens)
+
+
+def fused_and_rule_draws(logits: torch.Tensor, params: list, generators: list, seed: int):
+    """(the fused candidates kernel's tokens, candidates.py's PyTorch rules' tokens) for `logits` with one
+    SamplingParams a row, each drawn after seeding torch and every row generator with `seed`."""
+    from ondo.sample.candidates import candidate_budget, draw_candidates, select_candidates
+    from ondo.sample.candidates_triton import sample_candidates
+
+    budgets = [candidate_budget(p, logits.shape[1]) for p in params]
+
+    def seeded(draw):
+        torch.manual_seed(seed)
+        for generator in generators:
+            if generator is not None:
+                generator.manual_seed(seed)
+        return draw()
+
+    fused = seeded(lambda: sample_candidates(logits, params, budgets, generators))
+    by_rules = seeded(lambda: draw_candidates(select_candidates(logits, params, budgets), generators))
+    return fused, by_rules

@@ -10,9 +10,7 @@ _INTERPRETED = r"""
 import sys
 import torch
 sys.path.insert(0, "tests/sample")
-from sample_fakes import request
-from ondo.sample.candidates import candidate_budget, draw_candidates, select_candidates
-from ondo.sample.candidates_triton import sample_candidates
+from sample_fakes import fused_and_rule_draws, request
 
 vocab = 5000
 torch.manual_seed(0)
@@ -23,16 +21,10 @@ settings = [dict(top_k=50), dict(top_p=0.9), dict(temperature=0.8, top_k=50, top
             dict(top_p=0.5, min_p=0.2, temperature=0.7), dict(top_k=20, min_p=0.1), dict(top_p=0.999),
             dict(temperature=1.3, top_k=5), dict(top_k=7)]
 params = [request(**s).sampling_params for s in settings]
-budgets = [candidate_budget(p, vocab) for p in params]
 generators = [None] * 7 + [torch.Generator()]
 flagged = 0
 for trial in range(2):
-    torch.manual_seed(trial)
-    generators[-1].manual_seed(trial)
-    expected = draw_candidates(select_candidates(logits, params, budgets), generators)
-    torch.manual_seed(trial)
-    generators[-1].manual_seed(trial)
-    got = sample_candidates(logits, params, budgets, generators)
+    got, expected = fused_and_rule_draws(logits, params, generators, trial)
     assert torch.equal(got, expected), (trial, got.tolist(), expected.tolist())
     flagged += int((got == -1).sum())
 assert 0 < flagged < 16, flagged   # some rows go to the full sort, most are decided here

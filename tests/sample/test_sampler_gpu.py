@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sample_fakes import request
+from sample_fakes import fused_and_rule_draws, request
 
 from ondo.sample import Sampler, warp
 
@@ -153,24 +153,16 @@ def test_fast_seeded_row_is_batch_independent_on_cuda():
 
 
 def test_fused_kernel_draws_what_the_torch_rules_draw():
-    from ondo.sample.candidates import candidate_budget, draw_candidates, select_candidates
-    from ondo.sample.candidates_triton import sample_candidates
-
     vocab = 32_000
     logits = torch.randn(12, vocab, device="cuda") * 3
     logits[6:] = (logits[6:] * 2).round() / 2  # ties at the boundaries
     settings = [dict(top_k=50), dict(top_p=0.9), dict(temperature=0.8, top_k=50, top_p=0.95),
                 dict(top_p=0.5, min_p=0.2), dict(top_k=20, min_p=0.1), dict(top_p=0.999)] * 2
     params = [request(**s).sampling_params for s in settings]
-    budgets = [candidate_budget(p, vocab) for p in params]
     generators = [None] * 11 + [torch.Generator(device="cuda")]
     for trial in range(5):
-        torch.manual_seed(trial)
-        generators[-1].manual_seed(trial)
-        expected = draw_candidates(select_candidates(logits, params, budgets), generators)
-        torch.manual_seed(trial)
-        generators[-1].manual_seed(trial)
-        assert torch.equal(sample_candidates(logits, params, budgets, generators), expected)
+        fused, by_rules = fused_and_rule_draws(logits, params, generators, trial)
+        assert torch.equal(fused, by_rules)
 
 
 def test_fused_penalties_match_the_processors():
