@@ -23,7 +23,7 @@ seeded requests stay reproducible in any batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -89,9 +89,10 @@ def _options(params: Sequence[Any], budgets: Sequence[int], vocab_size: int,
 
 
 def prepare_candidates(logits: torch.Tensor, params: Sequence[Any], budgets: Sequence[int],
-                       sort: bool = True) -> Prepared:
+                       sort: bool = True, topk: Callable | None = None) -> Prepared:
     """sort=False leaves the division by the temperature and the stable re-sort to the caller (the fused
-    CUDA kernel does both in registers, five PyTorch operations fewer a step)."""
+    CUDA kernel does both in registers, five PyTorch operations fewer a step). topk(logits, width) ->
+    (values, ids) in no set order replaces `logits.topk` (`graphed_topk`)."""
     rows, vocab_size = logits.shape
     width = max(budgets)
     # The budgets derive from the params and vocab_size too: the same params, the same options.
@@ -101,7 +102,10 @@ def prepare_candidates(logits: torch.Tensor, params: Sequence[Any], budgets: Seq
 
     # Dividing by a temperature keeps the order (at most it makes ties), so the candidates are
     # taken on the raw logits and only they are divided.
-    values, token_ids = logits.topk(width, dim=-1, sorted=False)  # [rows, K], in no set order
+    if topk is None:
+        values, token_ids = logits.topk(width, dim=-1, sorted=False)  # [rows, K], in no set order
+    else:
+        values, token_ids = topk(logits, width)
     if sort:
         # The reference's stable sort puts equal logits in token-id order: sort by id, then stably
         # by value, so that a tie group cut by top_p keeps the same tokens.

@@ -2,9 +2,10 @@
 
 `candidates.select_candidates` + `draw_candidates` cost some fifty small PyTorch operations per step;
 for one stream their launches cost more than the model's decode step leaves room for. Here `topk`
-and the noise stay PyTorch operations, and one kernel (one program per row) divides the candidates by
-the temperature, sorts them as the reference's stable sort orders them, and runs top_k -> top_p ->
-min_p, the proof that the budget holds the kept set, and the exponential race.
+(replayed from a CUDA graph for a few rows, `graphed_topk`) and the noise stay PyTorch operations,
+and one kernel (one program per row) divides the candidates by the temperature, sorts them as the
+reference's stable sort orders them, and runs top_k -> top_p -> min_p, the proof that the budget
+holds the kept set, and the exponential race.
 It follows `candidates.py` rule for rule; tests/sample/test_sampler_gpu.py compares the two.
 """
 
@@ -17,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ondo.sample.candidates import candidate_noise, prepare_candidates
+from ondo.sample.graphed_topk import graphed_topk
 
 
 @triton.jit
@@ -87,7 +89,8 @@ def sample_candidates(logits: torch.Tensor, params: Sequence[Any], budgets: Sequ
                       generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """[rows] token ids, -1 where the full sort must decide: `draw_candidates(select_candidates(...))`
     with the rules and the draw fused."""
-    prepared = prepare_candidates(logits, params, budgets, sort=False)
+    # the kernel reads the graphed topk's buffers on this stream, before the next step replays it
+    prepared = prepare_candidates(logits, params, budgets, sort=False, topk=graphed_topk)
     rows, width = prepared.values.shape
     noise = candidate_noise(prepared.values, budgets, generators)  # [rows, K]
     lse = prepared.full_lse if prepared.full_lse is not None else prepared.values[:, 0]  # unused then

@@ -180,3 +180,18 @@ def test_fused_penalties_match_the_processors():
                                            values[:, 1], values[:, 2])
     assert_same(apply_penalties(x, seen, counts, values), expected)
     assert torch.equal(apply_penalties(x, seen, None, values), lp.apply_repetition_penalty(x, seen, values[:, 0]))
+
+
+def test_graphed_topk_equals_topk_and_reads_each_calls_logits():
+    from ondo.sample.graphed_topk import MAX_GRAPHED_ROWS, GraphedTopK
+
+    topk = GraphedTopK()
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    for rows in (1, 3, MAX_GRAPHED_ROWS + 1):
+        for step in range(3):  # the same shape again: the graph replays on the new logits
+            logits = (torch.randn(rows, 151936, device="cuda", generator=generator) * 3).bfloat16().float()
+            values, ids = topk(logits, 128)
+            want_values, _ = logits.topk(128, dim=-1, sorted=False)
+            assert torch.equal(values.sort(-1).values, want_values.sort(-1).values)
+            assert torch.equal(logits.gather(1, ids), values)  # ids point at their values
+    assert len(topk._captured) == 2  # the rows past MAX_GRAPHED_ROWS stay eager
