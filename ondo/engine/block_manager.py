@@ -9,6 +9,12 @@ With `grow_lazily` (the CPU, whose KV memory is committed only when first writte
 `ModelRunner`), never-used blocks are handed out only when no freed block is left, so resident
 memory follows the peak number of blocks in use instead of creeping up to the whole budget; the
 price is that freed prefix blocks are reused (and forgotten) sooner.
+
+With `contiguous` (the CPU too) a request's next block is the one right after its last block
+whenever that one is free, ahead of the least recently freed: a sequence whose blocks follow each
+other is one strided view of the cache, which the portable attention reads in place instead of
+gathering its keys and values every layer (`torch_backend.py`). Taking that block early forgets
+its cached prefix, if it holds one, before older ones.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ def chain_root(request: Request) -> int | None:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 grow_lazily: bool = False):
+                 grow_lazily: bool = False, contiguous: bool = False):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
@@ -38,7 +44,7 @@ class BlockManager:
         self.cached: dict[int, int] = {}  # hash -> block id
         # Blocks with no owner, oldest first; cached ones among them are evicted only when popped.
         # With grow_lazily, never-used blocks wait apart in `unused` (lowest id first).
-        self.grow_lazily = grow_lazily
+        self.grow_lazily, self.contiguous = grow_lazily, contiguous
         self.unused: list[int] = list(range(num_blocks - 1, -1, -1)) if grow_lazily else []
         self.free_blocks: OrderedDict[int, None] = OrderedDict(
             (i, None) for i in ([] if grow_lazily else range(num_blocks)))
@@ -87,10 +93,9 @@ class BlockManager:
         if needed > self.num_free_blocks:
             return False
         for _ in range(needed):
-            if self.free_blocks:
-                block, _ = self.free_blocks.popitem(last=False)
-            else:
-                block = self.unused.pop()
+            block = self._next_after(request.block_table[-1]) if self.contiguous and request.block_table else None
+            if block is None:
+                block = self.free_blocks.popitem(last=False)[0] if self.free_blocks else self.unused.pop()
             self._evict(block)
             self.ref_counts[block] = 1
             request.block_table.append(block)
@@ -119,6 +124,16 @@ class BlockManager:
                 self.free_blocks[block] = None
         request.block_table = []
         request.block_hashes = []
+
+    def _next_after(self, last: int) -> int | None:
+        """The block after `last`, taken out of the free ones if it is free; else None."""
+        block = last + 1
+        if block in self.free_blocks:
+            del self.free_blocks[block]
+            return block
+        if self.unused and self.unused[-1] == block:   # never used: `unused` holds the highest ids
+            return self.unused.pop()
+        return None
 
     def _take(self, block: int) -> None:
         if self.ref_counts[block] == 0:

@@ -78,7 +78,8 @@ class Engine:
         if self.executor is not None:
             self.executor.before_leaving.append(weakref.WeakMethod(self.runner.release_cuda_graphs))
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching,
-                                          grow_lazily=self.device.type == "cpu")
+                                          grow_lazily=self.device.type == "cpu",
+                                          contiguous=self.device.type == "cpu")
         # A GPU needs big steps to be busy; the CPU keeps steps short so decodes are not starved.
         budget = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
         if not config.enable_chunked_prefill:   # a whole prompt must then fit in one step's budget

@@ -84,6 +84,29 @@ def test_grow_lazily_reuses_freed_blocks_before_unused_ones():
     assert manager.num_free_blocks == 8
 
 
+def test_contiguous_hands_a_request_the_block_after_its_last_one():
+    manager = BlockManager(num_blocks=16, block_size=4, grow_lazily=True, contiguous=True)
+    first = make_request(list(range(12)))
+    assert manager.allocate(first, 12) and first.block_table == [0, 1, 2]
+    manager.free(first)   # freed tail first: 2, 1, 0 is the reuse order
+    second = make_request(list(range(100, 112)))
+    assert manager.allocate(second, 8) and second.block_table == [2, 3]   # 2, then the block after it
+    assert manager.allocate(second, 16) and second.block_table == [2, 3, 4, 5]   # growing keeps following
+    third = make_request(list(range(200, 204)))
+    assert manager.allocate(third, 8) and third.block_table == [1, 0]   # 2 is taken: the least recently freed
+    for request in (second, third):
+        manager.free(request)
+    assert manager.num_free_blocks == 16
+
+    # without it, the least recently freed block comes first
+    plain = BlockManager(num_blocks=16, block_size=4, grow_lazily=True)
+    first = make_request(list(range(12)))
+    plain.allocate(first, 12)
+    plain.free(first)
+    second = make_request(list(range(100, 112)))
+    assert plain.allocate(second, 8) and second.block_table == [2, 1]
+
+
 def test_cpu_kv_cache_commits_memory_only_when_written():
     import torch
 

@@ -77,3 +77,15 @@ def test_kv_write_from_the_merged_qkv_row_equals_separate_tensors():
     torch.testing.assert_close(merged, separate, rtol=0, atol=0)
     torch.testing.assert_close(merged[0].view(-1, KVH, DIM)[slots], k, rtol=0, atol=0)
     torch.testing.assert_close(merged[1].view(-1, KVH, DIM)[slots], v, rtol=0, atol=0)
+
+
+def test_single_sequence_on_consecutive_blocks_is_read_in_place_with_the_same_numbers():
+    torch.manual_seed(2)
+    kv_cache = torch.randn(2, 16, BLOCK, KVH, DIM, dtype=torch.bfloat16)
+    for seq_len, table, first in ((9, [3, 4, 5], 3), (7, [3, 5], None), (4, [8], 8)):
+        backend = TorchAttentionBackend()
+        meta = _decode_meta([seq_len], [table])
+        q, k, v = (torch.randn(1, n, DIM, dtype=torch.bfloat16) for n in (HEADS, KVH, KVH))
+        out = backend.forward(q, k, v, kv_cache, meta, scale=DIM ** -0.5, sliding_window=None, logit_softcap=None)
+        assert backend._step_shared["first_block"] == first   # None: gathered, the blocks do not follow each other
+        torch.testing.assert_close(out, _reference(q, kv_cache, meta, None), rtol=0, atol=0)

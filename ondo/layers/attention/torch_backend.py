@@ -5,6 +5,7 @@ sequences with several queries (prefill chunks) run one at a time. Works on CPU 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -117,22 +118,25 @@ class TorchAttentionBackend:
     def _decode(self, q, kv_cache, meta, scale, sliding_window, logit_softcap):
         block_ids, mask = self._decode_inputs(q.device, kv_cache.shape[2], meta, sliding_window)
         if mask is None and block_ids is not None and len(meta.seq_lens_cpu) == 1:
-            return self._decode_one(q, kv_cache, block_ids, meta.max_seq_len, scale, logit_softcap)
+            first = self._step_shared.get("first_block")
+            blocks = kv_cache.index_select(1, block_ids) if first is None else \
+                kv_cache[:, first:first + block_ids.shape[0]]        # [2, nb, block_size, KVH, D]
+            return self._decode_one(q, blocks, meta.max_seq_len, scale, logit_softcap)
         keys, values = gather_kv(kv_cache, meta.block_tables, meta.max_seq_len, block_ids)   # [S, K, KVH, D]
         o = attend(q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2), mask, scale, logit_softcap)
         return o[:, :, 0]                                                        # [S, H, D]
 
     @staticmethod
-    def _decode_one(q, kv_cache, block_ids, seq_len: int, scale, logit_softcap):
+    def _decode_one(q, blocks, seq_len: int, scale, logit_softcap):
         """One sequence, every cached key visible (the single-stream CPU decode): the same numbers as the
-        batched path in a third of its tensor ops. q [1, H, D] -> [1, H, D]."""
+        batched path in a third of its tensor ops. q [1, H, D], blocks [2, nb, block_size, KVH, D] (the
+        sequence's blocks in order, each of K and V contiguous) -> [1, H, D]."""
         _, num_heads, head_dim = q.shape
-        block_size, num_kv_heads = kv_cache.shape[2:4]
-        blocks = kv_cache.index_select(1, block_ids)                  # [2, nb, block_size, KVH, D]
+        num_kv_heads = blocks.shape[3]
         token_stride = num_kv_heads * head_dim
-        size, stride = (1, num_kv_heads, seq_len, head_dim), (blocks.stride(0), head_dim, token_stride, 1)
-        keys = blocks.as_strided(size, stride)                        # [1, KVH, K, D]
-        values = blocks.as_strided(size, stride, blocks.shape[1] * block_size * token_stride)
+        size, stride = (1, num_kv_heads, seq_len, head_dim), (blocks.stride(1), head_dim, token_stride, 1)
+        keys = blocks[0].as_strided(size, stride)                     # [1, KVH, K, D]
+        values = blocks[1].as_strided(size, stride)
         grouped = q.view(1, num_kv_heads, num_heads // num_kv_heads, head_dim)   # [1, KVH, G, D]: GQA folded
         if logit_softcap is None:
             out = F.scaled_dot_product_attention(grouped, keys, values, scale=scale)
@@ -152,7 +156,11 @@ class TorchAttentionBackend:
             self._step_meta, self._step_shared = meta, {}
         shared = self._step_shared
         if "block_ids" not in shared:
-            shared["block_ids"] = decode_block_ids(meta.block_tables, -(-meta.max_seq_len // block_size))
+            num_blocks = -(-meta.max_seq_len // block_size)
+            shared["block_ids"] = decode_block_ids(meta.block_tables, num_blocks)
+            if len(meta.seq_lens_cpu) == 1:   # blocks that follow each other are read in place
+                ids = meta.block_tables.numpy()[0, :num_blocks]
+                shared["first_block"] = int(ids[0]) if (np.diff(ids) == 1).all() else None
         key = ("mask", sliding_window)
         if key not in shared:
             window_unseen = sliding_window is not None and meta.max_seq_len > sliding_window
