@@ -137,3 +137,46 @@ def test_decode_equals_transformers_decode_with_or_without_its_python_layers(sou
         rng.shuffle(ids)
         for skip in (True, False):
             assert tok.decode(ids, skip_special_tokens=skip) == tok.hf.decode(ids, skip_special_tokens=skip), ids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_gguf_tokenizer_from_the_cache_equals_the_conversion(model, tmp_path, monkeypatch):
+    """The converted tokenizer is saved once per GGUF file; later loads read it back (no conversion) and
+    encode, decode, template and name special tokens exactly as the file's own conversion does. A damaged
+    cache folder is converted again."""
+    import ondo.loader.gguf_tokenizer as gguf_tokenizer
+    from tests.tokenizer.model_files import gemma3_gguf_path, smollm2_gguf_path
+
+    path = smollm2_gguf_path() if model == "smollm2" else gemma3_gguf_path()
+    monkeypatch.setenv("ONDO_CACHE_DIR", str(tmp_path))
+    reference = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    converted = gguf_tokenizer.load_gguf_tokenizer(path)
+    (folder,) = (tmp_path / "gguf-tokenizers").iterdir()
+    assert (folder / "tokenizer.json").is_file()
+
+    def no_conversion(*args):
+        raise AssertionError("the GGUF vocabulary was converted again")
+
+    monkeypatch.setattr(gguf_tokenizer, "_write_cached", no_conversion)
+    cached = gguf_tokenizer.load_gguf_tokenizer(path)
+    chat = [{"role": "user", "content": "안녕하세요"}, {"role": "assistant", "content": "Hi 😀"},
+            {"role": "user", "content": "  spaces\tand tabs"}]
+    for tok in (converted, cached):
+        assert (tok.vocab_size, tok.bos_token_id, tok.eos_token_id) == (len(reference), reference.bos_token_id,
+                                                                        reference.eos_token_id)
+        assert tok.all_special_ids == frozenset(reference.all_special_ids)
+        assert tok.chat_template == reference.chat_template
+        assert tok.end_of_turn_token_ids == converted.end_of_turn_token_ids
+        for text in TEXTS + ["<|im_start|>user\nHi<|im_end|>\n", "<start_of_turn>user\nHi<end_of_turn>\n"]:
+            ids = tok.encode(text)
+            assert ids == reference.encode(text), (text, model)
+            assert tok.decode(ids, skip_special_tokens=False) == reference.decode(ids), (text, model)
+        if reference.chat_template is not None:   # the Gemma 3 file carries none
+            assert tok.apply_chat_template(chat) == converted.apply_chat_template(chat)
+
+    monkeypatch.undo()
+    monkeypatch.setenv("ONDO_CACHE_DIR", str(tmp_path))
+    (folder / "tokenizer.json").write_text("{ damaged")
+    assert gguf_tokenizer.load_gguf_tokenizer(path).encode(TEXTS[2]) == reference.encode(TEXTS[2])
+    assert gguf_tokenizer.load_gguf_tokenizer(path).encode(TEXTS[3]) == reference.encode(TEXTS[3])
