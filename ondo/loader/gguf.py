@@ -171,7 +171,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype) -> GGUFModel:
     for name in gguf.tensors:  # fail on an unknown tensor now, not halfway through loading
         hf_tensor_name(name, gguf.architecture)
     _warn_ignored_tensors(gguf)
-    tokenizer = load_gguf_tokenizer(path, model_type=config.model_type)
+    tokenizer = load_gguf_tokenizer(path, model_type=config.model_type, metadata_digest=gguf.metadata_digest())
     generation_defaults = _generation_defaults(gguf, tokenizer)
     gguf.drop_vocabulary()  # the weights iterator keeps the file open until the last layer
     return GGUFModel(

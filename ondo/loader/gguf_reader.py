@@ -12,6 +12,7 @@ the tensor data, aligned to `general.alignment` (32 by default).
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import struct
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ class GGUFFile:
         for _ in range(kv_count):
             key = self._read_string()
             self.metadata[key] = self._read_value(self._unpack("<I"))
+        self._metadata_end = self._pos
         self.tensors: dict[str, GGUFTensorInfo] = {}
         if metadata_only:
             return
@@ -100,6 +102,10 @@ class GGUFFile:
         if not isinstance(arch, str):
             raise GGUFFormatError(f"{self.path}: metadata has no general.architecture")
         return arch
+
+    def metadata_digest(self) -> str:
+        """SHA-256 of the header up to the end of the key/values: names what the file says, vocabulary included."""
+        return hashlib.sha256(memoryview(self._data[:self._metadata_end])).hexdigest()
 
     def read_tensor(self, name: str) -> np.ndarray:
         """The tensor `name` dequantized to a float32 array of its logical shape."""

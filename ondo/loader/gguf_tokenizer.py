@@ -10,8 +10,9 @@ AutoTokenizer it does not first parse the whole file a second time to build a mo
 The conversion reads every token and merge of the file again (~0.35 s for the built-in model's
 49,152-token vocabulary on a 2-core machine, a third of its load). So the converted tokenizer is
 saved once (`save_pretrained`) under `$ONDO_CACHE_DIR` (default `~/.cache/ondo`), keyed by the
-file's path, size and modification time and by the transformers and tokenizers versions, and later
-loads read that folder (~0.12 s). A cache that cannot be written or read is skipped.
+SHA-256 of the file's metadata (every key/value, the vocabulary included: a few milliseconds) and by
+the transformers and tokenizers versions, and later loads read that folder (~0.12 s). A cache that
+cannot be written or read is skipped.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from ondo.loader.gguf_config import GGUF_ARCHITECTURES
-from ondo.loader.gguf_reader import read_architecture
+from ondo.loader.gguf_reader import GGUFFile
 from ondo.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -42,20 +43,24 @@ def tokenizer_class_for(model_type: str | None):
 
 
 def load_gguf_tokenizer(
-    path: str | os.PathLike, *, chat_template: str | None = None, model_type: str | None = None
+    path: str | os.PathLike, *, chat_template: str | None = None, model_type: str | None = None,
+    metadata_digest: str | None = None,
 ) -> Tokenizer:
     """The tokenizer of a GGUF file.
 
     `chat_template` (jinja text) replaces the file's `tokenizer.chat_template`; `model_type` (the HF
-    model type, when the caller already knows it) saves reading the architecture from the file.
+    model type) and `metadata_digest` (`GGUFFile.metadata_digest`), when the caller has opened the
+    file already, save reading its metadata again.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    if model_type is None:
-        model_type = GGUF_ARCHITECTURES.get(read_architecture(path), (None,))[0]
+    if model_type is None or metadata_digest is None:
+        gguf = GGUFFile(path, metadata_only=True)
+        model_type = model_type or GGUF_ARCHITECTURES.get(gguf.architecture, (None,))[0]
+        metadata_digest = gguf.metadata_digest()
     tokenizer_class = tokenizer_class_for(model_type)
-    folder = cache_folder(path, tokenizer_class)
+    folder = cache_folder(metadata_digest, tokenizer_class)
     hf = _read_cached(tokenizer_class, folder)
     if hf is None:
         hf = tokenizer_class.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -63,14 +68,12 @@ def load_gguf_tokenizer(
     return Tokenizer(hf, chat_template=chat_template)
 
 
-def cache_folder(path: Path, tokenizer_class) -> Path:
-    """Where the tokenizer converted from this GGUF file is kept."""
+def cache_folder(metadata_digest: str, tokenizer_class) -> Path:
+    """Where the tokenizer converted from a GGUF file with this metadata is kept."""
     import tokenizers
     import transformers
 
-    stat = path.stat()
-    key = repr((str(path.resolve()), stat.st_size, stat.st_mtime_ns, tokenizer_class.__name__,
-                transformers.__version__, tokenizers.__version__))
+    key = repr((metadata_digest, tokenizer_class.__name__, transformers.__version__, tokenizers.__version__))
     root = os.environ.get("ONDO_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ondo"
     return Path(root) / "gguf-tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:32]
 
@@ -86,13 +89,24 @@ def _read_cached(tokenizer_class, folder: Path):
 
 
 def _write_cached(hf, folder: Path) -> None:
-    """Saved into a temporary folder renamed into place, so a reader never sees half a tokenizer."""
+    """Saved into a temporary folder renamed into place, so a reader never sees half a tokenizer; kept
+    only when reading it back gives the same tokenizer (a class may rebuild its pipeline from the
+    vocabulary when loaded from a folder, e.g. GemmaTokenizer over a byte-level vocabulary)."""
     staging = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
     try:
         hf.save_pretrained(str(staging))
-        shutil.rmtree(folder, ignore_errors=True)   # a damaged one
-        os.replace(staging, folder)
+        if _same_tokenizer(hf, type(hf).from_pretrained(str(staging))):
+            shutil.rmtree(folder, ignore_errors=True)   # a damaged one
+            os.replace(staging, folder)
+        else:
+            logger.debug("tokenizer of %s does not survive save_pretrained: not cached", folder)
     except OSError as error:   # read-only home, full disk, a concurrent writer won: run without it
         logger.debug("tokenizer cache %s not written: %s", folder, error)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _same_tokenizer(a, b) -> bool:
+    return (a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str() and len(a) == len(b)
+            and a.all_special_ids == b.all_special_ids and a.chat_template == b.chat_template
+            and (a.bos_token_id, a.eos_token_id) == (b.bos_token_id, b.eos_token_id))
