@@ -202,8 +202,3 @@ class GGUFFile:
         except ValueError:
             raise GGUFFormatError(f"{self.path}: tensor {name} has unknown ggml type {type_id}") from None
         return name, tuple(reversed(dims)), ggml_type, offset
-
-
-def read_architecture(path: str | Path) -> str:
-    """`general.architecture` of a GGUF file, reading only its metadata."""
-    return GGUFFile(path, metadata_only=True).architecture
