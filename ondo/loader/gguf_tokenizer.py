@@ -100,8 +100,8 @@ def _write_cached(hf, folder: Path) -> None:
             os.replace(staging, folder)
         else:
             logger.debug("tokenizer of %s does not survive save_pretrained: not cached", folder)
-    except OSError as error:   # read-only home, full disk, a concurrent writer won: run without it
-        logger.debug("tokenizer cache %s not written: %s", folder, error)
+    except Exception as error:   # read-only home, full disk, a concurrent writer won, a folder that
+        logger.debug("tokenizer cache %s not written: %s", folder, error)   # does not load: run without it
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

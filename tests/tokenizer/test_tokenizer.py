@@ -180,3 +180,17 @@ def test_gguf_tokenizer_from_the_cache_equals_the_conversion(model, tmp_path, mo
     (folder / "tokenizer.json").write_text("{ damaged")
     assert gguf_tokenizer.load_gguf_tokenizer(path).encode(TEXTS[2]) == reference.encode(TEXTS[2])
     assert gguf_tokenizer.load_gguf_tokenizer(path).encode(TEXTS[3]) == reference.encode(TEXTS[3])
+
+
+def test_a_tokenizer_cache_that_cannot_be_written_is_skipped(tmp_path, monkeypatch):
+    """A cache root that is a file (so nothing can be created under it) leaves the load as it is."""
+    import ondo.loader.gguf_tokenizer as gguf_tokenizer
+    from tests.tokenizer.model_files import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("ONDO_CACHE_DIR", str(blocked))
+    tok = gguf_tokenizer.load_gguf_tokenizer(path)
+    assert tok.encode(TEXTS[0]) == AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).encode(TEXTS[0])
+    assert blocked.is_file()
