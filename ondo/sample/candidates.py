@@ -88,11 +88,16 @@ def _options(params: Sequence[Any], budgets: Sequence[int], vocab_size: int,
     return options, without_top_k, any(p.temperature != 1.0 for p in params)
 
 
+def unsorted_topk(logits: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, ids) [rows, width] of the `width` largest logits of each row, in no set order."""
+    return logits.topk(width, dim=-1, sorted=False)
+
+
 def prepare_candidates(logits: torch.Tensor, params: Sequence[Any], budgets: Sequence[int],
-                       sort: bool = True, topk: Callable | None = None) -> Prepared:
+                       sort: bool = True, topk: Callable = unsorted_topk) -> Prepared:
     """sort=False leaves the division by the temperature and the stable re-sort to the caller (the fused
-    CUDA kernel does both in registers, five PyTorch operations fewer a step). topk(logits, width) ->
-    (values, ids) in no set order replaces `logits.topk` (`graphed_topk`)."""
+    CUDA kernel does both in registers, five PyTorch operations fewer a step). `topk` has
+    `unsorted_topk`'s contract (`graphed_topk` replays it from a CUDA graph)."""
     rows, vocab_size = logits.shape
     width = max(budgets)
     # The budgets derive from the params and vocab_size too: the same params, the same options.
@@ -102,10 +107,7 @@ def prepare_candidates(logits: torch.Tensor, params: Sequence[Any], budgets: Seq
 
     # Dividing by a temperature keeps the order (at most it makes ties), so the candidates are
     # taken on the raw logits and only they are divided.
-    if topk is None:
-        values, token_ids = logits.topk(width, dim=-1, sorted=False)  # [rows, K], in no set order
-    else:
-        values, token_ids = topk(logits, width)
+    values, token_ids = topk(logits, width)  # [rows, K], in no set order
     if sort:
         # The reference's stable sort puts equal logits in token-id order: sort by id, then stably
         # by value, so that a tie group cut by top_p keeps the same tokens.

@@ -159,7 +159,7 @@ class TorchAttentionBackend:
             num_blocks = -(-meta.max_seq_len // block_size)
             shared["block_ids"] = decode_block_ids(meta.block_tables, num_blocks)
             if len(meta.seq_lens_cpu) == 1:   # blocks that follow each other are read in place
-                ids = meta.block_tables.numpy()[0, :num_blocks]
+                ids = shared["block_ids"].numpy()
                 shared["first_block"] = int(ids[0]) if (np.diff(ids) == 1).all() else None
         key = ("mask", sliding_window)
         if key not in shared:
