@@ -101,7 +101,8 @@ class CudaGraphRunner:
             seq_lens: np.ndarray, block_tables: np.ndarray, *,
             device_input_ids: torch.Tensor | None = None, variant: str = "") -> torch.Tensor:
         """Replay for one decode step of n sequences; returns their logits [n, vocab] (float32).
-        The token ids come from the host (`input_ids`) or, already on the device, from `device_input_ids`."""
+        The token ids come from the host (`input_ids`) or, already on the device, from `device_input_ids`
+        (where -1, a placeholder the sampler left to its full sort and taken back, reads as 0)."""
         n = len(positions)
         bs = self.bucket(n)
         which = self.num_runs % 2
@@ -123,7 +124,7 @@ class CudaGraphRunner:
         if device_input_ids is None:
             self.input_ids[:bs].copy_(host["input_ids"][:bs], non_blocking=True)
         else:   # padding rows keep earlier (valid) token ids; their outputs are dropped
-            self.input_ids[:n].copy_(device_input_ids)
+            torch.clamp(device_input_ids, min=0, out=self.input_ids[:n])   # -1: a row taken back later
         self.block_tables[:n, :width].copy_(host["block_tables"][:n, :width], non_blocking=True)
         event = self.host_copied[which] or torch.cuda.Event()
         event.record()

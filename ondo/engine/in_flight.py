@@ -80,10 +80,8 @@ class SampledStep:
     copied: torch.cuda.Event | None    # None when the device is the host
 
     def in_flight(self) -> InFlightTokens:
-        tokens = self.sample.token_ids
-        if self.sample.processed is not None:
-            tokens = tokens.clamp(min=0)   # a -1 row's placeholder is taken back when it lands
-        return InFlightTokens(tokens, {request: row for row, request in enumerate(self.requests)})
+        # A -1 row's placeholder is taken back when it lands; the model runner reads it as token 0.
+        return InFlightTokens(self.sample.token_ids, {request: row for row, request in enumerate(self.requests)})
 
     def read(self) -> SamplerOutput:
         if self.copied is not None:

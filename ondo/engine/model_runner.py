@@ -68,8 +68,9 @@ class StepSender(Protocol):
 class InFlightTokens:
     """Tokens a step sampled on the device that the host has not read yet: the input ids of the
     placeholders (Request.num_output_placeholders) a following step computes."""
-    token_ids: torch.Tensor          # [rows] int64 on the device
-    row_of: dict                     # Request -> its row in token_ids
+    token_ids: torch.Tensor          # [rows] int64 on the device; -1 for a row the sampler left to its
+    row_of: dict                     # full sort (its placeholder is taken back): read as token 0
+                                     # Request -> its row in token_ids
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,10 @@ class ModelRunner:
             values = in_flight_tokens[:len(sources)] if identity else in_flight_tokens[self.to_device(sources)]
         if tp_size() > 1:
             values = broadcast_from_first(values, len(rows), torch.int64, self.device)
-        if len(rows) == step.num_tokens:   # every token is in flight (rows ascending: 0..T-1)
+        if len(rows) == step.num_tokens and step.use_graph:   # every token in flight (rows ascending: 0..T-1)
+            return values   # the graph's input copy reads a -1 as 0 (no extra launch: a one-stream step's host time counts)
+        values = values.clamp(min=0)
+        if len(rows) == step.num_tokens:
             return values
         input_ids = self.to_device(step.input_ids)
         return input_ids.index_copy_(0, self.to_device(rows), values)

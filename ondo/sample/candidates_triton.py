@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ondo.sample.candidates import candidate_noise, prepare_candidates
+from ondo.sample.fast_launch import FastLaunch
 from ondo.sample.graphed_topk import graphed_topk
 
 
@@ -85,6 +86,9 @@ def _decide_and_draw(values_ptr, ids_ptr, options_ptr, lse_ptr, noise_ptr, out_p
     tl.store(out_ptr + row, tl.where(flagged, -1, token))
 
 
+_launch_decide_and_draw = FastLaunch(_decide_and_draw)
+
+
 def sample_candidates(logits: torch.Tensor, params: Sequence[Any], budgets: Sequence[int],
                       generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """[rows] token ids, -1 where the full sort must decide: `draw_candidates(select_candidates(...))`
@@ -95,9 +99,9 @@ def sample_candidates(logits: torch.Tensor, params: Sequence[Any], budgets: Sequ
     noise = candidate_noise(prepared.values, budgets, generators)  # [rows, K]
     lse = prepared.full_lse if prepared.full_lse is not None else prepared.values[:, 0]  # unused then
     out = torch.empty(rows, dtype=torch.long, device=logits.device)
-    _decide_and_draw[(rows,)](prepared.values.contiguous(), prepared.token_ids.contiguous(),
-                              prepared.options.contiguous(), lse.contiguous(), noise, out, K=width,
-                              TOP_P=any(p.top_p < 1.0 for p in params),
-                              MIN_P=any(p.min_p > 0 for p in params), num_warps=4 if width <= 256 else 8)
+    _launch_decide_and_draw((rows,), prepared.values.contiguous(), prepared.token_ids.contiguous(),
+                            prepared.options.contiguous(), lse.contiguous(), noise, out, K=width,
+                            TOP_P=any(p.top_p < 1.0 for p in params),
+                            MIN_P=any(p.min_p > 0 for p in params), num_warps=4 if width <= 256 else 8)
     return out
 

@@ -10,7 +10,9 @@ Here each request owns one row (a "slot") of two persistent device buffers:
 - `counts` [capacity, vocab] float32: occurrences of each token in the output (presence/frequency)
 
 A step uploads only the tokens appended since the previous step (one small host -> device copy for
-the whole batch) and scatters them in. The host list stays the truth: a slot remembers how many
+the whole batch) and scatters them in; on CUDA the common step's one new token per row is added by
+the penalty kernel itself, which reads the buffers at each row's slot (`slots`, penalties_triton.py),
+so that step costs one upload of [rows] slots and tokens and no scatter or gather. The host list stays the truth: a slot remembers how many
 output tokens it holds and the last of them, and a request whose output no longer extends what the
 slot holds (the token was not appended, the output was replaced) has its slot rebuilt from the
 lists. Slots are freed when their request is garbage-collected or found finished.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import operator
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -45,6 +47,36 @@ class PenaltyRows:
     counts: torch.Tensor | None
 
 
+@dataclass
+class PenaltySlots:
+    """The batch's penalty state for a kernel that reads it by slot: seen / counts are the whole
+    [capacity, vocab] buffers (None when no row needs them), slots [rows] each row's slot, new_tokens
+    [rows] the token the kernel adds to the row's slot before applying it (-1: none)."""
+    seen: torch.Tensor | None
+    counts: torch.Tensor | None
+    slots: torch.Tensor
+    new_tokens: torch.Tensor
+
+
+@dataclass
+class _Pending:
+    """What a step adds to the buffers: every row's slot and its one new token (-1: none), and the
+    scatters of the rarer cases (a slot rebuilt from its prompt, several tokens at once)."""
+    row_slots: list[int]
+    new_tokens: list[int]
+    identity: bool  # the rows are slots 0..rows-1 in order
+    resets: list[int] = field(default_factory=list)
+    seen_slots: list[int] = field(default_factory=list)
+    seen_tokens: list[int] = field(default_factory=list)
+    count_slots: list[int] = field(default_factory=list)
+    count_tokens: list[int] = field(default_factory=list)
+
+    def scatters(self, one_slots: list[int], one_tokens: list[int]) -> list[list[int]]:
+        """resets, seen (slots, tokens), counted (slots, tokens), with the given one-token rows added."""
+        return [self.resets, self.seen_slots + one_slots, self.seen_tokens + one_tokens,
+                self.count_slots + one_slots, self.count_tokens + one_tokens]
+
+
 class PenaltyState:
     def __init__(self) -> None:
         self._slots: dict[int, _Slot] = {}
@@ -63,52 +95,78 @@ class PenaltyState:
     def rows(self, requests: Sequence[Any], vocab_size: int, device: torch.device,
              need_seen: bool, need_counts: bool) -> PenaltyRows:
         """Bring the slots of `requests` up to date with their token lists; return their rows."""
+        pending = self._pending(requests, vocab_size, device, need_seen, need_counts)
+        added = [i for i, token in enumerate(pending.new_tokens) if token >= 0]
+        one_slots = [pending.row_slots[i] for i in added]
+        one_tokens = [pending.new_tokens[i] for i in added]
+        flat = self._upload(pending.scatters(one_slots, one_tokens) + [pending.row_slots])
+        self._scatter(*flat[:5])
+        if pending.identity:  # the batch holds slots 0..rows-1 in order: views, no gather
+            pick = lambda buffer: buffer[:len(pending.row_slots)]  # noqa: E731
+        else:
+            pick = lambda buffer: buffer.index_select(0, flat[5])  # noqa: E731
+        return PenaltyRows(pick(self._seen) if need_seen else None,
+                           pick(self._counts) if need_counts else None)
+
+    def slots(self, requests: Sequence[Any], vocab_size: int, device: torch.device,
+              need_seen: bool, need_counts: bool) -> PenaltySlots:
+        """As `rows`, for a kernel that reads the buffers at each row's slot and adds the row's one new
+        token itself (penalties_triton.py): the common decode step then costs one small upload and no
+        scatter. Call `forget(requests)` if that kernel does not run."""
+        pending = self._pending(requests, vocab_size, device, need_seen, need_counts)
+        lists = pending.scatters([], []) + [pending.row_slots, pending.new_tokens]
+        if any(lists[:5]):
+            flat = self._upload(lists)
+            self._scatter(*flat[:5])
+            row_slots, new_tokens = flat[5], flat[6]
+        else:  # the common step: no reset and no earlier token to add, no split
+            rows = len(pending.row_slots)
+            flat = torch.tensor(lists[5] + lists[6], dtype=torch.long).to(self._device, non_blocking=True)
+            row_slots, new_tokens = flat[:rows], flat[rows:]
+        return PenaltySlots(self._seen if need_seen else None, self._counts if need_counts else None,
+                            row_slots, new_tokens)
+
+    def forget(self, requests: Sequence[Any]) -> None:
+        """The tokens `slots` left to the kernel were not added: rebuild these requests' slots."""
+        for request in requests:
+            slot = self._slots.get(id(request))
+            if slot is not None:
+                slot.counted = -1
+
+    def _pending(self, requests: Sequence[Any], vocab_size: int, device: torch.device,
+                 need_seen: bool, need_counts: bool) -> _Pending:
+        """What the buffers lack for `requests`, the host lists being the truth; the slots count it as
+        added from here on."""
         self._ensure_buffers(vocab_size, device, need_seen, need_counts)
         slots, identity = self._batch_slots(requests)
-        resets: list[int] = []
-        seen_slots: list[int] = []
-        seen_tokens: list[int] = []
-        count_slots: list[int] = []
-        count_tokens: list[int] = []
-        one_slots: list[int] = []    # the common step: one token appended since the last one,
-        one_tokens: list[int] = []   # seen and counted alike
-        for request, slot in zip(requests, slots):
+        pending = _Pending([s.index for s in slots], [-1] * len(slots), identity)
+        for row, (request, slot) in enumerate(zip(requests, slots)):
             output = request.output_token_ids
             length = len(output)
             counted = slot.counted
             if counted == length - 1 and counted >= 0 and (not counted or output[counted - 1] == slot.last_token):
+                # the common step: one token appended since the last one, seen and counted alike
                 token = output[counted]
-                one_slots.append(slot.index)
-                one_tokens.append(token)
+                pending.new_tokens[row] = token
                 slot.counted, slot.last_token = length, token
                 continue
             if counted < 0 or counted > length or (counted and output[counted - 1] != slot.last_token):
-                resets.append(slot.index)
+                pending.resets.append(slot.index)
                 prompt = request.prompt_token_ids
-                seen_slots += [slot.index] * len(prompt)
-                seen_tokens += prompt
+                pending.seen_slots += [slot.index] * len(prompt)
+                pending.seen_tokens += prompt
                 slot.counted = 0
             new = output[slot.counted:] if slot.counted < length else ()
             if new:
-                seen_slots += [slot.index] * len(new)
-                seen_tokens += new
-                count_slots += [slot.index] * len(new)
-                count_tokens += new
+                pending.seen_slots += [slot.index] * len(new)
+                pending.seen_tokens += new
+                pending.count_slots += [slot.index] * len(new)
+                pending.count_tokens += new
             slot.counted = length
             slot.last_token = output[-1] if length else -1
-        row_slots = [s.index for s in slots]
-        self._upload(resets, seen_slots + one_slots, seen_tokens + one_tokens, count_slots + one_slots,
-                     count_tokens + one_tokens, row_slots)
-        if identity:  # the batch holds slots 0..rows-1 in order: views, no gather
-            pick = lambda buffer: buffer[:len(row_slots)]  # noqa: E731
-        else:
-            index = self._last_row_index
-            pick = lambda buffer: buffer.index_select(0, index)  # noqa: E731
-        picked = PenaltyRows(pick(self._seen) if need_seen else None,
-                             pick(self._counts) if need_counts else None)
         self._free += self._transient
         self._transient = []
-        return picked
+        return pending
 
     def _batch_slots(self, requests: Sequence[Any]) -> tuple[list[_Slot], bool]:
         """Each request's slot, and whether they are slots 0..rows-1 in order. A decode batch is mostly
@@ -125,23 +183,21 @@ class PenaltyState:
         self._last_slots, self._last_identity = slots, identity
         return slots, identity
 
-    def _upload(self, resets, seen_slots, seen_tokens, count_slots, count_tokens, row_slots) -> None:
-        """One host -> device copy for the whole step, then the scatters."""
-        sizes = [len(resets), len(seen_slots), len(seen_tokens), len(count_slots), len(count_tokens),
-                 len(row_slots)]
-        flat = torch.tensor(resets + seen_slots + seen_tokens + count_slots + count_tokens + row_slots,
-                            dtype=torch.long).to(self._device, non_blocking=True)
-        (resets_d, seen_slots_d, seen_tokens_d, count_slots_d, count_tokens_d,
-         self._last_row_index) = flat.split(sizes)
-        if sizes[0]:
+    def _upload(self, lists: list[list[int]]) -> list[torch.Tensor]:
+        """One host -> device copy for the whole step, split back into the lists."""
+        flat = torch.tensor([v for values in lists for v in values], dtype=torch.long)
+        return list(flat.to(self._device, non_blocking=True).split([len(values) for values in lists]))
+
+    def _scatter(self, resets, seen_slots, seen_tokens, count_slots, count_tokens) -> None:
+        if len(resets):
             for buffer in (self._seen, self._counts):
                 if buffer is not None:
-                    buffer.index_fill_(0, resets_d, 0)
-        if sizes[1] and self._seen is not None:
-            self._seen.index_put_((seen_slots_d, seen_tokens_d), _scalar(True, torch.bool, self._device))
-        if sizes[3] and self._counts is not None:
-            self._counts.index_put_((count_slots_d, count_tokens_d),
-                                    _scalar(1.0, torch.float32, self._device), accumulate=True)
+                    buffer.index_fill_(0, resets, 0)
+        if len(seen_slots) and self._seen is not None:
+            self._seen.index_put_((seen_slots, seen_tokens), _scalar(True, torch.bool, self._device))
+        if len(count_slots) and self._counts is not None:
+            self._counts.index_put_((count_slots, count_tokens), _scalar(1.0, torch.float32, self._device),
+                                    accumulate=True)
 
     # ---- slots ---------------------------------------------------------------------------------
 

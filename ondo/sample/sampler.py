@@ -188,17 +188,22 @@ class Sampler:
         params = [r.sampling_params for r in requests]
         need_seen = any(p.repetition_penalty != 1.0 for p in params)
         need_counts = any(p.presence_penalty or p.frequency_penalty for p in params)
-        state = self._penalties.rows(requests, vocab_size, device, need_seen, need_counts)
         values = derived(("penalty values", device), params, lambda: lp.host_to_device(
             [[float(p.repetition_penalty), float(p.presence_penalty), float(p.frequency_penalty)] for p in params],
             torch.float32, device))  # [rows, 3]
-        penalty, presence, frequency = values.unbind(1)  # [rows] each
 
         def apply(x: torch.Tensor) -> torch.Tensor:
             if x.is_cuda and x.dtype == torch.float32 and _triton_ready():
                 from ondo.sample.penalties_triton import apply_penalties
 
-                return apply_penalties(x, state.seen, state.counts, values)
+                state = self._penalties.slots(requests, vocab_size, device, need_seen, need_counts)
+                try:
+                    return apply_penalties(x, state, values)
+                except Exception:   # the kernel did not add the rows' new tokens: rebuilt next time
+                    self._penalties.forget(requests)
+                    raise
+            state = self._penalties.rows(requests, vocab_size, device, need_seen, need_counts)
+            penalty, presence, frequency = values.unbind(1)  # [rows] each
             # A row without a repetition penalty has penalty 1.0, and x / 1.0 == x * 1.0 == x.
             if need_seen:
                 x = lp.apply_repetition_penalty(x, state.seen, penalty)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ondo.sample import logits_processors as lp
 from ondo.sampling_params import SamplingParams
 
 
@@ -52,3 +53,18 @@ def fused_and_rule_draws(logits: torch.Tensor, params: list, generators: list, s
     fused = seeded(lambda: sample_candidates(logits, params, budgets, generators))
     by_rules = seeded(lambda: draw_candidates(select_candidates(logits, params, budgets), generators))
     return fused, by_rules
+
+
+def rebuilt_penalties(logits: torch.Tensor, reqs: list) -> torch.Tensor:
+    """Penalties rebuilt from the token lists, as the processors' definitions say."""
+    out = logits.clone()
+    for i, r in enumerate(reqs):
+        p = r.sampling_params
+        history = torch.tensor(r.prompt_token_ids + r.output_token_ids, dtype=torch.long)
+        seen = lp.token_presence(history[None], logits.shape[1])
+        out[i:i + 1] = lp.apply_repetition_penalty(out[i:i + 1], seen, torch.tensor([p.repetition_penalty]))
+        outputs = torch.tensor(r.output_token_ids or [logits.shape[1]], dtype=torch.long)
+        counts = lp.token_counts(outputs[None], logits.shape[1])
+        out[i:i + 1] = lp.apply_presence_frequency(out[i:i + 1], counts, torch.tensor([p.presence_penalty]),
+                                                   torch.tensor([p.frequency_penalty]))
+    return out

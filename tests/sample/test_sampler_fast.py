@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from sample_fakes import request
+from sample_fakes import rebuilt_penalties, request
 from scipy.stats import chisquare
 
 from ondo.sample import Sampler, warp
@@ -170,63 +170,58 @@ def test_a_redone_row_reports_its_own_logprob():
 # ---- penalties from the device-side state --------------------------------------------------------
 
 
-def rebuilt_penalties(logits: torch.Tensor, reqs: list) -> torch.Tensor:
-    """Penalties rebuilt from the token lists, as the processors' definitions say."""
-    out = logits.clone()
-    for i, r in enumerate(reqs):
-        p = r.sampling_params
-        history = torch.tensor(r.prompt_token_ids + r.output_token_ids, dtype=torch.long)
-        seen = lp.token_presence(history[None], logits.shape[1])
-        out[i:i + 1] = lp.apply_repetition_penalty(out[i:i + 1], seen, torch.tensor([p.repetition_penalty]))
-        outputs = torch.tensor(r.output_token_ids or [logits.shape[1]], dtype=torch.long)
-        counts = lp.token_counts(outputs[None], logits.shape[1])
-        out[i:i + 1] = lp.apply_presence_frequency(out[i:i + 1], counts, torch.tensor([p.presence_penalty]),
-                                                   torch.tensor([p.frequency_penalty]))
-    return out
-
-
 def penalised(prompt, seed) -> object:
     return request(prompt=prompt, repetition_penalty=1.4, presence_penalty=0.3, frequency_penalty=0.2,
                    temperature=0, seed=seed)
 
 
-def test_penalty_state_follows_growth_replacement_and_reuse():
+# On CUDA the penalty kernel reads the state by slot and adds each row's new token itself.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_penalty_state_follows_growth_replacement_and_reuse(device):
     sampler = Sampler()
     vocab = 64
     reqs = [penalised([i, i + 1, 5], i) for i in range(20)]  # more than the first capacity
     reqs.append(request(prompt=[1, 2], presence_penalty=-0.5))  # presence only
-    for step in range(6):
-        logits = random_logits(len(reqs), step, vocab=vocab)
-        assert torch.equal(sampler.apply_processors(logits, reqs), rebuilt_penalties(logits, reqs))
-        for r, token in zip(reqs, sampler(logits, reqs).token_ids):
+
+    def step(seed: int) -> None:
+        logits = random_logits(len(reqs), seed, vocab=vocab)
+        processed = sampler.apply_processors(logits.to(device), reqs).cpu()
+        torch.testing.assert_close(processed, rebuilt_penalties(logits, reqs))  # exact but for FMA on CUDA
+        for r, token in zip(reqs, processed.argmax(dim=-1).tolist()):  # any token: the state follows the lists
             r.output_token_ids.append(token)
+
+    for seed in range(6):
+        step(seed)
     reqs[3].output_token_ids = [7, 7, 8]  # replaced, not extended
     reqs[4].output_token_ids = reqs[4].output_token_ids[:-1]  # a token that was not kept
     reqs[5].output_token_ids[-1] = (reqs[5].output_token_ids[-1] + 1) % vocab  # same length, other token
+    reqs[6].output_token_ids += [3, 3]  # two tokens since the last step
     del reqs[10:15]  # gone: their slots are reused by the newcomers
     gc.collect()
     reqs += [penalised([9, 9], 50 + i) for i in range(5)]
-    for step in range(3):
-        logits = random_logits(len(reqs), 10 + step, vocab=vocab)
-        assert torch.equal(sampler.apply_processors(logits, reqs), rebuilt_penalties(logits, reqs))
-        for r, token in zip(reqs, sampler(logits, reqs).token_ids):
-            r.output_token_ids.append(token)
+    for seed in range(10, 13):
+        step(seed)
     assert sampler._penalties._capacity == 32
 
 
-def test_finished_requests_free_their_slots_but_not_within_their_batch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_finished_requests_free_their_slots_but_not_within_their_batch(device):
     sampler = Sampler()
     reqs = [penalised([i, 2 * i], i) for i in range(16)]  # the first capacity, full
-    sampler.apply_processors(random_logits(16, 0, vocab=64), reqs)
+    sampler.apply_processors(random_logits(16, 0, vocab=64).to(device), reqs)
     for r in reqs:
         r.is_finished = True  # still referenced, so only this flag frees their slots
     batch = [reqs[15], penalised([40, 41], 99), penalised([50], 98)]  # beside newcomers
     logits = random_logits(3, 1, vocab=64)
-    assert torch.equal(sampler.apply_processors(logits, batch), rebuilt_penalties(logits, batch))
+    torch.testing.assert_close(sampler.apply_processors(logits.to(device), batch).cpu(), rebuilt_penalties(logits, batch))
     assert sampler._penalties._capacity == 16  # reused, not grown
 
 
-def test_siblings_and_subsets_keep_their_own_counts():
+@pytest.mark.parametrize("device", DEVICES)
+def test_siblings_and_subsets_keep_their_own_counts(device):
     sampler = Sampler()
     shared = request(prompt=[1, 2, 3], repetition_penalty=1.5, frequency_penalty=0.5).sampling_params
     first, second = request(prompt=[1, 2, 3]), request(prompt=[1, 2, 3])
@@ -236,7 +231,7 @@ def test_siblings_and_subsets_keep_their_own_counts():
     logits = random_logits(3, 8, vocab=32)
     for batch in ([first, plain, second], [second], [plain, first]):  # other rows, other orders
         rows = logits[:len(batch)]
-        assert torch.equal(sampler.apply_processors(rows, batch), rebuilt_penalties(rows, batch))
+        torch.testing.assert_close(sampler.apply_processors(rows.to(device), batch).cpu(), rebuilt_penalties(rows, batch))
 
 
 # ---- async scheduling (engine/in_flight.py) with penalties and sampling ----------------------------

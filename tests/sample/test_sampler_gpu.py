@@ -165,21 +165,32 @@ def test_fused_kernel_draws_what_the_torch_rules_draw():
         assert torch.equal(fused, by_rules)
 
 
-def test_fused_penalties_match_the_processors():
+def test_fused_penalties_match_the_processors_and_add_each_rows_new_token():
     from ondo.sample import logits_processors as lp
     from ondo.sample.penalties_triton import apply_penalties
+    from ondo.sample.penalty_state import PenaltySlots
 
     rows, vocab = 5, 151_936
     x = torch.randn(rows, vocab, device="cuda") * 3
     x[0, :100] = float("-inf")
-    seen = torch.rand(rows, vocab, device="cuda") < 0.05
-    counts = torch.randint(0, 4, (rows, vocab), device="cuda").float()
+    seen = torch.rand(8, vocab, device="cuda") < 0.05   # the buffers hold more slots than the batch
+    counts = torch.randint(0, 4, (8, vocab), device="cuda").float()
+    slots = torch.tensor([6, 0, 3, 5, 1], device="cuda")
+    new_tokens = torch.tensor([7, -1, vocab - 1, 2048, 0], device="cuda")  # block edges; -1 adds nothing
     values = torch.tensor([[1.3, 0.5, 0.2], [1.0, 0.0, 0.0], [0.7, -1.0, 0.3], [1.1, 0.0, 0.0],
                            [2.0, 1.5, 1.0]], device="cuda")
-    expected = lp.apply_presence_frequency(lp.apply_repetition_penalty(x, seen, values[:, 0]), counts,
-                                           values[:, 1], values[:, 2])
-    assert_same(apply_penalties(x, seen, counts, values), expected)
-    assert torch.equal(apply_penalties(x, seen, None, values), lp.apply_repetition_penalty(x, seen, values[:, 0]))
+    want_seen, want_counts = seen.clone(), counts.clone()
+    added = new_tokens >= 0
+    want_seen[slots[added], new_tokens[added]] = True
+    want_counts[slots[added], new_tokens[added]] += 1
+    expected = lp.apply_presence_frequency(lp.apply_repetition_penalty(x, want_seen[slots], values[:, 0]),
+                                           want_counts[slots], values[:, 1], values[:, 2])
+    assert_same(apply_penalties(x, PenaltySlots(seen, counts, slots, new_tokens), values), expected)
+    assert torch.equal(seen, want_seen) and torch.equal(counts, want_counts)   # added in place, once
+    nothing = torch.full_like(new_tokens, -1)
+    assert torch.equal(apply_penalties(x, PenaltySlots(seen, None, slots, nothing), values),
+                       lp.apply_repetition_penalty(x, want_seen[slots], values[:, 0]))
+    assert torch.equal(seen, want_seen)
 
 
 def test_graphed_topk_equals_topk_and_reads_each_calls_logits():
@@ -195,3 +206,26 @@ def test_graphed_topk_equals_topk_and_reads_each_calls_logits():
             assert torch.equal(values.sort(-1).values, want_values.sort(-1).values)
             assert torch.equal(logits.gather(1, ids), values)  # ids point at their values
     assert len(topk._captured) == 2  # the rows past MAX_GRAPHED_ROWS stay eager
+
+
+def test_fast_launch_reuses_each_compiled_kernel_and_tells_alignments_apart():
+    from ondo.sample import logits_processors as lp
+    from ondo.sample.penalties_triton import _launch_penalties, apply_penalties
+    from ondo.sample.penalty_state import PenaltySlots
+
+    rows, vocab = 3, 5000
+    seen = torch.zeros(rows, vocab, dtype=torch.bool, device="cuda")
+    slots, values = torch.arange(rows, device="cuda"), torch.tensor([[1.5, 0.0, 0.0]] * rows, device="cuda")
+    compiled_before = len(_launch_penalties._compiled)
+    for trial in range(4):
+        storage = torch.randn(rows * vocab + 1, device="cuda") * 3
+        # the last trial's logits start 4 bytes into their storage: Triton compiles them apart
+        x = storage[1:].view(rows, vocab) if trial == 3 else storage[:-1].view(rows, vocab)
+        new_tokens = torch.tensor([trial, -1, vocab - 1 - trial], device="cuda")
+        want = seen.clone()
+        want[slots[[0, 2]], new_tokens[[0, 2]]] = True
+        expected = lp.apply_repetition_penalty(x, want, values[:, 0])
+        assert torch.equal(apply_penalties(x, PenaltySlots(seen, None, slots, new_tokens), values), expected)
+        assert torch.equal(seen, want)
+    assert _launch_penalties.enabled and len(_launch_penalties._runners) >= 1
+    assert len(_launch_penalties._compiled) - compiled_before in (1, 2)   # 2 unless another test compiled one
