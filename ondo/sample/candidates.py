@@ -72,12 +72,14 @@ class Prepared:
     options: torch.Tensor  # [rows, 6] float32: budget, top_k, top_p, min_p, temperature, has_top_k
     full_lse: torch.Tensor | None  # [rows] logsumexp of the whole (divided) row; None if no row
     # has top_p without top_k (the only rule that measures mass against the whole vocabulary)
+    uses_top_p: bool  # a row has top_p < 1
+    uses_min_p: bool  # a row has min_p > 0
 
 
 def _options(params: Sequence[Any], budgets: Sequence[int], vocab_size: int,
-             device: torch.device) -> tuple[torch.Tensor, bool, bool]:
+             device: torch.device) -> tuple[torch.Tensor, bool, bool, bool, bool]:
     """[rows, 6] options on the device; whether a row has top_p without top_k; whether a row divides
-    by a temperature."""
+    by a temperature; whether a row has top_p, min_p."""
     width = max(budgets)
     with_top_k = [0 < p.top_k < vocab_size for p in params]
     top_k = [p.top_k if has else width for p, has in zip(params, with_top_k)]
@@ -85,7 +87,8 @@ def _options(params: Sequence[Any], budgets: Sequence[int], vocab_size: int,
                for b, k, p, has in zip(budgets, top_k, params, with_top_k)]
     options = torch.tensor(columns, dtype=torch.float32).to(device, non_blocking=True)  # [rows, 6]
     without_top_k = any(p.top_p < 1.0 and not has for p, has in zip(params, with_top_k))
-    return options, without_top_k, any(p.temperature != 1.0 for p in params)
+    return (options, without_top_k, any(p.temperature != 1.0 for p in params), any(p.top_p < 1.0 for p in params),
+            any(p.min_p > 0 for p in params))
 
 
 def unsorted_topk(logits: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,9 +104,10 @@ def prepare_candidates(logits: torch.Tensor, params: Sequence[Any], budgets: Seq
     rows, vocab_size = logits.shape
     width = max(budgets)
     # The budgets derive from the params and vocab_size too: the same params, the same options.
-    options, without_top_k, divided = derived(("candidate options", vocab_size, logits.device), params,
-                                              lambda: _options(params, budgets, vocab_size, logits.device))
-    temperature = options[:, 4:5]  # [rows, 1]
+    options, without_top_k, divided, uses_top_p, uses_min_p = derived(
+        ("candidate options", vocab_size, logits.device), params,
+        lambda: _options(params, budgets, vocab_size, logits.device))
+    temperature = options[:, 4:5] if divided else None  # [rows, 1]
 
     # Dividing by a temperature keeps the order (at most it makes ties), so the candidates are
     # taken on the raw logits and only they are divided.
@@ -120,7 +124,7 @@ def prepare_candidates(logits: torch.Tensor, params: Sequence[Any], budgets: Seq
     full_lse = None
     if without_top_k:  # top_p alone measures mass against the whole (divided) vocabulary
         full_lse = (logits / temperature if divided else logits).logsumexp(dim=-1)  # [rows]
-    return Prepared(values, token_ids, options, full_lse)
+    return Prepared(values, token_ids, options, full_lse, uses_top_p, uses_min_p)
 
 
 def select_candidates(logits: torch.Tensor, params: Sequence[Any], budgets: Sequence[int]) -> Candidates:
@@ -136,9 +140,9 @@ def select_candidates(logits: torch.Tensor, params: Sequence[Any], budgets: Sequ
     kth = values.gather(1, (k.long() - 1)[:, None])  # [rows, 1]
     kth = torch.where(has_top_k[:, None], kth, NEG_INF)
     keep &= values >= kth
-    if any(p.top_p < 1.0 for p in params):
+    if prepared.uses_top_p:
         keep = _top_p(values, keep, has_top_k, top_p, prepared.full_lse)
-    if any(p.min_p > 0 for p in params):
+    if prepared.uses_min_p:
         probs = values.masked_fill(~keep, NEG_INF).softmax(dim=-1)  # [rows, K]
         keep &= probs >= min_p[:, None] * probs[:, :1]
     kept = keep.sum(dim=-1, keepdim=True).clamp(min=1)  # [rows, 1]; keep is a prefix
@@ -193,13 +197,12 @@ def candidate_noise(like: torch.Tensor, budgets: Sequence[int],
     """[rows, K] Exp(1) draws. A seeded row draws exactly its own budget from its generator,
     whatever the batch's width; its other columns (weight 0) get 1."""
     noise = torch.empty_like(like, dtype=torch.float32)  # [rows, K]
-    if any(g is None for g in generators):
+    seeded = [(row, generator) for row, generator in enumerate(generators) if generator is not None]
+    if len(seeded) < len(generators):
         noise.exponential_()
     else:
         noise.fill_(1.0)
-    for row, generator in enumerate(generators):
-        if generator is None:
-            continue
+    for row, generator in seeded:
         budget = budgets[row]
         if generator.device.type == noise.device.type:
             noise[row, :budget].exponential_(generator=generator)

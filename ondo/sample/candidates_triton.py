@@ -101,7 +101,7 @@ def sample_candidates(logits: torch.Tensor, params: Sequence[Any], budgets: Sequ
     out = torch.empty(rows, dtype=torch.long, device=logits.device)
     _launch_decide_and_draw((rows,), prepared.values.contiguous(), prepared.token_ids.contiguous(),
                             prepared.options.contiguous(), lse.contiguous(), noise, out, K=width,
-                            TOP_P=any(p.top_p < 1.0 for p in params),
-                            MIN_P=any(p.min_p > 0 for p in params), num_warps=4 if width <= 256 else 8)
+                            TOP_P=prepared.uses_top_p, MIN_P=prepared.uses_min_p,
+                            num_warps=4 if width <= 256 else 8)
     return out
 

@@ -34,9 +34,9 @@ Fast paths, each exact against the reference it replaces (tests/sample/test_samp
 - top_k / top_p / min_p are decided among each row's most likely tokens (candidates.py; one fused
   kernel on CUDA, candidates_triton.py) instead of sorting the vocabulary; a row whose candidates
   cannot prove its kept set comes back -1 and is redone with the full sort (`warp` + `draw`);
-- what derives from the rows' options (candidate budgets, option columns on the device, penalty
-  values) is built once while the same SamplingParams objects come back in the same order
-  (per_batch.py): a steady decode batch.
+- what derives from the rows' options (which rows each processor and the choice take, candidate
+  budgets, option columns on the device, penalty values) is built once while the same
+  SamplingParams objects come back in the same order (per_batch.py): a steady decode batch.
 
 Everything stays on `logits.device`; the only device -> host copy is the final `.tolist()` (and a
 second one in the rare step that redoes a row).
@@ -95,9 +95,11 @@ class Sampler:
         """Steps 0-9 without reading anything back (async scheduling, engine/in_flight.py): the token
         ids on the device (-1 for a row that `redo` must decide), the processed logits `redo` needs,
         and the log-prob columns when a request asks for them."""
-        processed = self.apply_processors(logits, requests)
-        token_ids = self._choose(processed, requests)
-        return DeviceSample(token_ids, processed, device_logprobs(logits, token_ids, requests))
+        plan = _plan_of(requests, logits)
+        processed = self._apply_processors(logits, requests, plan)
+        token_ids = self._choose(processed, requests, plan)
+        logprobs = device_logprobs(logits, token_ids, requests) if plan.logprobs else None
+        return DeviceSample(token_ids, processed, logprobs)
 
     def redo(self, sample: DeviceSample, requests: Sequence[Any], out: SamplerOutput) -> SamplerOutput:
         """`out` (a `sample_on_device` read back) with its -1 rows -- those whose kept set the candidates
@@ -121,9 +123,12 @@ class Sampler:
 
     def apply_processors(self, logits: torch.Tensor, requests: Sequence[Any]) -> torch.Tensor:
         """Steps 0-7 (see the module docstring); returns new logits, the input is left intact."""
+        return self._apply_processors(logits, requests, _plan_of(requests, logits))
+
+    def _apply_processors(self, logits: torch.Tensor, requests: Sequence[Any], plan: _Plan) -> torch.Tensor:
         vocab_size = logits.shape[1]
         device = logits.device
-        params = [r.sampling_params for r in requests]
+        params = plan.params
         masked = False  # did a processor put -inf anywhere? (then check for empty rows)
 
         rows = [i for i, r in enumerate(requests) if getattr(r, "structured", None) is not None]
@@ -133,21 +138,18 @@ class Sampler:
             logits = _on_rows(logits, rows, lambda x: apply_token_bitmask(x, bitmask))
         raw_logits = logits  # what an emptied row falls back to: the grammar's mask stays
 
-        custom = [i for i, p in enumerate(params) if p.logits_processors]
-        if custom:
+        if plan.custom:
             logits = logits.clone()  # user code may edit in place; the raw logits stay intact
-            for i in custom:
+            for i in plan.custom:
                 for fn in params[i].logits_processors:
                     logits[i] = _call_custom(fn, requests[i], logits[i])
             masked = True
 
-        rows = [i for i, p in enumerate(params)
-                if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty]
-        if rows:
-            logits = _on_rows(logits, rows, self._penalties_step([requests[i] for i in rows], vocab_size, device))
+        if plan.penalties:
+            logits = _on_rows(logits, plan.penalties,
+                              self._penalties_step([requests[i] for i in plan.penalties], vocab_size, device))
 
-        for size in sorted({p.no_repeat_ngram_size for p in params} - {0}):
-            rows = [i for i, p in enumerate(params) if p.no_repeat_ngram_size == size]
+        for size, rows in plan.ngrams:
             sequences = lp.padded_left([self._history.full(requests[i]) for i in rows], -1, device)
             logits = _on_rows(logits, rows, lambda x: lp.apply_no_repeat_ngram(x, sequences, size))
             masked = True
@@ -157,13 +159,13 @@ class Sampler:
             logits = _on_rows(logits, rows, self._bad_words_step([requests[i] for i in rows], device))
             masked = True
 
-        entries = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items()]
+        entries = [(i, t, b) for i in plan.logit_bias for t, b in params[i].logit_bias.items()]
         if entries:
             row_ids, token_ids, bias = zip(*entries)
             logits = lp.apply_logit_bias(logits, _long(row_ids, device), _long(token_ids, device),
                                          lp.host_to_device(bias, logits.dtype, device))
 
-        entries = [(i, t) for i, p in enumerate(params) for t in (p.allowed_token_ids or ())]
+        entries = [(i, t) for i in plan.allowed for t in params[i].allowed_token_ids]
         if entries:
             row_ids, token_ids = zip(*entries)
             restricted = [p.allowed_token_ids is not None for p in params]
@@ -171,7 +173,7 @@ class Sampler:
                                              lp.host_to_device(restricted, torch.bool, device))
             masked = True
 
-        entries = [(i, t) for i, r in enumerate(requests) if _short_of_minimum(r)
+        entries = [(i, t) for i, r in enumerate(requests) if r.min_tokens and _short_of_minimum(r)
                    for t in set(r.eos_token_ids) | set(r.stop_token_ids)]
         if entries:
             row_ids, token_ids = zip(*entries)
@@ -186,11 +188,10 @@ class Sampler:
     def _penalties_step(self, requests: list[Any], vocab_size: int, device: torch.device) -> Callable:
         """Step 2 from the device-side token presence / counts of each request (penalty_state.py)."""
         params = [r.sampling_params for r in requests]
-        need_seen = any(p.repetition_penalty != 1.0 for p in params)
-        need_counts = any(p.presence_penalty or p.frequency_penalty for p in params)
-        values = derived(("penalty values", device), params, lambda: lp.host_to_device(
+        values, need_seen, need_counts = derived(("penalty values", device), params, lambda: (lp.host_to_device(
             [[float(p.repetition_penalty), float(p.presence_penalty), float(p.frequency_penalty)] for p in params],
-            torch.float32, device))  # [rows, 3]
+            torch.float32, device),  # [rows, 3]
+            any(p.repetition_penalty != 1.0 for p in params), any(p.presence_penalty or p.frequency_penalty for p in params)))
 
         def apply(x: torch.Tensor) -> torch.Tensor:
             if x.is_cuda and x.dtype == torch.float32 and _triton_ready():
@@ -227,10 +228,9 @@ class Sampler:
 
     # ---- steps 8-9: greedy argmax or warpers + sampling ----------------------------------------
 
-    def _choose(self, logits: torch.Tensor, requests: Sequence[Any]) -> torch.Tensor:
+    def _choose(self, logits: torch.Tensor, requests: Sequence[Any], plan: _Plan) -> torch.Tensor:
         """[rows] token ids; -1 for a row the candidates could not decide (see `redo`)."""
-        params = [r.sampling_params for r in requests]
-        sampling = [i for i, p in enumerate(params) if not p.greedy]
+        params, sampling = plan.params, plan.sampling
         if not sampling:
             return logits.argmax(dim=-1)  # [rows]
         if len(sampling) == len(requests):
@@ -240,6 +240,40 @@ class Sampler:
         sampled = sample(logits.index_select(0, index), [params[i] for i in sampling],
                          [requests[i].generator for i in sampling])
         return token_ids.index_copy(0, index, sampled)
+
+
+@dataclass
+class _Plan:
+    """Which rows each processor and the choice take, from the batch's SamplingParams alone: built once
+    while the same params objects come back in the same order (per_batch.py) instead of a dozen scans
+    of every row a step (at 256 rows those cost more host time than the step's kernels)."""
+    params: list[Any]
+    custom: list[int]                  # rows with custom logits processors
+    penalties: list[int]               # rows with a repetition, presence or frequency penalty
+    ngrams: list[tuple[int, list[int]]]  # (no_repeat_ngram_size, its rows), sizes ascending
+    logit_bias: list[int]              # rows with a logit_bias
+    allowed: list[int]                 # rows with allowed_token_ids (empty lists too: nothing allowed)
+    sampling: list[int]                # rows that sample (the others take the argmax)
+    logprobs: bool                     # a row wants log-probs (or ranks by them: best_of > n)
+
+
+def _plan_of(requests: Sequence[Any], logits: torch.Tensor) -> _Plan:
+    params = [r.sampling_params for r in requests]
+    return derived(("sampler plan", logits.shape[1], logits.device), params, lambda: _build_plan(params))
+
+
+def _build_plan(params: list[Any]) -> _Plan:
+    rows_where = lambda keep: [i for i, p in enumerate(params) if keep(p)]  # noqa: E731
+    return _Plan(
+        params=params,
+        custom=rows_where(lambda p: p.logits_processors),
+        penalties=rows_where(lambda p: p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty),
+        ngrams=[(size, rows_where(lambda p: p.no_repeat_ngram_size == size))
+                for size in sorted({p.no_repeat_ngram_size for p in params} - {0})],
+        logit_bias=rows_where(lambda p: p.logit_bias),
+        allowed=rows_where(lambda p: p.allowed_token_ids is not None),
+        sampling=rows_where(lambda p: not p.greedy),
+        logprobs=any(p.logprobs is not None or p.best_of > p.n for p in params))
 
 
 class BitmaskStaging:
@@ -275,14 +309,11 @@ def sample(logits: torch.Tensor, params: Sequence[Any],
     """Steps 8-9 for sampling rows: the candidates' fast path (candidates.py) for the rows it
     covers, `warp` + `draw` for the others. [rows] token ids, -1 where the full sort must decide."""
     vocab_size = logits.shape[1]
-    budgets = derived(("candidate budgets", vocab_size), params,
-                      lambda: [candidate_budget(p, vocab_size) for p in params])
-    fast = [i for i, b in enumerate(budgets) if b is not None]
+    budgets, fast, slow = derived(("candidate budgets", vocab_size), params, lambda: _budgets(params, vocab_size))
     if not fast:
         return draw(warp(logits, params), generators)
-    if len(fast) == len(params):
+    if not slow:
         return _sample_candidates(logits, params, budgets, generators)
-    slow = [i for i, b in enumerate(budgets) if b is None]
     fast_index, slow_index = _long(fast, logits.device), _long(slow, logits.device)
     token_ids = torch.empty(len(params), dtype=torch.long, device=logits.device)  # [rows]
     fast_tokens = _sample_candidates(logits.index_select(0, fast_index), [params[i] for i in fast],
@@ -290,6 +321,13 @@ def sample(logits: torch.Tensor, params: Sequence[Any],
     slow_tokens = draw(warp(logits.index_select(0, slow_index), [params[i] for i in slow]),
                        [generators[i] for i in slow])
     return token_ids.index_copy_(0, fast_index, fast_tokens).index_copy_(0, slow_index, slow_tokens)
+
+
+def _budgets(params: Sequence[Any], vocab_size: int) -> tuple[list[int | None], list[int], list[int]]:
+    """Each row's candidate budget; the rows that have one, and the others."""
+    budgets = [candidate_budget(p, vocab_size) for p in params]
+    return (budgets, [i for i, b in enumerate(budgets) if b is not None],
+            [i for i, b in enumerate(budgets) if b is None])
 
 
 def warp(logits: torch.Tensor, params: Sequence[Any]) -> torch.Tensor:

@@ -67,10 +67,10 @@ def test_no_host_sync_before_the_final_copy():
     sampler(logits, reqs)  # warm-up: lazy CUDA initialisation may sync once
     torch.cuda.set_sync_debug_mode("error")
     try:
-        token_ids = sampler._choose(sampler.apply_processors(logits, reqs), reqs)
+        sample = sampler.sample_on_device(logits, reqs)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert token_ids.shape == (7,)
+    assert sample.token_ids.shape == (7,)
 
 
 def test_seeded_row_is_batch_independent_on_cuda():
@@ -125,11 +125,11 @@ def test_fast_path_matches_cpu_and_never_syncs():
     sampler(on_device, gpu_reqs)  # warm-up
     torch.cuda.set_sync_debug_mode("error")
     try:
-        token_ids = sampler._choose(sampler.apply_processors(on_device, gpu_reqs), gpu_reqs)
+        processed = sampler.apply_processors(on_device, gpu_reqs)
         ahead = sampler.sample_on_device(on_device, gpu_reqs).token_ids
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert token_ids.shape == ahead.shape == (4,)
+    assert processed.shape == (4, vocab) and ahead.shape == (4,)
 
 
 def test_fast_seeded_row_is_batch_independent_on_cuda():
