@@ -12,6 +12,7 @@ engine core (ondo/server/api_servers.py).
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import signal
 import socket
@@ -57,6 +58,14 @@ class _Server(uvicorn.Server):
             timer = threading.Timer(self._drain_s, self._engine.abort_all)
             timer.daemon = True
             timer.start()
+
+
+def _exit_now(status: int) -> None:
+    """End the process without the interpreter's shutdown, the logs and output flushed first."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def run_server(engine_config: EngineConfig, host: str, port: int, api_key: str | None,
@@ -152,6 +161,11 @@ def run_server(engine_config: EngineConfig, host: str, port: int, api_key: str |
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if isinstance(engine, AsyncEngine) and not engine.wait_until_loaded(0):
+        # Stopped while the model loads in this process. The load cannot be interrupted, and ending the
+        # interpreter while its thread is inside a torch call aborts the process (std::terminate).
+        logger.info("stopped while the model was loading")
+        _exit_now(0)
     if engine.load_error is not None:
         logger.error("the model failed to load: %s", engine.load_error)
         sys.exit(1)

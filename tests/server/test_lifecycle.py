@@ -94,6 +94,48 @@ def test_sigterm_aborts_open_streams_after_the_shutdown_timeout_and_exits_0(tmp_
             httpx.get(f"{server.url}/health")
 
 
+# A load that takes long in native code: the loader thread is inside a torch call (the GIL released)
+# when the signal comes, as it is while a large model's weights load.
+_SLOW_LOAD = """
+import torch
+import ondo.engine.engine as engine_module
+_init = engine_module.Engine.__init__
+def _slow_init(self, *args, **kwargs):
+    x = torch.randn(1024, 1024)
+    for _ in range(2000):
+        x @ x
+    _init(self, *args, **kwargs)
+engine_module.Engine.__init__ = _slow_init
+"""
+
+
+def test_sigterm_while_the_model_loads_exits_0_at_once(tmp_path, tiny_engine):
+    port = free_port()
+    args = {"engine": tiny_engine, "port": port, "api_key": None, "max_waiting": None, "name": None,
+            "setup": _SLOW_LOAD}
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-c", _LAUNCH, json.dumps(args)], stdout=log,
+                                   stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        status = None
+        while status != 503 and time.monotonic() < deadline:   # up, and still loading
+            try:
+                status = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code
+            except httpx.ConnectError:
+                time.sleep(0.05)
+        assert status == 503
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(20)   # the load would take far longer: it is not waited for
+    finally:
+        process.kill()
+    output = log_path.read_text()
+    assert code == 0, output[-2000:]
+    assert "terminate called" not in output and "stopped while the model was loading" in output
+
+
 # Test-only fault injection: the server process runs this before it starts (live_server's `setup`),
 # so the real Engine.step raises once a marker file exists, like a CUDA error poisoning the device.
 _FAULT = """
