@@ -25,8 +25,9 @@ def host_to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Te
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
-def _scalar(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.full((), value, dtype=dtype, device=device)  # filled on the device: no copy
+def device_scalar(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-d tensor on `device`, filled there: no host -> device copy."""
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 def padded_right(rows: Sequence[torch.Tensor | list[int]], pad: int,
@@ -133,7 +134,7 @@ def apply_bad_words(logits: torch.Tensor, sequence_tails: torch.Tensor, word_row
     matches = ((word_prefixes == tails) | (word_prefixes == -1)).all(dim=-1)  # [W]
     targets = torch.where(matches, word_last, vocab_size)  # [W]
     banned = torch.zeros(rows, vocab_size + 1, dtype=torch.bool, device=logits.device)
-    banned.index_put_((word_rows, targets), _scalar(True, torch.bool, logits.device))
+    banned.index_put_((word_rows, targets), device_scalar(True, torch.bool, logits.device))
     return logits.masked_fill(banned[:, :vocab_size], NEG_INF)
 
 
@@ -148,7 +149,7 @@ def apply_allowed_tokens(logits: torch.Tensor, rows: torch.Tensor, token_ids: to
     """vLLM's allowed_token_ids: in each restricted row, every token not listed gets -inf.
     rows, token_ids: [entries] (row, allowed token) pairs; restricted_rows: [rows] bool."""
     disallowed = restricted_rows[:, None].expand_as(logits).clone()  # [rows, vocab]
-    disallowed.index_put_((rows, token_ids), _scalar(False, torch.bool, logits.device))
+    disallowed.index_put_((rows, token_ids), device_scalar(False, torch.bool, logits.device))
     return logits.masked_fill(disallowed, NEG_INF)
 
 
@@ -156,7 +157,7 @@ def apply_token_ban(logits: torch.Tensor, rows: torch.Tensor, token_ids: torch.T
     """-inf at (rows[i], token_ids[i]): transformers' MinLengthLogitsProcessor and
     MinNewTokensLengthLogitsProcessor, fed with the rows still short of their minimum and their
     EOS and stop token ids."""
-    return logits.index_put((rows, token_ids), _scalar(NEG_INF, logits.dtype, logits.device))
+    return logits.index_put((rows, token_ids), device_scalar(NEG_INF, logits.dtype, logits.device))
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:

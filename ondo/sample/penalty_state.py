@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ondo.sample.logits_processors import device_scalar
+
 # Room for this many requests at first; doubled when full.
 INITIAL_CAPACITY = 16
 
@@ -194,9 +196,9 @@ class PenaltyState:
                 if buffer is not None:
                     buffer.index_fill_(0, resets, 0)
         if len(seen_slots) and self._seen is not None:
-            self._seen.index_put_((seen_slots, seen_tokens), _scalar(True, torch.bool, self._device))
+            self._seen.index_put_((seen_slots, seen_tokens), device_scalar(True, torch.bool, self._device))
         if len(count_slots) and self._counts is not None:
-            self._counts.index_put_((count_slots, count_tokens), _scalar(1.0, torch.float32, self._device),
+            self._counts.index_put_((count_slots, count_tokens), device_scalar(1.0, torch.float32, self._device),
                                     accumulate=True)
 
     # ---- slots ---------------------------------------------------------------------------------
@@ -274,6 +276,3 @@ class PenaltyState:
         for slot in self._slots.values():
             slot.counted = -1
 
-
-def _scalar(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.full((), value, dtype=dtype, device=device)  # filled on the device: no copy
