@@ -68,9 +68,10 @@ class StepSender(Protocol):
 class InFlightTokens:
     """Tokens a step sampled on the device that the host has not read yet: the input ids of the
     placeholders (Request.num_output_placeholders) a following step computes."""
-    token_ids: torch.Tensor          # [rows] int64 on the device; -1 for a row the sampler left to its
-    row_of: dict                     # full sort (its placeholder is taken back): read as token 0
-                                     # Request -> its row in token_ids
+    # [rows] int64 on the device; -1 for a row the sampler left to its full sort (its placeholder is
+    # taken back when it lands): the model runner reads it as token 0
+    token_ids: torch.Tensor
+    row_of: dict                     # Request -> its row in token_ids
 
 
 @dataclass(frozen=True)

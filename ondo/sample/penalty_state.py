@@ -12,10 +12,10 @@ Here each request owns one row (a "slot") of two persistent device buffers:
 A step uploads only the tokens appended since the previous step (one small host -> device copy for
 the whole batch) and scatters them in; on CUDA the common step's one new token per row is added by
 the penalty kernel itself, which reads the buffers at each row's slot (`slots`, penalties_triton.py),
-so that step costs one upload of [rows] slots and tokens and no scatter or gather. The host list stays the truth: a slot remembers how many
-output tokens it holds and the last of them, and a request whose output no longer extends what the
-slot holds (the token was not appended, the output was replaced) has its slot rebuilt from the
-lists. Slots are freed when their request is garbage-collected or found finished.
+so that step costs one upload of [rows] slots and tokens and no scatter or gather. The host list
+stays the truth: a slot remembers how many output tokens it holds and the last of them, and a
+request whose output no longer extends what the slot holds (the token was not appended, the output
+was replaced) has its slot rebuilt from the lists. Slots are freed when their request is garbage-collected or found finished.
 """
 
 from __future__ import annotations

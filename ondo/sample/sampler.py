@@ -173,7 +173,7 @@ class Sampler:
                                              lp.host_to_device(restricted, torch.bool, device))
             masked = True
 
-        entries = [(i, t) for i, r in enumerate(requests) if r.min_tokens and _short_of_minimum(r)
+        entries = [(i, t) for i, r in enumerate(requests) if _short_of_minimum(r)
                    for t in set(r.eos_token_ids) | set(r.stop_token_ids)]
         if entries:
             row_ids, token_ids = zip(*entries)
@@ -502,7 +502,8 @@ def _long(values: Sequence[int], device: torch.device) -> torch.Tensor:
 
 
 def _short_of_minimum(request: Any) -> bool:
-    return request.num_output_tokens < request.min_tokens
+    # min_tokens first: most requests have none, and then their output length is not looked up
+    return bool(request.min_tokens) and request.num_output_tokens < request.min_tokens
 
 
 def _call_custom(fn: Callable, request: Any, logits: torch.Tensor) -> torch.Tensor:
