@@ -194,6 +194,23 @@ for m, n, k in [(3, 70, 512), (1, 200, 256), (20, 2000, 96)]:
     runs = [int8_mm(x, codes, scale) for _ in range(2)]
     assert torch.equal(runs[0], runs[1]) and not split_k.locks(x.device, 1).any()
     assert (runs[0].double() - reference).abs().max() <= 2e-3 * reference.abs().max(), (m, n, k)
+# The one-row GEMV: every byte position, codes -127 and 127, N and K not multiples of the block, a row
+# slice of a wider matrix (its rows strided), and a final block of K shorter than BLOCK_K. (float16:
+# the interpreter does not round bfloat16 as a GPU does.)
+from ondo.layers.quantization.int8_triton import int8_gemv
+for n, k, config in [(70, 512, None), (13, 96, (8, 64, 4)), (16, 1000, (8, 256, 4)), (40, 4, (16, 64, 2))]:
+    codes = torch.randint(-127, 128, (n, k + 8), dtype=torch.int8)
+    codes[0, :4] = torch.tensor([-127, 127, -1, 0], dtype=torch.int8)
+    codes = codes[:, 4:4 + k]
+    scale = torch.rand(n) * 0.01
+    x = torch.randn(1, k).to(torch.float16)
+    reference = x.double() @ (codes.double() * scale.double()[:, None]).t()
+    got = int8_gemv(x, codes, scale, config)
+    assert got.dtype == torch.float16 and got.shape == (1, n)
+    # float32 sums (error at most k 2^-24 of the sum of |x w|), then one rounding to float16 (2^-11)
+    magnitude = x.double().abs() @ (codes.double() * scale.double()[:, None]).abs().t()
+    assert ((got.double() - reference).abs() <= 2 ** -10 * reference.abs() + 2 ** -14 * magnitude).all(), \
+        (n, k, config)
 print("ok")
 """
 

@@ -12,7 +12,8 @@ int8 weight-only kernel (`torch._weight_int8pack_mm`), which reads the int8 byte
 is bound by them: half of bfloat16's traffic). Its float32 path costs time in proportion to the batch
 (measured here: several times a float32 GEMV from two tokens on), so float32 runs and large batches
 (prefill) dequantize a few thousand rows at a time into the activation dtype and use the dense GEMM.
-On a GPU a Triton kernel (`int8_triton.py`) reads the int8 codes for every batch size.
+On a GPU Triton kernels (`int8_triton.py`) read the int8 codes for every batch size: a GEMV on the
+CUDA cores for one row, a tensor-core kernel for more.
 """
 from __future__ import annotations
 
@@ -96,7 +97,11 @@ class Int8Method(LinearMethod):
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                                 # [T, in]
-        if x.is_cuda and x.dtype in CPU_KERNEL_DTYPES and x.shape[-1] % 32 == 0 and x.shape[0] <= GPU_KERNEL_MAX_TOKENS:
+        if x.is_cuda and x.dtype in CPU_KERNEL_DTYPES and x.shape[0] == 1 and x.shape[-1] % 4 == 0:
+            from ondo.layers.quantization.int8_triton import int8_gemv
+
+            out = int8_gemv(x.contiguous(), layer.qweight, layer.weight_scale)
+        elif x.is_cuda and x.dtype in CPU_KERNEL_DTYPES and x.shape[-1] % 32 == 0 and x.shape[0] <= GPU_KERNEL_MAX_TOKENS:
             from ondo.layers.quantization.int8_triton import int8_mm
 
             out = int8_mm(x.contiguous(), layer.qweight, layer.weight_scale)
