@@ -1,5 +1,7 @@
 """Structured output through the engine, on a tiny random-weight model over the real SmolLM2
-tokenizer: its free text is noise, so every valid output below is the grammar's doing."""
+tokenizer: its free text is noise, so every valid output below is the grammar's doing. The engines run
+on the CPU on any machine: on a GPU the module's engine would hold the memory the others need
+(tests/gpu/test_structured_overlap_gpu.py covers the GPU path)."""
 from __future__ import annotations
 
 import json
@@ -22,7 +24,7 @@ PROMPTS = ["Tell me about Bob.", "Give me JSON:", "x"]
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama_with_tokenizer):
-    return LLM(str(tiny_llama_with_tokenizer[0]))
+    return LLM(str(tiny_llama_with_tokenizer[0]), device="cpu")
 
 
 def params(constraint: StructuredOutputsParams, **options) -> SamplingParams:
@@ -96,7 +98,7 @@ def test_stop_strings_and_streaming_deltas(llm):
 def test_constrained_batches_run_ahead_under_async_scheduling(tiny_llama_with_tokenizer, llm):
     """Their forwards are launched ahead and sampled with the mask once the previous tokens are read
     (tests/engine/test_async_scheduling_structured.py covers the cases)."""
-    fast = LLM(str(tiny_llama_with_tokenizer[0]), async_scheduling=True)   # what CUDA graphs switch on
+    fast = LLM(str(tiny_llama_with_tokenizer[0]), device="cpu", async_scheduling=True)   # as CUDA graphs do
     batch = [params(StructuredOutputsParams(json=SCHEMA), temperature=0),
              SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
              params(StructuredOutputsParams(regex="[a-z]{4}"), temperature=0)]
@@ -143,14 +145,14 @@ def test_a_tiny_repetition_penalty_keeps_the_grammar(llm, temperature):
 
 
 def test_a_model_without_tokenizer_refuses_structured_output(tiny_llama):
-    bare = LLM(str(tiny_llama[0]))
+    bare = LLM(str(tiny_llama[0]), device="cpu")
     with pytest.raises(RequestError, match="structured output needs the model's tokenizer"):
         bare.generate([[1, 2, 3]], params(StructuredOutputsParams(regex="a")))
 
 
 def test_a_tokenizer_larger_than_the_model_refuses_structured_output_and_plain_requests_still_run(
         tiny_llama, smollm2_tokenizer_dir):
-    small = LLM(str(tiny_llama[0]), tokenizer=str(smollm2_tokenizer_dir))   # 320 logits, 49,152 tokens
+    small = LLM(str(tiny_llama[0]), device="cpu", tokenizer=str(smollm2_tokenizer_dir))   # 320 logits, 49,152 tokens
     with pytest.raises(RequestError, match="its tokenizer has 49152 tokens but the model scores only 320"):
         small.generate([[1, 2, 3]], params(StructuredOutputsParams(regex="a")))
     assert len(small.generate([[1, 2, 3]], SamplingParams(max_tokens=3, ignore_eos=True))[0].outputs[0].token_ids) == 3
