@@ -85,11 +85,8 @@ def test_gemma3_rare_characters_use_byte_tokens(gemma3_tokenizer):
 
 
 @pytest.mark.slow
-def test_gemma3_matches_transformers(gemma3_path, gemma3_model):
-    from transformers import AutoModelForCausalLM
-
-    reference = AutoModelForCausalLM.from_pretrained(str(gemma3_path.parent), gguf_file=gemma3_path.name,
-                                                     dtype=torch.float32)
+def test_gemma3_matches_transformers(gemma3_model, gemma3_reference):
+    reference = gemma3_reference
     ours = gemma3_model
     for field in CONFIG_FIELDS:
         assert getattr(ours.config, field) == getattr(reference.config, field), field

@@ -87,9 +87,9 @@ def test_streamed_korean_on_the_real_model(smollm2):
     assert "\ufffd" not in text
 
 
-def test_gemma3_base_model_greedy_matches_transformers():
+def test_gemma3_base_model_greedy_matches_transformers(gemma3_reference):
     path = gemma3_gguf_path()
-    llm, reference = LLM(str(path), dtype="float32", quantization="none"), transformers_model(path)
+    llm, reference = LLM(str(path), dtype="float32", quantization="none"), gemma3_reference
     assert llm.tokenizer.chat_template is None
     for prompt in RAW_PROMPTS:
         prompt_ids = llm.tokenizer.encode(prompt)
