@@ -79,7 +79,7 @@ if triton is not None:
                     x = tl.load(x_ptr + offs_k + b).to(tl.float32)
                 else:
                     x = tl.load(x_ptr + offs_k + b, mask=offs_k + b < K, other=0.0).to(tl.float32)
-                byte = (now >> (8 * b)) & 0xFF if b > 0 else now & 0xFF
+                byte = (now >> (8 * b)) & 0xFF
                 code = ((byte ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0   # 2^23 + 128
                 acc += code * x[None, :]
         y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
@@ -88,9 +88,10 @@ if triton is not None:
     @triton.jit
     def _int8_words(rows, offs_w, n_mask, K_WORDS, EVEN_N: tl.constexpr):
         """[BLOCK_N, BLOCK_W] words of the rows at word offsets offs_w, zero past K (or N)."""
-        if EVEN_N:
-            return tl.load(rows + offs_w[None, :], mask=(offs_w < K_WORDS)[None, :], other=0)
-        return tl.load(rows + offs_w[None, :], mask=n_mask[:, None] & (offs_w < K_WORDS)[None, :], other=0)
+        mask = (offs_w < K_WORDS)[None, :]
+        if not EVEN_N:
+            mask = mask & n_mask[:, None]
+        return tl.load(rows + offs_w[None, :], mask=mask, other=0)
 
 
 def gemv_config(n: int) -> tuple[int, int, int]:
