@@ -26,21 +26,13 @@ def smollm2_path():
 
 
 @pytest.fixture(scope="module")
-def transformers_smollm2(smollm2_path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name,
-                                                dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
 def ondo_smollm2(smollm2_path):
     return load_gguf(smollm2_path, torch.float32)
 
 
 @pytest.mark.slow
-def test_smollm2_config_matches_transformers(ondo_smollm2, transformers_smollm2):
-    ours, reference = ondo_smollm2.config, transformers_smollm2.config
+def test_smollm2_config_matches_transformers(ondo_smollm2, smollm2_reference):
+    ours, reference = ondo_smollm2.config, smollm2_reference.config
     for field in CONFIG_FIELDS:
         assert getattr(ours, field) == getattr(reference, field), field
     assert ours.architectures == ["LlamaForCausalLM"]
@@ -48,10 +40,10 @@ def test_smollm2_config_matches_transformers(ondo_smollm2, transformers_smollm2)
 
 
 @pytest.mark.slow
-def test_smollm2_weights_match_transformers(ondo_smollm2, transformers_smollm2):
+def test_smollm2_weights_match_transformers(ondo_smollm2, smollm2_reference):
     assert isinstance(ondo_smollm2.weights, Iterator)  # lazy: read as the model consumes them
     weights = dict(ondo_smollm2.weights)
-    reference = transformers_smollm2.state_dict()
+    reference = smollm2_reference.state_dict()
     # The LM head is tied to the embedding: the file (and so the iterator) has no separate tensor.
     assert set(weights) == set(reference) - {"lm_head.weight"}
     for name, tensor in weights.items():

@@ -29,12 +29,6 @@ CHATS = [
 RAW_PROMPTS = ["The history of the Roman Empire", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
 
-def transformers_model(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-
-
 def assert_same_greedy(ours: list[int], prompt_ids: list[int], reference) -> None:
     ids = torch.tensor([prompt_ids])
     with torch.inference_mode():
@@ -52,9 +46,8 @@ def assert_same_greedy(ours: list[int], prompt_ids: list[int], reference) -> Non
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    path = smollm2_gguf_path()
-    return LLM(str(path), dtype="float32", quantization="none"), transformers_model(path)
+def smollm2(smollm2_reference):
+    return LLM(str(smollm2_gguf_path()), dtype="float32", quantization="none"), smollm2_reference
 
 
 def test_builtin_model_answers_paris():
