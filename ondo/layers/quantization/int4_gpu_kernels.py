@@ -96,70 +96,122 @@ def _int4_dequant_kernel(q_ptr, sz_ptr, out_ptr, N, Q_STRIDE, SZ_STRIDE, K_P, PL
 
 
 @triton.jit
+def _nibble_tiny(words, j: tl.constexpr):
+    """Nibble j of each word as the float32 code * 2^(4 j' - 149), j' = j below 6, else 0: the bits of a
+    number below 2^24, read as a float32, are that number times 2^-149 (a subnormal, or exponent 1), so
+    one mask places nibbles 0-5, where a float made from the code needs a shift and a mask-or besides."""
+    if j < 6:
+        bits = words & (0xF << (4 * j))
+    elif j == 6:
+        bits = (words >> 24) & 0xF
+    else:
+        bits = (words.to(tl.uint32, bitcast=True) >> 28).to(tl.int32, bitcast=True)
+    return bits.to(tl.float32, bitcast=True)
+
+@triton.jit
+def _meeting_scale(x, j: tl.constexpr):
+    """x * 2^(76 - 4 j'), which times `_nibble_tiny(words, j)` is code * x * 2^-73: a normal float32 for
+    any |code * x| above 2^-53, and finite for |x| below 2^51."""
+    if j == 1:
+        y = x * 4.722366482869645e+21          # 2^72
+    elif j == 2:
+        y = x * 2.9514790517935283e+20         # 2^68
+    elif j == 3:
+        y = x * 1.8446744073709552e+19         # 2^64
+    elif j == 4:
+        y = x * 1.152921504606847e+18          # 2^60
+    elif j == 5:
+        y = x * 7.205759403792794e+16          # 2^56
+    else:
+        y = x * 7.555786372591432e+22          # 2^76
+    return y
+
+@triton.jit
+def _word_rows(q_ptr, row, offs_i, offs_n, n_mask, N, EVEN_N: tl.constexpr):
+    """The [16, BLOCK_N] words of one block (word rows row .. row + 15)."""
+    ptrs = q_ptr + (row + offs_i)[:, None] * N + offs_n[None, :]
+    if EVEN_N:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=n_mask[None, :], other=0)
+
+@triton.jit
 def _int4_gemv_kernel(x_ptr, q_ptr, sz_ptr, out_ptr, ws_ptr, lock_ptr, N, K_X, K_P, BLOCKS_PER_SPLIT, SZ_STRIDE,
-                      GROUP: tl.constexpr, PLANES: tl.constexpr, BLOCK_N: tl.constexpr, STACK: tl.constexpr,
-                      RUN: tl.constexpr, SPLITS: tl.constexpr, BF16: tl.constexpr, PDL: tl.constexpr):
-    # One row: out[n] = sum_k x[k] w[n, k] on the CUDA cores (a 1-row tile would waste 15/16 of the
-    # tensor cores, and feeding them costs a trip through shared memory). Decode is bound by the
-    # loads in flight, so STACK blocks of 128 inputs load at once ([STACK, 16, BLOCK_N] words, up to
-    # 64 KB a program). Each slice of 16 inputs reduces to [STACK, BLOCK_N] sums of (code - 8) * x,
-    # and a group's scale and zero apply once per RUN slices:
-    #   sum_k x w = sum_groups scale * sum (code - 8) x + zero * sum x.
-    wait_for_previous_kernel(PDL)
+                      GROUP: tl.constexpr, PLANES: tl.constexpr, BLOCK_N: tl.constexpr, RUN: tl.constexpr,
+                      SPLITS: tl.constexpr, BF16: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                      PDL: tl.constexpr):
+    # One row: out[n] = sum_k x[k] w[n, k] on the CUDA cores (a one-row tile would waste 15/16 of the
+    # tensor cores). The issue slots bound it, so a weight costs as few instructions as can be had: the
+    # [16, BLOCK_N] tile of a block keeps each column's 16 word rows in one thread (BLOCK_N = 32 * 2 *
+    # warps: two columns a thread), so the sums over word rows need no shuffle; a nibble becomes a float
+    # with one mask (`_nibble_tiny`) and meets x, scaled once per input (`_meeting_scale`), in one FMA;
+    # a group's scale and zero apply once per column, from
+    #   sum_k x w = sum_groups 2^73 scale * sum_k x c 2^-73 + (zero - 8 scale) * sum_k x.
+    # The next block's words load while this block's arithmetic runs, the first before the PDL wait
+    # (no kernel of a step writes weights).
     pid_n, split = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_s, offs_i = tl.arange(0, STACK), tl.arange(0, 16)
-    acc = tl.zeros([STACK, BLOCK_N], dtype=tl.float32)
+    offs_i = tl.arange(0, 16)
     first = split * BLOCKS_PER_SPLIT
     end = first + BLOCKS_PER_SPLIT
-    for b0 in tl.range(first, end, STACK):
-        blocks = b0 + offs_s                                                            # [S]
-        live = blocks < end                                                             # a last, partial stack
-        word_rows = blocks[:, None] * 16 + offs_i[None, :]                              # [S, 16]
+    words = _word_rows(q_ptr, first * 16, offs_i, offs_n, n_mask, N, EVEN_N)           # plane 0, first block
+    wait_for_previous_kernel(PDL)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for b in tl.range(first, end):
         for p in tl.static_range(PLANES):
-            words = tl.load(q_ptr + (p * (K_P // 8) + word_rows)[:, :, None] * N + offs_n[None, None, :],
-                            mask=live[:, None, None] & n_mask[None, None, :], other=0)   # [S, 16, BN]
-            for run in tl.static_range(8 // RUN):
-                part = tl.zeros([STACK, BLOCK_N], dtype=tl.float32)
-                x_sum = tl.zeros([STACK], dtype=tl.float32)
+            if p == 0:
+                cur = words
+                words = _word_rows(q_ptr, tl.minimum(b + 1, end - 1) * 16, offs_i, offs_n, n_mask, N, EVEN_N)
+            else:
+                cur = _word_rows(q_ptr, p * (K_P // 8) + b * 16, offs_i, offs_n, n_mask, N, EVEN_N)
+            for run in tl.static_range(8 // RUN):          # RUN slices of 16 inputs share a group
                 for jj in tl.static_range(RUN):
                     j = run * RUN + jj
-                    k = blocks[:, None] * 128 + 16 * j + offs_i[None, :]                # [S, 16]
-                    x = tl.load(x_ptr + k, mask=live[:, None] & (k < K_X), other=0.0).to(tl.float32)
-                    bits = ((words >> (4 * j)) & 15) | 0x4B000000                       # float 2^23 + code
-                    centred = bits.to(tl.float32, bitcast=True) - 8388616.0             # code - 8, exact
-                    part += tl.sum(centred * x[:, :, None], axis=1)
-                    x_sum += tl.sum(x, axis=1)
-                g = (p * K_P + blocks * 128 + 16 * run * RUN) // GROUP                  # [S]
-                scale, zero = _scale_and_zero(sz_ptr, g[:, None], SZ_STRIDE, offs_n[None, :],
-                                              live[:, None] & n_mask[None, :], True, BF16)   # [S, BN] each
-                acc += scale * part + zero * x_sum[:, None]
-    store_split_k(tl.sum(acc, axis=0), out_ptr + offs_n, n_mask, ws_ptr, offs_n, lock_ptr + pid_n, split, SPLITS, N)
+                    k = b * 128 + 16 * j + offs_i
+                    if EVEN_K:
+                        x = tl.load(x_ptr + k).to(tl.float32)
+                    else:
+                        x = tl.load(x_ptr + k, mask=k < K_X, other=0.0).to(tl.float32)
+                    terms = _nibble_tiny(cur, j) * _meeting_scale(x, j)[:, None]        # [16, BLOCK_N]
+                    if jj == 0:
+                        part, x_sum = terms, x
+                    else:
+                        part, x_sum = part + terms, x_sum + x
+                g = (p * K_P + b * 128 + 16 * run * RUN) // GROUP
+                scale, zero = _scale_and_zero(sz_ptr, g, SZ_STRIDE, offs_n, n_mask, True, BF16)
+                acc += (scale * 9444732965739290427392.0) * tl.sum(part, axis=0) \
+                    + (zero - 8.0 * scale) * tl.sum(x_sum, axis=0)                      # 2^73
+    store_split_k(acc, out_ptr + offs_n, n_mask, ws_ptr, offs_n, lock_ptr + pid_n, split, SPLITS, N)
 
 
-def gemv_config(n: int, k_p: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, STACK, split, num_warps) of a one-row product, from a sweep of the Llama-3-8B shapes on
-    the H200: K is split until there are about 1.5 programs per SM, and each program loads 8 blocks
-    at once (8 warps) where its share of K allows, else 4 (4 warps)."""
-    block_n = 128
+GEMV_MIN_PROGRAMS = 12 * SMS   # one-warp programs: fewer leave too few loads in flight to hide their latency
+
+
+def gemv_config(n: int, k_p: int) -> tuple[int, int, int]:
+    """(BLOCK_N, split, num_warps) of a one-row product, from a sweep of the Llama-3-8B shapes on the
+    H200: one-warp programs of 64 columns; K split as finely as leaves each program 4 blocks (a load
+    overlapped with the arithmetic of three), or 2 where that gives fewer than GEMV_MIN_PROGRAMS."""
+    block_n = 64
     tiles = triton.cdiv(n, block_n)
     blocks = k_p // BLOCK_K
-    split = 1
-    while tiles * split < 1.5 * SMS and blocks % (split * 2) == 0 and blocks // (split * 2) >= 4:
-        split *= 2
-    stack = min(8, 1 << ((blocks // split).bit_length() - 1))                     # a power of two <= the share
-    return block_n, stack, split, 8 if stack == 8 else 4
+
+    def finest(min_blocks: int) -> int:
+        return max((s for s in range(1, blocks + 1) if blocks % s == 0 and blocks // s >= min_blocks), default=1)
+
+    split = finest(4)
+    if tiles * split < GEMV_MIN_PROGRAMS:
+        split = finest(2)
+    return block_n, split, 1
 
 
 def int4_gemv(x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tensor, group: int, planes: int,
-              config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+              config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """One row x [1, K_X] (bf16/fp16) @ W^T -> [1, N] in x's dtype (`_int4_gemv_kernel`); config:
-    (BLOCK_N, STACK, split, num_warps)."""
+    (BLOCK_N, split, num_warps)."""
     k_x, k_p, n = _product_shape(x, words, group, planes)
     if scales_and_zeros.element_size() != 2:
         raise ValueError(f"the one-row kernel reads bf16/fp16 scales, got {scales_and_zeros.dtype}")
-    block_n, stack, split, warps = config or gemv_config(n, k_p)
+    block_n, split, warps = config or gemv_config(n, k_p)
     blocks = k_p // BLOCK_K
     if blocks % split:
         raise ValueError(f"split {split} does not divide the {blocks} blocks of K")
@@ -168,9 +220,9 @@ def int4_gemv(x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tens
     sz = scales_and_zeros.view(torch.int32)                 # each (scale, zero) pair read as one word
     _int4_gemv_kernel[(tiles, split)](
         x, words, sz, out, *split_k.buffers(split, n, tiles, out), n, k_x, k_p, blocks // split, sz.stride(0),
-        GROUP=group, PLANES=planes, BLOCK_N=block_n, STACK=stack, RUN=min(group // 16, 8), SPLITS=split,
-        BF16=scales_and_zeros.dtype == torch.bfloat16, num_warps=warps, num_stages=2,
-        **programmatic_launch_options(x))
+        GROUP=group, PLANES=planes, BLOCK_N=block_n, RUN=min(group // 16, 8), SPLITS=split,
+        BF16=scales_and_zeros.dtype == torch.bfloat16, EVEN_N=n % block_n == 0, EVEN_K=k_x == k_p,
+        num_warps=warps, num_stages=1, **programmatic_launch_options(x))
     return out
 
 
