@@ -8,11 +8,14 @@ integers only (CUDA graphs).
 
 One row (single-stream decode) takes `int8_gemv` instead, on the CUDA cores: the widening conversion
 (int8 to float) issues at a quarter of the FMA rate on an H100/H200, which held the tensor-core kernel's
-one-row products to ~2.2 TB/s of codes. The GEMV reads the codes as int32 words and makes each byte the float
-2^23 + code + 128 with one mask and xor (the byte in the mantissa of 2^23), then subtracts exactly. On
+one-row products to ~2.2 TB/s of codes. The GEMV reads the codes as int32 words and makes each byte a
+float with one mask, as `int4_gemv` does its nibbles (the bits of a number below 2^24 are that number
+times 2^-149 as a float32), the activations scaled once per input to meet it. On
 an H200 the one-row products of the Llama-3-8B layer stack (32 distinct layers in one CUDA graph) take
-2.19 ms against 3.25 with the tensor-core kernel, and one stream decodes at 354 tok/s against 327
-(`benchmarks/latency.py --model llama3-8b --load-format dummy --quantization int8`).
+2.00 ms (2.27 with each byte made the float 2^23 + code + 128 and subtracted, in the same run; 3.25 with
+the tensor-core kernel), and one stream decodes at 352 tok/s (327 with the tensor-core kernel, 355 with
+the subtracting GEMV: the stack's gain does not show end to end, which is not yet understood;
+`benchmarks/latency.py --model llama3-8b --load-format dummy --quantization int8`).
 """
 from __future__ import annotations
 
@@ -59,9 +62,11 @@ if triton is not None:
     def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
         # out[n] = scale[n] * sum_k x[k] code[n, k] for BLOCK_N rows, BLOCK_K inputs (BLOCK_K / 4 words)
-        # at a time; word w of a row holds input 4 w + b in byte b. Each step's words load before the
-        # arithmetic of the step before, and the first before the PDL wait (no kernel of a step writes
-        # weights, so they stream in while the previous kernel ends).
+        # at a time; word w of a row holds input 4 w + b in byte b. u = word ^ 0x80808080 holds code + 128
+        # in each byte; a byte becomes a float with one mask (`_byte_tiny`) and meets x, scaled once per
+        # input (`_byte_scale`), in one FMA: sum_k x code = 2^73 sum_k x u 2^-73 - 128 sum_k x. Each
+        # step's words load before the arithmetic of the step before, and the first before the PDL wait
+        # (no kernel of a step writes weights, so they stream in while the previous kernel ends).
         BLOCK_W: tl.constexpr = BLOCK_K // 4
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
@@ -69,9 +74,10 @@ if triton is not None:
         offs_w = tl.arange(0, BLOCK_W)
         words = _int8_words(rows, offs_w, n_mask, K // 4, EVEN_N)
         acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        x_sum = tl.zeros([BLOCK_W], dtype=tl.float32)
         wait_for_previous_kernel(PDL)
         for k0 in range(0, K, BLOCK_K):
-            now = words
+            u = words ^ -2139062144                                                        # 0x80808080
             words = _int8_words(rows, (k0 + BLOCK_K) // 4 + offs_w, n_mask, K // 4, EVEN_N)   # none past K
             offs_k = k0 + 4 * offs_w
             for b in tl.static_range(4):
@@ -79,11 +85,33 @@ if triton is not None:
                     x = tl.load(x_ptr + offs_k + b).to(tl.float32)
                 else:
                     x = tl.load(x_ptr + offs_k + b, mask=offs_k + b < K, other=0.0).to(tl.float32)
-                byte = (now >> (8 * b)) & 0xFF
-                code = ((byte ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0   # 2^23 + 128
-                acc += code * x[None, :]
-        y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
+                x_sum += x
+                acc += _byte_tiny(u, b) * _byte_scale(x, b)[None, :]
+        y = tl.sum(acc, axis=1) * 9444732965739290427392.0 - 128.0 * tl.sum(x_sum, axis=0)          # 2^73
+        y = y * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
         tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
+    def _byte_tiny(u, b: tl.constexpr):
+        """Byte b of each word as the float32 byte * 2^(8 b' - 149), b' = b below 3, else 0: the bits of a
+        number below 2^24 read as a float32 are that number times 2^-149 (a subnormal, or exponent 1)."""
+        if b < 3:
+            bits = u & (0xFF << (8 * b))
+        else:
+            bits = (u.to(tl.uint32, bitcast=True) >> 24).to(tl.int32, bitcast=True)
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _byte_scale(x, b: tl.constexpr):
+        """x * 2^(76 - 8 b'), which times `_byte_tiny(u, b)` is byte * x * 2^-73 (a normal float32 for
+        |byte * x| above 2^-53, finite for |x| below 2^51)."""
+        if b == 1:
+            y = x * 2.9514790517935283e+20         # 2^68
+        elif b == 2:
+            y = x * 1.152921504606847e+18          # 2^60
+        else:
+            y = x * 7.555786372591432e+22          # 2^76
+        return y
 
     @triton.jit
     def _int8_words(rows, offs_w, n_mask, K_WORDS, EVEN_N: tl.constexpr):
@@ -94,10 +122,10 @@ if triton is not None:
         return tl.load(rows + offs_w[None, :], mask=mask, other=0)
 
 
-def gemv_config(n: int) -> tuple[int, int, int]:
+def gemv_config(n: int, k: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) of a one-row product, from a sweep of the Llama-3-8B shapes on the
-    H200: 8 rows of 1,024 inputs a program, 16 rows of 512 for the widest matrices (N >= 16,384)."""
-    return (16, 512, 4) if n >= 16384 else (8, 1024, 4)
+    H200: 8 rows of 2,048 inputs a program (8 KB of codes in flight, and as much prefetched)."""
+    return (8, 2048, 4) if k >= 2048 else (8, 1024, 4)
 
 
 def int8_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
@@ -108,7 +136,7 @@ def int8_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     if k % 4 or codes.stride(1) != 1 or codes.stride(0) % 4 or codes.storage_offset() % 4:
         raise ValueError(f"the one-row int8 kernel reads rows of whole int32 words, got codes {tuple(codes.shape)} "
                          f"with strides {codes.stride()}")
-    block_n, block_k, warps = config or gemv_config(n)
+    block_n, block_k, warps = config or gemv_config(n, k)
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     _int8_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, codes.view(torch.int32), scale, out, n, k, codes.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
