@@ -44,6 +44,46 @@ def wait_for_previous_kernel(PDL: tl.constexpr):
 
 
 @triton.jit
+def field_as_float(words, BIT: tl.constexpr, WIDTH: tl.constexpr):
+    """The unsigned WIDTH-bit field at bit BIT of each int32 word, as the float32 value * 2^(BIT - 149)
+    where the field lies below bit 24, else value * 2^-149.
+
+    The bits of a number below 2^24 read as a float32 are that number times 2^-149 (a subnormal, or
+    exponent 1; Triton's FMAs keep subnormal inputs), so one mask makes a low field a float, where a float
+    built from the value needs a shift and a mask-or, and a subtraction, besides. A field reaching bit 24
+    shifts down first. The quantized GEMVs multiply it by `meet_field(x, BIT, WIDTH)`."""
+    if BIT + WIDTH <= 24:
+        bits = words & (((1 << WIDTH) - 1) << BIT)
+    elif BIT + WIDTH == 32:
+        bits = (words.to(tl.uint32, bitcast=True) >> BIT).to(tl.int32, bitcast=True)
+    else:
+        bits = (words >> BIT) & ((1 << WIDTH) - 1)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def meet_field(x, BIT: tl.constexpr, WIDTH: tl.constexpr):
+    """x * 2^(76 - BIT') for a field at BIT (a multiple of 4; BIT' = BIT below bit 24, else 0): times
+    `field_as_float(words, BIT, WIDTH)` it is value * x * 2^-73, a normal float32 wherever |value * x|
+    exceeds 2^-53, and finite for |x| below 2^51. (Literal factors: BIT may reach here traced.)"""
+    if BIT + WIDTH > 24:
+        y = x * 7.555786372591432e+22          # 2^76
+    elif BIT == 4:
+        y = x * 4.722366482869645e+21          # 2^72
+    elif BIT == 8:
+        y = x * 2.9514790517935283e+20         # 2^68
+    elif BIT == 12:
+        y = x * 1.8446744073709552e+19         # 2^64
+    elif BIT == 16:
+        y = x * 1.152921504606847e+18          # 2^60
+    elif BIT == 20:
+        y = x * 7.205759403792794e+16          # 2^56
+    else:
+        y = x * 7.555786372591432e+22          # 2^76
+    return y
+
+
+@triton.jit
 def gated_value(gate, up, GELU_TANH: tl.constexpr):
     """act(gate) * up in float32, for gate / up already rounded to the activation dtype: the activation is
     computed in float32 and rounded to that dtype before the product, as the unfused modules round."""

@@ -9,7 +9,8 @@ import triton.language as tl
 from ondo.layers import split_k
 from ondo.layers.quantization.int4_gpu import BLOCK_K, padded_k
 from ondo.layers.split_k import store_split_k
-from ondo.layers.triton_math import programmatic_launch_options, wait_for_previous_kernel
+from ondo.layers.triton_math import (field_as_float, meet_field, programmatic_launch_options,
+                                     wait_for_previous_kernel)
 
 SMS = 132                   # H100/H200; more programs than this only matter as "enough"
 FUSED_MAX_TOKENS = 32       # between the measured 17 rows (fused 2x faster) and 64 (dequantize wins)
@@ -96,37 +97,6 @@ def _int4_dequant_kernel(q_ptr, sz_ptr, out_ptr, N, Q_STRIDE, SZ_STRIDE, K_P, PL
 
 
 @triton.jit
-def _nibble_tiny(words, j: tl.constexpr):
-    """Nibble j of each word as the float32 code * 2^(4 j' - 149), j' = j below 6, else 0: the bits of a
-    number below 2^24, read as a float32, are that number times 2^-149 (a subnormal, or exponent 1), so
-    one mask places nibbles 0-5, where a float made from the code needs a shift and a mask-or besides."""
-    if j < 6:
-        bits = words & (0xF << (4 * j))
-    elif j == 6:
-        bits = (words >> 24) & 0xF
-    else:
-        bits = (words.to(tl.uint32, bitcast=True) >> 28).to(tl.int32, bitcast=True)
-    return bits.to(tl.float32, bitcast=True)
-
-@triton.jit
-def _meeting_scale(x, j: tl.constexpr):
-    """x * 2^(76 - 4 j'), which times `_nibble_tiny(words, j)` is code * x * 2^-73: a normal float32 for
-    any |code * x| above 2^-53, and finite for |x| below 2^51."""
-    if j == 1:
-        y = x * 4.722366482869645e+21          # 2^72
-    elif j == 2:
-        y = x * 2.9514790517935283e+20         # 2^68
-    elif j == 3:
-        y = x * 1.8446744073709552e+19         # 2^64
-    elif j == 4:
-        y = x * 1.152921504606847e+18          # 2^60
-    elif j == 5:
-        y = x * 7.205759403792794e+16          # 2^56
-    else:
-        y = x * 7.555786372591432e+22          # 2^76
-    return y
-
-@triton.jit
 def _word_rows(q_ptr, row, offs_i, offs_n, n_mask, N, EVEN_N: tl.constexpr):
     """The [16, BLOCK_N] words of one block (word rows row .. row + 15)."""
     ptrs = q_ptr + (row + offs_i)[:, None] * N + offs_n[None, :]
@@ -143,7 +113,7 @@ def _int4_gemv_kernel(x_ptr, q_ptr, sz_ptr, out_ptr, ws_ptr, lock_ptr, N, K_X, K
     # tensor cores). The issue slots bound it, so a weight costs as few instructions as can be had: the
     # [16, BLOCK_N] tile of a block keeps each column's 16 word rows in one thread (BLOCK_N = 32 * 2 *
     # warps: two columns a thread), so the sums over word rows need no shuffle; a nibble becomes a float
-    # with one mask (`_nibble_tiny`) and meets x, scaled once per input (`_meeting_scale`), in one FMA;
+    # with one mask (`field_as_float`) and meets x, scaled once per input (`meet_field`), in one FMA;
     # a group's scale and zero apply once per column, from
     #   sum_k x w = sum_groups 2^73 scale * sum_k x c 2^-73 + (zero - 8 scale) * sum_k x.
     # The next block's words load while this block's arithmetic runs, the first before the PDL wait
@@ -172,7 +142,7 @@ def _int4_gemv_kernel(x_ptr, q_ptr, sz_ptr, out_ptr, ws_ptr, lock_ptr, N, K_X, K
                         x = tl.load(x_ptr + k).to(tl.float32)
                     else:
                         x = tl.load(x_ptr + k, mask=k < K_X, other=0.0).to(tl.float32)
-                    terms = _nibble_tiny(cur, j) * _meeting_scale(x, j)[:, None]        # [16, BLOCK_N]
+                    terms = field_as_float(cur, 4 * j, 4) * meet_field(x, 4 * j, 4)[:, None]   # [16, BLOCK_N]
                     if jj == 0:
                         part, x_sum = terms, x
                     else:

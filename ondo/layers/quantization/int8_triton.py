@@ -27,7 +27,8 @@ try:
 
     from ondo.layers import split_k
     from ondo.layers.split_k import store_split_k
-    from ondo.layers.triton_math import programmatic_launch_options, wait_for_previous_kernel
+    from ondo.layers.triton_math import (field_as_float, meet_field, programmatic_launch_options,
+                                         wait_for_previous_kernel)
 except ImportError:  # CPU-only installs never launch these kernels
     triton = None
 
@@ -63,8 +64,8 @@ if triton is not None:
                           BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
         # out[n] = scale[n] * sum_k x[k] code[n, k] for BLOCK_N rows, BLOCK_K inputs (BLOCK_K / 4 words)
         # at a time; word w of a row holds input 4 w + b in byte b. u = word ^ 0x80808080 holds code + 128
-        # in each byte; a byte becomes a float with one mask (`_byte_tiny`) and meets x, scaled once per
-        # input (`_byte_scale`), in one FMA: sum_k x code = 2^73 sum_k x u 2^-73 - 128 sum_k x. Each
+        # in each byte; a byte becomes a float with one mask (`field_as_float`) and meets x, scaled once per
+        # input (`meet_field`), in one FMA: sum_k x code = 2^73 sum_k x u 2^-73 - 128 sum_k x. Each
         # step's words load before the arithmetic of the step before, and the first before the PDL wait
         # (no kernel of a step writes weights, so they stream in while the previous kernel ends).
         BLOCK_W: tl.constexpr = BLOCK_K // 4
@@ -86,32 +87,10 @@ if triton is not None:
                 else:
                     x = tl.load(x_ptr + offs_k + b, mask=offs_k + b < K, other=0.0).to(tl.float32)
                 x_sum += x
-                acc += _byte_tiny(u, b) * _byte_scale(x, b)[None, :]
+                acc += field_as_float(u, 8 * b, 8) * meet_field(x, 8 * b, 8)[None, :]
         y = tl.sum(acc, axis=1) * 9444732965739290427392.0 - 128.0 * tl.sum(x_sum, axis=0)          # 2^73
         y = y * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
         tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
-
-    @triton.jit
-    def _byte_tiny(u, b: tl.constexpr):
-        """Byte b of each word as the float32 byte * 2^(8 b' - 149), b' = b below 3, else 0: the bits of a
-        number below 2^24 read as a float32 are that number times 2^-149 (a subnormal, or exponent 1)."""
-        if b < 3:
-            bits = u & (0xFF << (8 * b))
-        else:
-            bits = (u.to(tl.uint32, bitcast=True) >> 24).to(tl.int32, bitcast=True)
-        return bits.to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _byte_scale(x, b: tl.constexpr):
-        """x * 2^(76 - 8 b'), which times `_byte_tiny(u, b)` is byte * x * 2^-73 (a normal float32 for
-        |byte * x| above 2^-53, finite for |x| below 2^51)."""
-        if b == 1:
-            y = x * 2.9514790517935283e+20         # 2^68
-        elif b == 2:
-            y = x * 1.152921504606847e+18          # 2^60
-        else:
-            y = x * 7.555786372591432e+22          # 2^76
-        return y
 
     @triton.jit
     def _int8_words(rows, offs_w, n_mask, K_WORDS, EVEN_N: tl.constexpr):
