@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ondo.engine.forward_context import fused_ops_enabled
@@ -21,6 +22,10 @@ class RMSNorm(nn.Module):
         self.eps, self.offset = eps, offset
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.offset and x.dtype != torch.float32 and x.dtype == self.weight.dtype:
+            # bf16/fp16 (packed weights on a CPU): torch's fused op normalises in float32 and rounds once,
+            # as the steps below do (the same bits), in one op instead of seven: ~8 us a call on a CPU.
+            return F.rms_norm(x, x.shape[-1:], None, self.eps).mul_(self.weight)
         x32 = x.float()
         inv_rms = x32.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()   # [T, 1]
         # In place where the tensor is our own copy: fewer allocations, the same roundings.
