@@ -84,6 +84,13 @@ def meet_field(x, BIT: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
+def unscale_field_products(total):
+    """Times 2^73 (exact): turns a sum of `field_as_float(...) * meet_field(...)` products, value * x * 2^-73
+    each, back into the sum of value * x; applied to the sum, or to a factor that multiplies it."""
+    return total * 9444732965739290427392.0       # 2^73
+
+
+@triton.jit
 def gated_value(gate, up, GELU_TANH: tl.constexpr):
     """act(gate) * up in float32, for gate / up already rounded to the activation dtype: the activation is
     computed in float32 and rounded to that dtype before the product, as the unfused modules round."""

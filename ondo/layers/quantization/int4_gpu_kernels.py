@@ -10,7 +10,7 @@ from ondo.layers import split_k
 from ondo.layers.quantization.int4_gpu import BLOCK_K, padded_k
 from ondo.layers.split_k import store_split_k
 from ondo.layers.triton_math import (field_as_float, meet_field, programmatic_launch_options,
-                                     wait_for_previous_kernel)
+                                     unscale_field_products, wait_for_previous_kernel)
 
 SMS = 132                   # H100/H200; more programs than this only matter as "enough"
 FUSED_MAX_TOKENS = 32       # between the measured 17 rows (fused 2x faster) and 64 (dequantize wins)
@@ -149,8 +149,8 @@ def _int4_gemv_kernel(x_ptr, q_ptr, sz_ptr, out_ptr, ws_ptr, lock_ptr, N, K_X, K
                         part, x_sum = part + terms, x_sum + x
                 g = (p * K_P + b * 128 + 16 * run * RUN) // GROUP
                 scale, zero = _scale_and_zero(sz_ptr, g, SZ_STRIDE, offs_n, n_mask, True, BF16)
-                acc += (scale * 9444732965739290427392.0) * tl.sum(part, axis=0) \
-                    + (zero - 8.0 * scale) * tl.sum(x_sum, axis=0)                      # 2^73
+                acc += unscale_field_products(scale) * tl.sum(part, axis=0) \
+                    + (zero - 8.0 * scale) * tl.sum(x_sum, axis=0)
     store_split_k(acc, out_ptr + offs_n, n_mask, ws_ptr, offs_n, lock_ptr + pid_n, split, SPLITS, N)
 
 

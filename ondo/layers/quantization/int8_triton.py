@@ -28,7 +28,7 @@ try:
     from ondo.layers import split_k
     from ondo.layers.split_k import store_split_k
     from ondo.layers.triton_math import (field_as_float, meet_field, programmatic_launch_options,
-                                         wait_for_previous_kernel)
+                                         unscale_field_products, wait_for_previous_kernel)
 except ImportError:  # CPU-only installs never launch these kernels
     triton = None
 
@@ -88,7 +88,7 @@ if triton is not None:
                     x = tl.load(x_ptr + offs_k + b, mask=offs_k + b < K, other=0.0).to(tl.float32)
                 x_sum += x
                 acc += field_as_float(u, 8 * b, 8) * meet_field(x, 8 * b, 8)[None, :]
-        y = tl.sum(acc, axis=1) * 9444732965739290427392.0 - 128.0 * tl.sum(x_sum, axis=0)          # 2^73
+        y = unscale_field_products(tl.sum(acc, axis=1)) - 128.0 * tl.sum(x_sum, axis=0)
         y = y * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
         tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
 
