@@ -86,9 +86,9 @@ def _build(hf_config, tokenizer, config: EngineConfig, device, name, weights, fo
     from ondo.loader.dummy import randomize
 
     model_cls = get_model_class(hf_config)
-    factory = folder_factory(config.quantization, hf_config)
     packed = config.quantization in ON_THE_FLY or bool(getattr(hf_config, "quantization_config", None))
     dtype = resolve_dtype(config.dtype, hf_config, device, packed=packed)
+    factory = folder_factory(config.quantization, hf_config, device, dtype, config.max_num_seqs)
     model = _instantiate(model_cls, hf_config, dtype, device, factory)
     generation_config: dict = {}
     if folder is not None:

@@ -199,7 +199,7 @@ def test_decode_replays_in_a_cuda_graph_for_new_lengths():
 def test_choose_decode_splits_fills_the_gpu_and_stays_a_power_of_two():
     assert choose_decode_splits(64, 8, 2048, 132) == 1            # 512 programs already fill 132 SMs
     assert choose_decode_splits(1, 8, 8192, 132) == 64            # one long sequence is cut into slices
-    assert choose_decode_splits(1, 8, 300, 132) == 4              # but not into very short ones
+    assert choose_decode_splits(1, 8, 300, 132) == 8              # 5 tiles of 64 keys: 5 slices, rounded up
     for seqs in (1, 3, 16, 200):
         splits = choose_decode_splits(seqs, 4, 32768, 132)
         assert 1 <= splits <= 64 and splits & (splits - 1) == 0

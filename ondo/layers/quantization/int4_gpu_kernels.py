@@ -111,8 +111,9 @@ def _int4_gemv_kernel(x_ptr, q_ptr, sz_ptr, out_ptr, ws_ptr, lock_ptr, N, K_X, K
                       PDL: tl.constexpr):
     # One row: out[n] = sum_k x[k] w[n, k] on the CUDA cores (a one-row tile would waste 15/16 of the
     # tensor cores). The issue slots bound it, so a weight costs as few instructions as can be had: the
-    # [16, BLOCK_N] tile of a block keeps each column's 16 word rows in one thread (BLOCK_N = 32 * 2 *
-    # warps: two columns a thread), so the sums over word rows need no shuffle; a nibble becomes a float
+    # [16, BLOCK_N] tile of a block sits in few threads per column (Triton 3.6 lays [16, 64] out as 8 word
+    # rows x 4 columns a thread, two threads a column), so the sums over word rows are in-thread adds and
+    # one shuffle; a nibble becomes a float
     # with one mask (`field_as_float`) and meets x, scaled once per input (`meet_field`), in one FMA;
     # a group's scale and zero apply once per column, from
     #   sum_k x w = sum_groups 2^73 scale * sum_k x c 2^-73 + (zero - 8 scale) * sum_k x.
