@@ -13,6 +13,7 @@ from ondo.config import EngineConfig
 from ondo.loader.hf import ModelLoadError
 from ondo.layers.linear import linear_method_scope
 from ondo.layers.quantization import ON_THE_FLY, folder_factory, gguf_factory
+from ondo.loader import repack_cache
 from ondo.models.registry import get_model_class
 from ondo.models.weights import finish_loading, weight_names
 
@@ -114,9 +115,13 @@ def _load_gguf(path: Path, config: EngineConfig, device):
 
     # GGUF metadata carries no run dtype: bfloat16 (float32 dequantized, or on a CPU without native
     # bfloat16) unless asked otherwise.
-    factory = gguf_factory(config.quantization)
     dtype = resolve_dtype(config.dtype, None, device, packed=config.quantization is None)
     gguf = load_gguf(path, dtype)
+    repacked = None
+    # The repack cache serves CPU runs, where the repack is half of a load (and where it is tested).
+    if config.quantization is None and config.load_format != "dummy" and device.type == "cpu" and repack_cache.enabled():
+        repacked = repack_cache.RepackCache.for_file(path, gguf.fingerprint, dtype, gpu_layout=False)
+    factory = gguf_factory(config.quantization, repacked)
     model = _instantiate(get_model_class(gguf.config), gguf.config, dtype, device, factory)
     if config.load_format == "dummy":
         from ondo.loader.dummy import randomize
@@ -124,6 +129,8 @@ def _load_gguf(path: Path, config: EngineConfig, device):
         randomize(model, config.seed or 0)
     else:
         _load_checked(model, _progress(gguf.weights, path.name), str(path))
+        if repacked is not None:
+            repacked.save()
     tokenizer = gguf.tokenizer
     if config.tokenizer or config.chat_template:
         from ondo.tokenizer.tokenizer import load_tokenizer

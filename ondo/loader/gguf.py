@@ -15,6 +15,8 @@ llama.cpp's converter (the reference is transformers' own GGUF loader):
 
 from __future__ import annotations
 
+import hashlib
+
 import re
 import warnings
 from collections.abc import Iterator
@@ -75,6 +77,7 @@ class GGUFModel:
     weights: Iterator[tuple[str, torch.Tensor]]  # HF names, dequantized to the run dtype; single use
     tokenizer: Tokenizer
     generation_defaults: dict = field(default_factory=dict)  # generation_config.json-style keys
+    fingerprint: str = ""        # names the file's bytes as far as loading goes (`file_fingerprint`)
 
 
 def hf_tensor_name(gguf_name: str, arch: str) -> str | None:
@@ -173,10 +176,21 @@ def load_gguf(path: str | Path, dtype: torch.dtype) -> GGUFModel:
     _warn_ignored_tensors(gguf)
     tokenizer = load_gguf_tokenizer(path, model_type=config.model_type, metadata_digest=gguf.metadata_digest())
     generation_defaults = _generation_defaults(gguf, tokenizer)
+    fingerprint = file_fingerprint(path, gguf)
     gguf.drop_vocabulary()  # the weights iterator keeps the file open until the last layer
     return GGUFModel(
         config=config,
         weights=_iter_weights(gguf, config, dtype),
         tokenizer=tokenizer,
         generation_defaults=generation_defaults,
+        fingerprint=fingerprint,
     )
+
+
+def file_fingerprint(path: Path, gguf: GGUFFile) -> str:
+    """SHA-256 of the file's size and modification time, its metadata and its tensor table: a file
+    rewritten in place (a new fine-tune under the same name) changes it, without reading the tensors."""
+    stat = path.stat()
+    table = [(info.name, int(info.ggml_type), list(info.shape), info.offset) for info in gguf.tensors.values()]
+    key = repr((stat.st_size, stat.st_mtime_ns, gguf.metadata_digest(), table))
+    return hashlib.sha256(key.encode()).hexdigest()

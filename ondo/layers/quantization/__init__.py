@@ -38,7 +38,9 @@ class QuantizationError(ValueError):
     """A quantization that does not apply to this model or layer; the message says which and why."""
 
 
-def gguf_factory(quantization: str | None) -> Callable[[Linear], LinearMethod]:
+def gguf_factory(quantization: str | None, repacked=None) -> Callable[[Linear], LinearMethod]:
+    """The method of a GGUF file's layers; `repacked`: where packed layers are kept between loads
+    (`GGUFLinearMethod`)."""
     if quantization not in (None, "none"):
         raise QuantizationError(f"quantization={quantization!r} applies to model folders; a GGUF file is "
                                 "already quantized (use None to keep its blocks packed, or 'none' to dequantize)")
@@ -46,7 +48,7 @@ def gguf_factory(quantization: str | None) -> Callable[[Linear], LinearMethod]:
         return lambda layer: DENSE
     from ondo.layers.quantization.gguf_blocks import GGUFLinearMethod
 
-    method = GGUFLinearMethod()
+    method = GGUFLinearMethod(repacked)
     return lambda layer: method
 
 

@@ -154,9 +154,16 @@ class _ChunkLayer(torch.nn.Module):
 
 
 class GGUFLinearMethod(Int4PlanesMethod):
-    """Linear layers of a GGUF file: packed types stay packed, dense ones (F32/F16/...) stay dense."""
+    """Linear layers of a GGUF file: packed types stay packed, dense ones (F32/F16/...) stay dense.
+
+    `repacked`: a store of packed layers (`ondo.loader.repack_cache.RepackCache`) that later loads of
+    the same file read instead of repacking: `take(layer, signature)` fills a layer it holds, `add`
+    records one packed here."""
 
     name = "gguf"
+
+    def __init__(self, repacked=None):
+        self.repacked = repacked
 
     def load_weight(self, layer: Linear, tensor, rows: slice) -> None:
         layer.staged.append((rows, tensor))
@@ -165,7 +172,12 @@ class GGUFLinearMethod(Int4PlanesMethod):
         staged = layer.staged
         if all(isinstance(t, GGUFBlocks) and t.ggml_type in PACKED_TYPES for _, t in staged):
             del layer.staged
-            self._repack(layer, sorted(staged, key=lambda item: item[0].start))
+            staged = sorted(staged, key=lambda item: item[0].start)
+            signature = [[rows.start, rows.stop, blocks.ggml_type.name, list(blocks.shape)] for rows, blocks in staged]
+            if self.repacked is None or not self.repacked.take(layer, signature):
+                self._repack(layer, staged)
+                if self.repacked is not None:
+                    self.repacked.add(layer, signature)
             _release(staged)
             return
         # A matrix (or one of its shards) stored dense: the whole layer runs dense.
