@@ -120,7 +120,7 @@ def _load_gguf(path: Path, config: EngineConfig, device):
     repacked = None
     # The repack cache serves CPU runs, where the repack is half of a load (and where it is tested).
     if config.quantization is None and config.load_format != "dummy" and device.type == "cpu" and repack_cache.enabled():
-        repacked = repack_cache.RepackCache.for_file(path, gguf.fingerprint, dtype, gpu_layout=False)
+        repacked = repack_cache.RepackCache.for_file(path, gguf.fingerprint, dtype)
     factory = gguf_factory(config.quantization, repacked)
     model = _instantiate(get_model_class(gguf.config), gguf.config, dtype, device, factory)
     if config.load_format == "dummy":

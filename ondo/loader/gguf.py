@@ -16,7 +16,6 @@ llama.cpp's converter (the reference is transformers' own GGUF loader):
 from __future__ import annotations
 
 import hashlib
-
 import re
 import warnings
 from collections.abc import Iterator
@@ -174,9 +173,10 @@ def load_gguf(path: str | Path, dtype: torch.dtype) -> GGUFModel:
     for name in gguf.tensors:  # fail on an unknown tensor now, not halfway through loading
         hf_tensor_name(name, gguf.architecture)
     _warn_ignored_tensors(gguf)
-    tokenizer = load_gguf_tokenizer(path, model_type=config.model_type, metadata_digest=gguf.metadata_digest())
+    metadata_digest = gguf.metadata_digest()
+    tokenizer = load_gguf_tokenizer(path, model_type=config.model_type, metadata_digest=metadata_digest)
     generation_defaults = _generation_defaults(gguf, tokenizer)
-    fingerprint = file_fingerprint(path, gguf)
+    fingerprint = file_fingerprint(path, gguf, metadata_digest)
     gguf.drop_vocabulary()  # the weights iterator keeps the file open until the last layer
     return GGUFModel(
         config=config,
@@ -187,10 +187,11 @@ def load_gguf(path: str | Path, dtype: torch.dtype) -> GGUFModel:
     )
 
 
-def file_fingerprint(path: Path, gguf: GGUFFile) -> str:
-    """SHA-256 of the file's size and modification time, its metadata and its tensor table: a file
-    rewritten in place (a new fine-tune under the same name) changes it, without reading the tensors."""
+def file_fingerprint(path: Path, gguf: GGUFFile, metadata_digest: str) -> str:
+    """SHA-256 of the file's size and modification time, its metadata (`GGUFFile.metadata_digest`) and
+    its tensor table: a file rewritten in place (a new fine-tune under the same name) changes it,
+    without reading the tensors."""
     stat = path.stat()
     table = [(info.name, int(info.ggml_type), list(info.shape), info.offset) for info in gguf.tensors.values()]
-    key = repr((stat.st_size, stat.st_mtime_ns, gguf.metadata_digest(), table))
+    key = repr((stat.st_size, stat.st_mtime_ns, metadata_digest, table))
     return hashlib.sha256(key.encode()).hexdigest()

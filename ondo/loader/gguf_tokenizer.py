@@ -74,8 +74,13 @@ def cache_folder(metadata_digest: str, tokenizer_class) -> Path:
     import transformers
 
     key = repr((metadata_digest, tokenizer_class.__name__, transformers.__version__, tokenizers.__version__))
+    return cache_root() / "gguf-tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def cache_root() -> Path:
+    """Where ondo keeps what it derives from model files: `$ONDO_CACHE_DIR`, default `~/.cache/ondo`."""
     root = os.environ.get("ONDO_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ondo"
-    return Path(root) / "gguf-tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:32]
+    return Path(root)
 
 
 def _read_cached(tokenizer_class, folder: Path):

@@ -6,13 +6,13 @@ tensors of every layer are saved once, in one safetensors file under `$ONDO_CACH
 `~/.cache/ondo`, beside the converted tokenizers), and later loads read them back instead.
 
 The file's name is a SHA-256 of what decides the packed bytes: the GGUF file's identity (size,
-modification time, the digest of its metadata, the table of its tensors), the run dtype, the layout
-(CPU tiles or GPU words), the tensor-parallel rank and size (each rank packs its own shard), the torch version, and the source of the packing code itself (so a change
-to the packing can never read an older file's bytes). Inside, each layer is checked against what it
+modification time, the digest of its metadata, the table of its tensors), the run dtype, the
+tensor-parallel rank and size (each rank packs its own shard), the torch version, and the source of
+the packing code itself (so a change to the packing can never read an older file's bytes). Inside, each layer is checked against what it
 staged (its parts' rows, types and shapes) before its tensors are taken; a file that cannot be read,
 or that disagrees, is ignored and rewritten. A cache that cannot be written is skipped.
-`ONDO_REPACK_CACHE=0` turns it off. The loader uses it for CPU runs (the layout is in the key, but
-GPU loads are not measured or tested with it).
+`ONDO_REPACK_CACHE=0` turns it off. It holds the CPU layout (torch's int4 tiles) and serves CPU runs
+only: GPU loads are not measured or tested with it.
 
 The built-in model on this 2-core machine: LLM() 1.2 s and 393 MB peak RSS the first time (the file
 written: 102 MB), then 0.49-0.51 s and 356 MB.
@@ -28,15 +28,12 @@ from pathlib import Path
 
 import torch
 
+from ondo.loader.gguf_tokenizer import cache_root
+
 logger = logging.getLogger(__name__)
 
 _ATTRIBUTES = ("planes", "group", "padded16", "k_eff")
 _TENSORS = ("qweight", "scales_and_zeros")
-
-
-def cache_root() -> Path:
-    root = os.environ.get("ONDO_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ondo"
-    return Path(root)
 
 
 def packing_sources_digest() -> str:
@@ -50,7 +47,7 @@ def packing_sources_digest() -> str:
 
 
 class RepackCache:
-    """The packed layers of one (file, dtype, layout): those read from disk, and those packed this load."""
+    """The packed layers of one (file, dtype, rank): those read from disk, and those packed this load."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -60,10 +57,10 @@ class RepackCache:
         self.repacked_any = False              # a layer the file did not hold (or held otherwise)
 
     @classmethod
-    def for_file(cls, gguf_path: Path, file_fingerprint: str, dtype: torch.dtype, gpu_layout: bool) -> "RepackCache":
+    def for_file(cls, gguf_path: Path, file_fingerprint: str, dtype: torch.dtype) -> "RepackCache":
         from ondo.distributed.parallel_state import tp_rank, tp_size
 
-        key = repr((file_fingerprint, str(dtype), "gpu" if gpu_layout else "cpu", tp_rank(), tp_size(),
+        key = repr((file_fingerprint, str(dtype), "cpu", tp_rank(), tp_size(),
                     torch.__version__, packing_sources_digest()))
         name = f"{gguf_path.stem[:60]}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
         return cls(cache_root() / "gguf-repacked" / name)
