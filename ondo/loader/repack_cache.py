@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ondo.layers.quantization.int4_planes import cpu_tile_rows
 from ondo.loader.gguf_tokenizer import cache_root
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ class RepackCache:
     def for_file(cls, gguf_path: Path, file_fingerprint: str, dtype: torch.dtype) -> "RepackCache":
         from ondo.distributed.parallel_state import tp_rank, tp_size
 
-        key = repr((file_fingerprint, str(dtype), "cpu", tp_rank(), tp_size(),
+        # The tile is the CPU's (AVX512 or AVX2): a cache shared by two machines keeps one file each.
+        key = repr((file_fingerprint, str(dtype), "cpu", cpu_tile_rows(), tp_rank(), tp_size(),
                     torch.__version__, packing_sources_digest()))
         name = f"{gguf_path.stem[:60]}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
         return cls(cache_root() / "gguf-repacked" / name)

@@ -10,6 +10,8 @@ from gguf.quants import dequantize, quantize
 
 from ondo import LLM, SamplingParams
 from ondo.layers.linear import Linear, linear_method_scope
+from ondo.layers.quantization import int4_planes
+from ondo.layers.quantization.int4_planes import cpu_tile_rows, pack_tiles, unpack_tiles
 from ondo.layers.quantization.gguf_blocks import PACKED_TYPES, GGUFBlocks, GGUFLinearMethod, decode_blocks
 from tests.tokenizer.model_files import gemma3_gguf_path, smollm2_gguf_path
 
@@ -65,6 +67,31 @@ def test_packed_linear_matches_dequantized(kind, num_tokens):
     assert error < 1e-2, f"bfloat16 relative error {error:.2e}"
     ids = torch.tensor([0, 31, 32, 63, 64, 95])
     torch.testing.assert_close(exact.method.embed(exact, ids), weight[ids], rtol=0, atol=0)
+
+
+def test_cpu_tile_layout_is_torchs():
+    """torch's CPU int4 kernel reads a layout that depends on the CPU (64-row tiles with AVX512, 32 with
+    AVX2): the packer must write the one its kernel reads here, and unpacking must invert it."""
+    codes = torch.randint(0, 16, (192, 96), generator=torch.Generator().manual_seed(2), dtype=torch.int32)
+    packed = pack_tiles(codes.to(torch.uint8))
+    assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)), cpu_tile_rows()
+    assert torch.equal(unpack_tiles(packed), codes.to(torch.uint8))
+
+
+@pytest.mark.parametrize("tile", [16, 32, 64])
+def test_dequantizing_and_embedding_read_every_tile(monkeypatch, tile):
+    """The tile sizes other CPUs use: rows and embeddings read back from their layout, without torch's
+    kernel (which reads only this CPU's)."""
+    monkeypatch.setattr(int4_planes, "cpu_tile_rows", lambda: tile)
+    n, k = 96, 256
+    raw = random_blocks(T.Q4_0, n, k, seed=3)
+    weight = torch.from_numpy(dequantize(raw, T.Q4_0).reshape(n, k))
+    layer = packed_linear(raw, T.Q4_0, n, k, torch.float32)
+    codes = torch.randint(0, 16, (128, 64), dtype=torch.uint8)
+    assert torch.equal(unpack_tiles(pack_tiles(codes)), codes)
+    torch.testing.assert_close(layer.method.dense_weight(layer), weight, rtol=0, atol=0)
+    ids = torch.tensor([0, tile // 2 - 1, tile // 2, tile - 1, tile, 95])
+    torch.testing.assert_close(layer.method.embed(layer, ids), layer.method.dense_weight(layer)[ids], rtol=0, atol=0)
 
 
 def test_packed_model_memory_is_the_file_size():

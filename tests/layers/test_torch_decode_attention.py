@@ -45,7 +45,9 @@ def test_decode_matches_each_sequence_alone_across_layers_and_steps():
                 v = torch.randn(len(seq_lens), KVH, DIM, dtype=torch.bfloat16)
                 out = backend.forward(q, k, v, kv_cache, meta, scale=DIM ** -0.5, sliding_window=window,
                                       logit_softcap=None)
-                torch.testing.assert_close(out, _reference(q, kv_cache, meta, window), rtol=0, atol=0)
+                # Bit for bit with AVX512; torch's bfloat16 kernels for AVX2 round about one output
+                # in a hundred a unit or two differently between the batched and the one-sequence shapes.
+                torch.testing.assert_close(out, _reference(q, kv_cache, meta, window), rtol=2 ** -6, atol=2 ** -9)
 
 
 def test_single_sequence_decode_with_soft_capping_matches_the_masked_path():

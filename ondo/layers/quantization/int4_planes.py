@@ -6,19 +6,23 @@ a sum of 4-bit planes, code = sum_p 16^p * code_p, so a 5-, 6- or 8-bit format (
 two int4 matrices side by side along K multiplied by [x, x]: one kernel call, no rounding.
 
 Storage, chosen by the run device at load (both lossless):
-- CPU: `qweight` uint8 [N_pad, P * K_eff / 2] in torch's CPU int4 tile layout (tiles of 64 rows; the
-  byte at [tile, k, d] holds row d in its low nibble and row d + 32 in its high one). N is padded to
-  64; groups of 16 (Q6_K) are padded to 32 with zero inputs, so K_eff = 2K for them, else K.
+- CPU: `qweight` uint8 [N_pad, P * K_eff / 2] in torch's CPU int4 tile layout, whose tile depends on
+  the CPU (`cpu_tile_rows`: T = 64 rows with AVX512, 32 with AVX2; the byte at [tile, k, d] holds row
+  d in its low nibble and row d + T/2 in its high one). N is padded to 64; groups of 16 (Q6_K) are
+  padded to 32 with zero inputs, so K_eff = 2K for them, else K.
 - CUDA: `qweight` int32 [P * K_pad / 8, N], codes packed along K (`int4_gpu.py`); K_eff = K_pad.
 - Both: `scales_and_zeros` [P * K_eff / g, N(_pad), 2] in the run dtype: w = (code_p - 8) * scale_p + zero_p.
 
 Kernels (`apply`): on the CPU, torch's fused int4 kernel (`aten._weight_int4pack_mm_for_cpu`) reads
-the packed bytes directly, for every batch size (fast for bfloat16/float16 activations, exact but
-slow for float32). On a GPU, Triton kernels (`int4_gpu_kernels.py`): a fused kernel for decode-sized
-batches, dequantize + cuBLAS above that, all inside the CUDA graphs.
+the packed bytes directly, for every batch size. It is vectorized for bfloat16 activations, on AVX2
+too, and exact but 10 to 20 times slower for float32 (2-core AVX2, a 1536 x 576 product: 1.3 ms
+against 0.12; 128 rows: 370 ms against 19), which is why int4 weights run in bfloat16 by default
+(`loader.resolve_dtype`). On a GPU, Triton kernels (`int4_gpu_kernels.py`): a fused kernel for
+decode-sized batches, dequantize + cuBLAS above that, all inside the CUDA graphs.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -68,19 +72,39 @@ def concat_rows(parts: list[AffineCodes]) -> AffineCodes:
                        torch.cat([p.minimum for p in parts]), group, bits)
 
 
-def pack_tiles(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [N, K] (N a multiple of 64, each < 16) -> torch's CPU int4 tile layout [N, K / 2]."""
+def pack_tiles(codes: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+    """uint8 codes [N, K] (N a multiple of 64, each < 16) -> torch's CPU int4 tile layout [N, K / 2]:
+    tiles of `tile` rows (this CPU's by default), byte [tile, k, d] holding row d in its low nibble and
+    row d + tile / 2 in its high one."""
+    tile = tile or cpu_tile_rows()
     n, k = codes.shape
-    tiles = codes.view(n // TILE_N, TILE_N, k).transpose(1, 2)                      # [N/64, K, 64]
-    return (tiles[..., :32] | (tiles[..., 32:] << 4)).reshape(n, k // 2).contiguous()
+    tiles = codes.view(n // tile, tile, k).transpose(1, 2)                          # [N/T, K, T]
+    return (tiles[..., :tile // 2] | (tiles[..., tile // 2:] << 4)).reshape(n, k // 2).contiguous()
 
 
-def unpack_tiles(packed: torch.Tensor) -> torch.Tensor:
+def unpack_tiles(packed: torch.Tensor, tile: int | None = None) -> torch.Tensor:
     """The inverse of `pack_tiles`: [N, K / 2] -> uint8 codes [N, K]."""
+    tile = tile or cpu_tile_rows()
     n, half = packed.shape
-    tiles = packed.view(n // TILE_N, 2 * half, 32)                                  # [N/64, K, 32]
-    codes = torch.cat([tiles & 15, tiles >> 4], dim=2)                              # [N/64, K, 64]
+    tiles = packed.view(n // tile, 2 * half, tile // 2)                             # [N/T, K, T/2]
+    codes = torch.cat([tiles & 15, tiles >> 4], dim=2)                              # [N/T, K, T]
     return codes.transpose(1, 2).reshape(n, 2 * half)
+
+
+@functools.cache
+def cpu_tile_rows() -> int:
+    """Rows per tile of torch's CPU int4 layout on this machine. torch fixes it per instruction set
+    when it is built (`Vectorized<float>::size() * 4`: 64 with AVX512, 32 with AVX2) and its kernel
+    reads only that layout, so it is found by packing a probe with torch's own packer: a layout ondo
+    does not know stops the load with a clear error instead of multiplying by scrambled weights."""
+    probe = ((torch.arange(2 * TILE_N)[:, None] * 7 + torch.arange(64) * 3) % 16).to(torch.int32)  # [128, 64]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    for tile in (64, 32, 16):
+        if packed.shape == (2 * TILE_N, 32) and torch.equal(packed, pack_tiles(probe.to(torch.uint8), tile)):
+            return tile
+    raise RuntimeError("torch's CPU int4 kernel uses a weight layout ondo does not know on this machine "
+                       f"(torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}); "
+                       'load the model with quantization="none" to run it dequantized')
 
 
 class Int4PlanesMethod(LinearMethod):
@@ -196,13 +220,13 @@ class Int4PlanesMethod(LinearMethod):
 
             return int4_dequant(layer.qweight.index_select(1, token_ids), layer.scales_and_zeros.index_select(1, token_ids),
                                 layer.group, layer.in_features, layer.planes, layer.run_dtype).t()
-        # Row n sits in tile n // 64 at byte column n % 32 of every k (low nibble for n % 64 < 32).
+        # Row n sits in tile n // T at byte column n % (T/2) of every k (low nibble for n % T < T/2).
         # index_select, not advanced indexing: the latter costs milliseconds per call on a CPU.
-        k_total = layer.qweight.shape[1] * 2
-        tile, d = token_ids // TILE_N, token_ids % TILE_N
-        offsets = (tile * k_total * 32 + d % 32)[:, None] + torch.arange(k_total, device=token_ids.device) * 32
+        k_total, half = layer.qweight.shape[1] * 2, cpu_tile_rows() // 2
+        tile, d = token_ids // (2 * half), token_ids % (2 * half)
+        offsets = (tile * k_total * half + d % half)[:, None] + torch.arange(k_total, device=token_ids.device) * half
         packed = layer.qweight.view(-1).index_select(0, offsets.flatten()).view(-1, k_total)  # [T, P*K_eff]
-        codes = torch.where((d < 32)[:, None], packed & 15, packed >> 4)
+        codes = torch.where((d < half)[:, None], packed & 15, packed >> 4)
         sz = layer.scales_and_zeros.index_select(1, token_ids)
         return self._rows(layer, codes, sz).to(layer.run_dtype)
 
