@@ -135,7 +135,7 @@ def decode_blocks(blocks: GGUFBlocks) -> AffineCodes:
                      f"{', '.join(t.name for t in PACKED_TYPES)}")
 
 
-# Rows repacked at a time: a multiple of the 64-row tiles, so every chunk packs on its own, and small
+# Rows repacked at a time: a multiple of every CPU's tile (`int4_planes.TILE_N`), so every chunk packs on its own, and small
 # enough that a chunk's temporaries (codes, planes, tiles: a few bytes per weight) stay about a MB even
 # for a 49152-row embedding, instead of several hundred MB for the whole matrix at once.
 REPACK_ROWS = 256
@@ -211,7 +211,7 @@ class GGUFLinearMethod(Int4PlanesMethod):
     def _repack_chunks(self, layer: Linear, staged: list[tuple[slice, GGUFBlocks]], group: int, bits: int,
                        chunk_layer: _ChunkLayer) -> None:
         n = layer.out_features
-        # Output rows are tiles of 64 rows on the CPU (padded) and columns of the words on a GPU.
+        # Output rows are padded to whole tiles on the CPU and are columns of the words on a GPU.
         n_pad = n if layer.gpu_layout else -(-n // TILE_N) * TILE_N
         for start in range(0, n, REPACK_ROWS):
             stop = min(start + REPACK_ROWS, n)

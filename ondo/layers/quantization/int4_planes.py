@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from ondo.layers.linear import Linear, LinearMethod, row_chunks
 from ondo.layers.quantization.int4_gpu import pack_words, padded_k
 
+# CPU rows are padded to a multiple of torch's largest tile (64 rows, AVX512), which every smaller
+# tile (`cpu_tile_rows`) divides: the padding is the same on every CPU.
 TILE_N = 64
 KERNEL_GROUPS = (32, 64, 128, 256)
 # Largest batch the int4 kernels serve (benchmarks/int4_kernel.py): on the CPU, torch's kernel costs
