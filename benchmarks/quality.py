@@ -13,6 +13,10 @@ Rows:
   dequantized file in float32, the reference.
 - A dense folder made from the Gemma 3 GGUF (dequantized to float32 with transformers, cached under
   ~/.cache/ondo): float32 is the reference for the on-the-fly formats int8, int4 and nf4.
+- With `--perturb N`: each on-the-fly format again on N copies of that folder whose decoder matrices are
+  multiplied by (1 + 1e-4 * N(0, 1)) (seeds 1..N; float32 scored once on the first copy). Such a change
+  is far below any format's rounding but moves which side of a rounding boundary some weights fall on:
+  the spread of these rows is how much of a format's perplexity change is the luck of its roundings.
 - With `--peer llamacpp`: the same Gemma 3 weights requantized by llama.cpp to Q4_0, its all-4-bit
   format, against the same reference (scored by ondo: a GGUF's blocks dequantize exactly).
 Bounds checked (printed, and `"within_bound"` in the JSON): int8 <= +1 %, int4 and nf4 <= +5 %, a packed
@@ -74,6 +78,28 @@ def dense_folder_from_gguf(gguf_path: Path) -> Path:
     return folder
 
 
+def perturbed_folder(folder: Path, seed: int, relative: float = 1e-4) -> Path:
+    """A copy of the dense `folder` with every matrix of its decoder layers multiplied by
+    (1 + relative * N(0, 1)), drawn from `seed`; cached next to it."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    target = folder.with_name(f"{folder.name}-perturbed-{seed}")
+    if not (target / "config.json").exists():
+        generator = torch.Generator().manual_seed(seed)
+        state = load_file(folder / "model.safetensors")
+        for name, tensor in state.items():
+            if ".layers." in name and tensor.dim() == 2:
+                state[name] = tensor * (1 + relative * torch.randn(tensor.shape, generator=generator))
+        partial = target.with_name(target.name + ".partial")
+        shutil.copytree(folder, partial, ignore=shutil.ignore_patterns("*.safetensors"), dirs_exist_ok=True)
+        save_file(state, partial / "model.safetensors", metadata={"format": "pt"})
+        partial.rename(target)
+    return target
+
+
 def model_paths(names: list[str]) -> dict[str, Path]:
     import sys
 
@@ -105,7 +131,7 @@ def llamacpp_q4_0(gguf_path: Path) -> Path:
     return target
 
 
-def variants(name: str, gguf: Path, formats: list[str], dtype: str, peer: str | None = None):
+def variants(name: str, gguf: Path, formats: list[str], dtype: str, peer: str | None = None, perturb: int = 0):
     """(label, model, options, reference label) for one model."""
     if "packed" in formats:
         yield f"{name} GGUF dequantized float32", gguf, dict(quantization="none", dtype="float32"), None
@@ -117,6 +143,12 @@ def variants(name: str, gguf: Path, formats: list[str], dtype: str, peer: str | 
         yield f"{name} folder float32", folder, dict(dtype="float32"), None
         for fmt in on_the_fly:
             yield f"{name} folder {fmt}", folder, dict(quantization=fmt), f"{name} folder float32"
+        for seed in range(1, perturb + 1):
+            copy = perturbed_folder(folder, seed)
+            if seed == 1:   # how far the perturbation alone moves the reference
+                yield f"{name} folder float32 perturbed 1", copy, dict(dtype="float32"), f"{name} folder float32"
+            for fmt in on_the_fly:
+                yield f"{name} folder {fmt} perturbed {seed}", copy, dict(quantization=fmt), f"{name} folder float32"
         if peer == "llamacpp" and "int4" in on_the_fly:   # the peer's 4-bit of the same float weights
             yield (f"{name} llama.cpp Q4_0", llamacpp_q4_0(gguf), dict(quantization="none", dtype="float32"),
                    f"{name} folder float32")
@@ -132,6 +164,9 @@ def main() -> None:
     parser.add_argument("--peer", choices=["llamacpp", "none"], default="none",
                         help="llamacpp: also score Gemma 3 requantized to llama.cpp's Q4_0 (needs llama-cpp-python), "
                              "against the same float32 reference as int4")
+    parser.add_argument("--perturb", type=int, default=0, metavar="N",
+                        help="also score each on-the-fly format on N slightly perturbed copies of the dense folder "
+                             "(the spread of a format's perplexity over roundings)")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     os.environ.setdefault("ONDO_NO_PROGRESS", "1")
@@ -145,7 +180,7 @@ def main() -> None:
     formats = args.formats.split(",")
     rows, by_label = [], {}
     for name, gguf in model_paths(args.models.split(",")).items():
-        for label, model, options, reference in variants(name, gguf, formats, args.dtype, args.peer):
+        for label, model, options, reference in variants(name, gguf, formats, args.dtype, args.peer, args.perturb):
             start = time.perf_counter()
             llm = LLM(str(model), max_model_len=args.context + 8, **options)
             result = perplexity(llm, texts, args.context)
@@ -163,8 +198,27 @@ def main() -> None:
                   + (f"  {row['delta_pct']:+.2f}% vs {reference} (bound {row['bound_pct']}%: "
                      f"{'ok' if row['within_bound'] else 'OVER'})" if reference else ""), flush=True)
             del llm
+    spread = rounding_spread(rows)
+    for label, deltas in spread.items():
+        print(f"{label:<40} over {deltas['roundings']} roundings: {deltas['min_pct']:+.2f}% .. {deltas['max_pct']:+.2f}%"
+              f" (median {deltas['median_pct']:+.2f}%)")
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps({"context": args.context, "rows": rows}, indent=2))
+        Path(args.output_json).write_text(json.dumps({"context": args.context, "rows": rows, "rounding_spread": spread},
+                                                     indent=2))
+
+
+def rounding_spread(rows: list[dict]) -> dict:
+    """Per on-the-fly format with perturbed rows: min / median / max of its perplexity change over the
+    original folder and every perturbed copy."""
+    import statistics
+
+    groups: dict[str, list[float]] = {}
+    for row in rows:
+        fmt = row["options"].get("quantization")
+        if fmt in ("int8", "int4", "nf4") and "delta_pct" in row:
+            groups.setdefault(row["label"].split(" perturbed ")[0], []).append(row["delta_pct"])
+    return {label: {"roundings": len(d), "min_pct": min(d), "median_pct": statistics.median(d), "max_pct": max(d)}
+            for label, d in groups.items() if len(d) > 1}
 
 
 if __name__ == "__main__":

@@ -98,6 +98,10 @@ def _build(hf_config, tokenizer, config: EngineConfig, device, name, weights, fo
     dtype = resolve_dtype(config.dtype, hf_config, device, packed=packed, int4=int4)
     factory = folder_factory(config.quantization, hf_config, device, dtype, config.max_num_seqs)
     model = _instantiate(model_cls, hf_config, dtype, device, factory)
+    # On-the-fly quantization reads each weight as the checkpoint stores it: a float32 or float16 weight
+    # cast to the run dtype first would be rounded twice, to bfloat16 and then to its codes. Dense tensors
+    # take the run dtype where they are copied in (None: no cast).
+    read_dtype = None if config.quantization in ON_THE_FLY else dtype
     generation_config: dict = {}
     if folder is not None:
         generation_config = hf.load_generation_config(folder)
@@ -108,12 +112,13 @@ def _build(hf_config, tokenizer, config: EngineConfig, device, name, weights, fo
         from ondo.loader.checkpoint import iter_checkpoint
 
         expected = (hf.checkpoint_names(folder) if folder else set()) | set(_hf_names(model))
-        _load_checked(model, iter_checkpoint(Path(config.checkpoint), expected, dtype), f"checkpoint {config.checkpoint}")
+        _load_checked(model, iter_checkpoint(Path(config.checkpoint), expected, read_dtype),
+                      f"checkpoint {config.checkpoint}")
     elif weights == "folder":
         from ondo.loader.prequantized import iter_folder_weights
 
         files = hf.weight_files(folder)
-        _load_checked(model, _progress(iter_folder_weights(files, dtype, hf_config), name), str(folder))
+        _load_checked(model, _progress(iter_folder_weights(files, read_dtype, hf_config), name), str(folder))
     return LoadedModel(model.eval(), hf_config, tokenizer, generation_config, name), dtype
 
 

@@ -38,5 +38,5 @@ def strip_prefix(state: dict[str, torch.Tensor], expected_names: set[str]) -> di
     return {k[len(best):] if k.startswith(best) else k: v for k, v in state.items()}
 
 
-def iter_checkpoint(path: Path, expected_names: set[str], dtype: torch.dtype):
+def iter_checkpoint(path: Path, expected_names: set[str], dtype: torch.dtype | None):
     return iter_state_dict(strip_prefix(read_checkpoint(path), expected_names), dtype)

@@ -38,13 +38,13 @@ def weight_files(folder: Path) -> list[Path]:
     raise ModelLoadError(f"{folder} has no weights: expected *.safetensors or pytorch_model.bin")
 
 
-def iter_weight_file(path: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weight_file(path: Path, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
-                yield name, _cast(f.get_tensor(name), dtype)
+                yield name, cast_float(f.get_tensor(name), dtype)
         return
     yield from iter_state_dict(torch_load(path), dtype)
 
@@ -56,10 +56,10 @@ def torch_load(path: Path) -> dict:
         raise ModelLoadError(f"cannot load {path} with weights_only=True: {str(error).splitlines()[0]}") from None
 
 
-def iter_state_dict(state: dict, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_state_dict(state: dict, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
     for name, tensor in state.items():
         if isinstance(tensor, torch.Tensor):
-            yield name, _cast(tensor, dtype)
+            yield name, cast_float(tensor, dtype)
 
 
 def checkpoint_names(folder: Path) -> set[str]:
@@ -83,5 +83,6 @@ def load_generation_config(folder: Path) -> dict:
         raise ModelLoadError(f"malformed {path}: {error}") from None
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+def cast_float(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """`tensor` in `dtype` if it is a float tensor; None keeps the stored dtype."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor

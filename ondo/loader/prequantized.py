@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ondo.layers.quantization.prequantized import CheckpointFormat, checkpoint_format
-from ondo.loader.hf import ModelLoadError, iter_weight_file, torch_load
+from ondo.loader.hf import ModelLoadError, cast_float, iter_weight_file, torch_load
 
 _BNB4_STATE = "weight.quant_state.bitsandbytes__"
 # Per format: the suffixes that mark a quantized layer, and every suffix that belongs to its group.
@@ -30,7 +30,7 @@ _GROUPS = {
 }
 
 
-def iter_folder_weights(files: list[Path], dtype: torch.dtype, hf_config) -> Iterator[tuple[str, object]]:
+def iter_folder_weights(files: list[Path], dtype: torch.dtype | None, hf_config) -> Iterator[tuple[str, object]]:
     """(name, tensor or payload) pairs of a folder's weight files, quantized layers grouped."""
     fmt = checkpoint_format(hf_config)
     if fmt is None:
@@ -50,7 +50,7 @@ def iter_folder_weights(files: list[Path], dtype: torch.dtype, hf_config) -> Ite
         for name, tensor in _raw_tensors(path):
             layer, part = _split(name, layers, members)
             if layer is None:
-                yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+                yield name, cast_float(tensor, dtype)
                 continue
             parts = pending.setdefault(layer, {})
             parts[part] = tensor

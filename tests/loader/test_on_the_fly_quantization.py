@@ -98,6 +98,30 @@ def test_bfloat16_run_stays_within_the_bound(dense, quantization):
     assert error < ERROR_BOUNDS[quantization] + 0.02, f"{quantization}: relative logit error {error:.3f}"
 
 
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_a_bfloat16_run_quantizes_the_weights_as_stored(dense, quantization):
+    """The folder holds float32 weights: a bfloat16 run quantizes those, not their bfloat16 rounding
+    (rounding twice moves codes that sit near a rounding boundary)."""
+    from safetensors.torch import load_file
+
+    from ondo.layers.quantization.int4 import quantize_int4
+    from ondo.layers.quantization.int4_planes import cpu_tile_rows, unpack_tiles
+    from ondo.layers.quantization.int8 import quantize_int8
+
+    folder, _ = dense
+    stored = load_file(folder / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
+    assert stored.dtype == torch.float32
+    layer = ondo_model(folder, quantization, "bfloat16").model.layers[0].mlp.down_proj
+    if quantization == "int4":
+        codes = unpack_tiles(layer.qweight, cpu_tile_rows())[:stored.shape[0], :stored.shape[1]]
+        as_stored, rounded_first = (quantize_int4(w).codes for w in (stored, stored.bfloat16()))
+    else:
+        codes = layer.qweight
+        as_stored, rounded_first = (quantize_int8(w).codes for w in (stored, stored.bfloat16()))
+    assert not torch.equal(as_stored, rounded_first)     # the two roundings differ on this matrix
+    assert torch.equal(codes, as_stored)
+
+
 def test_quantized_run_with_the_default_dtype(dense):
     folder, _ = dense
     llm = LLM(str(folder), quantization="int8")

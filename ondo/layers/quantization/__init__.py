@@ -12,7 +12,7 @@ run is on a GPU in bf16/fp16 and the engine decodes at most INT8_HEAD_MAX_ROWS s
 (`lm_head_method`): it is the largest matrix a decode step reads (Llama-3-8B: 1.05 GB in bf16, ~0.23 ms
 of a 2.75 ms int4 token on an H200; one stream 363 -> 381 tok/s), and per-row int8 costs far
 less than the 4-bit layers before it (Gemma 3 270M: +0.46 % perplexity from its head alone, against
-+25 % from int4; llama.cpp keeps its output matrix at 6 to 8 bits, gpt-fast quantizes it with the rest).
++10 to +21 % from int4; llama.cpp keeps its output matrix at 6 to 8 bits, gpt-fast quantizes it with the rest).
 Under int8 the head stays dense: those +0.46 % would be half of what int8 is allowed. On the CPU, and
 in float32, it stays dense too: no int8 kernel there reads it faster than the dense product. Nor above
 INT8_HEAD_MAX_ROWS rows, where the int8 kernel (`int8_mm`) loses to cuBLAS on the dense head.
