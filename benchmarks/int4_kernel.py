@@ -1,7 +1,8 @@
-"""The int4 matrix kernels against bfloat16 on the Llama-3-8B layer shapes, per batch size.
+"""The int4 (or int8) matrix kernels against bfloat16 on the Llama-3-8B layer shapes, per batch size.
 
     python benchmarks/int4_kernel.py --output-json int4.json           # GPU: Triton tiles vs cuBLAS bf16
     python benchmarks/int4_kernel.py --device cpu --threads 2           # CPU: torch's int4 kernel vs bf16
+    python benchmarks/int4_kernel.py --method int8                      # GPU: the int8 kernels (+ 128x128 tiles)
 
 For each batch size M: the time of one token's matrix products of a whole layer stack (qkv, o, gate_up,
 down per layer) through (a) the fused int4 kernel, (b) dequantize + dense GEMM, the path larger batches
@@ -42,20 +43,23 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batch-sizes", default="1,4,16,64,128,256")
+    parser.add_argument("--method", default="int4", choices=["int4", "int8"])
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     from ondo.layers.linear import Linear, linear_method_scope
-    from ondo.layers.quantization.int4 import Int4Method
     from ondo.layers.quantization import int4_planes
+    from ondo.layers.quantization.int4 import Int4Method
+    from ondo.layers.quantization.int8 import Int8Method
 
     shapes, layers = SHAPES[args.model]
     torch.set_default_dtype(torch.bfloat16)
     copies = layers if args.device == "cuda" else 1     # the CPU times one layer's set, times the count
+    method = Int4Method if args.method == "int4" else Int8Method
     with torch.device(args.device):
         dense = [Linear(k, n) for _ in range(copies) for n, k in shapes]
-        with linear_method_scope(lambda layer: Int4Method()):
+        with linear_method_scope(lambda layer: method()):
             packed = [Linear(k, n) for _ in range(copies) for n, k in shapes]
     for d, p in zip(dense, packed):
         d.weight.data.normal_(0, 0.02)
@@ -67,34 +71,54 @@ def main() -> None:
         xs = {k: torch.randn(m, k, device=args.device) for _, k in shapes}
         repeat = layers // copies
         # The kernel limits, forced each way: the fused kernel for every batch, then dequantize + GEMM.
-        limits = [(int4_planes, "CPU_KERNEL_MAX_TOKENS")]
-        if args.device == "cuda":                      # Triton only where a GPU runs
-            from ondo.layers.quantization import int4_gpu_kernels
+        if args.method == "int4":
+            limits = [(int4_planes, "CPU_KERNEL_MAX_TOKENS")]
+            if args.device == "cuda":                      # Triton only where a GPU runs
+                from ondo.layers.quantization import int4_gpu_kernels
 
-            limits.append((int4_gpu_kernels, "FUSED_MAX_TOKENS"))
+                limits.append((int4_gpu_kernels, "FUSED_MAX_TOKENS"))
+            kernel_limit, dequant_limit = 1 << 20, 0
+        else:
+            from ondo.layers.quantization import int8_triton
+
+            limits, kernel_limit, dequant_limit = [(int8_triton, "KERNEL_MAX_TOKENS")], 1 << 20, 0
         saved = [getattr(module, name) for module, name in limits]
         for module, name in limits:
-            setattr(module, name, 1 << 20)
+            setattr(module, name, kernel_limit)
         t_kernel = timed(lambda: [p(xs[p.in_features]) for p in packed], args.device, reps) * repeat
+        row = {"M": m}
+        if args.method == "int8" and m > 1 and args.device == "cuda":   # tensor-core kernel, 128 x 128 tiles, 8 warps
+            import functools
+
+            real_mm = int8_triton.int8_mm
+            int8_triton.int8_mm = functools.partial(real_mm, config=(128, 128, 8, 3))
+            row["int8_kernel_128x128_ms"] = timed(lambda: [p(xs[p.in_features]) for p in packed], args.device,
+                                                  reps) * repeat * 1e3
+            int8_triton.int8_mm = real_mm
         for module, name in limits:
-            setattr(module, name, 0)
+            setattr(module, name, dequant_limit)
         t_dequant = timed(lambda: [p(xs[p.in_features]) for p in packed], args.device, reps) * repeat
         for (module, name), value in zip(limits, saved):
             setattr(module, name, value)
         t_dense = timed(lambda: [d(xs[d.in_features]) for d in dense], args.device, reps) * repeat
-        int4_bytes = sum(p.qweight.nbytes + p.scales_and_zeros.nbytes for p in packed) * repeat
+        quant_bytes = sum(b.nbytes for p in packed for b in p.buffers()) * repeat
         dense_bytes = sum(d.weight.nbytes for d in dense) * repeat
-        rows.append({"M": m, "int4_kernel_ms": t_kernel * 1e3, "int4_dequant_gemm_ms": t_dequant * 1e3,
-                     "bf16_ms": t_dense * 1e3, "int4_GBps": int4_bytes / t_kernel / 1e9,
-                     "bf16_GBps": dense_bytes / t_dense / 1e9, "speedup_vs_bf16": t_dense / min(t_kernel, t_dequant)})
-    print(f"{args.model} layer stack, {args.device}: int4 weights {int4_bytes / 1e9:.2f} GB, bf16 {dense_bytes / 1e9:.2f} GB")
-    print(f"{'M':>5} {'int4 kernel ms':>15} {'dequant+GEMM ms':>16} {'bf16 ms':>9} {'int4 GB/s':>10} {'bf16 GB/s':>10} {'best/bf16':>9}")
+        name = args.method
+        row.update({f"{name}_kernel_ms": t_kernel * 1e3, f"{name}_dequant_gemm_ms": t_dequant * 1e3,
+                    "bf16_ms": t_dense * 1e3, f"{name}_GBps": quant_bytes / t_kernel / 1e9,
+                    "bf16_GBps": dense_bytes / t_dense / 1e9, "speedup_vs_bf16": t_dense / min(t_kernel, t_dequant)})
+        rows.append(row)
+    name = args.method
+    print(f"{args.model} layer stack, {args.device}: {name} weights {quant_bytes / 1e9:.2f} GB, bf16 {dense_bytes / 1e9:.2f} GB")
+    print(f"{'M':>5} {name + ' kernel ms':>15} {'dequant+GEMM ms':>16} {'bf16 ms':>9} {name + ' GB/s':>10} {'bf16 GB/s':>10} "
+          f"{'best/bf16':>9}" + (f" {'128x128 tiles ms':>17}" if name == "int8" and args.device == "cuda" else ""))
     for r in rows:
-        print(f"{r['M']:>5} {r['int4_kernel_ms']:>15.3f} {r['int4_dequant_gemm_ms']:>16.3f} {r['bf16_ms']:>9.3f} "
-              f"{r['int4_GBps']:>10.0f} {r['bf16_GBps']:>10.0f} {r['speedup_vs_bf16']:>8.2f}x")
+        print(f"{r['M']:>5} {r[name + '_kernel_ms']:>15.3f} {r[name + '_dequant_gemm_ms']:>16.3f} {r['bf16_ms']:>9.3f} "
+              f"{r[name + '_GBps']:>10.0f} {r['bf16_GBps']:>10.0f} {r['speedup_vs_bf16']:>8.2f}x"
+              + (f" {r['int8_kernel_128x128_ms']:>17.3f}" if "int8_kernel_128x128_ms" in r else ""))
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump({"model": args.model, "device": args.device, "rows": rows}, f, indent=2)
+            json.dump({"model": args.model, "device": args.device, "method": name, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

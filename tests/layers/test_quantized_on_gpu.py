@@ -45,7 +45,7 @@ FACTORIES = {
 
 
 @pytest.mark.parametrize("name", FACTORIES)
-@pytest.mark.parametrize("num_tokens", [1, 40])
+@pytest.mark.parametrize("num_tokens", [1, 40, 200])
 def test_gpu_layer_equals_its_cpu_twin(name, num_tokens):
     factory, payloads = FACTORIES[name]
     weights = payloads() if payloads else [torch.randn(n, 128, generator=torch.Generator().manual_seed(i)) * 0.05
@@ -64,3 +64,21 @@ def test_gpu_layer_equals_its_cpu_twin(name, num_tokens):
     expected = x.float() @ cpu.method.dense_weight(cpu).float().t()
     error = (gpu(x.cuda()).float().cpu() - expected).abs().max() / expected.abs().max()
     assert error < 2e-2, f"{name}: bfloat16 relative error {error:.2e}"
+
+
+def test_int8_batches_above_the_kernel_limit_take_the_dense_product_of_the_dequantized_weights():
+    """Above KERNEL_MAX_TOKENS rows an int8 layer is cuBLAS on its dequantized matrix: the very product
+    of the dense layer holding `dense_weight`; at the limit the tensor-core kernel stays close to it."""
+    import torch.nn.functional as F
+
+    from ondo.layers.quantization.int8_triton import KERNEL_MAX_TOKENS
+
+    layer = build(Int8Method, "cuda", torch.bfloat16)
+    for i, n in enumerate(SIZES):
+        layer.load("weight", torch.randn(n, 128, generator=torch.Generator().manual_seed(i)) * 0.05, i)
+    layer.finish_loading()
+    weight = layer.method.dense_weight(layer)
+    x = torch.randn(KERNEL_MAX_TOKENS + 1, 128, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(layer(x), F.linear(x, weight), rtol=0, atol=0)
+    below = x[:KERNEL_MAX_TOKENS]
+    torch.testing.assert_close(layer(below).float(), F.linear(below, weight).float(), rtol=2e-2, atol=2e-2)

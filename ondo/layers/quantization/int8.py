@@ -12,8 +12,9 @@ int8 weight-only kernel (`torch._weight_int8pack_mm`), which reads the int8 byte
 is bound by them: half of bfloat16's traffic). Its float32 path costs time in proportion to the batch
 (measured here: several times a float32 GEMV from two tokens on), so float32 runs and large batches
 (prefill) dequantize a few thousand rows at a time into the activation dtype and use the dense GEMM.
-On a GPU Triton kernels (`int8_triton.py`) read the int8 codes for every batch size: a GEMV on the
-CUDA cores for one row, a tensor-core kernel for more.
+On a GPU Triton kernels (`int8_triton.py`) read the int8 codes: a GEMV on the CUDA cores for one
+row, a tensor-core kernel up to 128 rows; larger batches dequantize the matrix once in a Triton pass
+and take the dense product.
 """
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ from ondo.layers.linear import Linear, LinearMethod, _check_shape, row_chunks
 # Largest batch the CPU int8 kernel serves; above it, dequantize + dense GEMM wins.
 CPU_KERNEL_MAX_TOKENS = 16
 CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
-# On a GPU the Triton kernel (`int8_triton.py`) serves every batch: dequantizing a whole matrix per
-# call in torch cost 3x the step time of a 256-sequence decode batch on the Llama-3-8B shape.
+# On a GPU the Triton kernels (`int8_triton.int8_linear`) serve every batch, choosing by its size
+# (dequantizing a whole matrix per call in torch ops, through a float32 copy, cost 3x the step time
+# of a 256-sequence decode batch on the Llama-3-8B shape; `int8_dequant` writes it in one pass).
 GPU_KERNEL_MAX_TOKENS = 1 << 30
 # Rows dequantized at once on the dense path: scratch stays at ROW_CHUNK * K elements.
 ROW_CHUNK = 4096
@@ -102,9 +104,9 @@ class Int8Method(LinearMethod):
 
             out = int8_gemv(x.contiguous(), layer.qweight, layer.weight_scale)
         elif x.is_cuda and x.dtype in CPU_KERNEL_DTYPES and x.shape[-1] % 32 == 0 and x.shape[0] <= GPU_KERNEL_MAX_TOKENS:
-            from ondo.layers.quantization.int8_triton import int8_mm
+            from ondo.layers.quantization.int8_triton import int8_linear
 
-            out = int8_mm(x.contiguous(), layer.qweight, layer.weight_scale)
+            out = int8_linear(x.contiguous(), layer.qweight, layer.weight_scale)
         elif self._use_kernel(x):
             out = torch._weight_int8pack_mm(x.contiguous(), layer.qweight, layer.weight_scale.to(x.dtype))
         else:

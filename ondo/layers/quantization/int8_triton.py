@@ -6,6 +6,10 @@ applies once at the end. Decode matrices with few rows split K across programs, 
 their partial sums (`ondo/layers/split_k.py`), as the int4 kernels do. Launch shapes depend on host
 integers only (CUDA graphs).
 
+More than KERNEL_MAX_TOKENS rows (prefill chunks, large decode batches) dequantize the matrix once
+(`int8_dequant`) and take the dense product: 256 x (512 + 256) on the Llama-3-8B shape went from 4,491
+to 7,919 tok/s on an H200 (bf16 9,624, int4 7,970 in the same run).
+
 One row (single-stream decode) takes `int8_gemv` instead, on the CUDA cores: the widening conversion
 (int8 to float) issues at a quarter of the FMA rate on an H100/H200, which held the tensor-core kernel's
 one-row products to ~2.2 TB/s of codes. The GEMV reads the codes as int32 words and makes each byte a
@@ -20,6 +24,7 @@ the subtracting GEMV: the stack's gain does not show end to end, which is not ye
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -33,6 +38,12 @@ except ImportError:  # CPU-only installs never launch these kernels
     triton = None
 
 TARGET_PROGRAMS = 4 * 132
+# Above this many rows `int8_linear` dequantizes the matrix once (a Triton pass: 1 byte read and 2
+# written per weight) and multiplies with cuBLAS; the tensor-core kernel reads each weight tile again
+# for every 64 rows, at a fraction of cuBLAS's rate. H200, Llama-3-8B layer stack
+# (`benchmarks/int4_kernel.py --method int8`), kernel / dequantize + cuBLAS / bf16 ms at 64, 128, 256,
+# 1,024 rows: 5.1 / 9.6 / 3.9, 8.9 / 10.0 / 4.3, 16.0 / 11.2 / 6.2, 63.2 / 26.1 / 21.8.
+KERNEL_MAX_TOKENS = 128
 
 
 if triton is not None:
@@ -58,6 +69,20 @@ if triton is not None:
                       ws_ptr, offs_m[:, None] * N + offs_n[None, :], lock_ptr + pid_m * tl.num_programs(0) + pid_n,
                       split, SPLITS, M * N)
 
+
+    @triton.jit
+    def _int8_dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # out [N, K] = code * scale[n]: the product in float32, rounded once to out's dtype, as
+        # `Int8Method._rows` computes it (so the dense GEMM after it is the dense model's own product).
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        n_mask = offs_n < N
+        mask = n_mask[:, None] & (offs_k < K)[None, :]
+        codes = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :], mask=mask, other=0)
+        scale = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
+        out = codes.to(tl.float32) * scale[:, None]
+        tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=mask)
 
     @triton.jit
     def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr,
@@ -124,12 +149,37 @@ def int8_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     return out
 
 
-def int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (bf16/fp16) @ (codes [N, K] int8 * scale [N] float32)^T -> [M, N] in x's dtype."""
+def int8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (bf16/fp16, M > 1) @ (codes [N, K] int8 * scale [N] float32)^T with the path the batch
+    calls for: the tensor-core kernel up to KERNEL_MAX_TOKENS rows, else the matrix dequantized once
+    and the dense product (cuBLAS)."""
+    if x.shape[0] > KERNEL_MAX_TOKENS:
+        return F.linear(x, int8_dequant(codes, scale, x.dtype))
+    return int8_mm(x, codes, scale)
+
+
+def int8_dequant(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dense W [N, K] in `dtype` (code * scale in float32, rounded once); codes' rows may be strided."""
+    n, k = codes.shape
+    if codes.stride(1) != 1:
+        raise ValueError(f"int8_dequant reads rows of contiguous codes, got strides {codes.stride()}")
+    out = torch.empty(n, k, dtype=dtype, device=codes.device)
+    _int8_dequant_kernel[(triton.cdiv(n, 32), triton.cdiv(k, 256))](
+        codes, scale, out, n, k, codes.stride(0), BLOCK_N=32, BLOCK_K=256, num_warps=4)
+    return out
+
+
+def int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+            config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] (bf16/fp16) @ (codes [N, K] int8 * scale [N] float32)^T -> [M, N] in x's dtype;
+    `config`: (BLOCK_M, BLOCK_N, num_warps, num_stages), else chosen by M."""
     m, k = x.shape
     n = codes.shape[0]
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    block_n, block_k = 64, 128 if k % 128 == 0 else 64 if k % 64 == 0 else 32
+    block_n, warps, stages = 64, 4, 3
+    if config is not None:
+        block_m, block_n, warps, stages = config
+    block_k = 128 if k % 128 == 0 else 64 if k % 64 == 0 else 32
     if k % block_k:
         raise ValueError(f"int8 kernel needs in_features divisible by 32, got {k}")
     grid_n, grid_m = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
@@ -140,5 +190,5 @@ def int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.
     _int8_mm_kernel[(grid_n, grid_m, split)](
         x, codes, scale, out, *split_k.buffers(split, m * n, grid_n * grid_m, out), m, n, k, k // split, x.stride(0),
         codes.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=split,
-        num_warps=4, num_stages=3, **programmatic_launch_options(x))
+        num_warps=warps, num_stages=stages, **programmatic_launch_options(x))
     return out
