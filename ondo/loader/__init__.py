@@ -94,7 +94,7 @@ def _build(hf_config, tokenizer, config: EngineConfig, device, name, weights, fo
     model_cls = get_model_class(hf_config)
     checkpoint = checkpoint_format(hf_config)
     packed = config.quantization in ON_THE_FLY or checkpoint is not None
-    int4 = config.quantization == "int4" or (checkpoint is not None and checkpoint.method in ("gptq", "awq"))
+    int4 = config.quantization == "int4" or (checkpoint is not None and checkpoint.int4_planes)
     dtype = resolve_dtype(config.dtype, hf_config, device, packed=packed, int4=int4)
     factory = folder_factory(config.quantization, hf_config, device, dtype, config.max_num_seqs)
     model = _instantiate(model_cls, hf_config, dtype, device, factory)

@@ -34,6 +34,11 @@ class CheckpointFormat:
     group_size: int = -1          # GPTQ/AWQ: inputs per group (-1: the whole row)
     zero_shift: int = 0           # GPTQ v1 stores each zero minus one
 
+    @property
+    def int4_planes(self) -> bool:
+        """Whether the layers are stored as int4 planes (GPTQ, AWQ; the table above)."""
+        return self.method in ("gptq", "awq")
+
 
 def checkpoint_format(hf_config) -> CheckpointFormat | None:
     """None for a dense folder; the checked format otherwise (QuantizationError naming what is supported)."""
