@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ondo.engine.forward_context import fused_ops_enabled
-from ondo.layers import fused
+from ondo.layers import cpu_kernels, fused
 
 _ACTIVATIONS = {
     "silu": F.silu,
@@ -49,6 +49,8 @@ class GatedActivation(nn.Module):
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         if self.fused is not None and gate_up.is_cuda and fused_ops_enabled():
             return self.fused(gate_up)
+        if self.kernel_name is not None and cpu_kernels.usable(gate_up):
+            return cpu_kernels.gated(gate_up, gelu_tanh=self.kernel_name == "gelu_tanh")
         half = gate_up.shape[-1] // 2
         gate, up = gate_up[..., :half], gate_up[..., half:]   # [T, I] each
         return self.act(gate).mul_(up)   # act() returns a fresh tensor: multiplying in place saves one

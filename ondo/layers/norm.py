@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ondo.engine.forward_context import fused_ops_enabled
-from ondo.layers import fused
+from ondo.layers import cpu_kernels, fused
 
 
 class RMSNorm(nn.Module):
@@ -40,6 +40,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if x.is_cuda and fused_ops_enabled():
             return fused.rms_norm(x, self.weight, self.eps, residual, self.offset)
+        if x.dtype == self.weight.dtype and cpu_kernels.usable(x):   # one call instead of up to nine ops
+            return cpu_kernels.rms_norm(x, self.weight, self.eps, residual, self.offset)
         if residual is None:
             return self._norm(x)
         x = x + residual

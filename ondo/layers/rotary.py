@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ondo.layers import cpu_kernels
+
 
 def rope_inverse_frequencies(config, head_dim: int, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
     """(inv_freq [rot_dim // 2], attention_scaling) exactly as transformers computes them."""
@@ -75,6 +77,10 @@ def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, 
     qkv output); cos / signed_sin from `rotation_tables`. Each product is rounded to x's dtype before the
     sum, as in `apply_rotary`, so both give identical numbers."""
     num_tokens, half = x.shape[0], cos.shape[-1]
+    if (x.dim() == 2 and x.stride(1) == 1 and cos.dtype == x.dtype and cpu_kernels.usable(x)
+            and cos.is_contiguous() and signed_sin.is_contiguous()):
+        cpu_kernels.rotary_(x, cos, signed_sin, head_dim)   # one call instead of four ops
+        return x
     if 2 * half == head_dim:
         halves = x.view(num_tokens, -1, 2, half)                               # [T, heads, 2, D / 2]
     else:   # partial rotary: the first 2 * half dims of every head turn, the rest are kept

@@ -114,10 +114,11 @@ def greedy(llm: LLM, logprobs: int):
 
 def assert_packed_equals_dequantized(path, dtype: str):
     """Greedy tokens of the packed model equal the dequantized model's. A divergence is allowed only at
-    a proven near-tie: the reference's top-2 log-probabilities there differ by less than twice the
-    largest log-probability difference the two models showed on the tokens they agreed on."""
+    a proven near-tie: the reference's log-probability of the packed model's token is among its top 5
+    and below its top by less than twice the largest log-probability difference the two models showed
+    on the tokens they agreed on (a three-way tie, seen on the built-in model, is still a tie)."""
     packed = greedy(LLM(str(path), dtype=dtype, max_model_len=256), logprobs=1)
-    reference = greedy(LLM(str(path), dtype=dtype, quantization="none", max_model_len=256), logprobs=2)
+    reference = greedy(LLM(str(path), dtype=dtype, quantization="none", max_model_len=256), logprobs=5)
     largest, divergences = 0.0, []
     for ours, ref in zip(packed, reference):
         agreed = 0
@@ -130,9 +131,9 @@ def assert_packed_equals_dequantized(path, dtype: str):
         print(f"{path.name} {dtype}: {agreed}/{NEW_TOKENS} tokens agree on {ref.text[:30]!r}")
     print(f"{path.name} {dtype}: largest log-probability difference {largest:.4f}")
     for position_logprobs, mine in divergences:
-        top2 = sorted((lp.logprob for lp in position_logprobs.values()), reverse=True)[:2]
-        gap = top2[0] - top2[1]
-        assert gap < 2 * largest and mine in position_logprobs, f"diverged with a top-2 gap of {gap:.4f}"
+        assert mine in position_logprobs, f"diverged to {mine}, outside the reference's top 5"
+        gap = max(lp.logprob for lp in position_logprobs.values()) - position_logprobs[mine].logprob
+        assert gap < 2 * largest, f"diverged {gap:.4f} below the reference's top"
     assert largest < (1e-3 if dtype == "float32" else 0.25)
 
 

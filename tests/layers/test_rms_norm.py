@@ -1,12 +1,20 @@
-"""RMSNorm on the CPU rounds where transformers' LlamaRMSNorm rounds: in bfloat16/float16 it takes torch's
-fused `rms_norm` (one op instead of seven), which must give the same bits as the float32 steps."""
+"""RMSNorm's torch path on the CPU rounds where transformers' LlamaRMSNorm rounds: in bfloat16/float16 it
+takes torch's fused `rms_norm` (one op instead of seven), which must give the same bits as the float32
+steps. (ondo's CPU kernel, which sums the squares in another order, is tested in test_cpu_kernels.py.)"""
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from ondo.layers import cpu_kernels
 from ondo.layers.norm import RMSNorm
+
+
+@pytest.fixture(autouse=True)
+def torch_path():
+    with cpu_kernels.disabled():
+        yield
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -2,12 +2,22 @@
 numbers as attending each sequence on its own with a full mask."""
 from __future__ import annotations
 
+import pytest
 import torch
 
+from ondo.layers import cpu_kernels
 from ondo.layers.attention import AttentionMetadata
 from ondo.layers.attention.torch_backend import TorchAttentionBackend, attend, gather_kv, visibility_mask, write_kv
 
 BLOCK, KVH, HEADS, DIM = 4, 2, 6, 16
+
+
+@pytest.fixture(autouse=True)
+def torch_path():
+    """These tests pin down the torch path itself, the reference that ondo's CPU kernels are tested
+    against (tests/layers/test_cpu_kernels.py)."""
+    with cpu_kernels.disabled():
+        yield
 
 
 def _decode_meta(seq_lens: list[int], tables: list[list[int]]) -> AttentionMetadata:

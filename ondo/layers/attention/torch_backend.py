@@ -9,12 +9,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ondo.layers import cpu_kernels
 from ondo.layers.attention import AttentionMetadata
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Keys and values of the new tokens into their slots, with one copy for both."""
     num_kv_heads, head_dim = k.shape[1:]
+    if (cpu_kernels.usable(k) and kv_cache.dtype == k.dtype and kv_cache.is_contiguous() and k.stride(2) == 1
+            and k.stride(1) == head_dim and v.stride()[1:] == k.stride()[1:] and slot_mapping.dtype == torch.int64
+            and slot_mapping.is_contiguous()):
+        cpu_kernels.write_kv(kv_cache, k, v, slot_mapping)
+        return
     slots = kv_cache.view(2, -1, num_kv_heads, head_dim)                       # [2, num_slots, KVH, D]
     slots.index_copy_(1, slot_mapping, _stacked(k, v))
 
@@ -116,6 +122,10 @@ class TorchAttentionBackend:
         return out
 
     def _decode(self, q, kv_cache, meta, scale, sliding_window, logit_softcap):
+        if cpu_kernels.attention_inputs_fit(q, kv_cache, meta.block_tables, meta.seq_lens):
+            # In place through the block tables: no gather of K/V, no mask, one call for every sequence.
+            return cpu_kernels.decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
+                                                sliding_window, logit_softcap)
         block_ids, mask = self._decode_inputs(q.device, kv_cache.shape[2], meta, sliding_window)
         if mask is None and block_ids is not None and len(meta.seq_lens_cpu) == 1:
             first = self._step_shared.get("first_block")

@@ -1,0 +1,210 @@
+"""ondo's CPU kernels (kernels.c): RMSNorm with the residual add, the gated activations, rotary embedding,
+the KV-cache write and decode attention over the paged cache, each one call on the CPU.
+
+Why: a decode step of a small model on a CPU spends most of its time outside the matrix products, in
+tensor ops of a few microseconds each (about 40 per layer). These kernels do a layer's non-matrix work
+in five calls, in float32 with the roundings of the torch code they replace (norm.py, activation.py,
+rotary.py, attention/torch_backend.py), which stays the reference and the fallback.
+
+The C file is compiled at first use with the system's C compiler (`$CC`, else `cc`) for this CPU
+(-march=native) and cached under `$ONDO_CACHE_DIR/cpu_kernels`, keyed by the source, the compiler and
+the CPU. Without a compiler (or with ONDO_CPU_KERNELS=0) every caller keeps its torch path.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("ondo")
+
+_SOURCE = Path(__file__).with_name("kernels.c")
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_I64, _F32, _PTR, _INT = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
+_SIGNATURES = {
+    "ondo_rms_norm": [_INT, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32],
+    "ondo_gated": [_INT, _INT, _PTR, _PTR, _I64, _I64, _I64, _I64],
+    "ondo_rotary": [_INT, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64],
+    "ondo_write_kv": [_INT, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR],
+    "ondo_decode_attention": [_INT, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64,
+                              _I64, _I64, _F32, _I64, _F32],
+}
+# -ffp-contract=off: a product and the sum after it round apart, as torch's ops round them.
+_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd", "-shared", "-fPIC", "-std=gnu11"]
+_lib: ctypes.CDLL | None = None
+_tried = False
+_enabled = True
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on the first call; None where they cannot be (no compiler, disabled)."""
+    global _lib, _tried
+    if not _tried:
+        _tried = True
+        if os.environ.get("ONDO_CPU_KERNELS", "1") != "0":
+            _lib = _load()
+    return _lib
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether x's op may run here: a CPU tensor of a dtype the kernels read, with the library built."""
+    return x.is_cpu and x.dtype in _DTYPES and (_lib if _tried else library()) is not None and _enabled
+
+
+@contextmanager
+def disabled():
+    """Every caller takes its torch path inside (the reference the tests compare the kernels with)."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def _load() -> ctypes.CDLL | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.warning("ondo: no C compiler (cc): the CPU runs its decode steps on torch ops, several times "
+                       "slower for small models; install gcc to get ondo's CPU kernels")
+        return None
+    path = _cache_dir() / f"kernels-{_build_key(compiler, _FLAGS)}.so"
+    if not path.exists():
+        try:
+            _compile(compiler, path)
+        except (OSError, subprocess.CalledProcessError) as error:
+            detail = getattr(error, "stderr", "") or error
+            logger.warning("ondo: compiling the CPU kernels failed (%s); the CPU keeps its torch ops", detail)
+            return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as error:   # a cache on a noexec mount, a file cut short outside ondo
+        logger.warning("ondo: loading the CPU kernels from %s failed (%s); the CPU keeps its torch ops", path, error)
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, None
+    return lib
+
+
+def _cache_dir() -> Path:
+    from ondo.loader.gguf_tokenizer import cache_root
+
+    return cache_root() / "cpu_kernels"
+
+
+def _build_key(compiler: str, flags: list[str]) -> str:
+    """The source, the compiler, its flags and the CPU (its model and flags: -march=native depends on them)."""
+    digest = hashlib.sha256(_SOURCE.read_bytes())
+    digest.update(f"{os.path.realpath(compiler)}|{' '.join(flags)}|{platform.machine()}".encode())
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags", "Features")):
+                digest.update(line.encode())
+                if line.startswith(("flags", "Features")):
+                    break
+    except OSError:
+        digest.update(platform.processor().encode())
+    return digest.hexdigest()[:16]
+
+
+def _compile(compiler: str, path: Path) -> None:
+    """Builds into a temporary file beside `path`, then renames it: concurrent processes never load half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    base = [compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"]
+    try:
+        try:
+            subprocess.run(base[:1] + ["-march=native"] + base[1:], check=True, capture_output=True, text=True)
+        except subprocess.CalledProcessError:   # a compiler without -march=native: portable code, still one call
+            subprocess.run(base, check=True, capture_output=True, text=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, n] with a dense last dim (a view when the layout allows; x itself when it is one)."""
+    if x.dim() == 2 and x.stride(1) == 1:
+        return x
+    x2d = x.reshape(-1, x.shape[-1])
+    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+
+
+# The wrappers below are on the decode step's critical path (a few per layer): each Python step they skip
+# is a microsecond or more on a small CPU, hence empty_like over torch.empty(shape) and no view of a 2-D x.
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             offset: float = 0.0):
+    """As `ondo.layers.fused.rms_norm`: normed, or (normed, x + residual) with a residual. weight dense."""
+    x2d = _rows(x)
+    out = torch.empty_like(x2d)
+    if residual is None:
+        _lib.ondo_rms_norm(_DTYPES[x.dtype], x2d.data_ptr(), None, out.data_ptr(), None, weight.data_ptr(),
+                           _DTYPES[weight.dtype], x2d.shape[0], x2d.shape[1], x2d.stride(0), 0, out.stride(0), 0,
+                           eps, offset)
+        return out if out.shape == x.shape else out.view(x.shape)
+    res2d, res_out = _rows(residual), torch.empty_like(out)
+    _lib.ondo_rms_norm(_DTYPES[x.dtype], x2d.data_ptr(), res2d.data_ptr(), out.data_ptr(), res_out.data_ptr(),
+                       weight.data_ptr(), _DTYPES[weight.dtype], x2d.shape[0], x2d.shape[1], x2d.stride(0),
+                       res2d.stride(0), out.stride(0), res_out.stride(0), eps, offset)
+    if out.shape == x.shape:
+        return out, res_out
+    return out.view(x.shape), res_out.view(x.shape)
+
+
+def gated(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
+    """[..., 2 * I] = [gate | up] -> act(gate) * up [..., I]: silu, or gelu_tanh."""
+    x2d = _rows(x)
+    rows, inter = x2d.shape[0], x2d.shape[1] // 2
+    out = x2d.new_empty((rows, inter))
+    _lib.ondo_gated(_DTYPES[x.dtype], int(gelu_tanh), x2d.data_ptr(), out.data_ptr(), rows, inter, x2d.stride(0),
+                    inter)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], inter)
+
+
+def rotary_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, head_dim: int) -> None:
+    """In place on x [T, heads * head_dim] (rows may be strided, each row dense), from `rotation_tables`
+    (cos / signed_sin [T, 1, 2, half], dense)."""
+    half = cos.shape[-1]
+    _lib.ondo_rotary(_DTYPES[x.dtype], x.data_ptr(), x.shape[0], x.stride(0), x.shape[1] // head_dim, head_dim,
+                     half, cos.data_ptr(), signed_sin.data_ptr(), 2 * half)
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k / v [T, KVH, D] (each token's heads dense) into their slots of kv_cache [2, blocks, block_size, KVH, D]."""
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    _lib.ondo_write_kv(_DTYPES[k.dtype], kv_cache.data_ptr(), num_blocks * block_size, k.data_ptr(), v.data_ptr(),
+                       k.shape[0], num_kv_heads * head_dim, k.stride(0), v.stride(0), slot_mapping.data_ptr())
+
+
+def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                     scale: float, sliding_window: int | None, logit_softcap: float | None) -> torch.Tensor:
+    """q [S, H, D] (one query per sequence) -> [S, H, D] over each sequence's cached keys."""
+    num_seqs, num_heads, head_dim = q.shape
+    _, num_blocks, block_size, num_kv_heads, _ = kv_cache.shape
+    out = torch.empty_like(q)
+    _lib.ondo_decode_attention(
+        _DTYPES[q.dtype], q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0), kv_cache.data_ptr(),
+        num_blocks * block_size, block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), num_seqs,
+        num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window or 0, logit_softcap or 0.0)
+    return out
+
+
+def attention_inputs_fit(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                         seq_lens: torch.Tensor) -> bool:
+    """Whether decode_attention reads these as they are: dense heads, a contiguous cache, int32 tables."""
+    return (usable(q) and kv_cache.dtype == q.dtype and kv_cache.is_contiguous() and q.stride(2) == 1
+            and q.stride(1) == q.shape[2] and block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
+            and seq_lens.dtype == torch.int32 and seq_lens.is_contiguous() and not seq_lens.is_cuda)

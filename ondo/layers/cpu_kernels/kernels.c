@@ -1,0 +1,297 @@
+/* ondo's CPU kernels: the elementwise ops and the decode attention of a decoder layer, one call each.
+ *
+ * Why by hand: on a CPU a decode step of a small model is dominated by the number of tensor ops, not
+ * their arithmetic (a 576-wide RMSNorm is 7 torch ops and ~25 us; here one call of ~1 us). Each function
+ * rounds where the torch code of ondo/layers rounds (norm.py, rotary.py, activation.py), so a model gives
+ * the same numbers with or without them, up to the order of float32 sums.
+ *
+ * Rows are bfloat16 (dtype 1) or float32 (dtype 0); arithmetic is float32. Compiled at first use by
+ * ondo/layers/cpu_kernels/__init__.py: -march=native; -ffp-contract=off, so that a product and the sum
+ * after it round apart as in torch; -fopenmp-simd for the simd pragmas only (no OpenMP runtime: these
+ * run on the calling thread).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+enum { F32 = 0, BF16 = 1 };
+
+
+static inline float bf16_to_float(uint16_t h) {
+    union { uint32_t u; float f; } v = { .u = (uint32_t)h << 16 };
+    return v.f;
+}
+
+/* Round to nearest even, as torch rounds a float32 to bfloat16 (NaN stays a quiet NaN). */
+static inline uint16_t float_to_bf16(float f) {
+    union { float f; uint32_t u; } v = { .f = f };
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    v.u += 0x7fffu + ((v.u >> 16) & 1u);
+    return (uint16_t)(v.u >> 16);
+}
+
+/* A float32 value rounded to the row dtype and back: where torch stores a bf16 intermediate. */
+static inline float round_to(int dtype, float f) {
+    return dtype == BF16 ? bf16_to_float(float_to_bf16(f)) : f;
+}
+
+/* q . k over n floats. With AVX2, two chains of fused multiply-adds and one horizontal sum: the plain
+ * loop's single chain and its sum through memory made a 64-wide dot ~50 cycles. */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    float sum = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        even = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), even);
+        odd = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), odd);
+    }
+    for (; i + 8 <= n; i += 8) even = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), even);
+    __m256 v = _mm256_add_ps(even, odd);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+#endif
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+static void load_row(int dtype, const void *src, float *dst, int64_t n) {
+    if (dtype == BF16) {
+        const uint16_t *s = (const uint16_t *)src;
+        #pragma omp simd
+        for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_float(s[i]);
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    }
+}
+
+static void store_row(int dtype, const float *src, void *dst, int64_t n) {
+    if (dtype == BF16) {
+        uint16_t *d = (uint16_t *)dst;
+        #pragma omp simd
+        for (int64_t i = 0; i < n; i++) d[i] = float_to_bf16(src[i]);
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    }
+}
+
+static inline char *row_ptr(int dtype, const void *base, int64_t row, int64_t stride) {
+    return (char *)base + row * stride * (dtype == BF16 ? 2 : 4);
+}
+
+/* RMSNorm of each row, x = x + residual first when residual is given (the sum rounded to the dtype and
+ * written to residual_out). offset == 0 (Llama, Qwen): round(round(x * rstd) * w), as F.rms_norm then
+ * mul_(weight); offset != 0 (Gemma): round(x * rstd * (offset + w)) in float32. Strides in elements. */
+void ondo_rms_norm(int dtype, const void *x, const void *residual, void *out, void *residual_out,
+                   const void *weight, int weight_dtype, int64_t rows, int64_t n, int64_t x_stride,
+                   int64_t residual_stride, int64_t out_stride, int64_t residual_out_stride, float eps,
+                   float offset) {
+    float *buf = malloc((size_t)(3 * n) * sizeof(float));
+    float *xf = buf, *rf = buf + n, *w = buf + 2 * n;
+    load_row(weight_dtype, weight, w, n);
+    if (offset != 0.0f) {
+        #pragma omp simd
+        for (int64_t i = 0; i < n; i++) w[i] = offset + w[i];
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        load_row(dtype, row_ptr(dtype, x, r, x_stride), xf, n);
+        if (residual) {
+            load_row(dtype, row_ptr(dtype, residual, r, residual_stride), rf, n);
+            for (int64_t i = 0; i < n; i++) xf[i] = round_to(dtype, xf[i] + rf[i]);
+            store_row(dtype, xf, row_ptr(dtype, residual_out, r, residual_out_stride), n);
+        }
+        float squares = 0.0f;
+        #pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < n; i++) squares += xf[i] * xf[i];
+        float rstd = 1.0f / sqrtf(squares / (float)n + eps);
+        if (offset != 0.0f) {
+            for (int64_t i = 0; i < n; i++) xf[i] = (xf[i] * rstd) * w[i];
+        } else {
+            for (int64_t i = 0; i < n; i++) xf[i] = round_to(dtype, xf[i] * rstd) * w[i];
+        }
+        store_row(dtype, xf, row_ptr(dtype, out, r, out_stride), n);
+    }
+    free(buf);
+}
+
+/* out = act(gate) * up for x = [gate | up] (each `inter` wide): silu, or gelu with the tanh
+ * approximation (gelu_tanh != 0). The activation is rounded to the dtype before the product, as
+ * act(gate).mul_(up) rounds it. */
+void ondo_gated(int dtype, int gelu_tanh, const void *x, void *out, int64_t rows, int64_t inter,
+                int64_t x_stride, int64_t out_stride) {
+    float *buf = malloc((size_t)(2 * inter) * sizeof(float));
+    float *gate = buf, *up = buf + inter;
+    const float beta = (float)(M_SQRT2 * M_2_SQRTPI * 0.5), kappa = 0.044715f;
+    for (int64_t r = 0; r < rows; r++) {
+        const char *row = row_ptr(dtype, x, r, x_stride);
+        load_row(dtype, row, gate, inter);
+        load_row(dtype, row + inter * (dtype == BF16 ? 2 : 4), up, inter);
+        for (int64_t i = 0; i < inter; i++) {
+            float g = gate[i];
+            float act = gelu_tanh ? 0.5f * g * (1.0f + tanhf(beta * (g + kappa * g * g * g)))
+                                  : g / (1.0f + expf(-g));
+            gate[i] = round_to(dtype, act) * up[i];
+        }
+        store_row(dtype, gate, row_ptr(dtype, out, r, out_stride), inter);
+    }
+    free(buf);
+}
+
+/* Rotary embedding in place, neox layout, from the tables of rotary.py's `rotation_tables`: for each
+ * token t and head, the first 2 * half dims become round(x * cos) + round(swap(x) * signed_sin), swap
+ * exchanging the two halves (signed_sin has its first half negated). x rows are `heads * head_dim` wide
+ * with row stride x_stride; cos / signed_sin rows are 2 * half wide. */
+void ondo_rotary(int dtype, void *x, int64_t tokens, int64_t x_stride, int64_t heads, int64_t head_dim,
+                 int64_t half, const void *cos, const void *signed_sin, int64_t table_stride) {
+    float *buf = malloc((size_t)(6 * half) * sizeof(float));
+    float *c = buf, *s = buf + 2 * half, *h = buf + 4 * half;
+    for (int64_t t = 0; t < tokens; t++) {
+        load_row(dtype, row_ptr(dtype, cos, t, table_stride), c, 2 * half);
+        load_row(dtype, row_ptr(dtype, signed_sin, t, table_stride), s, 2 * half);
+        char *row = row_ptr(dtype, x, t, x_stride);
+        for (int64_t head = 0; head < heads; head++) {
+            char *hp = row + head * head_dim * (dtype == BF16 ? 2 : 4);
+            load_row(dtype, hp, h, 2 * half);
+            float rotated[2 * half];
+            for (int64_t i = 0; i < 2 * half; i++) {
+                float swapped = h[i < half ? i + half : i - half];
+                rotated[i] = round_to(dtype, h[i] * c[i]) + round_to(dtype, swapped * s[i]);
+            }
+            store_row(dtype, rotated, hp, 2 * half);
+        }
+    }
+    free(buf);
+}
+
+/* Keys and values of `tokens` new tokens into their cache slots. The cache is [2, slots, width]
+ * (K then V; width = kv_heads * head_dim); k / v rows have strides in elements. A slot of -1 (a padding
+ * row) is skipped, as the GPU's KV write skips it. */
+void ondo_write_kv(int dtype, void *cache, int64_t num_slots, const void *k, const void *v, int64_t tokens,
+                   int64_t width, int64_t k_stride, int64_t v_stride, const int64_t *slots) {
+    size_t bytes = (size_t)width * (dtype == BF16 ? 2 : 4);
+    char *values = row_ptr(dtype, cache, num_slots, width);
+    for (int64_t t = 0; t < tokens; t++) {
+        if (slots[t] < 0) continue;
+        memcpy(row_ptr(dtype, cache, slots[t], width), row_ptr(dtype, k, t, k_stride), bytes);
+        memcpy(values + (size_t)slots[t] * bytes, row_ptr(dtype, v, t, v_stride), bytes);
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __m256 load8(int dtype, const char *p) {   /* 8 elements as float32 */
+    if (dtype == BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+    return _mm256_loadu_ps((const float *)p);
+}
+#endif
+
+/* out[d] = sum_i p[i] * v_i[d] over the value rows at element offsets rows[i]. With AVX2 each 64-wide
+ * chunk of out stays in eight registers over all the rows. */
+static void weigh_values(int dtype, const char *values, const int64_t *rows, int64_t count, const float *p,
+                         int64_t head_dim, float *out) {
+    const int64_t elem = dtype == BF16 ? 2 : 4;
+    int64_t c = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    for (; c + 64 <= head_dim; c += 64) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        for (int64_t i = 0; i < count; i++) {
+            const __m256 w = _mm256_set1_ps(p[i]);
+            const char *v = values + (rows[i] + c) * elem;
+            a0 = _mm256_fmadd_ps(w, load8(dtype, v), a0);
+            a1 = _mm256_fmadd_ps(w, load8(dtype, v + 8 * elem), a1);
+            a2 = _mm256_fmadd_ps(w, load8(dtype, v + 16 * elem), a2);
+            a3 = _mm256_fmadd_ps(w, load8(dtype, v + 24 * elem), a3);
+            a4 = _mm256_fmadd_ps(w, load8(dtype, v + 32 * elem), a4);
+            a5 = _mm256_fmadd_ps(w, load8(dtype, v + 40 * elem), a5);
+            a6 = _mm256_fmadd_ps(w, load8(dtype, v + 48 * elem), a6);
+            a7 = _mm256_fmadd_ps(w, load8(dtype, v + 56 * elem), a7);
+        }
+        _mm256_storeu_ps(out + c, a0);
+        _mm256_storeu_ps(out + c + 8, a1);
+        _mm256_storeu_ps(out + c + 16, a2);
+        _mm256_storeu_ps(out + c + 24, a3);
+        _mm256_storeu_ps(out + c + 32, a4);
+        _mm256_storeu_ps(out + c + 40, a5);
+        _mm256_storeu_ps(out + c + 48, a6);
+        _mm256_storeu_ps(out + c + 56, a7);
+    }
+#endif
+    if (c < head_dim) {
+        float row[head_dim - c];
+        memset(out + c, 0, (size_t)(head_dim - c) * sizeof(float));
+        for (int64_t i = 0; i < count; i++) {
+            load_row(dtype, values + (rows[i] + c) * elem, row, head_dim - c);
+            #pragma omp simd
+            for (int64_t d = 0; d < head_dim - c; d++) out[c + d] += p[i] * row[d];
+        }
+    }
+}
+
+/* Decode attention: one query per sequence against the sequence's cached keys in the paged cache
+ * [2, blocks, block_size, kv_heads, head_dim], read in place through its block table. GQA: query head
+ * kv_head * group + g reads kv_head, so each key is loaded once for the group. Keys from
+ * seq_len - window on with a sliding window (window > 0); scores soft-capped when softcap > 0.
+ * Scores, softmax and the weighted sum of values in float32, rounded once to the dtype at the end. */
+void ondo_decode_attention(int dtype, const void *q, int64_t q_stride, void *out, int64_t out_stride,
+                           const void *cache, int64_t num_slots, const int32_t *block_tables,
+                           int64_t table_stride, const int32_t *seq_lens, int64_t num_seqs, int64_t num_heads,
+                           int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale,
+                           int64_t window, float softcap) {
+    const int64_t group = num_heads / num_kv_heads, width = num_kv_heads * head_dim;
+    const int64_t elem = dtype == BF16 ? 2 : 4;
+    const char *keys = (const char *)cache, *values = keys + num_slots * width * elem;
+    float *qf = malloc((size_t)(num_heads * head_dim * 2 + head_dim) * sizeof(float));
+    float *acc = qf + num_heads * head_dim, *row = acc + num_heads * head_dim;
+    int64_t capacity = 0, *rows = NULL;
+    float *scores = NULL;
+    for (int64_t s = 0; s < num_seqs; s++) {
+        const int64_t len = seq_lens[s], first = window > 0 && len > window ? len - window : 0;
+        const int64_t count = len - first;
+        if (count > capacity) {
+            capacity = count;
+            free(scores);
+            free(rows);
+            scores = malloc((size_t)(capacity * group) * sizeof(float));
+            rows = malloc((size_t)capacity * sizeof(int64_t));
+        }
+        const int32_t *table = block_tables + s * table_stride;
+        for (int64_t t = first; t < len; t++)   /* each visible token's row in either half of the cache */
+            rows[t - first] = ((int64_t)table[t / block_size] * block_size + t % block_size) * width;
+        load_row(dtype, row_ptr(dtype, q, s, q_stride), qf, num_heads * head_dim);
+        for (int64_t kvh = 0; kvh < num_kv_heads; kvh++) {
+            const float *qh = qf + kvh * group * head_dim;
+            for (int64_t i = 0; i < count; i++) {   /* scores [group][count]: each key loaded once */
+                load_row(dtype, keys + (rows[i] + kvh * head_dim) * elem, row, head_dim);
+                for (int64_t g = 0; g < group; g++)
+                    scores[g * count + i] = dot(qh + g * head_dim, row, head_dim) * scale;
+            }
+            for (int64_t g = 0; g < group; g++) {
+                float *p = scores + g * count, top = -INFINITY, total = 0.0f;
+                if (softcap > 0.0f) {
+                    for (int64_t i = 0; i < count; i++) p[i] = softcap * tanhf(p[i] / softcap);
+                }
+                #pragma omp simd reduction(max : top)
+                for (int64_t i = 0; i < count; i++) top = p[i] > top ? p[i] : top;
+                #pragma omp simd reduction(+ : total)
+                for (int64_t i = 0; i < count; i++) {
+                    p[i] = expf(p[i] - top);
+                    total += p[i];
+                }
+                const float inverse = 1.0f / total;
+                #pragma omp simd
+                for (int64_t i = 0; i < count; i++) p[i] *= inverse;
+                weigh_values(dtype, values + kvh * head_dim * elem, rows, count, p, head_dim,
+                             acc + (kvh * group + g) * head_dim);
+            }
+        }
+        store_row(dtype, acc, row_ptr(dtype, out, s, out_stride), num_heads * head_dim);
+    }
+    free(rows);
+    free(scores);
+    free(qf);
+}

@@ -1,0 +1,148 @@
+"""ondo's CPU kernels against the torch code they replace (the reference): the same roundings, so the
+same bits where no float32 sum is reordered (residual add, rotation, KV write), within one unit of the
+dtype's last place where one is (the norm's sum of squares); decode attention against float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ondo.layers import cpu_kernels
+from ondo.layers.activation import GatedActivation
+from ondo.layers.attention import AttentionMetadata
+from ondo.layers.attention.torch_backend import TorchAttentionBackend, gather_kv
+from ondo.layers.norm import RMSNorm
+from ondo.layers.rotary import apply_rotary_, rotation_tables
+
+pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler to build the CPU kernels")
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+def one_unit(dtype: torch.dtype) -> dict:
+    """A result may differ by one unit in the last place: its float32 sum was taken in another order."""
+    return dict(rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("hidden", [64, 576, 1000])
+def test_rms_norm_with_residual_matches_the_torch_path(dtype, offset, hidden):
+    torch.manual_seed(hidden)
+    norm = RMSNorm(hidden, eps=1e-6, offset=offset).to(dtype)
+    norm.weight.data = (torch.randn(hidden) * 0.3 + (0 if offset else 1)).to(dtype)
+    x = torch.randn(3, 7, hidden).to(dtype) * 4                 # 3-D: the per-head norms of Qwen3 / Gemma 3
+    residual = torch.randn(3, 7, hidden).to(dtype)
+    with cpu_kernels.disabled():
+        want, want_sum = norm(x, residual)
+        want_alone = norm(x)
+    got, got_sum = norm(x, residual)
+    assert torch.equal(got_sum, want_sum)                       # the residual add rounds once, as x + residual
+    torch.testing.assert_close(got, want, **one_unit(dtype))
+    torch.testing.assert_close(norm(x), want_alone, **one_unit(dtype))
+    if dtype == torch.bfloat16:   # where the float32 difference is rounded away: almost always the same bits
+        assert (got != want).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["silu", "gelu_pytorch_tanh"])
+def test_gated_activation_matches_the_torch_path(dtype, name):
+    torch.manual_seed(0)
+    act = GatedActivation(name)
+    gate_up = (torch.randn(5, 2 * 300) * 3).to(dtype)
+    with cpu_kernels.disabled():
+        want = act(gate_up)
+    torch.testing.assert_close(act(gate_up), want, **one_unit(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rot_dim", [32, 16])                   # 16: partial rotary, half of each head turns
+def test_rotation_in_place_gives_the_same_bits_on_a_strided_view(dtype, rot_dim):
+    torch.manual_seed(1)
+    heads, head_dim, tokens = 6, 32, 5
+    qkv = torch.randn(tokens, (heads + 2) * head_dim).to(dtype)
+    positions = torch.arange(40, 40 + tokens).float()
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2).float() / rot_dim))
+    emb = torch.cat([positions[:, None] * inv_freq] * 2, dim=-1)
+    tables = rotation_tables(emb.cos().to(dtype), emb.sin().to(dtype))
+    want, got = qkv.clone(), qkv.clone()
+    with cpu_kernels.disabled():
+        apply_rotary_(want[:, :heads * head_dim], *tables, head_dim)
+    apply_rotary_(got[:, :heads * head_dim], *tables, head_dim)   # rows with a stride: a view of q | k | v
+    assert torch.equal(got, want)
+
+
+def _metadata(seq_lens: list[int], tables: list[list[int]], block: int) -> AttentionMetadata:
+    width = max(len(t) for t in tables)
+    slots = torch.tensor([t[(n - 1) // block] * block + (n - 1) % block for t, n in zip(tables, seq_lens)])
+    return AttentionMetadata(slot_mapping=slots, query_start_loc=torch.arange(len(seq_lens) + 1, dtype=torch.int32),
+                             seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+                             block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+                             max_query_len=1, max_seq_len=max(seq_lens), query_lens_cpu=[1] * len(seq_lens),
+                             seq_lens_cpu=list(seq_lens), is_decode=True)
+
+
+def _exact_attention(q, kv_cache, meta, scale, window, softcap):
+    """Each sequence and head alone in float64: [S, H, D]."""
+    heads, kv_heads = q.shape[1], kv_cache.shape[3]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for s, n in enumerate(meta.seq_lens_cpu):
+        keys, values = (t[0].double() for t in gather_kv(kv_cache, meta.block_tables[s:s + 1], n))   # [n, KVH, D]
+        first = max(0, n - window) if window else 0
+        for h in range(heads):
+            kv_head = h // (heads // kv_heads)
+            scores = keys[first:, kv_head] @ q[s, h].double() * scale
+            if softcap:
+                scores = softcap * torch.tanh(scores / softcap)
+            out[s, h] = scores.softmax(0) @ values[first:, kv_head]
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 64), (4, 4, 80), (8, 1, 128), (3, 1, 16)])
+@pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 30.0)])
+def test_decode_attention_reads_the_paged_cache_in_place(dtype, heads, kv_heads, head_dim, window, softcap):
+    """Several sequences on blocks out of order, through the backend (which writes the new K/V first):
+    float64 attention of the same inputs within the output's rounding (bfloat16) or a few units of float32
+    arithmetic, and no further from it than torch's path."""
+    torch.manual_seed(head_dim + heads)
+    block = 4
+    cases = [([7], [[3, 5]]), ([9, 3, 13], [[1, 2, 6], [4], [11, 0, 7, 9]]), ([1], [[8]])]
+    for seq_lens, tables in cases:
+        kv_cache = torch.randn(2, 12, block, kv_heads, head_dim).to(dtype)
+        meta = _metadata(seq_lens, tables, block)
+        q, k, v = (torch.randn(len(seq_lens), n, head_dim).to(dtype) for n in (heads, kv_heads, kv_heads))
+        scale = head_dim ** -0.5
+        args = dict(scale=scale, sliding_window=window, logit_softcap=softcap)
+        with cpu_kernels.disabled():
+            reference_cache = kv_cache.clone()
+            torch_out = TorchAttentionBackend().forward(q, k, v, reference_cache, meta, **args)
+        out = TorchAttentionBackend().forward(q, k, v, kv_cache, meta, **args)
+        assert torch.equal(kv_cache, reference_cache)           # the new K/V went to the same slots
+        exact = _exact_attention(q, kv_cache, meta, scale, window, softcap)
+        units = 1 if dtype == torch.bfloat16 else 16
+        assert (out.double() - exact).abs().max().item() <= units * torch.finfo(dtype).eps * exact.abs().max().item()
+        assert (out.double() - exact).abs().max() <= (torch_out.double() - exact).abs().max() + 1e-6
+
+
+def test_a_missing_compiler_leaves_the_torch_path(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("ONDO_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    x = torch.randn(2, 64)
+    assert not cpu_kernels.usable(x)
+    assert "CPU kernels failed" in caplog.text
+    norm = RMSNorm(64)
+    torch.testing.assert_close(norm(x), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+def test_the_built_library_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONDO_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    assert cpu_kernels.library() is not None
+    built = list((tmp_path / "cpu_kernels").glob("kernels-*.so"))
+    assert len(built) == 1 and not list((tmp_path / "cpu_kernels").glob("*.so.tmp*"))
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    mtime = built[0].stat().st_mtime_ns
+    assert cpu_kernels.library() is not None and built[0].stat().st_mtime_ns == mtime   # read back, not rebuilt
