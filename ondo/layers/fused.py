@@ -28,8 +28,10 @@ def _use_triton(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x [..., n] as [rows, n] with a dense last dim (a view when the layout allows)."""
+def rows_of(x: torch.Tensor) -> torch.Tensor:
+    """x [..., n] as [rows, n] with a dense last dim (a view when the layout allows; x itself when it is one)."""
+    if x.dim() == 2 and x.stride(1) == 1:
+        return x
     x2d = x.reshape(-1, x.shape[-1])
     return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
 
@@ -97,8 +99,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if not _use_triton(x):
         return _rms_norm_torch(x, weight, eps, residual, offset)
     hidden = x.shape[-1]
-    x2d = _rows(x)                                                         # [rows, hidden]
-    res2d = _rows(residual) if residual is not None else x2d
+    x2d = rows_of(x)                                                       # [rows, hidden]
+    res2d = rows_of(residual) if residual is not None else x2d
     out = torch.empty(x2d.shape, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(out) if residual is not None else out
     block = triton.next_power_of_2(hidden)
@@ -179,7 +181,7 @@ def _gated(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
         return (F.gelu(gate, approximate="tanh") if gelu_tanh else F.silu(gate)) * up
     inter = x.shape[-1] // 2
-    x2d = _rows(x)                                                         # [T, 2*I]
+    x2d = rows_of(x)                                                       # [T, 2*I]
     out = torch.empty((x2d.shape[0], inter), dtype=x.dtype, device=x.device)
     block = min(triton.next_power_of_2(inter), 1024)
     if x2d.shape[0]:

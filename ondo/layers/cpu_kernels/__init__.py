@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from ondo.layers.fused import rows_of
+
 logger = logging.getLogger("ondo")
 
 _SOURCE = Path(__file__).with_name("kernels.c")
@@ -39,6 +41,7 @@ _SIGNATURES = {
                               _I64, _I64, _F32, _I64, _F32],
 }
 # -ffp-contract=off: a product and the sum after it round apart, as torch's ops round them.
+# -fno-math-errno: libm calls without errno bookkeeping (expf, tanhf give the same values).
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd", "-shared", "-fPIC", "-std=gnu11"]
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -74,8 +77,8 @@ def disabled():
 def _load() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        logger.warning("ondo: no C compiler (cc): the CPU runs its decode steps on torch ops, several times "
-                       "slower for small models; install gcc to get ondo's CPU kernels")
+        logger.warning("ondo: no C compiler (cc): the CPU runs its layers on torch ops, slower for small "
+                       "models; install gcc to get ondo's CPU kernels")
         return None
     path = _cache_dir() / f"kernels-{_build_key(compiler, _FLAGS)}.so"
     if not path.exists():
@@ -134,28 +137,20 @@ def _compile(compiler: str, path: Path) -> None:
             os.unlink(tmp)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as [rows, n] with a dense last dim (a view when the layout allows; x itself when it is one)."""
-    if x.dim() == 2 and x.stride(1) == 1:
-        return x
-    x2d = x.reshape(-1, x.shape[-1])
-    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
-
-
 # The wrappers below are on the decode step's critical path (a few per layer): each Python step they skip
 # is a microsecond or more on a small CPU, hence empty_like over torch.empty(shape) and no view of a 2-D x.
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
              offset: float = 0.0):
     """As `ondo.layers.fused.rms_norm`: normed, or (normed, x + residual) with a residual. weight dense."""
-    x2d = _rows(x)
+    x2d = rows_of(x)
     out = torch.empty_like(x2d)
     if residual is None:
         _lib.ondo_rms_norm(_DTYPES[x.dtype], x2d.data_ptr(), None, out.data_ptr(), None, weight.data_ptr(),
                            _DTYPES[weight.dtype], x2d.shape[0], x2d.shape[1], x2d.stride(0), 0, out.stride(0), 0,
                            eps, offset)
         return out if out.shape == x.shape else out.view(x.shape)
-    res2d, res_out = _rows(residual), torch.empty_like(out)
+    res2d, res_out = rows_of(residual), torch.empty_like(out)
     _lib.ondo_rms_norm(_DTYPES[x.dtype], x2d.data_ptr(), res2d.data_ptr(), out.data_ptr(), res_out.data_ptr(),
                        weight.data_ptr(), _DTYPES[weight.dtype], x2d.shape[0], x2d.shape[1], x2d.stride(0),
                        res2d.stride(0), out.stride(0), res_out.stride(0), eps, offset)
@@ -166,7 +161,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 def gated(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
     """[..., 2 * I] = [gate | up] -> act(gate) * up [..., I]: silu, or gelu_tanh."""
-    x2d = _rows(x)
+    x2d = rows_of(x)
     rows, inter = x2d.shape[0], x2d.shape[1] // 2
     out = x2d.new_empty((rows, inter))
     _lib.ondo_gated(_DTYPES[x.dtype], int(gelu_tanh), x2d.data_ptr(), out.data_ptr(), rows, inter, x2d.stride(0),
@@ -207,4 +202,4 @@ def attention_inputs_fit(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     """Whether decode_attention reads these as they are: dense heads, a contiguous cache, int32 tables."""
     return (usable(q) and kv_cache.dtype == q.dtype and kv_cache.is_contiguous() and q.stride(2) == 1
             and q.stride(1) == q.shape[2] and block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
-            and seq_lens.dtype == torch.int32 and seq_lens.is_contiguous() and not seq_lens.is_cuda)
+            and seq_lens.dtype == torch.int32 and seq_lens.is_contiguous() and seq_lens.is_cpu and block_tables.is_cpu)

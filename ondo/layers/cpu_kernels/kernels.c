@@ -148,8 +148,8 @@ void ondo_gated(int dtype, int gelu_tanh, const void *x, void *out, int64_t rows
  * with row stride x_stride; cos / signed_sin rows are 2 * half wide. */
 void ondo_rotary(int dtype, void *x, int64_t tokens, int64_t x_stride, int64_t heads, int64_t head_dim,
                  int64_t half, const void *cos, const void *signed_sin, int64_t table_stride) {
-    float *buf = malloc((size_t)(6 * half) * sizeof(float));
-    float *c = buf, *s = buf + 2 * half, *h = buf + 4 * half;
+    float *buf = malloc((size_t)(8 * half) * sizeof(float));
+    float *c = buf, *s = buf + 2 * half, *h = buf + 4 * half, *rotated = buf + 6 * half;
     for (int64_t t = 0; t < tokens; t++) {
         load_row(dtype, row_ptr(dtype, cos, t, table_stride), c, 2 * half);
         load_row(dtype, row_ptr(dtype, signed_sin, t, table_stride), s, 2 * half);
@@ -157,7 +157,6 @@ void ondo_rotary(int dtype, void *x, int64_t tokens, int64_t x_stride, int64_t h
         for (int64_t head = 0; head < heads; head++) {
             char *hp = row + head * head_dim * (dtype == BF16 ? 2 : 4);
             load_row(dtype, hp, h, 2 * half);
-            float rotated[2 * half];
             for (int64_t i = 0; i < 2 * half; i++) {
                 float swapped = h[i < half ? i + half : i - half];
                 rotated[i] = round_to(dtype, h[i] * c[i]) + round_to(dtype, swapped * s[i]);
