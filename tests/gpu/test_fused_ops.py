@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from ondo.layers import fused
+from ondo.layers import cpu_kernels, fused
 from ondo.layers.activation import GatedActivation
 from ondo.layers.norm import RMSNorm
 from ondo.layers.rotary import apply_rotary
@@ -151,8 +151,10 @@ def test_gated_activation_matches_module(dtype_name, act, tokens, inter):
 
 
 def test_cpu_fallbacks_match_modules(monkeypatch):
-    """Without CUDA the same functions run in PyTorch and agree exactly with the modules."""
+    """Without CUDA the same functions run in PyTorch and agree exactly with the modules' torch code (their
+    C kernels are compared with that code in tests/layers/test_cpu_kernels.py, to the last unit)."""
     monkeypatch.setattr(fused, "_use_triton", lambda x: False)
+    monkeypatch.setattr(cpu_kernels, "_enabled", False)
     gen = torch.Generator().manual_seed(0)
     x, residual = torch.randn(4, 32, generator=gen), torch.randn(4, 32, generator=gen)
     norm = RMSNorm(32, eps=1e-5)

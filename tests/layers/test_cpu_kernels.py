@@ -11,6 +11,7 @@ from ondo.layers.activation import GatedActivation
 from ondo.layers.attention import AttentionMetadata
 from ondo.layers.attention.torch_backend import TorchAttentionBackend, gather_kv
 from ondo.layers.norm import RMSNorm
+from ondo.layers.quantization import int4_planes
 from ondo.layers.rotary import apply_rotary_, rotation_tables
 
 pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler to build the CPU kernels")
@@ -121,6 +122,61 @@ def test_decode_attention_reads_the_paged_cache_in_place(dtype, heads, kv_heads,
         units = 1 if dtype == torch.bfloat16 else 16
         assert (out.double() - exact).abs().max().item() <= units * torch.finfo(dtype).eps * exact.abs().max().item()
         assert (out.double() - exact).abs().max() <= (torch_out.double() - exact).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("tile", [32, 64])                      # the AVX2 and AVX512 layouts, on any CPU
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q6_K", "Q5_K"])   # 1 plane; 2 planes; groups of 16; 2 planes of K-quants
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int4_product_reads_the_tile_layout(monkeypatch, tile, kind, dtype):
+    """ondo's int4 product (decode-sized batches) against float64 on the layer's own dequantized weights:
+    float32 within a few units of float32 rounding, bfloat16 rounded once. 96 rows: a padded tile."""
+    from gguf import GGMLQuantizationType
+    from tests.layers.test_gguf_packed import packed_linear, random_blocks
+
+    monkeypatch.setattr(int4_planes, "cpu_tile_rows", lambda: tile)
+    n, k, kind = 96, 512, GGMLQuantizationType[kind]
+    layer = packed_linear(random_blocks(kind, n, k, seed=4), kind, n, k, dtype)
+    weight = layer.method.dense_weight(layer).double()                           # [n, k]
+    bias = torch.randn(n).to(dtype)
+    for rows in (1, 2, 3, 16):
+        wide = torch.randn(rows, k + 32, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        x = wide[:, 16:16 + k]                                   # rows k + 32 apart, each dense
+        got = layer(x)
+        exact = x.double() @ weight.t()
+        if dtype == torch.float32:
+            scale = (x.double().abs() @ weight.abs().t()).max().item()
+            assert (got.double() - exact).abs().max().item() < 1e-6 * scale
+        else:   # a float32 sum rounded once to bfloat16: within one unit of the exact value's last place
+            assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -7 + 1e-3).all()
+        with_bias = layer.method.apply(layer, x, bias)
+        assert torch.equal(with_bias, got + bias)
+
+
+@pytest.mark.parametrize("target", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
+                         ids=["avx2", "scalar"])
+def test_int4_product_of_every_instruction_set(monkeypatch, tmp_path, target):
+    """The AVX2 and the portable code paths, built here as the CPUs without AVX512 (or AVX2) build them."""
+    monkeypatch.setenv("ONDO_CACHE_DIR", str(tmp_path))
+    lib = cpu_kernels._load(target)
+    assert lib is not None
+    monkeypatch.setattr(cpu_kernels, "_lib", lib)
+    for tile in (32, 64):
+        for kind in ("Q4_1", "Q6_K"):
+            test_int4_product_reads_the_tile_layout(monkeypatch, tile, kind, torch.float32)
+
+
+def test_int4_product_matches_torchs_kernel():
+    """On this CPU's own layout, torch's kernel (the path without ondo's) gives the same product."""
+    from gguf import GGMLQuantizationType
+    from tests.layers.test_gguf_packed import packed_linear, random_blocks
+
+    n, k = 3072, 576                                           # SmolLM2's gate/up shape
+    layer = packed_linear(random_blocks(GGMLQuantizationType.Q4_1, n, k, seed=5), GGMLQuantizationType.Q4_1,
+                          n, k, torch.float32)
+    x = torch.randn(4, k, generator=torch.Generator().manual_seed(6))
+    with cpu_kernels.disabled():
+        want = layer(x)
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-4)
 
 
 def test_a_missing_compiler_leaves_the_torch_path(monkeypatch, tmp_path, caplog):

@@ -114,27 +114,37 @@ def greedy(llm: LLM, logprobs: int):
 
 def assert_packed_equals_dequantized(path, dtype: str):
     """Greedy tokens of the packed model equal the dequantized model's. A divergence is allowed only at
-    a proven near-tie: the reference's log-probability of the packed model's token is among its top 5
-    and below its top by less than twice the largest log-probability difference the two models showed
-    on the tokens they agreed on (a three-way tie, seen on the built-in model, is still a tie)."""
-    packed = greedy(LLM(str(path), dtype=dtype, max_model_len=256), logprobs=1)
+    a proven near-tie: each model's choice is in the other's top 5, and the two candidates' log-probability
+    difference moved between the models by no more than 1.5 times the most any pair of top-5 candidates'
+    difference moved where the models agreed (the rounding noise of the two, measured on the same run;
+    bfloat16 logits of ~20 are 0.125 apart, so a bfloat16 tie spans several of their units)."""
+    packed = greedy(LLM(str(path), dtype=dtype, max_model_len=256), logprobs=5)
     reference = greedy(LLM(str(path), dtype=dtype, quantization="none", max_model_len=256), logprobs=5)
-    largest, divergences = 0.0, []
+    largest = noise = 0.0
+    divergences = []
     for ours, ref in zip(packed, reference):
         agreed = 0
         for position, (mine, theirs) in enumerate(zip(ours.token_ids, ref.token_ids)):
+            lp_ours, lp_ref = ours.logprobs[position], ref.logprobs[position]
             if mine != theirs:
-                divergences.append((ref.logprobs[position], mine))
+                divergences.append((lp_ours, lp_ref, mine, theirs))
                 break
-            largest = max(largest, abs(ours.logprobs[position][mine].logprob - ref.logprobs[position][mine].logprob))
+            largest = max(largest, abs(lp_ours[mine].logprob - lp_ref[mine].logprob))
+            for other in set(lp_ours) & set(lp_ref) - {mine}:
+                noise = max(noise, abs(_margin(lp_ours, mine, other) - _margin(lp_ref, mine, other)))
             agreed += 1
         print(f"{path.name} {dtype}: {agreed}/{NEW_TOKENS} tokens agree on {ref.text[:30]!r}")
-    print(f"{path.name} {dtype}: largest log-probability difference {largest:.4f}")
-    for position_logprobs, mine in divergences:
-        assert mine in position_logprobs, f"diverged to {mine}, outside the reference's top 5"
-        gap = max(lp.logprob for lp in position_logprobs.values()) - position_logprobs[mine].logprob
-        assert gap < 2 * largest, f"diverged {gap:.4f} below the reference's top"
+    print(f"{path.name} {dtype}: largest log-probability difference {largest:.4f}, largest margin change {noise:.4f}")
+    for lp_ours, lp_ref, mine, theirs in divergences:
+        assert mine in lp_ref and theirs in lp_ours, f"diverged to {mine}, outside the reference's top 5 (or back)"
+        moved = _margin(lp_ref, theirs, mine) + _margin(lp_ours, mine, theirs)
+        print(f"{path.name} {dtype}: diverged where the margin moved {moved:.4f}")
+        assert moved <= 1.5 * noise, f"diverged where the two candidates' margin moved {moved:.4f}"
     assert largest < (1e-3 if dtype == "float32" else 0.25)
+
+
+def _margin(logprobs: dict, first: int, second: int) -> float:
+    return logprobs[first].logprob - logprobs[second].logprob
 
 
 @pytest.mark.slow

@@ -1,14 +1,15 @@
-"""ondo's CPU kernels (kernels.c): RMSNorm with the residual add, the gated activations, rotary embedding,
-the KV-cache write and decode attention over the paged cache, each one call on the CPU.
+"""ondo's CPU kernels: RMSNorm with the residual add, the gated activations, rotary embedding, the KV-cache
+write and decode attention over the paged cache, each one call on the CPU (kernels.c); the products of a
+few rows with int4 planes (int4_mm.c).
 
 Why: a decode step of a small model on a CPU spends most of its time outside the matrix products, in
 tensor ops of a few microseconds each (about 40 per layer). These kernels do a layer's non-matrix work
 in five calls, in float32 with the roundings of the torch code they replace (norm.py, activation.py,
 rotary.py, attention/torch_backend.py), which stays the reference and the fallback.
 
-The C file is compiled at first use with the system's C compiler (`$CC`, else `cc`) for this CPU
-(-march=native) and cached under `$ONDO_CACHE_DIR/cpu_kernels`, keyed by the source, the compiler and
-the CPU. Without a compiler (or with ONDO_CPU_KERNELS=0) every caller keeps its torch path.
+The C files are compiled at first use with the system's C compiler (`$CC`, else `cc`) for this CPU
+(-march=native) into one library, cached under `$ONDO_CACHE_DIR/cpu_kernels`, keyed by the sources,
+the compiler and the CPU. Without a compiler (or with ONDO_CPU_KERNELS=0) every caller keeps its torch path.
 """
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ from ondo.layers.fused import rows_of
 
 logger = logging.getLogger("ondo")
 
-_SOURCE = Path(__file__).with_name("kernels.c")
+_HERE = Path(__file__).parent
+_SOURCES = [_HERE / "kernels.c", _HERE / "int4_mm.c"]
+_HEADERS = [_HERE / "common.h", _HERE / "int4_mm.h"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _I64, _F32, _PTR, _INT = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
@@ -39,10 +42,15 @@ _SIGNATURES = {
     "ondo_write_kv": [_INT, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR],
     "ondo_decode_attention": [_INT, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64,
                               _I64, _I64, _F32, _I64, _F32],
+    "ondo_int4_mm": [_INT, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _INT],
 }
 # -ffp-contract=off: a product and the sum after it round apart, as torch's ops round them.
 # -fno-math-errno: libm calls without errno bookkeeping (expf, tanhf give the same values).
-_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd", "-shared", "-fPIC", "-std=gnu11"]
+# -fopenmp: int4_mm.c's threads. The library then needs libgomp.so.1, which torch has already loaded (its
+# CPU wheels carry their own under that name), so both share one thread pool; a compiler without OpenMP
+# builds it without (-fopenmp-simd: the simd pragmas only, one thread).
+_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11"]
+_OPENMP_FLAGS = (["-fopenmp"], ["-fopenmp-simd"])
 _lib: ctypes.CDLL | None = None
 _tried = False
 _enabled = True
@@ -74,16 +82,18 @@ def disabled():
         _enabled = previous
 
 
-def _load() -> ctypes.CDLL | None:
+def _load(target_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The library built for this CPU; `target_flags` (e.g. "-mno-avx512f") build a variant for the
+    tests, which check every instruction-set path of the kernels on one machine."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         logger.warning("ondo: no C compiler (cc): the CPU runs its layers on torch ops, slower for small "
                        "models; install gcc to get ondo's CPU kernels")
         return None
-    path = _cache_dir() / f"kernels-{_build_key(compiler, _FLAGS)}.so"
+    path = _cache_dir() / f"kernels-{_build_key(compiler, [*_FLAGS, *_OPENMP_FLAGS[0], *target_flags])}.so"
     if not path.exists():
         try:
-            _compile(compiler, path)
+            _compile(compiler, path, list(target_flags))
         except (OSError, subprocess.CalledProcessError) as error:
             detail = getattr(error, "stderr", "") or error
             logger.warning("ondo: compiling the CPU kernels failed (%s); the CPU keeps its torch ops", detail)
@@ -107,7 +117,9 @@ def _cache_dir() -> Path:
 
 def _build_key(compiler: str, flags: list[str]) -> str:
     """The source, the compiler, its flags and the CPU (its model and flags: -march=native depends on them)."""
-    digest = hashlib.sha256(_SOURCE.read_bytes())
+    digest = hashlib.sha256()
+    for source in _SOURCES + _HEADERS:
+        digest.update(source.read_bytes())
     digest.update(f"{os.path.realpath(compiler)}|{' '.join(flags)}|{platform.machine()}".encode())
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -120,17 +132,24 @@ def _build_key(compiler: str, flags: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _compile(compiler: str, path: Path) -> None:
+def _compile(compiler: str, path: Path, target_flags: list[str]) -> None:
     """Builds into a temporary file beside `path`, then renames it: concurrent processes never load half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
-    base = [compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"]
+    base = [*_FLAGS, *map(str, _SOURCES), "-o", tmp, "-lm"]
+    # Best first: for this CPU with threads; a compiler without -march=native or OpenMP gets portable or
+    # single-threaded code, still one call per op.
+    attempts = [[compiler, *arch, *target_flags, *openmp, *base] for arch in (["-march=native"], [])
+                for openmp in _OPENMP_FLAGS]
     try:
-        try:
-            subprocess.run(base[:1] + ["-march=native"] + base[1:], check=True, capture_output=True, text=True)
-        except subprocess.CalledProcessError:   # a compiler without -march=native: portable code, still one call
-            subprocess.run(base, check=True, capture_output=True, text=True)
+        for i, command in enumerate(attempts):
+            try:
+                subprocess.run(command, check=True, capture_output=True, text=True)
+                break
+            except subprocess.CalledProcessError:
+                if i == len(attempts) - 1:
+                    raise
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -194,6 +213,36 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         _DTYPES[q.dtype], q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0), kv_cache.data_ptr(),
         num_blocks * block_size, block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), num_seqs,
         num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window or 0, logit_softcap or 0.0)
+    return out
+
+
+class Int4Weight(ctypes.Structure):
+    """`ondo_int4_weight` (int4_mm.h): where an int4-planes layer's CPU storage is and how it is cut."""
+    _fields_ = [("qweight", _PTR), ("sz", _PTR), ("k_in", _I64), ("planes", _I64), ("group", _I64),
+                ("n_pad", _I64), ("n_out", _I64), ("tile", _I64), ("sz_dtype", ctypes.c_int32),
+                ("padded16", ctypes.c_int32)]
+
+
+def int4_weight(layer) -> Int4Weight:
+    """The layer's `Int4Weight`, built once (and again should its storage move)."""
+    built = layer.__dict__.get("cpu_int4_weight")
+    if built is None or built.qweight != layer.qweight.data_ptr():
+        sz = layer.scales_and_zeros
+        built = layer.cpu_int4_weight = Int4Weight(
+            layer.qweight.data_ptr(), sz.data_ptr(), layer.in_features, layer.planes, layer.group, sz.shape[1],
+            layer.out_features, layer.cpu_tile, _DTYPES[sz.dtype], int(layer.padded16))
+    return built
+
+
+def int4_mm(x: torch.Tensor, layer, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [T, in] times an int4-planes layer's weight (int4_planes.py, the CPU tile layout of `layer.cpu_tile`
+    rows) -> [T, out] in x's dtype, + bias. x's rows dense; scales and zeros in float32 or bfloat16."""
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = x.new_empty((x.shape[0], layer.out_features))
+    _lib.ondo_int4_mm(_DTYPES[x.dtype], x.data_ptr(), x.shape[0], x.stride(0), ctypes.byref(int4_weight(layer)),
+                      None if bias is None else bias.data_ptr(), out.data_ptr(), layer.out_features,
+                      torch.get_num_threads())
     return out
 
 

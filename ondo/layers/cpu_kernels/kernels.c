@@ -7,37 +7,9 @@
  *
  * Rows are bfloat16 (dtype 1) or float32 (dtype 0); arithmetic is float32. Compiled at first use by
  * ondo/layers/cpu_kernels/__init__.py: -march=native; -ffp-contract=off, so that a product and the sum
- * after it round apart as in torch; -fopenmp-simd for the simd pragmas only (no OpenMP runtime: these
- * run on the calling thread).
+ * after it round apart as in torch. These run on the calling thread (int4_mm.c alone uses threads).
  */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
-
-enum { F32 = 0, BF16 = 1 };
-
-
-static inline float bf16_to_float(uint16_t h) {
-    union { uint32_t u; float f; } v = { .u = (uint32_t)h << 16 };
-    return v.f;
-}
-
-/* Round to nearest even, as torch rounds a float32 to bfloat16 (NaN stays a quiet NaN). */
-static inline uint16_t float_to_bf16(float f) {
-    union { float f; uint32_t u; } v = { .f = f };
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    v.u += 0x7fffu + ((v.u >> 16) & 1u);
-    return (uint16_t)(v.u >> 16);
-}
-
-/* A float32 value rounded to the row dtype and back: where torch stores a bf16 intermediate. */
-static inline float round_to(int dtype, float f) {
-    return dtype == BF16 ? bf16_to_float(float_to_bf16(f)) : f;
-}
+#include "common.h"
 
 /* q . k over n floats. With AVX2, two chains of fused multiply-adds and one horizontal sum: the plain
  * loop's single chain and its sum through memory made a 64-wide dot ~50 cycles. */
@@ -58,30 +30,6 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 #endif
     for (; i < n; i++) sum += a[i] * b[i];
     return sum;
-}
-
-static void load_row(int dtype, const void *src, float *dst, int64_t n) {
-    if (dtype == BF16) {
-        const uint16_t *s = (const uint16_t *)src;
-        #pragma omp simd
-        for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_float(s[i]);
-    } else {
-        memcpy(dst, src, (size_t)n * sizeof(float));
-    }
-}
-
-static void store_row(int dtype, const float *src, void *dst, int64_t n) {
-    if (dtype == BF16) {
-        uint16_t *d = (uint16_t *)dst;
-        #pragma omp simd
-        for (int64_t i = 0; i < n; i++) d[i] = float_to_bf16(src[i]);
-    } else {
-        memcpy(dst, src, (size_t)n * sizeof(float));
-    }
-}
-
-static inline char *row_ptr(int dtype, const void *base, int64_t row, int64_t stride) {
-    return (char *)base + row * stride * (dtype == BF16 ? 2 : 4);
 }
 
 /* RMSNorm of each row, x = x + residual first when residual is given (the sum rounded to the dtype and

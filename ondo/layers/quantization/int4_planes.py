@@ -13,11 +13,12 @@ Storage, chosen by the run device at load (both lossless):
 - CUDA: `qweight` int32 [P * K_pad / 8, N], codes packed along K (`int4_gpu.py`); K_eff = K_pad.
 - Both: `scales_and_zeros` [P * K_eff / g, N(_pad), 2] in the run dtype: w = (code_p - 8) * scale_p + zero_p.
 
-Kernels (`apply`): on the CPU, torch's fused int4 kernel (`aten._weight_int4pack_mm_for_cpu`) reads
-the packed bytes directly, for every batch size. It is vectorized for bfloat16 activations, on AVX2
-too, and exact but 10 to 20 times slower for float32 (2-core AVX2, a 1536 x 576 product: 1.3 ms
-against 0.12; 128 rows: 370 ms against 19), which is why int4 weights run in bfloat16 by default
-(`loader.resolve_dtype`). On a GPU, Triton kernels (`int4_gpu_kernels.py`): a fused kernel for
+Kernels (`apply`): on the CPU, ondo's own kernel (`cpu_kernels/int4_mm.c`) reads the packed bytes for
+up to 16 bfloat16 rows and for float32 at any batch; torch's fused kernel
+(`aten._weight_int4pack_mm_for_cpu`) serves larger bfloat16 batches. torch's kernel is vectorized for
+bfloat16 activations only, and exact but 10 to 20 times slower for float32 (2-core AVX2, a 1536 x 576
+product: 1.3 ms against 0.12; 128 rows: 370 ms against 19), which is why int4 weights run in bfloat16 by
+default (`loader.resolve_dtype`). On a GPU, Triton kernels (`int4_gpu_kernels.py`): a fused kernel for
 decode-sized batches, dequantize + cuBLAS above that, all inside the CUDA graphs.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ondo.layers import cpu_kernels
 from ondo.layers.linear import Linear, LinearMethod, row_chunks
 from ondo.layers.quantization.int4_gpu import pack_words, padded_k
 
@@ -40,6 +42,10 @@ KERNEL_GROUPS = (32, 64, 128, 256)
 # more below a few hundred rows, so it serves every batch; that also keeps a prefix-cache hit (one
 # row) on the same arithmetic as the full prefill. The GPU path picks its own kernel by batch.
 CPU_KERNEL_MAX_TOKENS = 1 << 30
+# bfloat16 batches up to this many rows take ondo's own CPU kernel (cpu_kernels/int4_mm.c), larger ones
+# torch's, which decodes each weight once for all rows; float32 batches always take ondo's (torch's is not
+# vectorized for float32: 10 to 20 times slower).
+CPU_OWN_KERNEL_MAX_ROWS = 16
 GPU_KERNEL_MAX_TOKENS = 1 << 30
 
 
@@ -165,6 +171,9 @@ class Int4PlanesMethod(LinearMethod):
         _keep(layer, pack_words(codes_all), sz, len(codes), affine.group, False, k_pad)
 
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() == 2 and (x.shape[0] <= CPU_OWN_KERNEL_MAX_ROWS or x.dtype == torch.float32) \
+                and cpu_kernels.usable(x) and _own_kernel_reads(layer):
+            return cpu_kernels.int4_mm(x, layer, bias)                           # [T, out]
         one_plane = layer.__dict__.get("cpu_one_plane")
         if one_plane is None:   # decided at the first call (after every loader has set the planes), not per call
             one_plane = layer.cpu_one_plane = layer.planes == 1 and not layer.padded16 and layer.qweight.is_cpu
@@ -242,6 +251,14 @@ class Int4PlanesMethod(LinearMethod):
         if layer.padded16:
             w = w.view(rows, -1, 32)[..., :16].flatten(1)                            # [R, K]
         return w
+
+
+def _own_kernel_reads(layer: Linear) -> bool:
+    """Whether ondo's CPU kernel reads this layer's tiles (32 or 64 rows; found once per layer)."""
+    tile = layer.__dict__.get("cpu_tile")
+    if tile is None:
+        tile = layer.cpu_tile = cpu_tile_rows()
+    return tile in (32, 64)
 
 
 def _keep(layer: Linear, qweight: torch.Tensor, sz: torch.Tensor, planes: int, group: int, padded16: bool,

@@ -1,0 +1,58 @@
+/* What ondo's CPU kernels share: the element types of a row and their conversions to float32. */
+#ifndef ONDO_CPU_KERNELS_COMMON_H
+#define ONDO_CPU_KERNELS_COMMON_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+enum { F32 = 0, BF16 = 1 };
+
+
+static inline float bf16_to_float(uint16_t h) {
+    union { uint32_t u; float f; } v = { .u = (uint32_t)h << 16 };
+    return v.f;
+}
+
+/* Round to nearest even, as torch rounds a float32 to bfloat16 (NaN stays a quiet NaN). */
+static inline uint16_t float_to_bf16(float f) {
+    union { float f; uint32_t u; } v = { .f = f };
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    v.u += 0x7fffu + ((v.u >> 16) & 1u);
+    return (uint16_t)(v.u >> 16);
+}
+
+/* A float32 value rounded to the row dtype and back: where torch stores a bf16 intermediate. */
+static inline float round_to(int dtype, float f) {
+    return dtype == BF16 ? bf16_to_float(float_to_bf16(f)) : f;
+}
+
+static inline void load_row(int dtype, const void *src, float *dst, int64_t n) {
+    if (dtype == BF16) {
+        const uint16_t *s = (const uint16_t *)src;
+        #pragma omp simd
+        for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_float(s[i]);
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    }
+}
+
+static inline void store_row(int dtype, const float *src, void *dst, int64_t n) {
+    if (dtype == BF16) {
+        uint16_t *d = (uint16_t *)dst;
+        #pragma omp simd
+        for (int64_t i = 0; i < n; i++) d[i] = float_to_bf16(src[i]);
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    }
+}
+
+static inline char *row_ptr(int dtype, const void *base, int64_t row, int64_t stride) {
+    return (char *)base + row * stride * (dtype == BF16 ? 2 : 4);
+}
+
+#endif

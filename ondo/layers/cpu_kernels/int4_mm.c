@@ -1,0 +1,211 @@
+/* The product of a few activation rows with int4 planes (ondo/layers/quantization/int4_planes.py), read
+ * in torch's CPU int4 tile layout as it is stored: the decode-sized batches of a packed model on the CPU.
+ *
+ * Why by hand: torch's kernel (aten._weight_int4pack_mm_for_cpu) dequantizes every weight with two
+ * multiply-adds, and ran a SmolLM2 decode step's products at 2-12 GFLOP/s on 2 cores (a 3072 x 576
+ * product in ~480 us). Here a group's codes meet x as small integers, one multiply-add per weight, and
+ * its scale and zero apply once per row and group:
+ *     sum_k x_k w_k = scale * sum_k x_k code_k + (zero - 8 scale) * sum_k x_k    (w = (code - 8) scale + zero)
+ * Each code times a bfloat16 or float32 x is exact in float32; sums are float32, rounded once at the end.
+ *
+ * Layout (int4_planes.pack_tiles): tiles of T rows (32 with AVX2, 64 with AVX512); byte [tile, k, d]
+ * holds row d's code in its low nibble and row d + T/2's in its high one. 16 consecutive bytes of one k
+ * hold 32 rows, a "unit" here: its codes are 16 low and 16 high nibbles, 4 vectors of 8 floats.
+ * scales_and_zeros [P * G, N_pad, 2]. A model with P planes multiplies [x, x, ...]: x is read P times.
+ */
+#include "int4_mm.h"
+
+enum { UNIT = 32 };            /* rows per unit: 16 bytes of codes at each k */
+enum { MAX_TILE = 64 };        /* torch's tiles: 32 rows (AVX2) or 64 (AVX512), one or two units */
+/* Activation rows sharing one decode of the codes: as many as their sums leave registers for (AVX512 has 32). */
+#if defined(__AVX512F__)
+#define ROWS_PER_PASS 4
+#else
+#define ROWS_PER_PASS 2
+#endif
+
+/* The scale and zero - 8 scale of a unit's 32 rows for one group, as float32. The unit's low and high
+ * halves are 16 consecutive rows each, whose (scale, zero) pairs are adjacent in `sz` from `first_lo` and
+ * `first_hi` (element offsets of each half's first pair). */
+static inline __attribute__((always_inline)) void unit_scales(const void *sz, int sz_dtype, int64_t first_lo, int64_t first_hi, float *scale,
+                        float *zero) {
+    for (int half = 0; half < 2; half++) {
+        const int64_t first = half ? first_hi : first_lo;
+        float *s = scale + half * 16, *z = zero + half * 16;
+        int i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+        const __m256 eight = _mm256_set1_ps(8.0f);
+        for (; i < 16; i += 8) {
+            __m256 sv, zv;
+            if (sz_dtype == BF16) {   /* 8 pairs = 8 words: scale in the low half, zero in the high one */
+                const __m256i pairs = _mm256_loadu_si256((const __m256i *)((const uint16_t *)sz + first + 2 * i));
+                sv = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+                zv = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32((int)0xffff0000u)));
+            } else {                  /* 8 pairs of floats: even lanes the scales, odd ones the zeros */
+                const float *p = (const float *)sz + first + 2 * i;
+                const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+                const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+                sv = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(a, b, 0x88), order);
+                zv = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(a, b, 0xdd), order);
+            }
+            _mm256_storeu_ps(s + i, sv);
+            _mm256_storeu_ps(z + i, _mm256_fnmadd_ps(eight, sv, zv));
+        }
+#endif
+        for (; i < 16; i++) {
+            const int64_t at = first + 2 * i;
+            s[i] = sz_dtype == BF16 ? bf16_to_float(((const uint16_t *)sz)[at]) : ((const float *)sz)[at];
+            z[i] = (sz_dtype == BF16 ? bf16_to_float(((const uint16_t *)sz)[at + 1]) : ((const float *)sz)[at + 1])
+                   - 8.0f * s[i];
+        }
+    }
+}
+
+/* sums[m][j] = sum over the group's k of x[m][k] * code_j[k], for the tile's rows in unit order (unit c:
+ * positions 32 c + i, i < 32). `codes` points at the group's first k; consecutive k are `k_step` bytes
+ * apart. `units` (1 or 2) is a constant where this is inlined, so the sums stay in registers. */
+static inline __attribute__((always_inline)) void group_sums(const uint8_t *codes, int64_t k_step, int64_t group,
+                                                             const float *const *x, const int rows, const int units,
+                                                             float sums[ROWS_PER_PASS][MAX_TILE]) {
+#if defined(__AVX512F__)
+    /* 16 bytes widened to 16 words, each byte = low | high << 4: one mask and one shift give 16 rows each. */
+    const __m512i low_nibbles = _mm512_set1_epi32(15);
+    __m512 s[ROWS_PER_PASS][2 * 2];
+    for (int m = 0; m < ROWS_PER_PASS; m++)
+        for (int j = 0; j < 2 * units; j++) s[m][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < group; k++) {
+        for (int c = 0; c < units; c++) {
+            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + k * k_step + c * 16)));
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low_nibbles));
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+            for (int m = 0; m < rows; m++) {
+                const __m512 xk = _mm512_set1_ps(x[m][k]);
+                s[m][2 * c] = _mm512_fmadd_ps(lo, xk, s[m][2 * c]);
+                s[m][2 * c + 1] = _mm512_fmadd_ps(hi, xk, s[m][2 * c + 1]);
+            }
+        }
+    }
+    for (int m = 0; m < rows; m++)
+        for (int j = 0; j < 2 * units; j++) _mm512_storeu_ps(sums[m] + 16 * j, s[m][j]);
+#elif defined(__AVX2__) && defined(__FMA__)
+    /* 8 bytes widened to 8 words at a time, each byte = low | high << 4, as above. */
+    const __m256i low_nibbles = _mm256_set1_epi32(15);
+    __m256 s[ROWS_PER_PASS][2 * 4];
+    for (int m = 0; m < ROWS_PER_PASS; m++)
+        for (int j = 0; j < 4 * units; j++) s[m][j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < group; k++) {
+        for (int c = 0; c < units; c++) {
+            const uint8_t *b = codes + k * k_step + c * 16;
+            const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)b));
+            const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 8)));
+            const __m256 w[4] = {   /* rows 0-7 and 8-15 of the low nibbles, then of the high ones */
+                _mm256_cvtepi32_ps(_mm256_and_si256(v0, low_nibbles)),
+                _mm256_cvtepi32_ps(_mm256_and_si256(v1, low_nibbles)),
+                _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)),
+                _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)),
+            };
+            for (int m = 0; m < rows; m++) {
+                const __m256 xk = _mm256_set1_ps(x[m][k]);
+                for (int j = 0; j < 4; j++) s[m][4 * c + j] = _mm256_fmadd_ps(w[j], xk, s[m][4 * c + j]);
+            }
+        }
+    }
+    for (int m = 0; m < rows; m++)
+        for (int j = 0; j < 4 * units; j++) _mm256_storeu_ps(sums[m] + 8 * j, s[m][j]);
+#else
+    for (int m = 0; m < rows; m++) memset(sums[m], 0, sizeof(float) * MAX_TILE);
+    for (int64_t k = 0; k < group; k++) {
+        for (int c = 0; c < units; c++) {
+            const uint8_t *b = codes + k * k_step + c * 16;
+            for (int m = 0; m < rows; m++) {
+                const float xk = x[m][k];
+                for (int i = 0; i < UNIT / 2; i++) {
+                    sums[m][UNIT * c + i] += (float)(b[i] & 15) * xk;
+                    sums[m][UNIT * c + i + UNIT / 2] += (float)(b[i] >> 4) * xk;
+                }
+            }
+        }
+    }
+#endif
+}
+
+/* One tile's products (its T rows) with `rows` activation rows; `units` = T / 32, constant where inlined.
+ * xf: [rows][k_in] float32; xsum: [rows][groups], the sum of x over each group's inputs. */
+static inline __attribute__((always_inline)) void tile_product(
+        int dtype, const float *xf, const float *xsum, int64_t rows, const ondo_int4_weight *w, const void *bias,
+        const uint8_t *tile_codes, int64_t first_row, const int units, void *out, int64_t out_stride) {
+    const int64_t inputs = w->padded16 ? 16 : w->group;            /* real inputs of a group */
+    const int64_t groups = w->k_in / inputs, half = UNIT / 2 * units;   /* half: bytes per k */
+    int64_t row_of[MAX_TILE];                                      /* unit c: 16 low rows, then 16 high */
+    for (int c = 0; c < units; c++)
+        for (int i = 0; i < UNIT / 2; i++) {
+            row_of[UNIT * c + i] = first_row + c * (UNIT / 2) + i;
+            row_of[UNIT * c + i + UNIT / 2] = first_row + half + c * (UNIT / 2) + i;
+        }
+    float acc[ROWS_PER_PASS][MAX_TILE], sums[ROWS_PER_PASS][MAX_TILE], scale[MAX_TILE], zero[MAX_TILE];
+    for (int64_t m0 = 0; m0 < rows; m0 += ROWS_PER_PASS) {
+        const int pass = rows - m0 < ROWS_PER_PASS ? (int)(rows - m0) : ROWS_PER_PASS;
+        memset(acc, 0, sizeof(acc));
+        for (int64_t gg = 0; gg < w->planes * groups; gg++) {    /* group gg of the planes' k */
+            const int64_t g = gg % groups;
+            const float *xg[ROWS_PER_PASS];
+            for (int m = 0; m < pass; m++) xg[m] = xf + (m0 + m) * w->k_in + g * inputs;
+            /* a padded group's last 16 codes meet zero inputs: skipped */
+            const uint8_t *codes = tile_codes + gg * w->group * half;
+            switch (pass) {   /* a constant row count: no test of it inside the k loop */
+                case 1: group_sums(codes, half, inputs, xg, 1, units, sums); break;
+#if ROWS_PER_PASS > 2
+                case 3: group_sums(codes, half, inputs, xg, 3, units, sums); break;
+                case 4: group_sums(codes, half, inputs, xg, 4, units, sums); break;
+#endif
+                default: group_sums(codes, half, inputs, xg, 2, units, sums); break;
+            }
+            for (int c = 0; c < units; c++)
+                unit_scales(w->sz, w->sz_dtype, (gg * w->n_pad + row_of[UNIT * c]) * 2,
+                            (gg * w->n_pad + row_of[UNIT * c + UNIT / 2]) * 2, scale + UNIT * c, zero + UNIT * c);
+            for (int m = 0; m < pass; m++) {
+                const float sx = xsum[(m0 + m) * groups + g];
+                #pragma omp simd
+                for (int j = 0; j < UNIT * units; j++) acc[m][j] += scale[j] * sums[m][j] + zero[j] * sx;
+            }
+        }
+        for (int m = 0; m < pass; m++) {   /* rounded to the dtype, then + bias rounded again, as out + bias */
+            char *o = row_ptr(dtype, out, m0 + m, out_stride);
+            for (int j = 0; j < UNIT * units; j++) {
+                const int64_t n = row_of[j];
+                if (n >= w->n_out) continue;
+                float v = round_to(dtype, acc[m][j]);
+                if (bias) v += dtype == BF16 ? bf16_to_float(((const uint16_t *)bias)[n]) : ((const float *)bias)[n];
+                if (dtype == BF16) ((uint16_t *)o)[n] = float_to_bf16(v);
+                else ((float *)o)[n] = v;
+            }
+        }
+    }
+}
+
+/* out[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]) for n < n_out, over every plane. x: `rows` rows of k_in
+ * (dtype, row stride x_stride elements); out in the same dtype. `threads` OpenMP threads share the tiles
+ * (torch's thread count, passed by the caller: the OpenMP runtime is torch's own libgomp). */
+void ondo_int4_mm(int dtype, const void *x, int64_t rows, int64_t x_stride, const ondo_int4_weight *w,
+                  const void *bias, void *out, int64_t out_stride, int threads) {
+    const int64_t inputs = w->padded16 ? 16 : w->group, groups = w->k_in / inputs;
+    float *xf = malloc((size_t)(rows * (w->k_in + groups)) * sizeof(float));
+    float *xsum = xf + rows * w->k_in;
+    for (int64_t m = 0; m < rows; m++) {
+        load_row(dtype, row_ptr(dtype, x, m, x_stride), xf + m * w->k_in, w->k_in);
+        for (int64_t g = 0; g < groups; g++) {
+            float total = 0.0f;
+            for (int64_t k = 0; k < inputs; k++) total += xf[m * w->k_in + g * inputs + k];
+            xsum[m * groups + g] = total;
+        }
+    }
+    const int64_t tile_bytes = w->planes * groups * w->group * w->tile / 2;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < w->n_pad / w->tile; t++) {
+        if (w->tile == 64)
+            tile_product(dtype, xf, xsum, rows, w, bias, w->qweight + t * tile_bytes, t * w->tile, 2, out, out_stride);
+        else
+            tile_product(dtype, xf, xsum, rows, w, bias, w->qweight + t * tile_bytes, t * w->tile, 1, out, out_stride);
+    }
+    free(xf);
+}
