@@ -15,6 +15,7 @@ class ForwardContext:
     kv_caches: list[torch.Tensor]   # per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
     attention_backend: AttentionBackend | None = None   # None = the portable torch backend
     use_fused_ops: bool = False     # Triton RMSNorm / rotary / gated activation (CUDA fast path)
+    cpu_decode_stack: bool = True   # a CPU decode step's layers in one C call (ondo/models/cpu_decode.py)
 
 
 _current: ForwardContext | None = None

@@ -95,6 +95,7 @@ class ModelRunner:
         self.kv_caches = _allocate_kv_caches(shape, spec, device)
         self.pin_memory = device.type == "cuda"
         self.backend = None if enforce_eager else _fast_backend(device, spec.dtype)
+        self.enforce_eager = enforce_eager   # also keeps a CPU decode step's layers eager (no C stack)
         # With tensor parallelism: hands each step's StepInput to the other ranks before it runs here
         # (`sender(step)`), and hears of a step that failed here (`sender.step_failed(error)`).
         self.step_sender: StepSender | None = None
@@ -228,7 +229,8 @@ class ModelRunner:
                 logits = logits[self.to_device(step.sample_rows)]
             return ModelRunnerOutput(logits, step.sample_indices, {})
         input_ids, positions, meta = self.device_inputs(step, device_input_ids)
-        with set_forward_context(ForwardContext(meta, self.kv_caches, self.backend, self.backend is not None)):
+        with set_forward_context(ForwardContext(meta, self.kv_caches, self.backend, self.backend is not None,
+                                                cpu_decode_stack=not self.enforce_eager)):
             hidden = self.model(input_ids, positions)                        # [T, hidden]
         prompt_logits = {i: self.model.compute_logits(hidden[start:end]) for i, start, end in step.prompt_logits_rows}
         rows = self.to_device(step.sample_rows)

@@ -49,12 +49,20 @@ def resolve_dtype(name: str, hf_config, device: torch.device, packed: bool = Fal
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cpu":
-        # float32 is exact and fast everywhere for dense weights. Packed weights have fast kernels for
-        # bfloat16 activations only: int4 planes (GGUF, int4, GPTQ, AWQ) on every CPU, since torch's
-        # int4 kernel is vectorized for bfloat16 on AVX2 too (in float32 it is 10-20x slower: the
-        # built-in model decodes at 4.3 tok/s in float32 and 24.5 in bfloat16 on 2 AVX2 cores); int8
-        # and NF4, whose larger batches run dense GEMMs, only where the CPU computes bfloat16 natively.
-        return torch.bfloat16 if packed and (int4 or cpu_has_bfloat16()) else torch.float32
+        # float32 is exact and fast everywhere for dense weights, and for int4 planes (GGUF, int4, GPTQ,
+        # AWQ) with ondo's CPU kernels, whose int4 products cost the same in either dtype (they compute in
+        # float32). Without them (no C compiler) int4 planes take torch's kernel, vectorized for bfloat16
+        # only (10-20x slower in float32: the built-in model decoded at 4.3 tok/s in float32 and 24.5 in
+        # bfloat16 on 2 AVX2 cores). int8 and NF4, whose larger batches run dense GEMMs, take bfloat16
+        # where the CPU computes it natively. Why float32 where it costs nothing: bfloat16 activations
+        # round every layer's output to 8 bits, and the built-in model's first answer token to "What is the
+        # capital of France?" is a tie in bfloat16 (-1.98 / -1.98) that float32 decides for "The" (-1.88
+        # against -1.97).
+        if packed and int4:
+            from ondo.layers import cpu_kernels
+
+            return torch.float32 if cpu_kernels.library() is not None else torch.bfloat16
+        return torch.bfloat16 if packed and cpu_has_bfloat16() else torch.float32
     config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     if isinstance(config_dtype, str):
         config_dtype = getattr(torch, config_dtype, None)

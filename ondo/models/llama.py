@@ -14,6 +14,7 @@ from ondo.layers.attention import Attention
 from ondo.layers.linear import Linear, LMHead, MergedLinear, QKVLinear, VocabEmbedding
 from ondo.layers.norm import RMSNorm
 from ondo.layers.rotary import RotaryEmbedding, apply_rotary_, rotation_tables
+from ondo.models import cpu_decode
 from ondo.models.weights import LLAMA_STACKED, load_weights
 
 
@@ -134,9 +135,13 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)                  # [T, hidden]
         cos, sin = rotary_inputs(*self.rotary_emb(positions, hidden.dtype), hidden)
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual, cos, sin)
+        stacked = cpu_decode.decode_layers(self, hidden, cos, sin) if hidden.is_cpu else None
+        if stacked is not None:   # a CPU decode step: every layer in one C call, the same numbers
+            hidden, residual = stacked
+        else:
+            residual = None
+            for layer in self.layers:
+                hidden, residual = layer(hidden, residual, cos, sin)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

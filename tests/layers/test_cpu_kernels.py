@@ -138,7 +138,7 @@ def test_int4_product_reads_the_tile_layout(monkeypatch, tile, kind, dtype):
     layer = packed_linear(random_blocks(kind, n, k, seed=4), kind, n, k, dtype)
     weight = layer.method.dense_weight(layer).double()                           # [n, k]
     bias = torch.randn(n).to(dtype)
-    for rows in (1, 2, 3, 16):
+    for rows in (1, 2, 3, 5, 7, 16):   # every count of rows a pass can take
         wide = torch.randn(rows, k + 32, generator=torch.Generator().manual_seed(rows)).to(dtype)
         x = wide[:, 16:16 + k]                                   # rows k + 32 apart, each dense
         got = layer(x)

@@ -31,9 +31,10 @@ from ondo.layers.fused import rows_of
 logger = logging.getLogger("ondo")
 
 _HERE = Path(__file__).parent
-_SOURCES = [_HERE / "kernels.c", _HERE / "int4_mm.c"]
-_HEADERS = [_HERE / "common.h", _HERE / "int4_mm.h"]
+_SOURCES = [_HERE / "kernels.c", _HERE / "int4_mm.c", _HERE / "decoder_stack.c"]
+_HEADERS = [_HERE / "common.h", _HERE / "int4_mm.h", _HERE / "kernels.h"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+DTYPES = _DTYPES   # the kernels' code for each dtype they read
 _I64, _F32, _PTR, _INT = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
     "ondo_rms_norm": [_INT, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32],
@@ -43,6 +44,7 @@ _SIGNATURES = {
     "ondo_decode_attention": [_INT, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64,
                               _I64, _I64, _F32, _I64, _F32],
     "ondo_int4_mm": [_INT, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _INT],
+    "ondo_llama_decode": [_INT, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _INT],
 }
 # -ffp-contract=off: a product and the sum after it round apart, as torch's ops round them.
 # -fno-math-errno: libm calls without errno bookkeeping (expf, tanhf give the same values).
@@ -249,6 +251,12 @@ def int4_mm(x: torch.Tensor, layer, bias: torch.Tensor | None) -> torch.Tensor:
 def attention_inputs_fit(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                          seq_lens: torch.Tensor) -> bool:
     """Whether decode_attention reads these as they are: dense heads, a contiguous cache, int32 tables."""
-    return (usable(q) and kv_cache.dtype == q.dtype and kv_cache.is_contiguous() and q.stride(2) == 1
-            and q.stride(1) == q.shape[2] and block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
-            and seq_lens.dtype == torch.int32 and seq_lens.is_contiguous() and seq_lens.is_cpu and block_tables.is_cpu)
+    return q.stride(2) == 1 and q.stride(1) == q.shape[2] and cache_inputs_fit(q, kv_cache, block_tables, seq_lens)
+
+
+def cache_inputs_fit(x: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor) -> bool:
+    """The part of `attention_inputs_fit` that does not depend on the queries' layout."""
+    return (usable(x) and kv_cache.dtype == x.dtype and kv_cache.is_contiguous() and block_tables.dtype == torch.int32
+            and block_tables.stride(1) == 1 and seq_lens.dtype == torch.int32 and seq_lens.is_contiguous()
+            and seq_lens.is_cpu and block_tables.is_cpu)

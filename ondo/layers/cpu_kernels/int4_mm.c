@@ -19,7 +19,7 @@ enum { UNIT = 32 };            /* rows per unit: 16 bytes of codes at each k */
 enum { MAX_TILE = 64 };        /* torch's tiles: 32 rows (AVX2) or 64 (AVX512), one or two units */
 /* Activation rows sharing one decode of the codes: as many as their sums leave registers for (AVX512 has 32). */
 #if defined(__AVX512F__)
-#define ROWS_PER_PASS 4
+#define ROWS_PER_PASS 6
 #else
 #define ROWS_PER_PASS 2
 #endif
@@ -157,6 +157,8 @@ static inline __attribute__((always_inline)) void tile_product(
 #if ROWS_PER_PASS > 2
                 case 3: group_sums(codes, half, inputs, xg, 3, units, sums); break;
                 case 4: group_sums(codes, half, inputs, xg, 4, units, sums); break;
+                case 5: group_sums(codes, half, inputs, xg, 5, units, sums); break;
+                case 6: group_sums(codes, half, inputs, xg, 6, units, sums); break;
 #endif
                 default: group_sums(codes, half, inputs, xg, 2, units, sums); break;
             }

@@ -10,6 +10,7 @@
  * after it round apart as in torch. These run on the calling thread (int4_mm.c alone uses threads).
  */
 #include "common.h"
+#include "kernels.h"
 
 /* q . k over n floats. With AVX2, two chains of fused multiply-adds and one horizontal sum: the plain
  * loop's single chain and its sum through memory made a 64-wide dot ~50 cycles. */

@@ -14,11 +14,11 @@ Storage, chosen by the run device at load (both lossless):
 - Both: `scales_and_zeros` [P * K_eff / g, N(_pad), 2] in the run dtype: w = (code_p - 8) * scale_p + zero_p.
 
 Kernels (`apply`): on the CPU, ondo's own kernel (`cpu_kernels/int4_mm.c`) reads the packed bytes for
-up to 16 bfloat16 rows and for float32 at any batch; torch's fused kernel
-(`aten._weight_int4pack_mm_for_cpu`) serves larger bfloat16 batches. torch's kernel is vectorized for
+every batch size; torch's fused kernel (`aten._weight_int4pack_mm_for_cpu`) is the fallback where ondo's
+kernels are not built (no C compiler, ONDO_CPU_KERNELS=0, float16). torch's kernel is vectorized for
 bfloat16 activations only, and exact but 10 to 20 times slower for float32 (2-core AVX2, a 1536 x 576
 product: 1.3 ms against 0.12; 128 rows: 370 ms against 19), which is why int4 weights run in bfloat16 by
-default (`loader.resolve_dtype`). On a GPU, Triton kernels (`int4_gpu_kernels.py`): a fused kernel for
+default where it is the kernel, and in float32 where ondo's is (`loader.resolve_dtype`). On a GPU, Triton kernels (`int4_gpu_kernels.py`): a fused kernel for
 decode-sized batches, dequantize + cuBLAS above that, all inside the CUDA graphs.
 """
 from __future__ import annotations
@@ -42,10 +42,6 @@ KERNEL_GROUPS = (32, 64, 128, 256)
 # more below a few hundred rows, so it serves every batch; that also keeps a prefix-cache hit (one
 # row) on the same arithmetic as the full prefill. The GPU path picks its own kernel by batch.
 CPU_KERNEL_MAX_TOKENS = 1 << 30
-# bfloat16 batches up to this many rows take ondo's own CPU kernel (cpu_kernels/int4_mm.c), larger ones
-# torch's, which decodes each weight once for all rows; float32 batches always take ondo's (torch's is not
-# vectorized for float32: 10 to 20 times slower).
-CPU_OWN_KERNEL_MAX_ROWS = 16
 GPU_KERNEL_MAX_TOKENS = 1 << 30
 
 
@@ -171,8 +167,7 @@ class Int4PlanesMethod(LinearMethod):
         _keep(layer, pack_words(codes_all), sz, len(codes), affine.group, False, k_pad)
 
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dim() == 2 and (x.shape[0] <= CPU_OWN_KERNEL_MAX_ROWS or x.dtype == torch.float32) \
-                and cpu_kernels.usable(x) and _own_kernel_reads(layer):
+        if x.dim() == 2 and own_cpu_kernel_takes(x) and own_kernel_reads(layer):
             return cpu_kernels.int4_mm(x, layer, bias)                           # [T, out]
         one_plane = layer.__dict__.get("cpu_one_plane")
         if one_plane is None:   # decided at the first call (after every loader has set the planes), not per call
@@ -253,7 +248,16 @@ class Int4PlanesMethod(LinearMethod):
         return w
 
 
-def _own_kernel_reads(layer: Linear) -> bool:
+def own_cpu_kernel_takes(x: torch.Tensor) -> bool:
+    """Whether a batch x [T, in] goes to ondo's CPU kernel (cpu_kernels/int4_mm.c) rather than torch's: at
+    every batch size where the kernels are built, so that a row's result never depends on the rows beside
+    it (a prefix-cache hit's one row and the full prefill must agree, bit for bit), and torch's is 10 to
+    20 times slower in float32. Against torch's in bfloat16 on a 2-core AVX512 EPYC: within 15 % either
+    way from 1 to 128 rows."""
+    return cpu_kernels.usable(x)
+
+
+def own_kernel_reads(layer: Linear) -> bool:
     """Whether ondo's CPU kernel reads this layer's tiles (32 or 64 rows; found once per layer)."""
     tile = layer.__dict__.get("cpu_tile")
     if tile is None:
