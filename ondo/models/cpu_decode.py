@@ -49,10 +49,10 @@ def decode_layers(model, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
 
 
 class _DecodeStack:
-    def __init__(self, model, layers: list):
+    def __init__(self, layers: list):
         first = layers[0]
         attn = first.self_attn
-        self.model, self.layers = model, layers
+        self.layers = layers
         self.num_layers = len(layers)
         self.heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.hidden_size = first.input_layernorm.weight.shape[0]
@@ -87,7 +87,7 @@ class _DecodeStack:
                     return None
             if attn.attn.logit_softcap != layers[0].self_attn.attn.logit_softcap:
                 return None
-        return cls(model, layers)
+        return cls(layers)
 
     def run(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         context = get_forward_context()
