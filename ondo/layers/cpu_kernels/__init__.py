@@ -33,8 +33,7 @@ logger = logging.getLogger("ondo")
 _HERE = Path(__file__).parent
 _SOURCES = [_HERE / "kernels.c", _HERE / "int4_mm.c", _HERE / "decoder_stack.c"]
 _HEADERS = [_HERE / "common.h", _HERE / "int4_mm.h", _HERE / "kernels.h"]
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-DTYPES = _DTYPES   # the kernels' code for each dtype they read
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}   # the kernels' code for each dtype they read
 _I64, _F32, _PTR, _INT = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
     "ondo_rms_norm": [_INT, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32],
@@ -70,7 +69,7 @@ def library() -> ctypes.CDLL | None:
 
 def usable(x: torch.Tensor) -> bool:
     """Whether x's op may run here: a CPU tensor of a dtype the kernels read, with the library built."""
-    return x.is_cpu and x.dtype in _DTYPES and (_lib if _tried else library()) is not None and _enabled
+    return x.is_cpu and x.dtype in DTYPES and (_lib if _tried else library()) is not None and _enabled
 
 
 @contextmanager
@@ -167,13 +166,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     x2d = rows_of(x)
     out = torch.empty_like(x2d)
     if residual is None:
-        _lib.ondo_rms_norm(_DTYPES[x.dtype], x2d.data_ptr(), None, out.data_ptr(), None, weight.data_ptr(),
-                           _DTYPES[weight.dtype], x2d.shape[0], x2d.shape[1], x2d.stride(0), 0, out.stride(0), 0,
+        _lib.ondo_rms_norm(DTYPES[x.dtype], x2d.data_ptr(), None, out.data_ptr(), None, weight.data_ptr(),
+                           DTYPES[weight.dtype], x2d.shape[0], x2d.shape[1], x2d.stride(0), 0, out.stride(0), 0,
                            eps, offset)
         return out if out.shape == x.shape else out.view(x.shape)
     res2d, res_out = rows_of(residual), torch.empty_like(out)
-    _lib.ondo_rms_norm(_DTYPES[x.dtype], x2d.data_ptr(), res2d.data_ptr(), out.data_ptr(), res_out.data_ptr(),
-                       weight.data_ptr(), _DTYPES[weight.dtype], x2d.shape[0], x2d.shape[1], x2d.stride(0),
+    _lib.ondo_rms_norm(DTYPES[x.dtype], x2d.data_ptr(), res2d.data_ptr(), out.data_ptr(), res_out.data_ptr(),
+                       weight.data_ptr(), DTYPES[weight.dtype], x2d.shape[0], x2d.shape[1], x2d.stride(0),
                        res2d.stride(0), out.stride(0), res_out.stride(0), eps, offset)
     if out.shape == x.shape:
         return out, res_out
@@ -185,7 +184,7 @@ def gated(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
     x2d = rows_of(x)
     rows, inter = x2d.shape[0], x2d.shape[1] // 2
     out = x2d.new_empty((rows, inter))
-    _lib.ondo_gated(_DTYPES[x.dtype], int(gelu_tanh), x2d.data_ptr(), out.data_ptr(), rows, inter, x2d.stride(0),
+    _lib.ondo_gated(DTYPES[x.dtype], int(gelu_tanh), x2d.data_ptr(), out.data_ptr(), rows, inter, x2d.stride(0),
                     inter)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], inter)
 
@@ -194,14 +193,14 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, head_d
     """In place on x [T, heads * head_dim] (rows may be strided, each row dense), from `rotation_tables`
     (cos / signed_sin [T, 1, 2, half], dense)."""
     half = cos.shape[-1]
-    _lib.ondo_rotary(_DTYPES[x.dtype], x.data_ptr(), x.shape[0], x.stride(0), x.shape[1] // head_dim, head_dim,
+    _lib.ondo_rotary(DTYPES[x.dtype], x.data_ptr(), x.shape[0], x.stride(0), x.shape[1] // head_dim, head_dim,
                      half, cos.data_ptr(), signed_sin.data_ptr(), 2 * half)
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """k / v [T, KVH, D] (each token's heads dense) into their slots of kv_cache [2, blocks, block_size, KVH, D]."""
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
-    _lib.ondo_write_kv(_DTYPES[k.dtype], kv_cache.data_ptr(), num_blocks * block_size, k.data_ptr(), v.data_ptr(),
+    _lib.ondo_write_kv(DTYPES[k.dtype], kv_cache.data_ptr(), num_blocks * block_size, k.data_ptr(), v.data_ptr(),
                        k.shape[0], num_kv_heads * head_dim, k.stride(0), v.stride(0), slot_mapping.data_ptr())
 
 
@@ -212,7 +211,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     _, num_blocks, block_size, num_kv_heads, _ = kv_cache.shape
     out = torch.empty_like(q)
     _lib.ondo_decode_attention(
-        _DTYPES[q.dtype], q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0), kv_cache.data_ptr(),
+        DTYPES[q.dtype], q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0), kv_cache.data_ptr(),
         num_blocks * block_size, block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), num_seqs,
         num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window or 0, logit_softcap or 0.0)
     return out
@@ -232,7 +231,7 @@ def int4_weight(layer) -> Int4Weight:
         sz = layer.scales_and_zeros
         built = layer.cpu_int4_weight = Int4Weight(
             layer.qweight.data_ptr(), sz.data_ptr(), layer.in_features, layer.planes, layer.group, sz.shape[1],
-            layer.out_features, layer.cpu_tile, _DTYPES[sz.dtype], int(layer.padded16))
+            layer.out_features, layer.cpu_tile, DTYPES[sz.dtype], int(layer.padded16))
     return built
 
 
@@ -242,7 +241,7 @@ def int4_mm(x: torch.Tensor, layer, bias: torch.Tensor | None) -> torch.Tensor:
     if x.stride(1) != 1:
         x = x.contiguous()
     out = x.new_empty((x.shape[0], layer.out_features))
-    _lib.ondo_int4_mm(_DTYPES[x.dtype], x.data_ptr(), x.shape[0], x.stride(0), ctypes.byref(int4_weight(layer)),
+    _lib.ondo_int4_mm(DTYPES[x.dtype], x.data_ptr(), x.shape[0], x.stride(0), ctypes.byref(int4_weight(layer)),
                       None if bias is None else bias.data_ptr(), out.data_ptr(), layer.out_features,
                       torch.get_num_threads())
     return out
