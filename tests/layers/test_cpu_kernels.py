@@ -13,6 +13,7 @@ from ondo.layers.attention.torch_backend import TorchAttentionBackend, gather_kv
 from ondo.layers.norm import RMSNorm
 from ondo.layers.quantization import int4_planes
 from ondo.layers.rotary import apply_rotary_, rotation_tables
+from tests.layers.int4_activations import activations_seen
 
 pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler to build the CPU kernels")
 DTYPES = [torch.bfloat16, torch.float32]
@@ -124,12 +125,32 @@ def test_decode_attention_reads_the_paged_cache_in_place(dtype, heads, kv_heads,
         assert (out.double() - exact).abs().max() <= (torch_out.double() - exact).abs().max() + 1e-6
 
 
+def test_rounded_activations_keep_16_bits_of_each_group():
+    """The rounding itself: an outlier of 1000 next to inputs near 1 leaves those within 1000 / 65534."""
+    from gguf import GGMLQuantizationType
+    from tests.layers.test_gguf_packed import packed_linear, random_blocks
+
+    if not cpu_kernels.int4_rounds_activations():
+        pytest.skip("this CPU's int4 product multiplies activations as they are")
+    kind = GGMLQuantizationType.Q4_1
+    layer = packed_linear(random_blocks(kind, 64, 64, seed=1), kind, 64, 64, torch.float32)
+    x = torch.rand(1, 64) + 0.5
+    x[0, 3] = 1000.0
+    seen = activations_seen(x, layer)
+    assert (seen - x.double())[0, :32].abs().max() <= 1000 / 65534
+    assert (seen - x.double())[0, 32:].abs().max() <= 1.5 / 65534            # the other group: its own scale
+    weight = layer.method.dense_weight(layer).double()
+    scale = (x.double().abs() @ weight.abs().t()).max().item()
+    assert (layer(x).double() - seen @ weight.t()).abs().max().item() < 1e-6 * scale
+
+
 @pytest.mark.parametrize("tile", [32, 64])                      # the AVX2 and AVX512 layouts, on any CPU
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q6_K", "Q5_K"])   # 1 plane; 2 planes; groups of 16; 2 planes of K-quants
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_int4_product_reads_the_tile_layout(monkeypatch, tile, kind, dtype):
-    """ondo's int4 product (decode-sized batches) against float64 on the layer's own dequantized weights:
-    float32 within a few units of float32 rounding, bfloat16 rounded once. 96 rows: a padded tile."""
+    """ondo's int4 product (decode-sized batches) against float64 on the layer's own dequantized weights
+    and the activations as the kernel sees them (`activations_seen`): float32 within a few units of float32
+    rounding, bfloat16 rounded once. 96 rows: a padded tile."""
     from gguf import GGMLQuantizationType
     from tests.layers.test_gguf_packed import packed_linear, random_blocks
 
@@ -142,7 +163,7 @@ def test_int4_product_reads_the_tile_layout(monkeypatch, tile, kind, dtype):
         wide = torch.randn(rows, k + 32, generator=torch.Generator().manual_seed(rows)).to(dtype)
         x = wide[:, 16:16 + k]                                   # rows k + 32 apart, each dense
         got = layer(x)
-        exact = x.double() @ weight.t()
+        exact = activations_seen(x, layer) @ weight.t()
         if dtype == torch.float32:
             scale = (x.double().abs() @ weight.abs().t()).max().item()
             assert (got.double() - exact).abs().max().item() < 1e-6 * scale
@@ -152,10 +173,12 @@ def test_int4_product_reads_the_tile_layout(monkeypatch, tile, kind, dtype):
         assert torch.equal(with_bias, got + bias)
 
 
-@pytest.mark.parametrize("target", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
-                         ids=["avx2", "scalar"])
+@pytest.mark.parametrize("target", [("-mno-avx512vnni",), ("-mno-avx512vbmi",), ("-mno-avx512f",),
+                                    ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
+                         ids=["avx512-without-vnni", "avx512-float", "avx2", "scalar"])
 def test_int4_product_of_every_instruction_set(monkeypatch, tmp_path, target):
-    """The AVX2 and the portable code paths, built here as the CPUs without AVX512 (or AVX2) build them."""
+    """The code paths of other CPUs, built here as they build them: AVX512 without VNNI (rounded
+    activations through vpmaddwd), without byte permutes (float activations), AVX2, portable C."""
     monkeypatch.setenv("ONDO_CACHE_DIR", str(tmp_path))
     lib = cpu_kernels._load(target)
     assert lib is not None
@@ -166,7 +189,8 @@ def test_int4_product_of_every_instruction_set(monkeypatch, tmp_path, target):
 
 
 def test_int4_product_matches_torchs_kernel():
-    """On this CPU's own layout, torch's kernel (the path without ondo's) gives the same product."""
+    """On this CPU's own layout, torch's kernel (the path without ondo's) gives the same product, of the
+    activations as ondo's kernel sees them."""
     from gguf import GGMLQuantizationType
     from tests.layers.test_gguf_packed import packed_linear, random_blocks
 
@@ -174,8 +198,9 @@ def test_int4_product_matches_torchs_kernel():
     layer = packed_linear(random_blocks(GGMLQuantizationType.Q4_1, n, k, seed=5), GGMLQuantizationType.Q4_1,
                           n, k, torch.float32)
     x = torch.randn(4, k, generator=torch.Generator().manual_seed(6))
+    seen = activations_seen(x, layer).float()
     with cpu_kernels.disabled():
-        want = layer(x)
+        want = layer(seen)
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-4)
 
 

@@ -41,13 +41,14 @@ _SIGNATURES = {
     "ondo_rotary": [_INT, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64],
     "ondo_write_kv": [_INT, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR],
     "ondo_decode_attention": [_INT, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64,
-                              _I64, _I64, _F32, _I64, _F32],
+                              _I64, _I64, _F32, _I64, _F32, _INT],
     "ondo_int4_mm": [_INT, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _INT],
+    "ondo_int4_rounds_activations": [],
     "ondo_llama_decode": [_INT, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _INT],
 }
 # -ffp-contract=off: a product and the sum after it round apart, as torch's ops round them.
 # -fno-math-errno: libm calls without errno bookkeeping (expf, tanhf give the same values).
-# -fopenmp: int4_mm.c's threads. The library then needs libgomp.so.1, which torch has already loaded (its
+# -fopenmp: the threads of int4_mm.c and decode attention. The library then needs libgomp.so.1, which torch has already loaded (its
 # CPU wheels carry their own under that name), so both share one thread pool; a compiler without OpenMP
 # builds it without (-fopenmp-simd: the simd pragmas only, one thread).
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11"]
@@ -107,6 +108,7 @@ def _load(target_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     for name, argtypes in _SIGNATURES.items():
         function = getattr(lib, name)
         function.argtypes, function.restype = argtypes, None
+    lib.ondo_int4_rounds_activations.restype = _INT
     return lib
 
 
@@ -213,7 +215,8 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     _lib.ondo_decode_attention(
         DTYPES[q.dtype], q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0), kv_cache.data_ptr(),
         num_blocks * block_size, block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), num_seqs,
-        num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window or 0, logit_softcap or 0.0)
+        num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window or 0, logit_softcap or 0.0,
+        torch.get_num_threads())
     return out
 
 
@@ -245,6 +248,12 @@ def int4_mm(x: torch.Tensor, layer, bias: torch.Tensor | None) -> torch.Tensor:
                       None if bias is None else bias.data_ptr(), out.data_ptr(), layer.out_features,
                       torch.get_num_threads())
     return out
+
+
+def int4_rounds_activations() -> bool:
+    """Whether int4_mm rounds each group of activations to 16-bit integers first (int4_mm.c: ROUNDED_X,
+    CPUs with AVX512 byte permutes); else it multiplies them as they are."""
+    return bool(_lib.ondo_int4_rounds_activations())
 
 
 def attention_inputs_fit(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -57,7 +57,7 @@ void ondo_llama_decode(int dtype, const ondo_llama_layer *layers, int64_t num_la
                       batch, kv_width, qkv_width, qkv_width, slot_mapping);
         ondo_decode_attention(dtype, qkv, qkv_width, attn, q_width, layer->kv_cache, s->num_slots, block_tables,
                               table_stride, seq_lens, batch, s->heads, s->kv_heads, s->head_dim, s->block_size,
-                              s->scale, layer->window, s->softcap);
+                              s->scale, layer->window, s->softcap, threads);
         ondo_int4_mm(dtype, attn, batch, q_width, &layer->o, layer->o_bias, hidden, s->hidden, threads);
         ondo_rms_norm(dtype, hidden, residual, normed, residual, layer->post_attention_norm, s->norm_dtype, batch,
                       s->hidden, s->hidden, s->hidden, s->hidden, s->hidden, s->eps, 0.0f);

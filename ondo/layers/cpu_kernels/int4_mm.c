@@ -3,10 +3,12 @@
  *
  * Why by hand: torch's kernel (aten._weight_int4pack_mm_for_cpu) is vectorized for bfloat16 only (10 to
  * 60 times slower in float32), and the decode stack (decoder_stack.c) needs a product it can call from C.
- * In bfloat16 the two are within 15 % of each other on 1 to 128 rows. Here a group's codes meet x as small
- * integers, one multiply-add per weight, and its scale and zero apply once per row and group:
+ * In bfloat16 the two are within 15 % of each other on 1 to 128 rows. A group's scale and zero apply once
+ * per row and group:
  *     sum_k x_k w_k = scale * sum_k x_k code_k + (zero - 8 scale) * sum_k x_k    (w = (code - 8) scale + zero)
- * Each code times a bfloat16 or float32 x is exact in float32; sums are float32, rounded once at the end.
+ * and sum_k x_k code_k is taken with integers where the CPU has AVX512 byte permutes (ROUNDED_X below:
+ * x rounded to 16 bits per group, two inputs per multiply-add), else with floats (each code times x is
+ * exact in float32, one multiply-add per weight). Sums are float32, rounded once at the end.
  *
  * Layout (int4_planes.pack_tiles): tiles of T rows (32 with AVX2, 64 with AVX512); byte [tile, k, d]
  * holds row d's code in its low nibble and row d + T/2's in its high one. 16 consecutive bytes of one k
@@ -23,6 +25,26 @@ enum { MAX_TILE = 64 };        /* torch's tiles: 32 rows (AVX2) or 64 (AVX512), 
 #else
 #define ROWS_PER_PASS 2
 #endif
+/* Rounded activations (AVX512 with byte permutes): each row's inputs of a group are rounded to 16-bit
+ * integers, x ~ q dx with dx = max |x| / 32767 over the group, and a group's codes meet them as integers,
+ * two inputs per multiply-add (vpdpwssd) instead of one float each. The product is then the exact one of
+ * the rounded inputs up to float32 sums: |x - q dx| <= dx / 2, some 1.5e-5 of the group's largest input,
+ * below a bfloat16 activation's own rounding (the built-in model's perplexity moved by +0.0005 %). */
+#if defined(__AVX512BW__) && defined(__AVX512VBMI__)
+#define ROUNDED_X 1
+#else
+#define ROUNDED_X 0
+#endif
+
+/* What a product reads of its activations: float32 rows, or the rounded ones with their group scales. */
+typedef struct {
+    const float *xf;      /* [rows][k_in] */
+    const int16_t *xq;    /* [rows][k_in] (ROUNDED_X) */
+    const float *dx;      /* [rows][groups] (ROUNDED_X) */
+    const float *xsum;    /* [rows][groups]: the sum of each group's inputs (of q dx with ROUNDED_X) */
+} activations;
+
+int ondo_int4_rounds_activations(void) { return ROUNDED_X; }
 
 /* The scale and zero - 8 scale of a unit's 32 rows for one group, as float32. The unit's low and high
  * halves are 16 consecutive rows each, whose (scale, zero) pairs are adjacent in `sz` from `first_lo` and
@@ -129,18 +151,67 @@ static inline __attribute__((always_inline)) void group_sums(const uint8_t *code
 #endif
 }
 
-/* One tile's products (its T rows) with `rows` activation rows; `units` = T / 32, constant where inlined.
- * xf: [rows][k_in] float32; xsum: [rows][groups], the sum of x over each group's inputs. */
+#if ROUNDED_X
+/* group_sums on rounded activations: sums[m][j] = dx[m] * sum over the group's k of q[m][k] * code_j[k].
+ * `codes` points at the tile's bytes for the group's first k (k_step = 16 tile_units bytes apart); the
+ * products are those of units c0 .. c0 + units - 1. For k and k + 1, a byte permute gives lane r of a unit
+ * the words (byte of k, byte of k + 1) of its row r: the low nibbles are row r's codes, bits 4-7 row r + 16's. */
+static inline __attribute__((always_inline)) void rounded_group_sums(const uint8_t *codes, int64_t group,
+        const int16_t *const *q, const float *dx, const int rows, const int tile_units, int c0, const int units,
+        float sums[ROWS_PER_PASS][MAX_TILE]) {
+    const __m512i nibble = _mm512_set1_epi16(15);
+    for (int c = 0; c < units; c++) {   /* one unit at a time: 2 sums per row stay in registers */
+        uint8_t order[64];   /* tile_units 2: [k unit 0 | k unit 1 | k+1 unit 0 | k+1 unit 1]; 1: [k | k+1] */
+        const int at_k = 16 * (c0 + c), at_next = 16 * tile_units + 16 * (c0 + c);
+        for (int r = 0; r < 16; r++) {
+            order[4 * r] = order[4 * r + 1] = (uint8_t)(at_k + r);
+            order[4 * r + 2] = order[4 * r + 3] = (uint8_t)(at_next + r);
+        }
+        const __m512i pick = _mm512_loadu_si512(order);
+        __m512i lo_sum[ROWS_PER_PASS], hi_sum[ROWS_PER_PASS];
+        for (int m = 0; m < rows; m++) lo_sum[m] = hi_sum[m] = _mm512_setzero_si512();
+        for (int64_t k = 0; k < group; k += 2) {
+            const uint8_t *b = codes + k * 16 * tile_units;
+            const __m512i bytes = tile_units == 2 ? _mm512_loadu_si512(b)
+                                                  : _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)b));
+            const __m512i words = _mm512_permutexvar_epi8(pick, bytes);
+            const __m512i lo = _mm512_and_si512(words, nibble);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(words, 4), nibble);
+            for (int m = 0; m < rows; m++) {
+                int32_t pair;
+                memcpy(&pair, q[m] + k, sizeof(pair));   /* q[k] in the low word, as the codes of k */
+                const __m512i xk = _mm512_set1_epi32(pair);
+#if defined(__AVX512VNNI__)
+                lo_sum[m] = _mm512_dpwssd_epi32(lo_sum[m], lo, xk);
+                hi_sum[m] = _mm512_dpwssd_epi32(hi_sum[m], hi, xk);
+#else
+                lo_sum[m] = _mm512_add_epi32(lo_sum[m], _mm512_madd_epi16(lo, xk));
+                hi_sum[m] = _mm512_add_epi32(hi_sum[m], _mm512_madd_epi16(hi, xk));
+#endif
+            }
+        }
+        for (int m = 0; m < rows; m++) {   /* |sum| <= 15 * 32767 * 256 < 2^31; as a float32 exact up to groups of 32 */
+            const __m512 scale = _mm512_set1_ps(dx[m]);
+            _mm512_storeu_ps(sums[m] + UNIT * c, _mm512_mul_ps(_mm512_cvtepi32_ps(lo_sum[m]), scale));
+            _mm512_storeu_ps(sums[m] + UNIT * c + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(hi_sum[m]), scale));
+        }
+    }
+}
+#endif
+
+/* Products of `units` consecutive units of one tile, from its unit c0, with `rows` activation rows;
+ * `tile_units` = T / 32 and `units` are constants where inlined. */
 static inline __attribute__((always_inline)) void tile_product(
-        int dtype, const float *xf, const float *xsum, int64_t rows, const ondo_int4_weight *w, const void *bias,
-        const uint8_t *tile_codes, int64_t first_row, const int units, void *out, int64_t out_stride) {
+        int dtype, const activations *a, int64_t rows, const ondo_int4_weight *w, const void *bias,
+        const uint8_t *tile_codes, int64_t first_row, const int tile_units, int c0, const int units, void *out,
+        int64_t out_stride) {
     const int64_t inputs = w->padded16 ? 16 : w->group;            /* real inputs of a group */
-    const int64_t groups = w->k_in / inputs, half = UNIT / 2 * units;   /* half: bytes per k */
+    const int64_t groups = w->k_in / inputs, half = UNIT / 2 * tile_units;   /* half: bytes per k */
     int64_t row_of[MAX_TILE];                                      /* unit c: 16 low rows, then 16 high */
     for (int c = 0; c < units; c++)
         for (int i = 0; i < UNIT / 2; i++) {
-            row_of[UNIT * c + i] = first_row + c * (UNIT / 2) + i;
-            row_of[UNIT * c + i + UNIT / 2] = first_row + half + c * (UNIT / 2) + i;
+            row_of[UNIT * c + i] = first_row + (c0 + c) * (UNIT / 2) + i;
+            row_of[UNIT * c + i + UNIT / 2] = first_row + half + (c0 + c) * (UNIT / 2) + i;
         }
     float acc[ROWS_PER_PASS][MAX_TILE], sums[ROWS_PER_PASS][MAX_TILE], scale[MAX_TILE], zero[MAX_TILE];
     for (int64_t m0 = 0; m0 < rows; m0 += ROWS_PER_PASS) {
@@ -148,10 +219,27 @@ static inline __attribute__((always_inline)) void tile_product(
         memset(acc, 0, sizeof(acc));
         for (int64_t gg = 0; gg < w->planes * groups; gg++) {    /* group gg of the planes' k */
             const int64_t g = gg % groups;
+#if ROUNDED_X
+            const int16_t *qg[ROWS_PER_PASS];
+            float dxg[ROWS_PER_PASS];
+            for (int m = 0; m < pass; m++) {
+                qg[m] = a->xq + (m0 + m) * w->k_in + g * inputs;
+                dxg[m] = a->dx[(m0 + m) * groups + g];
+            }
+            const uint8_t *codes = tile_codes + gg * w->group * half;   /* a padded group's last 16 codes skipped */
+            switch (pass) {   /* a constant row count: no test of it inside the k loop */
+                case 1: rounded_group_sums(codes, inputs, qg, dxg, 1, tile_units, c0, units, sums); break;
+                case 3: rounded_group_sums(codes, inputs, qg, dxg, 3, tile_units, c0, units, sums); break;
+                case 4: rounded_group_sums(codes, inputs, qg, dxg, 4, tile_units, c0, units, sums); break;
+                case 5: rounded_group_sums(codes, inputs, qg, dxg, 5, tile_units, c0, units, sums); break;
+                case 6: rounded_group_sums(codes, inputs, qg, dxg, 6, tile_units, c0, units, sums); break;
+                default: rounded_group_sums(codes, inputs, qg, dxg, 2, tile_units, c0, units, sums); break;
+            }
+#else
             const float *xg[ROWS_PER_PASS];
-            for (int m = 0; m < pass; m++) xg[m] = xf + (m0 + m) * w->k_in + g * inputs;
+            for (int m = 0; m < pass; m++) xg[m] = a->xf + (m0 + m) * w->k_in + g * inputs;
             /* a padded group's last 16 codes meet zero inputs: skipped */
-            const uint8_t *codes = tile_codes + gg * w->group * half;
+            const uint8_t *codes = tile_codes + gg * w->group * half + c0 * (UNIT / 2);
             switch (pass) {   /* a constant row count: no test of it inside the k loop */
                 case 1: group_sums(codes, half, inputs, xg, 1, units, sums); break;
 #if ROWS_PER_PASS > 2
@@ -162,11 +250,12 @@ static inline __attribute__((always_inline)) void tile_product(
 #endif
                 default: group_sums(codes, half, inputs, xg, 2, units, sums); break;
             }
+#endif
             for (int c = 0; c < units; c++)
                 unit_scales(w->sz, w->sz_dtype, (gg * w->n_pad + row_of[UNIT * c]) * 2,
                             (gg * w->n_pad + row_of[UNIT * c + UNIT / 2]) * 2, scale + UNIT * c, zero + UNIT * c);
             for (int m = 0; m < pass; m++) {
-                const float sx = xsum[(m0 + m) * groups + g];
+                const float sx = a->xsum[(m0 + m) * groups + g];
                 #pragma omp simd
                 for (int j = 0; j < UNIT * units; j++) acc[m][j] += scale[j] * sums[m][j] + zero[j] * sx;
             }
@@ -191,23 +280,56 @@ static inline __attribute__((always_inline)) void tile_product(
 void ondo_int4_mm(int dtype, const void *x, int64_t rows, int64_t x_stride, const ondo_int4_weight *w,
                   const void *bias, void *out, int64_t out_stride, int threads) {
     const int64_t inputs = w->padded16 ? 16 : w->group, groups = w->k_in / inputs;
-    float *xf = malloc((size_t)(rows * (w->k_in + groups)) * sizeof(float));
-    float *xsum = xf + rows * w->k_in;
+    float *xf = malloc((size_t)(rows * (w->k_in + 2 * groups)) * sizeof(float));
+    float *dx = xf + rows * w->k_in, *xsum = dx + rows * groups;
+    int16_t *xq = ROUNDED_X ? malloc((size_t)(rows * w->k_in) * sizeof(int16_t)) : NULL;
+    const activations a = {.xf = xf, .xq = xq, .dx = dx, .xsum = xsum};
     for (int64_t m = 0; m < rows; m++) {
         load_row(dtype, row_ptr(dtype, x, m, x_stride), xf + m * w->k_in, w->k_in);
         for (int64_t g = 0; g < groups; g++) {
+            const float *xg = xf + m * w->k_in + g * inputs;
             float total = 0.0f;
-            for (int64_t k = 0; k < inputs; k++) total += xf[m * w->k_in + g * inputs + k];
+            if (ROUNDED_X) {   /* q = round-half-even(x * (32767 / max |x|)), dx = max |x| / 32767 */
+                float top = 0.0f;
+                for (int64_t k = 0; k < inputs; k++) top = fabsf(xg[k]) > top ? fabsf(xg[k]) : top;
+                const float inverse = top > 0.0f ? 32767.0f / top : 0.0f;
+                int32_t q_total = 0;
+                for (int64_t k = 0; k < inputs; k++) {
+                    const int16_t q = (int16_t)lrintf(xg[k] * inverse);
+                    xq[m * w->k_in + g * inputs + k] = q;
+                    q_total += q;
+                }
+                dx[m * groups + g] = top / 32767.0f;
+                total = dx[m * groups + g] * (float)q_total;
+            } else {
+                for (int64_t k = 0; k < inputs; k++) total += xg[k];
+            }
             xsum[m * groups + g] = total;
         }
     }
+    /* Each thread takes an equal share of the 32-row units (torch's 64-row tiles would split the 9 tiles
+     * of a 576-row product 5 to 4); a tile whose two units it both holds is decoded as one. */
     const int64_t tile_bytes = w->planes * groups * w->group * w->tile / 2;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < w->n_pad / w->tile; t++) {
-        if (w->tile == 64)
-            tile_product(dtype, xf, xsum, rows, w, bias, w->qweight + t * tile_bytes, t * w->tile, 2, out, out_stride);
-        else
-            tile_product(dtype, xf, xsum, rows, w, bias, w->qweight + t * tile_bytes, t * w->tile, 1, out, out_stride);
+    const int tile_units = (int)(w->tile / UNIT);
+    const int64_t total = w->n_pad / UNIT, parts = threads < total ? threads : total;
+    #pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int64_t part = 0; part < parts; part++) {
+        for (int64_t u = total * part / parts, end = total * (part + 1) / parts; u < end;) {
+            const int64_t t = u / tile_units;
+            const int c0 = (int)(u % tile_units);
+            const uint8_t *codes = w->qweight + t * tile_bytes;
+            if (tile_units == 1) {
+                tile_product(dtype, &a, rows, w, bias, codes, t * w->tile, 1, 0, 1, out, out_stride);
+                u += 1;
+            } else if (c0 == 0 && end - u >= 2) {
+                tile_product(dtype, &a, rows, w, bias, codes, t * w->tile, 2, 0, 2, out, out_stride);
+                u += 2;
+            } else {
+                tile_product(dtype, &a, rows, w, bias, codes, t * w->tile, 2, c0, 1, out, out_stride);
+                u += 1;
+            }
+        }
     }
+    free(xq);
     free(xf);
 }

@@ -16,4 +16,7 @@ typedef struct {
 void ondo_int4_mm(int dtype, const void *x, int64_t rows, int64_t x_stride, const ondo_int4_weight *w,
                   const void *bias, void *out, int64_t out_stride, int threads);
 
+/* 1 where the product rounds its activations to 16-bit integers per group (int4_mm.c: ROUNDED_X) */
+int ondo_int4_rounds_activations(void);
+
 #endif

@@ -7,7 +7,8 @@
  *
  * Rows are bfloat16 (dtype 1) or float32 (dtype 0); arithmetic is float32. Compiled at first use by
  * ondo/layers/cpu_kernels/__init__.py: -march=native; -ffp-contract=off, so that a product and the sum
- * after it round apart as in torch. These run on the calling thread (int4_mm.c alone uses threads).
+ * after it round apart as in torch. Decode attention shares its heads among threads (as int4_mm.c shares
+ * its tiles); the others run on the calling thread.
  */
 #include "common.h"
 #include "kernels.h"
@@ -180,66 +181,90 @@ static void weigh_values(int dtype, const char *values, const int64_t *rows, int
     }
 }
 
+/* q . key over n elements, the key as stored (float32 or bfloat16, converted exactly as it is read): the
+ * same sums in the same order as dot(q, key converted to float32). */
+static inline float dot_key(int dtype, const float *q, const char *key, int64_t n) {
+    if (dtype != BF16) return dot(q, (const float *)key, n);
+    int64_t i = 0;
+    float sum = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        even = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(dtype, key + 2 * i), even);
+        odd = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), load8(dtype, key + 2 * (i + 8)), odd);
+    }
+    for (; i + 8 <= n; i += 8) even = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(dtype, key + 2 * i), even);
+    __m256 v = _mm256_add_ps(even, odd);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+#endif
+    for (; i < n; i++) sum += q[i] * bf16_to_float(((const uint16_t *)key)[i]);
+    return sum;
+}
+
 /* Decode attention: one query per sequence against the sequence's cached keys in the paged cache
  * [2, blocks, block_size, kv_heads, head_dim], read in place through its block table. GQA: query head
- * kv_head * group + g reads kv_head, so each key is loaded once for the group. Keys from
- * seq_len - window on with a sliding window (window > 0); scores soft-capped when softcap > 0.
- * Scores, softmax and the weighted sum of values in float32, rounded once to the dtype at the end. */
+ * kv_head * group + g reads kv_head. Keys from seq_len - window on with a sliding window (window > 0);
+ * scores soft-capped when softcap > 0. Scores, softmax and the weighted sum of values in float32, rounded
+ * once to the dtype at the end.
+ *
+ * `threads` OpenMP threads share the (sequence, query head) pairs: one sequence's heads alone keep both
+ * cores of a small CPU busy (a 2-core decode step spent a sixth of its time here on one core). A head's
+ * numbers do not depend on which thread computes it. */
 void ondo_decode_attention(int dtype, const void *q, int64_t q_stride, void *out, int64_t out_stride,
                            const void *cache, int64_t num_slots, const int32_t *block_tables,
                            int64_t table_stride, const int32_t *seq_lens, int64_t num_seqs, int64_t num_heads,
                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale,
-                           int64_t window, float softcap) {
+                           int64_t window, float softcap, int threads) {
     const int64_t group = num_heads / num_kv_heads, width = num_kv_heads * head_dim;
     const int64_t elem = dtype == BF16 ? 2 : 4;
     const char *keys = (const char *)cache, *values = keys + num_slots * width * elem;
-    float *qf = malloc((size_t)(num_heads * head_dim * 2 + head_dim) * sizeof(float));
-    float *acc = qf + num_heads * head_dim, *row = acc + num_heads * head_dim;
-    int64_t capacity = 0, *rows = NULL;
-    float *scores = NULL;
+    /* each visible token's row (element offset) in either half of the cache, sequence after sequence */
+    int64_t *starts = malloc((size_t)(num_seqs + 1) * sizeof(int64_t)), longest = 0;
+    starts[0] = 0;
     for (int64_t s = 0; s < num_seqs; s++) {
         const int64_t len = seq_lens[s], first = window > 0 && len > window ? len - window : 0;
-        const int64_t count = len - first;
-        if (count > capacity) {
-            capacity = count;
-            free(scores);
-            free(rows);
-            scores = malloc((size_t)(capacity * group) * sizeof(float));
-            rows = malloc((size_t)capacity * sizeof(int64_t));
-        }
+        starts[s + 1] = starts[s] + len - first;
+        if (len - first > longest) longest = len - first;
+    }
+    int64_t *rows = malloc((size_t)(starts[num_seqs] > 0 ? starts[num_seqs] : 1) * sizeof(int64_t));
+    for (int64_t s = 0; s < num_seqs; s++) {
         const int32_t *table = block_tables + s * table_stride;
-        for (int64_t t = first; t < len; t++)   /* each visible token's row in either half of the cache */
-            rows[t - first] = ((int64_t)table[t / block_size] * block_size + t % block_size) * width;
-        load_row(dtype, row_ptr(dtype, q, s, q_stride), qf, num_heads * head_dim);
-        for (int64_t kvh = 0; kvh < num_kv_heads; kvh++) {
-            const float *qh = qf + kvh * group * head_dim;
-            for (int64_t i = 0; i < count; i++) {   /* scores [group][count]: each key loaded once */
-                load_row(dtype, keys + (rows[i] + kvh * head_dim) * elem, row, head_dim);
-                for (int64_t g = 0; g < group; g++)
-                    scores[g * count + i] = dot(qh + g * head_dim, row, head_dim) * scale;
+        const int64_t first = seq_lens[s] - (starts[s + 1] - starts[s]);
+        for (int64_t t = first; t < seq_lens[s]; t++)
+            rows[starts[s] + t - first] = ((int64_t)table[t / block_size] * block_size + t % block_size) * width;
+    }
+    #pragma omp parallel num_threads(threads)
+    {
+        float *scratch = malloc((size_t)(longest + 2 * head_dim) * sizeof(float));
+        float *qh = scratch, *acc = qh + head_dim, *p = acc + head_dim;
+        #pragma omp for schedule(dynamic)
+        for (int64_t item = 0; item < num_seqs * num_heads; item++) {
+            const int64_t s = item / num_heads, head = item % num_heads, kvh = head / group;
+            const int64_t count = starts[s + 1] - starts[s], *seq_rows = rows + starts[s];
+            load_row(dtype, row_ptr(dtype, q, s, q_stride) + head * head_dim * elem, qh, head_dim);
+            for (int64_t i = 0; i < count; i++)
+                p[i] = dot_key(dtype, qh, keys + (seq_rows[i] + kvh * head_dim) * elem, head_dim) * scale;
+            float top = -INFINITY, total = 0.0f;
+            if (softcap > 0.0f) {
+                for (int64_t i = 0; i < count; i++) p[i] = softcap * tanhf(p[i] / softcap);
             }
-            for (int64_t g = 0; g < group; g++) {
-                float *p = scores + g * count, top = -INFINITY, total = 0.0f;
-                if (softcap > 0.0f) {
-                    for (int64_t i = 0; i < count; i++) p[i] = softcap * tanhf(p[i] / softcap);
-                }
-                #pragma omp simd reduction(max : top)
-                for (int64_t i = 0; i < count; i++) top = p[i] > top ? p[i] : top;
-                #pragma omp simd reduction(+ : total)
-                for (int64_t i = 0; i < count; i++) {
-                    p[i] = expf(p[i] - top);
-                    total += p[i];
-                }
-                const float inverse = 1.0f / total;
-                #pragma omp simd
-                for (int64_t i = 0; i < count; i++) p[i] *= inverse;
-                weigh_values(dtype, values + kvh * head_dim * elem, rows, count, p, head_dim,
-                             acc + (kvh * group + g) * head_dim);
+            #pragma omp simd reduction(max : top)
+            for (int64_t i = 0; i < count; i++) top = p[i] > top ? p[i] : top;
+            #pragma omp simd reduction(+ : total)
+            for (int64_t i = 0; i < count; i++) {
+                p[i] = expf(p[i] - top);
+                total += p[i];
             }
+            const float inverse = 1.0f / total;
+            #pragma omp simd
+            for (int64_t i = 0; i < count; i++) p[i] *= inverse;
+            weigh_values(dtype, values + kvh * head_dim * elem, seq_rows, count, p, head_dim, acc);
+            store_row(dtype, acc, row_ptr(dtype, out, s, out_stride) + head * head_dim * elem, head_dim);
         }
-        store_row(dtype, acc, row_ptr(dtype, out, s, out_stride), num_heads * head_dim);
+        free(scratch);
     }
     free(rows);
-    free(scores);
-    free(qf);
+    free(starts);
 }

@@ -18,6 +18,6 @@ void ondo_decode_attention(int dtype, const void *q, int64_t q_stride, void *out
                            const void *cache, int64_t num_slots, const int32_t *block_tables,
                            int64_t table_stride, const int32_t *seq_lens, int64_t num_seqs, int64_t num_heads,
                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale,
-                           int64_t window, float softcap);
+                           int64_t window, float softcap, int threads);
 
 #endif
