@@ -126,7 +126,7 @@ class _DecodeStack:
             cache = kv_caches[attn.attn.layer_idx]
             tensors = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight, cache,
                        *(lin.bias for lin in linears if lin.bias is not None),
-                       *(lin.scales_and_zeros for lin in linears)]
+                       *(lin.scales_and_zeros for lin in linears if lin.scales_and_zeros.dtype != torch.float16)]
             if any(t.dtype != dtype for t in tensors) or not cache.is_contiguous():
                 return None
             biases = [None if lin.bias is None else lin.bias.data_ptr() for lin in linears]

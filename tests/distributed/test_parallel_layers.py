@@ -9,7 +9,11 @@ One spawn runs every check (starting processes is the slow part). Criteria:
   loads dense): the shards hold the very codes and scales of TP=1 (int4 groups and GGUF blocks
   never straddle a cut, rows are quantized independently), so again only the sum order differs;
   the int4 kernel accumulates in its own blocked order, so the bound is 2e-5 (measured: 5e-6) on
-  logits of std > 0.5.
+  logits of std > 0.5. Where that kernel rounds activations to 16-bit integers per group (CPUs with
+  AVX512 byte permutes, `cpu_kernels.int4_rounds_activations`), an input that a 1e-7 change of sum order
+  moves across a rounding boundary moves by a whole step (1.5e-5 of its group's largest input), and the
+  Q6_K shard that loads dense multiplies unrounded inputs: there the bound is 1e-3 (measured: 2.0e-4 for
+  the GGUF, 2.8e-4 for int4).
 - every rank ends with the same full logits.
 """
 from __future__ import annotations
@@ -21,6 +25,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf.quants import quantize
 from transformers import AutoConfig, LlamaConfig
 
+from ondo.layers import cpu_kernels
 from ondo.layers.attention import Attention
 from ondo.layers.linear import Linear, linear_method_scope
 from ondo.layers.quantization import folder_factory, gguf_factory
@@ -31,7 +36,7 @@ from tests.distributed.conftest import run_on_ranks
 from tests.models.tiny_models import FAMILIES, PagedDriver, build_tiny_model, read_safetensors
 
 DENSE_TOLERANCE = 1e-5
-QUANTIZED_TOLERANCE = 2e-5
+QUANTIZED_TOLERANCE = 1e-3 if cpu_kernels.library() and cpu_kernels.int4_rounds_activations() else 2e-5
 ODD_VOCAB = 383                       # 192 rows per rank, the last one padding
 PROMPTS = [[5, 17, 200, 3, 9, 44, 381, 12, 7, 100, 250, 33, 8], [60, 2, 19, 301, 77]]
 CHUNKS = [[9, 1, 1, 1, 1], [3, 2]]   # chunked prefill reading the cached prefix, then decode steps

@@ -48,18 +48,27 @@ def greedy_run(model: str, prompts=PROMPTS, **options) -> list:
             for o in outputs]
 
 
-def assert_same_generation(reference: list, ours: list) -> None:
+def assert_same_generation(reference: list, ours: list, tolerance: float = 1e-4) -> None:
     for (ref_ids, ref_lps), (ids, lps) in zip(reference, ours):
         assert ids == ref_ids
         for ref_step, step in zip(ref_lps, lps):
             assert ref_step.keys() == step.keys()
             for token, logprob in ref_step.items():
-                assert step[token] == pytest.approx(logprob, abs=1e-4)
+                assert step[token] == pytest.approx(logprob, abs=tolerance)
 
 
-def tp_versus_single(model: str, **options) -> None:
+def tp_versus_single(model: str, tolerance: float = 1e-4, **options) -> None:
     reference = greedy_run(model, **options)
-    assert_same_generation(reference, greedy_run(model, tensor_parallel_size=2, **options))
+    assert_same_generation(reference, greedy_run(model, tensor_parallel_size=2, **options), tolerance)
+
+
+def packed_tolerance() -> float:
+    """Log-probabilities of int4-planes weights (int4, GGUF blocks) at TP=2 against TP=1: where ondo's CPU int4 product rounds
+    activations to 16-bit integers per group, an input that the shards' other sum order moves across a
+    rounding boundary moves by a step (1.5e-5 of its group's largest input): 1e-3 (measured 1.2e-4)."""
+    from ondo.layers import cpu_kernels
+
+    return 1e-3 if cpu_kernels.library() and cpu_kernels.int4_rounds_activations() else 1e-4
 
 
 # ---- the step message ------------------------------------------------------------------------------
@@ -152,13 +161,13 @@ def test_gguf_file(tmp_path):
             param.copy_(torch.randn_like(param) * 0.5)
     path = tmp_path / "llama.gguf"
     write_gguf(path, model, arch, quantize={"blk.0.ffn_up.weight", "blk.1.attn_q.weight"})
-    tp_versus_single(str(path))
+    tp_versus_single(str(path), packed_tolerance())
 
 
 @pytest.mark.slow
 def test_int4_quantized_folder(tmp_path):
     build_tiny_model("qwen3", tmp_path)
-    tp_versus_single(str(tmp_path), quantization="int4")
+    tp_versus_single(str(tmp_path), packed_tolerance(), quantization="int4")
 
 
 # ---- several nodes ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf.quants import dequantize, quantize
 
 from ondo import LLM, SamplingParams
+from ondo.layers import cpu_kernels
 from ondo.layers.linear import Linear, linear_method_scope
 from ondo.layers.quantization import int4_planes
 from ondo.layers.quantization.int4_planes import cpu_tile_rows, pack_tiles, unpack_tiles
@@ -71,6 +72,23 @@ def test_packed_linear_matches_dequantized(kind, num_tokens):
     torch.testing.assert_close(exact.method.embed(exact, ids), weight[ids], rtol=0, atol=0)
 
 
+@pytest.mark.skipif(cpu_kernels.library() is None, reason="float16 scales are for ondo's CPU kernel")
+def test_float32_runs_keep_float16_scales_where_exact():
+    """A GGUF's float16 scales stay float16 pairs (scale, zero - 8 scale) on the CPU where every value
+    converts exactly (half the bytes of float32 pairs); K-quants' scales (d times a 6-bit scale) do not
+    and stay float32. Either way the weights are the file's, bit for bit."""
+    for kind, want in ((T.Q4_1, torch.float16), (T.Q8_0, torch.float16), (T.Q4_K, torch.float32)):
+        raw = random_blocks(kind, 96, 512, seed=2)
+        layer = packed_linear(raw, kind, 96, 512, torch.float32)
+        assert layer.scales_and_zeros.dtype == want, kind.name
+        weight = torch.from_numpy(dequantize(raw, kind).reshape(96, 512))
+        assert torch.equal(layer.method.dense_weight(layer), weight), kind.name
+    raw = random_blocks(T.Q4_0, 64, 64, seed=3)
+    raw.view(np.float16)[:, 0] = 1e4                            # d: -8 d overflows float16's 65504
+    layer = packed_linear(raw, T.Q4_0, 64, 64, torch.float32)
+    assert layer.scales_and_zeros.dtype == torch.float32
+
+
 def test_cpu_tile_layout_is_torchs():
     """torch's CPU int4 kernel reads a layout that depends on the CPU (64-row tiles with AVX512, 32 with
     AVX2): the packer must write the one its kernel reads here, and unpacking must invert it."""
@@ -96,10 +114,11 @@ def test_dequantizing_and_embedding_read_every_tile(monkeypatch, tile):
     torch.testing.assert_close(layer.method.embed(layer, ids), layer.method.dense_weight(layer)[ids], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype,ratio", [("bfloat16", 1.1), ("float32", 1.25)])
+@pytest.mark.parametrize("dtype,ratio", [("bfloat16", 1.1), ("float32", 1.1 if cpu_kernels.library() else 1.25)])
 def test_packed_model_memory_is_the_file_size(dtype, ratio):
-    """The codes take the file's bytes; each group of 32 keeps a scale and a zero in the run dtype: 4 bytes
-    in bfloat16 (Q4_1's own 4), 8 in float32 (exact: 24 bytes a group against Q4_1's 20)."""
+    """The codes take the file's bytes; each group of 32 keeps a scale and a zero: 4 bytes in bfloat16
+    (Q4_1's own 4), 4 in float32 where ondo's kernel reads float16 pairs (exact for Q4_1 and Q8_0), else 8
+    (exact: 24 bytes a group against Q4_1's 20)."""
     path = smollm2_gguf_path()
     llm = LLM(str(path), dtype=dtype, max_model_len=256)
     model = llm.engine.model

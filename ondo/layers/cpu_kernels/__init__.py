@@ -34,6 +34,8 @@ _HERE = Path(__file__).parent
 _SOURCES = [_HERE / "kernels.c", _HERE / "int4_mm.c", _HERE / "decoder_stack.c"]
 _HEADERS = [_HERE / "common.h", _HERE / "int4_mm.h", _HERE / "kernels.h"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}   # the kernels' code for each dtype they read
+# int4 scales: (scale, zero) pairs in the run dtype, or float16 (scale, zero - 8 scale) (int4_planes.compact_cpu_scales)
+SCALE_DTYPES = {**DTYPES, torch.float16: 2}
 _I64, _F32, _PTR, _INT = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
     "ondo_rms_norm": [_INT, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32],
@@ -234,7 +236,7 @@ def int4_weight(layer) -> Int4Weight:
         sz = layer.scales_and_zeros
         built = layer.cpu_int4_weight = Int4Weight(
             layer.qweight.data_ptr(), sz.data_ptr(), layer.in_features, layer.planes, layer.group, sz.shape[1],
-            layer.out_features, layer.cpu_tile, DTYPES[sz.dtype], int(layer.padded16))
+            layer.out_features, layer.cpu_tile, SCALE_DTYPES[sz.dtype], int(layer.padded16))
     return built
 
 

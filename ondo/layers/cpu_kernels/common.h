@@ -11,10 +11,23 @@
 #endif
 
 enum { F32 = 0, BF16 = 1 };
+/* int4 scales (ondo_int4_weight.sz_dtype): F32 and BF16 pairs (scale, zero); F16_MIN pairs (scale, zero - 8 scale) */
+enum { F16_MIN = 2 };
 
 
 static inline float bf16_to_float(uint16_t h) {
     union { uint32_t u; float f; } v = { .u = (uint32_t)h << 16 };
+    return v.f;
+}
+
+static inline float f16_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 31u, mantissa = h & 1023u;
+    union { uint32_t u; float f; } v;
+    if (exponent == 0) {   /* zero or subnormal: mantissa * 2^-24, exact in float32 */
+        const float f = ldexpf((float)mantissa, -24);
+        return sign ? -f : f;
+    }
+    v.u = sign | (exponent == 31 ? 0x7f800000u : (exponent + 112u) << 23) | (mantissa << 13);
     return v.f;
 }
 

@@ -47,15 +47,15 @@ typedef struct {
 int ondo_int4_rounds_activations(void) { return ROUNDED_X; }
 
 /* The scale and zero - 8 scale of a unit's 32 rows for one group, as float32. The unit's low and high
- * halves are 16 consecutive rows each, whose (scale, zero) pairs are adjacent in `sz` from `first_lo` and
- * `first_hi` (element offsets of each half's first pair). */
+ * halves are 16 consecutive rows each, whose (scale, zero) pairs (or (scale, zero - 8 scale): F16_MIN) are
+ * adjacent in `sz` from `first_lo` and `first_hi` (element offsets of each half's first pair). */
 static inline __attribute__((always_inline)) void unit_scales(const void *sz, int sz_dtype, int64_t first_lo, int64_t first_hi, float *scale,
                         float *zero) {
     for (int half = 0; half < 2; half++) {
         const int64_t first = half ? first_hi : first_lo;
         float *s = scale + half * 16, *z = zero + half * 16;
         int i = 0;
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
         const __m256 eight = _mm256_set1_ps(8.0f);
         for (; i < 16; i += 8) {
             __m256 sv, zv;
@@ -63,19 +63,32 @@ static inline __attribute__((always_inline)) void unit_scales(const void *sz, in
                 const __m256i pairs = _mm256_loadu_si256((const __m256i *)((const uint16_t *)sz + first + 2 * i));
                 sv = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
                 zv = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32((int)0xffff0000u)));
-            } else {                  /* 8 pairs of floats: even lanes the scales, odd ones the zeros */
-                const float *p = (const float *)sz + first + 2 * i;
-                const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+            } else {                  /* 8 pairs of floats (or halves): even lanes the scales, odd ones the zeros */
+                __m256 a, b;
+                if (sz_dtype == F16_MIN) {
+                    const uint16_t *p = (const uint16_t *)sz + first + 2 * i;
+                    a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+                    b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
+                } else {
+                    const float *p = (const float *)sz + first + 2 * i;
+                    a = _mm256_loadu_ps(p);
+                    b = _mm256_loadu_ps(p + 8);
+                }
                 const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
                 sv = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(a, b, 0x88), order);
                 zv = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(a, b, 0xdd), order);
             }
             _mm256_storeu_ps(s + i, sv);
-            _mm256_storeu_ps(z + i, _mm256_fnmadd_ps(eight, sv, zv));
+            _mm256_storeu_ps(z + i, sz_dtype == F16_MIN ? zv : _mm256_fnmadd_ps(eight, sv, zv));
         }
 #endif
         for (; i < 16; i++) {
             const int64_t at = first + 2 * i;
+            if (sz_dtype == F16_MIN) {
+                s[i] = f16_to_float(((const uint16_t *)sz)[at]);
+                z[i] = f16_to_float(((const uint16_t *)sz)[at + 1]);
+                continue;
+            }
             s[i] = sz_dtype == BF16 ? bf16_to_float(((const uint16_t *)sz)[at]) : ((const float *)sz)[at];
             z[i] = (sz_dtype == BF16 ? bf16_to_float(((const uint16_t *)sz)[at + 1]) : ((const float *)sz)[at + 1])
                    - 8.0f * s[i];

@@ -6,7 +6,8 @@
 
 typedef struct {
     const uint8_t *qweight;   /* [n_pad, planes * groups * group / 2] codes in torch's CPU tile layout */
-    const void *sz;           /* [planes * groups, n_pad, 2]: scale and zero, w = (code - 8) scale + zero */
+    const void *sz;           /* [planes * groups, n_pad, 2]: scale and zero, w = (code - 8) scale + zero;
+                                 F16_MIN: scale and zero - 8 scale, w = code scale + (zero - 8 scale) */
     int64_t k_in;             /* inputs: groups * 16 for groups of 16 padded to 32 (padded16), else groups * group */
     int64_t planes, group, n_pad, n_out, tile;
     int32_t sz_dtype, padded16;
