@@ -63,9 +63,10 @@ def tp_versus_single(model: str, tolerance: float = 1e-4, **options) -> None:
 
 
 def packed_tolerance() -> float:
-    """Log-probabilities of int4-planes weights (int4, GGUF blocks) at TP=2 against TP=1: where ondo's CPU int4 product rounds
-    activations to 16-bit integers per group, an input that the shards' other sum order moves across a
-    rounding boundary moves by a step (1.5e-5 of its group's largest input): 1e-3 (measured 1.2e-4)."""
+    """Log-probabilities of int4-planes weights (int4, GGUF blocks) at TP=2 against TP=1: where ondo's CPU
+    int4 product rounds activations to 16-bit integers per group, an input that the shards' other sum
+    order moves across a rounding boundary moves by a step (1.5e-5 of its group's largest input): 1e-3
+    (measured 1.2e-4)."""
     from ondo.layers import cpu_kernels
 
     return 1e-3 if cpu_kernels.library() and cpu_kernels.int4_rounds_activations() else 1e-4

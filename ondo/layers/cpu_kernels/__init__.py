@@ -34,7 +34,8 @@ _HERE = Path(__file__).parent
 _SOURCES = [_HERE / "kernels.c", _HERE / "int4_mm.c", _HERE / "decoder_stack.c"]
 _HEADERS = [_HERE / "common.h", _HERE / "int4_mm.h", _HERE / "kernels.h"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}   # the kernels' code for each dtype they read
-# int4 scales: (scale, zero) pairs in the run dtype, or float16 (scale, zero - 8 scale) (int4_planes.compact_cpu_scales)
+# int4 scales: (scale, zero) pairs in the run dtype, or float16 (scale, zero - 8 scale) pairs
+# (int4_planes.compact_cpu_scales)
 SCALE_DTYPES = {**DTYPES, torch.float16: 2}
 _I64, _F32, _PTR, _INT = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
@@ -50,9 +51,9 @@ _SIGNATURES = {
 }
 # -ffp-contract=off: a product and the sum after it round apart, as torch's ops round them.
 # -fno-math-errno: libm calls without errno bookkeeping (expf, tanhf give the same values).
-# -fopenmp: the threads of int4_mm.c and decode attention. The library then needs libgomp.so.1, which torch has already loaded (its
-# CPU wheels carry their own under that name), so both share one thread pool; a compiler without OpenMP
-# builds it without (-fopenmp-simd: the simd pragmas only, one thread).
+# -fopenmp: the threads of int4_mm.c and decode attention. The library then needs libgomp.so.1, which torch
+# has already loaded (its CPU wheels carry their own under that name), so both share one thread pool; a
+# compiler without OpenMP builds it without (-fopenmp-simd: the simd pragmas only, one thread).
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11"]
 _OPENMP_FLAGS = (["-fopenmp"], ["-fopenmp-simd"])
 _lib: ctypes.CDLL | None = None
