@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType as T
 from ondo.layers.linear import MergedLinear, linear_method_scope
 from ondo.layers.quantization import gguf_blocks
 from ondo.layers.quantization.gguf_blocks import GGUFBlocks, GGUFLinearMethod, decode_blocks
-from ondo.layers.quantization.int4_planes import Int4PlanesMethod, concat_rows
+from ondo.layers.quantization.int4_planes import Int4PlanesMethod, compact_cpu_scales, concat_rows
 from tests.layers.test_gguf_packed import random_blocks
 
 K = 256
@@ -30,10 +30,12 @@ def merged_layer(parts, dtype: torch.dtype) -> MergedLinear:
 
 
 def whole_matrix_packing(parts, raws, dtype: torch.dtype) -> MergedLinear:
-    """The reference: every part decoded whole, concatenated, stored in one go."""
+    """The reference: every part decoded whole, concatenated, stored in one go (with float16 scales
+    where they are exact, as every loaded CPU layer)."""
     layer = merged_layer(parts, dtype)
     affine = concat_rows([decode_blocks(GGUFBlocks(kind, (rows, K), raw)) for (kind, rows), raw in zip(parts, raws)])
     Int4PlanesMethod.store(layer.method, layer, affine)
+    compact_cpu_scales(layer)
     return layer
 
 
