@@ -69,7 +69,7 @@ def packed_tolerance() -> float:
     (measured 1.2e-4)."""
     from ondo.layers import cpu_kernels
 
-    return 1e-3 if cpu_kernels.library() and cpu_kernels.int4_rounds_activations() else 1e-4
+    return 1e-3 if cpu_kernels.int4_rounds_activations() else 1e-4
 
 
 # ---- the step message ------------------------------------------------------------------------------

@@ -255,8 +255,9 @@ def int4_mm(x: torch.Tensor, layer, bias: torch.Tensor | None) -> torch.Tensor:
 
 def int4_rounds_activations() -> bool:
     """Whether int4_mm rounds each group of activations to 16-bit integers first (int4_mm.c: ROUNDED_X,
-    CPUs with AVX512 byte permutes); else it multiplies them as they are."""
-    return bool(_lib.ondo_int4_rounds_activations())
+    CPUs with AVX512 byte permutes); else, or where the kernels are not built, it multiplies them as they are."""
+    lib = library()
+    return lib is not None and bool(lib.ondo_int4_rounds_activations())
 
 
 def attention_inputs_fit(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -8,31 +8,10 @@
  * Rows are bfloat16 (dtype 1) or float32 (dtype 0); arithmetic is float32. Compiled at first use by
  * ondo/layers/cpu_kernels/__init__.py: -march=native; -ffp-contract=off, so that a product and the sum
  * after it round apart as in torch. Decode attention shares its heads among threads (as int4_mm.c shares
- * its tiles); the others run on the calling thread.
+ * its rows); the others run on the calling thread.
  */
 #include "common.h"
 #include "kernels.h"
-
-/* q . k over n floats. With AVX2, two chains of fused multiply-adds and one horizontal sum: the plain
- * loop's single chain and its sum through memory made a 64-wide dot ~50 cycles. */
-static inline float dot(const float *a, const float *b, int64_t n) {
-    int64_t i = 0;
-    float sum = 0.0f;
-#if defined(__AVX2__) && defined(__FMA__)
-    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
-        even = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), even);
-        odd = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), odd);
-    }
-    for (; i + 8 <= n; i += 8) even = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), even);
-    __m256 v = _mm256_add_ps(even, odd);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-#endif
-    for (; i < n; i++) sum += a[i] * b[i];
-    return sum;
-}
 
 /* RMSNorm of each row, x = x + residual first when residual is given (the sum rounded to the dtype and
  * written to residual_out). offset == 0 (Llama, Qwen): round(round(x * rstd) * w), as F.rms_norm then
@@ -139,6 +118,30 @@ static inline __m256 load8(int dtype, const char *p) {   /* 8 elements as float3
 }
 #endif
 
+/* q . key over n elements, the key as stored (float32 or bfloat16, converted exactly as it is read). With
+ * AVX2, two chains of fused multiply-adds and one horizontal sum: the plain loop's single chain and its
+ * sum through memory made a 64-wide dot ~50 cycles. */
+static inline float dot(int dtype, const float *q, const char *key, int64_t n) {
+    const int64_t elem = dtype == BF16 ? 2 : 4;
+    int64_t i = 0;
+    float sum = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        even = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(dtype, key + i * elem), even);
+        odd = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), load8(dtype, key + (i + 8) * elem), odd);
+    }
+    for (; i + 8 <= n; i += 8) even = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(dtype, key + i * elem), even);
+    __m256 v = _mm256_add_ps(even, odd);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+#endif
+    for (; i < n; i++)
+        sum += q[i] * (dtype == BF16 ? bf16_to_float(((const uint16_t *)key)[i]) : ((const float *)key)[i]);
+    return sum;
+}
+
 /* out[d] = sum_i p[i] * v_i[d] over the value rows at element offsets rows[i]. With AVX2 each 64-wide
  * chunk of out stays in eight registers over all the rows. */
 static void weigh_values(int dtype, const char *values, const int64_t *rows, int64_t count, const float *p,
@@ -179,28 +182,6 @@ static void weigh_values(int dtype, const char *values, const int64_t *rows, int
             for (int64_t d = 0; d < head_dim - c; d++) out[c + d] += p[i] * row[d];
         }
     }
-}
-
-/* q . key over n elements, the key as stored (float32 or bfloat16, converted exactly as it is read): the
- * same sums in the same order as dot(q, key converted to float32). */
-static inline float dot_key(int dtype, const float *q, const char *key, int64_t n) {
-    if (dtype != BF16) return dot(q, (const float *)key, n);
-    int64_t i = 0;
-    float sum = 0.0f;
-#if defined(__AVX2__) && defined(__FMA__)
-    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
-        even = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(dtype, key + 2 * i), even);
-        odd = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), load8(dtype, key + 2 * (i + 8)), odd);
-    }
-    for (; i + 8 <= n; i += 8) even = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(dtype, key + 2 * i), even);
-    __m256 v = _mm256_add_ps(even, odd);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-#endif
-    for (; i < n; i++) sum += q[i] * bf16_to_float(((const uint16_t *)key)[i]);
-    return sum;
 }
 
 /* Decode attention: one query per sequence against the sequence's cached keys in the paged cache
@@ -245,7 +226,7 @@ void ondo_decode_attention(int dtype, const void *q, int64_t q_stride, void *out
             const int64_t count = starts[s + 1] - starts[s], *seq_rows = rows + starts[s];
             load_row(dtype, row_ptr(dtype, q, s, q_stride) + head * head_dim * elem, qh, head_dim);
             for (int64_t i = 0; i < count; i++)
-                p[i] = dot_key(dtype, qh, keys + (seq_rows[i] + kvh * head_dim) * elem, head_dim) * scale;
+                p[i] = dot(dtype, qh, keys + (seq_rows[i] + kvh * head_dim) * elem, head_dim) * scale;
             float top = -INFINITY, total = 0.0f;
             if (softcap > 0.0f) {
                 for (int64_t i = 0; i < count; i++) p[i] = softcap * tanhf(p[i] / softcap);
