@@ -3,6 +3,7 @@
     python benchmarks/int4_kernel.py --output-json int4.json           # GPU: Triton tiles vs cuBLAS bf16
     python benchmarks/int4_kernel.py --device cpu --threads 2           # CPU: torch's int4 kernel vs bf16
     python benchmarks/int4_kernel.py --method int8                      # GPU: the int8 kernels (+ 128x128 tiles)
+    python benchmarks/int4_kernel.py --gemv-sweep                       # GPU: one-row int4 GEMV, every K split
 
 For each batch size M: the time of one token's matrix products of a whole layer stack (qkv, o, gate_up,
 down per layer) through (a) the fused int4 kernel, (b) dequantize + dense GEMM, the path larger batches
@@ -44,6 +45,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batch-sizes", default="1,4,16,64,128,256")
     parser.add_argument("--method", default="int4", choices=["int4", "int8"])
+    parser.add_argument("--gemv-sweep", action="store_true",
+                        help="time the one-row int4 GEMV of each shape (all layers) at every K split, and stop")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     if args.threads:
@@ -65,6 +68,8 @@ def main() -> None:
         d.weight.data.normal_(0, 0.02)
         p.load("weight", d.weight.data.float())
         p.finish_loading()
+    if args.gemv_sweep:
+        return gemv_sweep(packed, shapes, args)
     rows = []
     reps = 20 if args.device == "cuda" else 5
     for m in [int(v) for v in args.batch_sizes.split(",")]:
@@ -119,6 +124,31 @@ def main() -> None:
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"model": args.model, "device": args.device, "method": name, "rows": rows}, f, indent=2)
+
+
+def gemv_sweep(packed, shapes, args) -> None:
+    """µs per one-row product of each shape (every layer's matrix once, in one CUDA graph), per K split;
+    the split `gemv_config` picks is marked."""
+    from ondo.layers.quantization import int4_gpu_kernels as kernels
+
+    rows = []
+    for n, k in shapes:
+        layers = [p for p in packed if (p.out_features, p.in_features) == (n, k)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        chosen = kernels.gemv_config(n, layers[0].k_eff)
+        blocks = layers[0].k_eff // 128
+        for split in [s for s in range(1, blocks + 1) if blocks % s == 0 and blocks // s <= 16]:
+            config = (64, split, 1)
+            run = lambda: [kernels.int4_gemv(x, p.qweight, p.scales_and_zeros, p.group, p.planes, config)  # noqa: E731
+                           for p in layers]
+            us = timed(run, "cuda", 20) / len(layers) * 1e6
+            rows.append({"n": n, "k": k, "split": split, "blocks_per_program": blocks // split,
+                         "programs": -(-n // 64) * split, "us": us, "chosen": config == chosen})
+            print(f"{n:>6} x {k:<6} split {split:>3} ({blocks // split:>2} blocks a program, "
+                  f"{rows[-1]['programs']:>5} programs) {us:8.2f} us{'  <- gemv_config' if rows[-1]['chosen'] else ''}")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump({"model": args.model, "device": "cuda", "gemv_sweep": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

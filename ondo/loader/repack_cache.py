@@ -5,12 +5,14 @@ A GGUF file's blocks are decoded and packed into ondo's int4 planes as they load
 tensors of every layer are saved once, in one safetensors file under `$ONDO_CACHE_DIR` (default
 `~/.cache/ondo`, beside the converted tokenizers), and later loads read them back instead.
 
-The file's name is a SHA-256 of what decides the packed bytes: the GGUF file's identity (size,
-modification time, the digest of its metadata, the table of its tensors), the run dtype, the
-tensor-parallel rank and size (each rank packs its own shard), the torch version, and the source of
-the packing code itself (so a change to the packing can never read an older file's bytes). Inside, each layer is checked against what it
-staged (its parts' rows, types and shapes) before its tensors are taken; a file that cannot be read,
-or that disagrees, is ignored and rewritten. A cache that cannot be written is skipped.
+The file's name holds two SHA-256 digests of what decides the packed bytes: of what is packed (the GGUF
+file's identity: size, modification time, the digest of its metadata, the table of its tensors; the run
+dtype; the tensor-parallel rank and size, since each rank packs its own shard) and of the code that packs
+it (the torch version and the source of the packing code itself, so a change to the packing can never
+read an older file's bytes). A file written replaces those of the same packing by other code: an upgrade
+leaves no stale copy behind (two installs of different versions sharing one cache repack in turn).
+Inside, each layer is checked against what it staged (its parts' rows, types and shapes) before its
+tensors are taken; a file that cannot be read, or that disagrees, is ignored and rewritten. A cache that cannot be written is skipped.
 `ONDO_REPACK_CACHE=0` turns it off. It holds the CPU layout (torch's int4 tiles) and serves CPU runs
 only: GPU loads are not measured or tested with it.
 
@@ -20,10 +22,12 @@ written: 102 MB), then 0.49-0.51 s and 356 MB.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -62,9 +66,11 @@ class RepackCache:
         from ondo.distributed.parallel_state import tp_rank, tp_size
 
         # The tile is the CPU's (AVX512 or AVX2): a cache shared by two machines keeps one file each.
-        key = repr((file_fingerprint, str(dtype), "cpu", cpu_tile_rows(), tp_rank(), tp_size(),
-                    torch.__version__, packing_sources_digest()))
-        name = f"{gguf_path.stem[:60]}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+        # The name's first digest says what was packed, the second by which code: files that differ in
+        # the second only are superseded (`save` removes them).
+        packed = repr((file_fingerprint, str(dtype), "cpu", cpu_tile_rows(), tp_rank(), tp_size()))
+        code = repr((torch.__version__, packing_sources_digest()))
+        name = f"{gguf_path.stem[:60]}-{_digest(packed)}-{_digest(code)}.safetensors"
         return cls(cache_root() / "gguf-repacked" / name)
 
     def take(self, layer, signature: list) -> bool:
@@ -104,11 +110,24 @@ class RepackCache:
                       for ordinal, (signature, _, attributes) in self.packed.items()}
             save_file(tensors, str(staging), metadata={"layers": json.dumps(layers)})
             os.replace(staging, self.path)
+            self._remove_superseded()
         except Exception as error:   # a read-only home, a full disk: run without the cache
             logger.debug("repack cache %s not written: %s", self.path, error)
         finally:
             with contextlib.suppress(OSError):
                 staging.unlink(missing_ok=True)
+
+    def _remove_superseded(self) -> None:
+        """Remove the files of the same packing written by other packing code or torch (an upgrade's
+        leftovers, some 100 MB to GBs each), and those named as before the name had two digests. A
+        process still reading one keeps its mapping: unlinking does not take it away."""
+        stem, packed, _ = self.path.name.removesuffix(".safetensors").rsplit("-", 2)
+        for other in self.path.parent.glob(f"{glob.escape(stem)}-*.safetensors"):
+            rest = other.name.removesuffix(".safetensors")[len(stem) + 1:]
+            superseded = rest.startswith(f"{packed}-") or re.fullmatch(r"[0-9a-f]{32}", rest)
+            if superseded and other != self.path:
+                with contextlib.suppress(OSError):
+                    other.unlink()
 
     def _read(self) -> dict[int, tuple]:
         if not self.path.is_file():
@@ -127,6 +146,10 @@ class RepackCache:
         except Exception as error:   # a damaged file: pack again (and overwrite it)
             logger.debug("repack cache %s unreadable (%s): packing again", self.path, error)
             return {}
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def enabled() -> bool:

@@ -81,6 +81,25 @@ def test_a_changed_file_is_packed_again(gguf_copy, cache_dir):
     assert len(cache_files(cache_dir)) == 2
 
 
+def test_new_packing_code_replaces_the_older_file(gguf_copy, cache_dir, monkeypatch):
+    """An upgrade's repack supersedes the file of the packing code before it (and one named as before
+    names had two digests); another file's packing, or another dtype's, stays."""
+    from ondo.loader import repack_cache
+
+    load(gguf_copy)
+    [older] = cache_files(cache_dir)
+    legacy = older.with_name(f"{gguf_copy.stem}-{'0' * 32}.safetensors")
+    other_model = older.with_name(f"{gguf_copy.stem}-v2-{'1' * 16}-{'2' * 16}.safetensors")
+    other_packing = older.with_name(older.name.replace(older.name.split("-")[-2], "3" * 16))
+    for kept in (legacy, other_model, other_packing):
+        kept.write_bytes(b"")
+    monkeypatch.setattr(repack_cache, "packing_sources_digest", lambda: "changed code")
+    load(gguf_copy)
+    [newer] = set(cache_files(cache_dir)) - {other_model, other_packing}
+    assert newer != older and not older.exists() and not legacy.exists()
+    assert other_model.exists() and other_packing.exists()
+
+
 def test_a_damaged_cache_file_is_packed_again_and_rewritten(gguf_copy, cache_dir, monkeypatch):
     first = packed_state(load(gguf_copy))
     [file] = cache_files(cache_dir)

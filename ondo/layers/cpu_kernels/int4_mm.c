@@ -13,7 +13,8 @@
  * Layout (int4_planes.pack_tiles): tiles of T rows (32 with AVX2, 64 with AVX512); byte [tile, k, d]
  * holds row d's code in its low nibble and row d + T/2's in its high one. 16 consecutive bytes of one k
  * hold 32 rows, a "unit" here: its codes are 16 low and 16 high nibbles, 4 vectors of 8 floats.
- * scales_and_zeros [P * G, N_pad, 2]. A model with P planes multiplies [x, x, ...]: x is read P times.
+ * scales_and_zeros [P * G, N_pad, 2]. A model with P planes multiplies [x, x, ...]: x is read P times,
+ * except where two planes are one code's digits (ondo_int4_weight.digits), taken together.
  */
 #include "int4_mm.h"
 
@@ -168,17 +169,22 @@ static inline __attribute__((always_inline)) void group_sums(const uint8_t *code
 /* group_sums on rounded activations: sums[m][j] = dx[m] * sum over the group's k of q[m][k] * code_j[k].
  * `codes` points at the tile's bytes for the group's first k (k_step = 16 tile_units bytes apart); the
  * products are those of units c0 .. c0 + units - 1. For k and k + 1, a byte permute gives lane r of a unit
- * the words (byte of k, byte of k + 1) of its row r: the low nibbles are row r's codes, bits 4-7 row r + 16's. */
-static inline __attribute__((always_inline)) void rounded_group_sums(const uint8_t *codes, int64_t group,
-        const int16_t *const *q, const float *dx, const int rows, const int tile_units, int c0, const int units,
-        float sums[ROWS_PER_PASS][MAX_TILE]) {
+ * the words (byte of k, 0) and (byte of k + 1, 0): the low nibbles are row r's codes, bits 4-7 row r + 16's.
+ * `digits`: the two planes of one 5- to 8-bit code (int4_planes._planes, code = low + 16 high digit; `high`
+ * the second plane's bytes of the group): each word then takes the whole code, so one multiply-add counts
+ * both digits. */
+static inline __attribute__((always_inline)) void rounded_group_sums(const uint8_t *codes, const uint8_t *high,
+        int64_t group, const int16_t *const *q, const float *dx, const int rows, const int tile_units, int c0,
+        const int units, const int digits, float sums[ROWS_PER_PASS][MAX_TILE]) {
     const __m512i nibble = _mm512_set1_epi16(15);
+    const __m512i from_first = _mm512_set1_epi16((short)0xff0f);   /* word bits taken from ternlog's first operand */
+    const __mmask64 even_bytes = 0x5555555555555555ull;              /* the words' high bytes are zeroed */
     for (int c = 0; c < units; c++) {   /* one unit at a time: 2 sums per row stay in registers */
-        uint8_t order[64];   /* tile_units 2: [k unit 0 | k unit 1 | k+1 unit 0 | k+1 unit 1]; 1: [k | k+1] */
+        uint8_t order[64] = {0};   /* tile_units 2: [k unit 0 | k unit 1 | k+1 unit 0 | k+1 unit 1]; 1: [k | k+1] */
         const int at_k = 16 * (c0 + c), at_next = 16 * tile_units + 16 * (c0 + c);
         for (int r = 0; r < 16; r++) {
-            order[4 * r] = order[4 * r + 1] = (uint8_t)(at_k + r);
-            order[4 * r + 2] = order[4 * r + 3] = (uint8_t)(at_next + r);
+            order[4 * r] = (uint8_t)(at_k + r);
+            order[4 * r + 2] = (uint8_t)(at_next + r);
         }
         const __m512i pick = _mm512_loadu_si512(order);
         __m512i lo_sum[ROWS_PER_PASS], hi_sum[ROWS_PER_PASS];
@@ -187,9 +193,19 @@ static inline __attribute__((always_inline)) void rounded_group_sums(const uint8
             const uint8_t *b = codes + k * 16 * tile_units;
             const __m512i bytes = tile_units == 2 ? _mm512_loadu_si512(b)
                                                   : _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)b));
-            const __m512i words = _mm512_permutexvar_epi8(pick, bytes);
-            const __m512i lo = _mm512_and_si512(words, nibble);
-            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(words, 4), nibble);
+            const __m512i words = _mm512_maskz_permutexvar_epi8(even_bytes, pick, bytes);
+            __m512i lo, hi;
+            if (digits) {   /* ternlog 0xE4: bits of from_first from the first operand, the rest from the second */
+                const uint8_t *h = high + k * 16 * tile_units;
+                const __m512i high_bytes = tile_units == 2 ? _mm512_loadu_si512(h)
+                                                           : _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)h));
+                const __m512i upper = _mm512_maskz_permutexvar_epi8(even_bytes, pick, high_bytes);
+                lo = _mm512_ternarylogic_epi32(words, _mm512_slli_epi16(upper, 4), from_first, 0xE4);
+                hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(words, 4), upper, from_first, 0xE4);
+            } else {
+                lo = _mm512_and_si512(words, nibble);
+                hi = _mm512_srli_epi16(words, 4);
+            }
             for (int m = 0; m < rows; m++) {
                 int32_t pair;
                 memcpy(&pair, q[m] + k, sizeof(pair));   /* q[k] in the low word, as the codes of k */
@@ -203,7 +219,8 @@ static inline __attribute__((always_inline)) void rounded_group_sums(const uint8
 #endif
             }
         }
-        for (int m = 0; m < rows; m++) {   /* |sum| <= 15 * 32767 * 256 < 2^31; as a float32 exact up to groups of 32 */
+        /* |sum| <= 255 * 32767 * 256 < 2^31; as a float32 exact for 4-bit codes in groups of 32 */
+        for (int m = 0; m < rows; m++) {
             const __m512 scale = _mm512_set1_ps(dx[m]);
             _mm512_storeu_ps(sums[m] + UNIT * c, _mm512_mul_ps(_mm512_cvtepi32_ps(lo_sum[m]), scale));
             _mm512_storeu_ps(sums[m] + UNIT * c + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(hi_sum[m]), scale));
@@ -227,10 +244,12 @@ static inline __attribute__((always_inline)) void tile_product(
             row_of[UNIT * c + i + UNIT / 2] = first_row + half + (c0 + c) * (UNIT / 2) + i;
         }
     float acc[ROWS_PER_PASS][MAX_TILE], sums[ROWS_PER_PASS][MAX_TILE], scale[MAX_TILE], zero[MAX_TILE];
+    const int digits = ROUNDED_X && w->planes == 2 && w->digits;   /* integer sums take a whole 8-bit code */
     for (int64_t m0 = 0; m0 < rows; m0 += ROWS_PER_PASS) {
         const int pass = rows - m0 < ROWS_PER_PASS ? (int)(rows - m0) : ROWS_PER_PASS;
         memset(acc, 0, sizeof(acc));
-        for (int64_t gg = 0; gg < w->planes * groups; gg++) {    /* group gg of the planes' k */
+        /* the planes' groups one after the other, or with digits each group's two planes at once */
+        for (int64_t gg = 0; gg < (digits ? 1 : w->planes) * groups; gg++) {
             const int64_t g = gg % groups;
 #if ROUNDED_X
             const int16_t *qg[ROWS_PER_PASS];
@@ -240,14 +259,23 @@ static inline __attribute__((always_inline)) void tile_product(
                 dxg[m] = a->dx[(m0 + m) * groups + g];
             }
             const uint8_t *codes = tile_codes + gg * w->group * half;   /* a padded group's last 16 codes skipped */
-            switch (pass) {   /* a constant row count: no test of it inside the k loop */
-                case 1: rounded_group_sums(codes, inputs, qg, dxg, 1, tile_units, c0, units, sums); break;
-                case 3: rounded_group_sums(codes, inputs, qg, dxg, 3, tile_units, c0, units, sums); break;
-                case 4: rounded_group_sums(codes, inputs, qg, dxg, 4, tile_units, c0, units, sums); break;
-                case 5: rounded_group_sums(codes, inputs, qg, dxg, 5, tile_units, c0, units, sums); break;
-                case 6: rounded_group_sums(codes, inputs, qg, dxg, 6, tile_units, c0, units, sums); break;
-                default: rounded_group_sums(codes, inputs, qg, dxg, 2, tile_units, c0, units, sums); break;
+            const uint8_t *high = codes + groups * w->group * half;     /* the second plane's (digits) */
+#define SUMS(r, d) rounded_group_sums(codes, high, inputs, qg, dxg, r, tile_units, c0, units, d, sums); break
+            switch (2 * pass + digits) {   /* constant row count and plane rule: no test of them inside the k loop */
+                case 2: SUMS(1, 0);
+                case 3: SUMS(1, 1);
+                case 6: SUMS(3, 0);
+                case 7: SUMS(3, 1);
+                case 8: SUMS(4, 0);
+                case 9: SUMS(4, 1);
+                case 10: SUMS(5, 0);
+                case 11: SUMS(5, 1);
+                case 12: SUMS(6, 0);
+                case 13: SUMS(6, 1);
+                case 5: SUMS(2, 1);
+                default: SUMS(2, 0);
             }
+#undef SUMS
 #else
             const float *xg[ROWS_PER_PASS];
             for (int m = 0; m < pass; m++) xg[m] = a->xf + (m0 + m) * w->k_in + g * inputs;
@@ -264,9 +292,17 @@ static inline __attribute__((always_inline)) void tile_product(
                 default: group_sums(codes, half, inputs, xg, 2, units, sums); break;
             }
 #endif
-            for (int c = 0; c < units; c++)
+            for (int c = 0; c < units; c++) {
                 unit_scales(w->sz, w->sz_dtype, (gg * w->n_pad + row_of[UNIT * c]) * 2,
                             (gg * w->n_pad + row_of[UNIT * c + UNIT / 2]) * 2, scale + UNIT * c, zero + UNIT * c);
+                if (digits) {   /* the high digit's scale is 16 times the low one's: only its zero adds */
+                    float high_scale[UNIT], high_zero[UNIT];
+                    const int64_t hg = gg + groups;
+                    unit_scales(w->sz, w->sz_dtype, (hg * w->n_pad + row_of[UNIT * c]) * 2,
+                                (hg * w->n_pad + row_of[UNIT * c + UNIT / 2]) * 2, high_scale, high_zero);
+                    for (int j = 0; j < UNIT; j++) zero[UNIT * c + j] += high_zero[j];
+                }
+            }
             for (int m = 0; m < pass; m++) {
                 const float sx = a->xsum[(m0 + m) * groups + g];
                 #pragma omp simd
