@@ -37,7 +37,7 @@ from ondo.loader.gguf_tokenizer import cache_root
 
 logger = logging.getLogger(__name__)
 
-_ATTRIBUTES = ("planes", "group", "padded16", "k_eff")
+_ATTRIBUTES = ("planes", "group", "padded16", "k_eff", "digits")
 _TENSORS = ("qweight", "scales_and_zeros")
 
 

@@ -173,6 +173,28 @@ def test_int4_product_reads_the_tile_layout(monkeypatch, tile, kind, dtype):
         assert torch.equal(with_bias, got + bias)
 
 
+def test_two_planes_are_one_codes_digits_only_where_their_scales_say_so():
+    """`mark_digit_planes`: a Q8_0 layer's planes are its codes' digits (high plane: 16 times the scale, zero
+    0); once its high plane's zeros are not 0 they are two products again, and both give the product of the
+    layer's own weights."""
+    from gguf import GGMLQuantizationType
+    from tests.layers.test_gguf_packed import packed_linear, random_blocks
+
+    n, k = 96, 512
+    layer = packed_linear(random_blocks(GGMLQuantizationType.Q8_0, n, k, seed=8), GGMLQuantizationType.Q8_0, n, k,
+                          torch.float32)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(9))
+    for digits in (True, False):
+        assert layer.digits == digits
+        weight = layer.method.dense_weight(layer).double()
+        scale = (x.double().abs() @ weight.abs().t()).max().item()
+        assert (layer(x).double() - activations_seen(x, layer) @ weight.t()).abs().max().item() < 1e-6 * scale
+        groups = layer.scales_and_zeros.shape[0] // 2
+        layer.scales_and_zeros[groups:, :, 1] += 0.5 * layer.scales_and_zeros[groups:, :, 0]
+        int4_planes.mark_digit_planes(layer)
+        layer.__dict__.pop("cpu_int4_weight", None)              # the kernel's view of the layer, rebuilt
+
+
 @pytest.mark.parametrize("target", [("-mno-avx512vnni",), ("-mno-avx512vbmi",), ("-mno-avx512f",),
                                     ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
                          ids=["avx512-without-vnni", "avx512-float", "avx2", "scalar"])

@@ -237,18 +237,9 @@ def int4_weight(layer) -> Int4Weight:
         sz = layer.scales_and_zeros
         built = layer.cpu_int4_weight = Int4Weight(
             layer.qweight.data_ptr(), sz.data_ptr(), layer.in_features, layer.planes, layer.group, sz.shape[1],
-            layer.out_features, layer.cpu_tile, SCALE_DTYPES[sz.dtype], int(layer.padded16), int(digit_planes(layer)))
+            layer.out_features, layer.cpu_tile, SCALE_DTYPES[sz.dtype], int(layer.padded16),
+            int(getattr(layer, "digits", False)))
     return built
-
-
-def digit_planes(layer) -> bool:
-    """Whether a two-plane layer's planes are the low and high digits of one code (int4_planes._planes):
-    the high plane's scales exactly 16 times the low plane's, so one scale serves the whole code."""
-    if layer.planes != 2:
-        return False
-    scales = layer.scales_and_zeros[..., 0]                     # [2 G, N_pad]
-    groups = scales.shape[0] // 2   # a group at a time: no copy of the scales lifts the first step's memory
-    return all(torch.equal(scales[groups + g], scales[g] * 16) for g in range(groups))
 
 
 def int4_mm(x: torch.Tensor, layer, bias: torch.Tensor | None) -> torch.Tensor:

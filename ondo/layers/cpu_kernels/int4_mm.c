@@ -229,6 +229,39 @@ static inline __attribute__((always_inline)) void rounded_group_sums(const uint8
 }
 #endif
 
+/* The scales and zeros of group gg (of the planes' groups) for the product's units (row_of: their rows).
+ * With digits, those of the whole code: the high digit's plane has scale 16 s and zero 0, so its
+ * (zero - 8 scale) is -128 s, exactly, and its pairs are never read (nor brought into memory). */
+static inline __attribute__((always_inline)) void group_scales(const ondo_int4_weight *w, int64_t gg, int digits,
+                                                               const int64_t *row_of, int units, float *scale,
+                                                               float *zero) {
+    for (int c = 0; c < units; c++) {
+        unit_scales(w->sz, w->sz_dtype, (gg * w->n_pad + row_of[UNIT * c]) * 2,
+                    (gg * w->n_pad + row_of[UNIT * c + UNIT / 2]) * 2, scale + UNIT * c, zero + UNIT * c);
+        if (digits)
+            for (int j = 0; j < UNIT; j++) zero[UNIT * c + j] -= 128.0f * scale[UNIT * c + j];
+    }
+}
+
+/* count sums of consecutive outputs n0 .. into a row of out: rounded to the dtype, then + bias rounded
+ * again, as out + bias (a float32 row without bias as it is). */
+static inline void store_outputs(int dtype, char *o, int64_t n0, const float *v, int count, const void *bias) {
+    if (dtype == F32) {
+        float *out = (float *)o + n0;
+        if (bias)
+            for (int i = 0; i < count; i++) out[i] = v[i] + ((const float *)bias)[n0 + i];
+        else
+            memcpy(out, v, sizeof(float) * (size_t)count);
+        return;
+    }
+    uint16_t *out = (uint16_t *)o + n0;
+    for (int i = 0; i < count; i++) {
+        float r = round_to(BF16, v[i]);
+        if (bias) r += bf16_to_float(((const uint16_t *)bias)[n0 + i]);
+        out[i] = float_to_bf16(r);
+    }
+}
+
 /* Products of `units` consecutive units of one tile, from its unit c0, with `rows` activation rows;
  * `tile_units` = T / 32 and `units` are constants where inlined. */
 static inline __attribute__((always_inline)) void tile_product(
@@ -245,6 +278,11 @@ static inline __attribute__((always_inline)) void tile_product(
         }
     float acc[ROWS_PER_PASS][MAX_TILE], sums[ROWS_PER_PASS][MAX_TILE], scale[MAX_TILE], zero[MAX_TILE];
     const int digits = ROUNDED_X && w->planes == 2 && w->digits;   /* integer sums take a whole 8-bit code */
+    const int64_t scale_groups = (digits ? 1 : w->planes) * groups;
+    /* Several passes of rows (a prefill): each group's scales decoded once, not once a pass. */
+    float *kept = rows > ROWS_PER_PASS ? malloc(sizeof(float) * 2 * MAX_TILE * scale_groups) : NULL;
+    for (int64_t gg = 0; kept && gg < scale_groups; gg++)
+        group_scales(w, gg, digits, row_of, units, kept + 2 * MAX_TILE * gg, kept + 2 * MAX_TILE * gg + MAX_TILE);
     for (int64_t m0 = 0; m0 < rows; m0 += ROWS_PER_PASS) {
         const int pass = rows - m0 < ROWS_PER_PASS ? (int)(rows - m0) : ROWS_PER_PASS;
         memset(acc, 0, sizeof(acc));
@@ -292,35 +330,53 @@ static inline __attribute__((always_inline)) void tile_product(
                 default: group_sums(codes, half, inputs, xg, 2, units, sums); break;
             }
 #endif
-            for (int c = 0; c < units; c++) {
-                unit_scales(w->sz, w->sz_dtype, (gg * w->n_pad + row_of[UNIT * c]) * 2,
-                            (gg * w->n_pad + row_of[UNIT * c + UNIT / 2]) * 2, scale + UNIT * c, zero + UNIT * c);
-                if (digits) {   /* the high digit's scale is 16 times the low one's: only its zero adds */
-                    float high_scale[UNIT], high_zero[UNIT];
-                    const int64_t hg = gg + groups;
-                    unit_scales(w->sz, w->sz_dtype, (hg * w->n_pad + row_of[UNIT * c]) * 2,
-                                (hg * w->n_pad + row_of[UNIT * c + UNIT / 2]) * 2, high_scale, high_zero);
-                    for (int j = 0; j < UNIT; j++) zero[UNIT * c + j] += high_zero[j];
-                }
+            const float *sc = scale, *zr = zero;
+            if (kept) {
+                sc = kept + 2 * MAX_TILE * gg;
+                zr = sc + MAX_TILE;
+            } else {
+                group_scales(w, gg, digits, row_of, units, scale, zero);
             }
             for (int m = 0; m < pass; m++) {
                 const float sx = a->xsum[(m0 + m) * groups + g];
                 #pragma omp simd
-                for (int j = 0; j < UNIT * units; j++) acc[m][j] += scale[j] * sums[m][j] + zero[j] * sx;
+                for (int j = 0; j < UNIT * units; j++) acc[m][j] += sc[j] * sums[m][j] + zr[j] * sx;
             }
         }
-        for (int m = 0; m < pass; m++) {   /* rounded to the dtype, then + bias rounded again, as out + bias */
+        for (int m = 0; m < pass; m++) {
             char *o = row_ptr(dtype, out, m0 + m, out_stride);
-            for (int j = 0; j < UNIT * units; j++) {
-                const int64_t n = row_of[j];
-                if (n >= w->n_out) continue;
-                float v = round_to(dtype, acc[m][j]);
-                if (bias) v += dtype == BF16 ? bf16_to_float(((const uint16_t *)bias)[n]) : ((const float *)bias)[n];
-                if (dtype == BF16) ((uint16_t *)o)[n] = float_to_bf16(v);
-                else ((float *)o)[n] = v;
+            for (int j0 = 0; j0 < UNIT * units; j0 += UNIT / 2) {   /* 16 consecutive outputs each */
+                const int64_t n0 = row_of[j0], left = w->n_out - n0;
+                store_outputs(dtype, o, n0, acc[m] + j0, left < UNIT / 2 ? (left > 0 ? (int)left : 0) : UNIT / 2, bias);
             }
         }
     }
+    free(kept);
+}
+
+/* One group of a row's inputs as the product reads them: *xsum = their sum and, with ROUNDED_X, q and *dx:
+ * q = round-half-even(x * (32767 / max |x|)), dx = max |x| / 32767, and *xsum = dx * sum q. */
+static inline void prepare_group(const float *xg, int64_t inputs, int16_t *q, float *dx, float *xsum) {
+#if ROUNDED_X   /* inputs: 16 to 256, a multiple of 16 */
+    __m512 top16 = _mm512_setzero_ps();
+    for (int64_t k = 0; k < inputs; k += 16) top16 = _mm512_max_ps(top16, _mm512_abs_ps(_mm512_loadu_ps(xg + k)));
+    const float top = _mm512_reduce_max_ps(top16);
+    const __m512 inverse = _mm512_set1_ps(top > 0.0f ? 32767.0f / top : 0.0f);
+    __m512i total = _mm512_setzero_si512();
+    for (int64_t k = 0; k < inputs; k += 16) {   /* the conversion rounds half to even, as lrintf */
+        const __m512i q32 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + k), inverse));
+        _mm256_storeu_si256((__m256i *)(q + k), _mm512_cvtsepi32_epi16(q32));
+        total = _mm512_add_epi32(total, q32);
+    }
+    *dx = top / 32767.0f;
+    *xsum = *dx * (float)_mm512_reduce_add_epi32(total);
+#else
+    (void)q;
+    (void)dx;
+    float total = 0.0f;
+    for (int64_t k = 0; k < inputs; k++) total += xg[k];
+    *xsum = total;
+#endif
 }
 
 /* out[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]) for n < n_out, over every plane. x: `rows` rows of k_in
@@ -333,28 +389,13 @@ void ondo_int4_mm(int dtype, const void *x, int64_t rows, int64_t x_stride, cons
     float *dx = xf + rows * w->k_in, *xsum = dx + rows * groups;
     int16_t *xq = ROUNDED_X ? malloc((size_t)(rows * w->k_in) * sizeof(int16_t)) : NULL;
     const activations a = {.xf = xf, .xq = xq, .dx = dx, .xsum = xsum};
+    /* the threads share a prefill's rows (serial, rounding them was 4 % of the samples, the other thread waiting) */
+    #pragma omp parallel for num_threads(threads) if (rows > 1)
     for (int64_t m = 0; m < rows; m++) {
         load_row(dtype, row_ptr(dtype, x, m, x_stride), xf + m * w->k_in, w->k_in);
-        for (int64_t g = 0; g < groups; g++) {
-            const float *xg = xf + m * w->k_in + g * inputs;
-            float total = 0.0f;
-            if (ROUNDED_X) {   /* q = round-half-even(x * (32767 / max |x|)), dx = max |x| / 32767 */
-                float top = 0.0f;
-                for (int64_t k = 0; k < inputs; k++) top = fabsf(xg[k]) > top ? fabsf(xg[k]) : top;
-                const float inverse = top > 0.0f ? 32767.0f / top : 0.0f;
-                int32_t q_total = 0;
-                for (int64_t k = 0; k < inputs; k++) {
-                    const int16_t q = (int16_t)lrintf(xg[k] * inverse);
-                    xq[m * w->k_in + g * inputs + k] = q;
-                    q_total += q;
-                }
-                dx[m * groups + g] = top / 32767.0f;
-                total = dx[m * groups + g] * (float)q_total;
-            } else {
-                for (int64_t k = 0; k < inputs; k++) total += xg[k];
-            }
-            xsum[m * groups + g] = total;
-        }
+        for (int64_t g = 0; g < groups; g++)
+            prepare_group(xf + m * w->k_in + g * inputs, inputs, ROUNDED_X ? xq + m * w->k_in + g * inputs : NULL,
+                          dx + m * groups + g, xsum + m * groups + g);
     }
     /* Each thread takes an equal share of the 32-row units (torch's 64-row tiles would split the 9 tiles
      * of a 576-row product 5 to 4); a tile whose two units it both holds is decoded as one. */

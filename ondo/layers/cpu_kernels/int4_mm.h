@@ -11,7 +11,8 @@ typedef struct {
     int64_t k_in;             /* inputs: groups * 16 for groups of 16 padded to 32 (padded16), else groups * group */
     int64_t planes, group, n_pad, n_out, tile;
     int32_t sz_dtype, padded16;
-    int32_t digits;           /* 2 planes whose scales are 1 and 16 times one scale: the digits of one code */
+    int32_t digits;           /* 2 planes that are one code's low and high digits (int4_planes.mark_digit_planes):
+                                 the high plane's scales 16 times the low's, its zeros 0 */
 } ondo_int4_weight;
 
 /* bias: [n_out] in the activations' dtype, or NULL */

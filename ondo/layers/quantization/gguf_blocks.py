@@ -31,7 +31,7 @@ from gguf.quants import dequantize
 
 from ondo.layers.linear import Linear
 from ondo.layers.quantization.int4_planes import (TILE_N, AffineCodes, Int4PlanesMethod, compact_cpu_scales,
-                                                  concat_rows)
+                                                  concat_rows, mark_digit_planes)
 
 PACKED_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K)
 
@@ -178,6 +178,7 @@ class GGUFLinearMethod(Int4PlanesMethod):
             if self.repacked is None or not self.repacked.take(layer, signature):
                 self._repack(layer, staged)
                 compact_cpu_scales(layer)
+                mark_digit_planes(layer)
                 if self.repacked is not None:
                     self.repacked.add(layer, signature)
             _release(staged)

@@ -137,6 +137,7 @@ class Int4PlanesMethod(LinearMethod):
             raise ValueError(f"{covered} of {layer.out_features} output rows were loaded")
         self.store(layer, concat_rows([codes for _, codes in staged]))
         compact_cpu_scales(layer)
+        mark_digit_planes(layer)
         del layer.staged
 
     def store(self, layer: Linear, affine: AffineCodes) -> None:
@@ -286,6 +287,22 @@ def compact_cpu_scales(layer: Linear) -> None:
     compact = pairs.to(torch.float16)
     if torch.equal(compact.float(), pairs):                    # exact (an overflow to inf is not)
         layer.register_buffer("scales_and_zeros", compact, persistent=False)
+
+
+def mark_digit_planes(layer: Linear) -> None:
+    """`layer.digits`: whether a loaded CPU layer's two planes are the low and high digits of one code, as
+    `_planes` splits them: the high plane's scales exactly 16 times the low plane's and its zeros 0. ondo's
+    kernel then counts each code once and never reads the high plane's pairs (int4_mm.c). Found at load,
+    where the scales are in memory anyway, and kept by the repack cache, so no later load reads them."""
+    layer.digits = False
+    if layer.gpu_layout or layer.planes != 2:
+        return
+    sz = layer.scales_and_zeros
+    groups = sz.shape[0] // 2
+    low, high = sz[:groups], sz[groups:]
+    # float16 pairs (compact_cpu_scales) hold zero - 8 scale
+    zero = -8 * high[..., 0] if sz.dtype == torch.float16 else torch.zeros_like(high[..., 1])
+    layer.digits = torch.equal(high[..., 0], 16 * low[..., 0]) and torch.equal(high[..., 1], zero)
 
 
 def torch_scales(layer: Linear) -> torch.Tensor:
