@@ -107,9 +107,12 @@ def test_decode_attention_reads_the_paged_cache_in_place(dtype, heads, kv_heads,
     arithmetic, and no further from it than torch's path."""
     torch.manual_seed(head_dim + heads)
     block = 4
-    cases = [([7], [[3, 5]]), ([9, 3, 13], [[1, 2, 6], [4], [11, 0, 7, 9]]), ([1], [[8]])]
+    # The last two: one long sequence (its keys split in parts, merged) and two of them beside a short one.
+    long = list(range(79, 8, -1))                                                  # 71 blocks, out of order
+    cases = [([7], [[3, 5]]), ([9, 3, 13], [[1, 2, 6], [4], [11, 0, 7, 9]]), ([1], [[8]]),
+             ([281], [long]), ([150, 2, 281], [long[1:39], [0], long])]
     for seq_lens, tables in cases:
-        kv_cache = torch.randn(2, 12, block, kv_heads, head_dim).to(dtype)
+        kv_cache = torch.randn(2, 80, block, kv_heads, head_dim).to(dtype)
         meta = _metadata(seq_lens, tables, block)
         q, k, v = (torch.randn(len(seq_lens), n, head_dim).to(dtype) for n in (heads, kv_heads, kv_heads))
         scale = head_dim ** -0.5

@@ -7,8 +7,8 @@
  *
  * Rows are bfloat16 (dtype 1) or float32 (dtype 0); arithmetic is float32. Compiled at first use by
  * ondo/layers/cpu_kernels/__init__.py: -march=native; -ffp-contract=off, so that a product and the sum
- * after it round apart as in torch. Decode attention shares its heads among threads (as int4_mm.c shares
- * its rows); the others run on the calling thread.
+ * after it round apart as in torch. Decode attention shares its KV heads and keys among threads (as
+ * int4_mm.c shares its rows); the others run on the calling thread.
  */
 #include "common.h"
 #include "kernels.h"
@@ -142,15 +142,21 @@ static inline float dot(int dtype, const float *q, const char *key, int64_t n) {
     return sum;
 }
 
-/* out[d] = sum_i p[i] * v_i[d] over the value rows at element offsets rows[i]. With AVX2 each 64-wide
- * chunk of out stays in eight registers over all the rows. */
+/* out[d] = sum_i p[i] * v_i[d] over the value rows at element offsets rows[i], added to out[d] when
+ * `add` (the sums go on in the same order). With AVX2 each 64-wide chunk of out stays in eight registers
+ * over all the rows. */
 static void weigh_values(int dtype, const char *values, const int64_t *rows, int64_t count, const float *p,
-                         int64_t head_dim, float *out) {
+                         int64_t head_dim, float *out, int add) {
     const int64_t elem = dtype == BF16 ? 2 : 4;
     int64_t c = 0;
 #if defined(__AVX2__) && defined(__FMA__)
     for (; c + 64 <= head_dim; c += 64) {
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        if (add) {
+            a0 = _mm256_loadu_ps(out + c), a1 = _mm256_loadu_ps(out + c + 8), a2 = _mm256_loadu_ps(out + c + 16);
+            a3 = _mm256_loadu_ps(out + c + 24), a4 = _mm256_loadu_ps(out + c + 32), a5 = _mm256_loadu_ps(out + c + 40);
+            a6 = _mm256_loadu_ps(out + c + 48), a7 = _mm256_loadu_ps(out + c + 56);
+        }
         for (int64_t i = 0; i < count; i++) {
             const __m256 w = _mm256_set1_ps(p[i]);
             const char *v = values + (rows[i] + c) * elem;
@@ -175,7 +181,7 @@ static void weigh_values(int dtype, const char *values, const int64_t *rows, int
 #endif
     if (c < head_dim) {
         float row[head_dim - c];
-        memset(out + c, 0, (size_t)(head_dim - c) * sizeof(float));
+        if (!add) memset(out + c, 0, (size_t)(head_dim - c) * sizeof(float));
         for (int64_t i = 0; i < count; i++) {
             load_row(dtype, values + (rows[i] + c) * elem, row, head_dim - c);
             #pragma omp simd
@@ -190,9 +196,17 @@ static void weigh_values(int dtype, const char *values, const int64_t *rows, int
  * scores soft-capped when softcap > 0. Scores, softmax and the weighted sum of values in float32, rounded
  * once to the dtype at the end.
  *
- * `threads` OpenMP threads share the (sequence, query head) pairs: one sequence's heads alone keep both
- * cores of a small CPU busy (a 2-core decode step spent a sixth of its time here on one core). A head's
- * numbers do not depend on which thread computes it. */
+ * Work items are (sequence, KV head, part of the keys): the `group` query heads of a KV head go
+ * together, head after head over each block of keys and values while it is in L1, so each key and value
+ * comes from memory once, not once a query head (at 1,500 tokens of the built-in model the cache read by
+ * every layer outgrew the caches and attention took a third of a decode step). Where the (sequence, KV
+ * head) pairs are fewer than two per thread, a sequence's keys are split in parts of at least
+ * MIN_PART_KEYS, each part's softmax kept unnormalised with its maximum and sum, and the parts merged:
+ * out = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p. With one part the numbers are those of a
+ * plain softmax: p normalised, then the values weighed. Threads share the items; a head's numbers do not
+ * depend on which thread computes them. */
+enum { MIN_PART_KEYS = 64, KEY_BLOCK = 32 };
+
 void ondo_decode_attention(int dtype, const void *q, int64_t q_stride, void *out, int64_t out_stride,
                            const void *cache, int64_t num_slots, const int32_t *block_tables,
                            int64_t table_stride, const int32_t *seq_lens, int64_t num_seqs, int64_t num_heads,
@@ -216,36 +230,92 @@ void ondo_decode_attention(int dtype, const void *q, int64_t q_stride, void *out
         for (int64_t t = first; t < seq_lens[s]; t++)
             rows[starts[s] + t - first] = ((int64_t)table[t / block_size] * block_size + t % block_size) * width;
     }
+    const int64_t pairs = num_seqs * num_kv_heads;
+    int64_t parts = pairs < 2 * threads ? (2 * threads + pairs - 1) / pairs : 1;
+    if (parts > longest / MIN_PART_KEYS) parts = longest / MIN_PART_KEYS > 1 ? longest / MIN_PART_KEYS : 1;
+    /* parts > 1: each (sequence, head, part)'s maximum, sum and unnormalised weighted values */
+    const int64_t stride = head_dim + 2;
+    float *partial = parts > 1 ? malloc((size_t)(num_seqs * num_heads * parts * stride) * sizeof(float)) : NULL;
     #pragma omp parallel num_threads(threads)
     {
-        float *scratch = malloc((size_t)(longest + 2 * head_dim) * sizeof(float));
-        float *qh = scratch, *acc = qh + head_dim, *p = acc + head_dim;
+        const int64_t most = (longest + parts - 1) / parts;   /* keys of the longest part */
+        float *scratch = malloc((size_t)(group * (most + 2 * head_dim)) * sizeof(float));
+        float *qh = scratch, *acc = qh + group * head_dim, *p = acc + group * head_dim;   /* p: [group][most] */
         #pragma omp for schedule(dynamic)
-        for (int64_t item = 0; item < num_seqs * num_heads; item++) {
-            const int64_t s = item / num_heads, head = item % num_heads, kvh = head / group;
-            const int64_t count = starts[s + 1] - starts[s], *seq_rows = rows + starts[s];
-            load_row(dtype, row_ptr(dtype, q, s, q_stride) + head * head_dim * elem, qh, head_dim);
-            for (int64_t i = 0; i < count; i++)
-                p[i] = dot(dtype, qh, keys + (seq_rows[i] + kvh * head_dim) * elem, head_dim) * scale;
-            float top = -INFINITY, total = 0.0f;
-            if (softcap > 0.0f) {
-                for (int64_t i = 0; i < count; i++) p[i] = softcap * tanhf(p[i] / softcap);
+        for (int64_t item = 0; item < pairs * parts; item++) {
+            const int64_t s = item / (num_kv_heads * parts), kvh = item / parts % num_kv_heads, part = item % parts;
+            const int64_t count = starts[s + 1] - starts[s];
+            const int64_t lo = count * part / parts, n = count * (part + 1) / parts - lo;
+            const int64_t *part_rows = rows + starts[s] + lo;
+            const char *key_base = keys + kvh * head_dim * elem, *value_base = values + kvh * head_dim * elem;
+            for (int64_t g = 0; g < group; g++)
+                load_row(dtype, row_ptr(dtype, q, s, q_stride) + (kvh * group + g) * head_dim * elem,
+                         qh + g * head_dim, head_dim);
+            for (int64_t i = 0; i < n; i++)      /* a key, then its dot with each query head (from L1) */
+                for (int64_t g = 0; g < group; g++)
+                    p[g * most + i] = dot(dtype, qh + g * head_dim, key_base + part_rows[i] * elem, head_dim) * scale;
+            for (int64_t g = 0; g < group; g++) {
+                float *pg = p + g * most, top = -INFINITY, total = 0.0f;
+                if (softcap > 0.0f) {
+                    for (int64_t i = 0; i < n; i++) pg[i] = softcap * tanhf(pg[i] / softcap);
+                }
+                #pragma omp simd reduction(max : top)
+                for (int64_t i = 0; i < n; i++) top = pg[i] > top ? pg[i] : top;
+                #pragma omp simd reduction(+ : total)
+                for (int64_t i = 0; i < n; i++) {
+                    pg[i] = expf(pg[i] - top);
+                    total += pg[i];
+                }
+                if (parts == 1) {
+                    const float inverse = 1.0f / total;
+                    #pragma omp simd
+                    for (int64_t i = 0; i < n; i++) pg[i] *= inverse;
+                } else {
+                    float *keep = partial + ((s * num_heads + kvh * group + g) * parts + part) * stride;
+                    keep[0] = top;
+                    keep[1] = total;
+                }
             }
-            #pragma omp simd reduction(max : top)
-            for (int64_t i = 0; i < count; i++) top = p[i] > top ? p[i] : top;
-            #pragma omp simd reduction(+ : total)
-            for (int64_t i = 0; i < count; i++) {
-                p[i] = expf(p[i] - top);
-                total += p[i];
+            if (n == 0) memset(acc, 0, (size_t)(group * head_dim) * sizeof(float));
+            for (int64_t b = 0; b < n; b += KEY_BLOCK) {   /* a block of values, then each head's share */
+                const int64_t m = n - b < KEY_BLOCK ? n - b : KEY_BLOCK;
+                for (int64_t g = 0; g < group; g++)
+                    weigh_values(dtype, value_base, part_rows + b, m, p + g * most + b, head_dim, acc + g * head_dim, b > 0);
             }
-            const float inverse = 1.0f / total;
-            #pragma omp simd
-            for (int64_t i = 0; i < count; i++) p[i] *= inverse;
-            weigh_values(dtype, values + kvh * head_dim * elem, seq_rows, count, p, head_dim, acc);
-            store_row(dtype, acc, row_ptr(dtype, out, s, out_stride) + head * head_dim * elem, head_dim);
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t head = kvh * group + g;
+                if (parts == 1)
+                    store_row(dtype, acc + g * head_dim, row_ptr(dtype, out, s, out_stride) + head * head_dim * elem,
+                              head_dim);
+                else
+                    memcpy(partial + ((s * num_heads + head) * parts + part) * stride + 2, acc + g * head_dim,
+                           (size_t)head_dim * sizeof(float));
+            }
+        }
+        if (parts > 1) {
+            #pragma omp for
+            for (int64_t sh = 0; sh < num_seqs * num_heads; sh++) {
+                const float *kept = partial + sh * parts * stride;
+                float top = -INFINITY, total = 0.0f;
+                for (int64_t k = 0; k < parts; k++) top = kept[k * stride] > top ? kept[k * stride] : top;
+                memset(acc, 0, (size_t)head_dim * sizeof(float));
+                for (int64_t k = 0; k < parts; k++) {
+                    if (kept[k * stride + 1] == 0.0f) continue;   /* a part without keys */
+                    const float w = expf(kept[k * stride] - top);
+                    total += w * kept[k * stride + 1];
+                    #pragma omp simd
+                    for (int64_t d = 0; d < head_dim; d++) acc[d] += w * kept[k * stride + 2 + d];
+                }
+                const float inverse = 1.0f / total;
+                #pragma omp simd
+                for (int64_t d = 0; d < head_dim; d++) acc[d] *= inverse;
+                store_row(dtype, acc, row_ptr(dtype, out, sh / num_heads, out_stride) + sh % num_heads * head_dim * elem,
+                          head_dim);
+            }
         }
         free(scratch);
     }
+    free(partial);
     free(rows);
     free(starts);
 }
