@@ -12,7 +12,8 @@ it (the torch version and the source of the packing code itself, so a change to 
 read an older file's bytes). A file written replaces those of the same packing by other code: an upgrade
 leaves no stale copy behind (two installs of different versions sharing one cache repack in turn).
 Inside, each layer is checked against what it staged (its parts' rows, types and shapes) before its
-tensors are taken; a file that cannot be read, or that disagrees, is ignored and rewritten. A cache that cannot be written is skipped.
+tensors are taken; a file that cannot be read, or that disagrees, is ignored and rewritten. A cache
+that cannot be written is skipped.
 `ONDO_REPACK_CACHE=0` turns it off. It holds the CPU layout (torch's int4 tiles) and serves CPU runs
 only: GPU loads are not measured or tested with it.
 

@@ -197,8 +197,8 @@ static inline __attribute__((always_inline)) void rounded_group_sums(const uint8
             __m512i lo, hi;
             if (digits) {   /* ternlog 0xE4: bits of from_first from the first operand, the rest from the second */
                 const uint8_t *h = high + k * 16 * tile_units;
-                const __m512i high_bytes = tile_units == 2 ? _mm512_loadu_si512(h)
-                                                           : _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)h));
+                const __m512i high_bytes =
+                    tile_units == 2 ? _mm512_loadu_si512(h) : _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)h));
                 const __m512i upper = _mm512_maskz_permutexvar_epi8(even_bytes, pick, high_bytes);
                 lo = _mm512_ternarylogic_epi32(words, _mm512_slli_epi16(upper, 4), from_first, 0xE4);
                 hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(words, 4), upper, from_first, 0xE4);
@@ -287,7 +287,7 @@ static inline __attribute__((always_inline)) void tile_product(
         const int pass = rows - m0 < ROWS_PER_PASS ? (int)(rows - m0) : ROWS_PER_PASS;
         memset(acc, 0, sizeof(acc));
         /* the planes' groups one after the other, or with digits each group's two planes at once */
-        for (int64_t gg = 0; gg < (digits ? 1 : w->planes) * groups; gg++) {
+        for (int64_t gg = 0; gg < scale_groups; gg++) {
             const int64_t g = gg % groups;
 #if ROUNDED_X
             const int16_t *qg[ROWS_PER_PASS];
@@ -389,7 +389,8 @@ void ondo_int4_mm(int dtype, const void *x, int64_t rows, int64_t x_stride, cons
     float *dx = xf + rows * w->k_in, *xsum = dx + rows * groups;
     int16_t *xq = ROUNDED_X ? malloc((size_t)(rows * w->k_in) * sizeof(int16_t)) : NULL;
     const activations a = {.xf = xf, .xq = xq, .dx = dx, .xsum = xsum};
-    /* the threads share a prefill's rows (serial, rounding them was 4 % of the samples, the other thread waiting) */
+    /* the threads share a prefill's rows (serial, rounding them was 4 % of the samples, the other
+     * thread waiting) */
     #pragma omp parallel for num_threads(threads) if (rows > 1)
     for (int64_t m = 0; m < rows; m++) {
         load_row(dtype, row_ptr(dtype, x, m, x_stride), xf + m * w->k_in, w->k_in);

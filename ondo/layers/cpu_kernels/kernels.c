@@ -231,8 +231,9 @@ void ondo_decode_attention(int dtype, const void *q, int64_t q_stride, void *out
             rows[starts[s] + t - first] = ((int64_t)table[t / block_size] * block_size + t % block_size) * width;
     }
     const int64_t pairs = num_seqs * num_kv_heads;
+    const int64_t most_parts = longest / MIN_PART_KEYS > 1 ? longest / MIN_PART_KEYS : 1;
     int64_t parts = pairs < 2 * threads ? (2 * threads + pairs - 1) / pairs : 1;
-    if (parts > longest / MIN_PART_KEYS) parts = longest / MIN_PART_KEYS > 1 ? longest / MIN_PART_KEYS : 1;
+    if (parts > most_parts) parts = most_parts;
     /* parts > 1: each (sequence, head, part)'s maximum, sum and unnormalised weighted values */
     const int64_t stride = head_dim + 2;
     float *partial = parts > 1 ? malloc((size_t)(num_seqs * num_heads * parts * stride) * sizeof(float)) : NULL;
@@ -280,7 +281,8 @@ void ondo_decode_attention(int dtype, const void *q, int64_t q_stride, void *out
             for (int64_t b = 0; b < n; b += KEY_BLOCK) {   /* a block of values, then each head's share */
                 const int64_t m = n - b < KEY_BLOCK ? n - b : KEY_BLOCK;
                 for (int64_t g = 0; g < group; g++)
-                    weigh_values(dtype, value_base, part_rows + b, m, p + g * most + b, head_dim, acc + g * head_dim, b > 0);
+                    weigh_values(dtype, value_base, part_rows + b, m, p + g * most + b, head_dim, acc + g * head_dim,
+                                 b > 0);
             }
             for (int64_t g = 0; g < group; g++) {
                 const int64_t head = kvh * group + g;
@@ -309,8 +311,8 @@ void ondo_decode_attention(int dtype, const void *q, int64_t q_stride, void *out
                 const float inverse = 1.0f / total;
                 #pragma omp simd
                 for (int64_t d = 0; d < head_dim; d++) acc[d] *= inverse;
-                store_row(dtype, acc, row_ptr(dtype, out, sh / num_heads, out_stride) + sh % num_heads * head_dim * elem,
-                          head_dim);
+                const int64_t s = sh / num_heads, head = sh % num_heads;
+                store_row(dtype, acc, row_ptr(dtype, out, s, out_stride) + head * head_dim * elem, head_dim);
             }
         }
         free(scratch);
