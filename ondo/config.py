@@ -9,6 +9,7 @@ from dataclasses import dataclass
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "dummy")
 _QUANTIZATIONS = (None, "int8", "int4", "nf4", "none")
+_KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,9 @@ class EngineConfig:
     prefill_tokens_while_decoding: int | str | None = None
     block_size: int = 16                     # tokens per KV block
     kv_cache_memory_bytes: int | None = None # default: derived from gpu_memory_utilization or CPU RAM
+    # The cache's element type. "auto": the activations' dtype, except float16 for quantized weights with
+    # float32 activations on the CPU (half the memory, and half the bytes a decode step's attention reads).
+    kv_cache_dtype: str = "auto"
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
@@ -76,6 +80,8 @@ class EngineConfig:
                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         _check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
                f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes!r}")
+        _check(self.kv_cache_dtype in _KV_CACHE_DTYPES,
+               f"kv_cache_dtype must be one of {_KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         _check(self.max_waiting is None or (_is_int(self.max_waiting) and self.max_waiting >= 1),
                f"max_waiting must be >= 1, got {self.max_waiting!r}")
         _check(self.quantization in _QUANTIZATIONS,

@@ -92,6 +92,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     add("--block-size", type=int, metavar="N", help="tokens per KV block: 8, 16, 32, 64 or 128 (default 16)")
     add("--kv-cache-memory-bytes", type=_byte_size, metavar="SIZE",
         help="KV cache budget: bytes or 512MiB, 2GiB... (default: from --gpu-memory-utilization, or 2 GiB on the CPU)")
+    add("--kv-cache-dtype", metavar="DTYPE",
+        help="auto | float32 | bfloat16 | float16: the KV cache's element type (default auto: the activations' "
+             "dtype; float16 on the CPU for quantized weights with float32 activations)")
     add("--gpu-memory-utilization", type=float, metavar="F", help="share of GPU memory ondo may use, in (0, 1] (default 0.9)")
     add("--tensor-parallel-size", type=int, metavar="N",
         help="split the model over N devices, one worker process each (default 1; see docs/distributed.md)")
@@ -113,7 +116,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
 
 _ENGINE_FIELDS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                   "prefill_tokens_while_decoding", "block_size",
-                  "kv_cache_memory_bytes", "gpu_memory_utilization", "enforce_eager", "async_scheduling",
+                  "kv_cache_memory_bytes", "kv_cache_dtype", "gpu_memory_utilization", "enforce_eager", "async_scheduling",
                   "enable_prefix_caching",
                   "enable_chunked_prefill", "checkpoint", "chat_template", "tokenizer", "seed", "load_format",
                   "quantization", "tensor_parallel_size")

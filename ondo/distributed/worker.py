@@ -127,7 +127,7 @@ def worker_main(rank: int, rendezvous: Rendezvous, device_type: str, num_threads
 
 
 def _serve(channel: StepChannel, device: torch.device, single_node: bool) -> None:
-    from ondo.engine.engine import kv_budget_bytes, kv_cache_spec
+    from ondo.engine.engine import kv_budget_bytes, kv_cache_spec, resolve_kv_cache_dtype
     from ondo.engine.model_runner import ModelRunner, StepInput
     from ondo.loader import load_model
 
@@ -142,7 +142,8 @@ def _serve(channel: StepChannel, device: torch.device, single_node: bool) -> Non
     max_model_len = channel.recv()
     if max_model_len == STOP:
         return
-    spec = kv_cache_spec(loaded.hf_config, dtype, config.tensor_parallel_size)
+    spec = kv_cache_spec(loaded.hf_config, resolve_kv_cache_dtype(config, dtype, device, loaded.model),
+                         config.tensor_parallel_size)
     fit = kv_budget_bytes(config, device, spec, max_model_len) // (spec.bytes_per_token() * config.block_size)
     num_blocks = agree_num_blocks(channel, fit)
     if num_blocks * config.block_size < max_model_len:

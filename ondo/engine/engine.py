@@ -67,7 +67,8 @@ class Engine:
         if self.executor is not None:
             self.executor.model_loaded(self.dtype)
 
-        spec = kv_cache_spec(self.hf_config, self.dtype, config.tensor_parallel_size)
+        spec = kv_cache_spec(self.hf_config, resolve_kv_cache_dtype(config, self.dtype, self.device, self.model),
+                             config.tensor_parallel_size)
         self.num_blocks = self._num_kv_blocks(spec)
         # LoRA layers wrap the model before the runner captures its CUDA graphs (ondo/lora).
         self.lora_manager = build_lora_manager(config, self.model, self.dtype, self.device, self.max_model_len)
@@ -512,6 +513,24 @@ def _resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RequestError(f"device {name!r} was asked for but no CUDA GPU is available")
     return device
+
+
+def resolve_kv_cache_dtype(config: EngineConfig, dtype: torch.dtype, device: torch.device, model) -> torch.dtype:
+    """The KV cache's element type for activations of `dtype` (docs/architecture.md, "KV cache dtype")."""
+    from ondo.config import ConfigError
+    from ondo.layers import cpu_kernels
+    from ondo.layers.linear import linear_layers
+
+    if config.kv_cache_dtype != "auto":
+        chosen = getattr(torch, config.kv_cache_dtype)
+        if device.type != "cpu" and chosen != dtype:
+            raise ConfigError(f"kv_cache_dtype {config.kv_cache_dtype!r} needs the CPU: on {device.type} the cache "
+                              f"is in the activations' dtype ({str(dtype).removeprefix('torch.')}); use 'auto'")
+        return chosen
+    quantized = any(layer.method.name != "dense" for _, layer in linear_layers(model))
+    if device.type == "cpu" and dtype == torch.float32 and quantized and cpu_kernels.library() is not None:
+        return torch.float16
+    return dtype
 
 
 def kv_cache_spec(hf_config, dtype: torch.dtype, tp_size: int = 1) -> KVCacheSpec:

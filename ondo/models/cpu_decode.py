@@ -36,7 +36,7 @@ class _Shape(ctypes.Structure):
     _fields_ = [("hidden", _I64), ("heads", _I64), ("kv_heads", _I64), ("head_dim", _I64), ("inter", _I64),
                 ("rot_half", _I64), ("block_size", _I64), ("num_slots", _I64), ("eps", ctypes.c_float),
                 ("scale", ctypes.c_float), ("softcap", ctypes.c_float), ("norm_dtype", ctypes.c_int32),
-                ("gelu_tanh", ctypes.c_int32)]
+                ("gelu_tanh", ctypes.c_int32), ("kv_dtype", ctypes.c_int32)]
 
 
 def decode_layers(model, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -105,7 +105,8 @@ class _DecodeStack:
         _, num_blocks, block_size, _, _ = kv_cache.shape
         shape = _Shape(self.hidden_size, self.heads, self.kv_heads, self.head_dim, self.inter, cos.shape[-1],
                        block_size, num_blocks * block_size, self.eps, self.scale, self.softcap or 0.0,
-                       cpu_kernels.DTYPES[self.layers[0].input_layernorm.weight.dtype], int(self.gelu_tanh))
+                       cpu_kernels.DTYPES[self.layers[0].input_layernorm.weight.dtype], int(self.gelu_tanh),
+                       cpu_kernels.KV_DTYPES[kv_cache.dtype])
         residual = torch.empty_like(hidden)
         cpu_kernels.library().ondo_llama_decode(
             cpu_kernels.DTYPES[hidden.dtype], ctypes.byref(table), self.num_layers, ctypes.byref(shape), hidden.data_ptr(),
@@ -115,8 +116,8 @@ class _DecodeStack:
         return hidden, residual
 
     def _table(self, kv_caches: list[torch.Tensor], dtype: torch.dtype) -> ctypes.Array | None:
-        """The layers' structs; rebuilt if the caches move. None where a weight or cache dtype differs from
-        the activations' (the eager path then rounds differently)."""
+        """The layers' structs; rebuilt if the caches move. None where a weight's dtype differs from the
+        activations' (the eager path then rounds differently); the cache may be of any KV_DTYPES."""
         if self.table is not None and self.cache_ptr == kv_caches[0].data_ptr() and self.dtype == dtype:
             return self.table
         table = (_Layer * self.num_layers)()
@@ -124,10 +125,10 @@ class _DecodeStack:
             attn, mlp = layer.self_attn, layer.mlp
             linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
             cache = kv_caches[attn.attn.layer_idx]
-            tensors = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight, cache,
+            tensors = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                        *(lin.bias for lin in linears if lin.bias is not None),
                        *(lin.scales_and_zeros for lin in linears if lin.scales_and_zeros.dtype != torch.float16)]
-            if any(t.dtype != dtype for t in tensors) or not cache.is_contiguous():
+            if any(t.dtype != dtype for t in tensors) or not cache.is_contiguous() or cache.dtype not in cpu_kernels.KV_DTYPES:
                 return None
             biases = [None if lin.bias is None else lin.bias.data_ptr() for lin in linears]
             table[i] = _Layer(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),

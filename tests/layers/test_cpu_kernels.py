@@ -98,21 +98,24 @@ def _exact_attention(q, kv_cache, meta, scale, window, softcap):
     return out
 
 
+@pytest.mark.parametrize("cache", ["activations", "float16"])   # kv_cache_dtype: auto, or float16 on the CPU
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 64), (4, 4, 80), (8, 1, 128), (3, 1, 16)])
 @pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 30.0)])
-def test_decode_attention_reads_the_paged_cache_in_place(dtype, heads, kv_heads, head_dim, window, softcap):
-    """Several sequences on blocks out of order, through the backend (which writes the new K/V first):
-    float64 attention of the same inputs within the output's rounding (bfloat16) or a few units of float32
-    arithmetic, and no further from it than torch's path."""
+def test_decode_attention_reads_the_paged_cache_in_place(dtype, heads, kv_heads, head_dim, window, softcap, cache):
+    """Several sequences on blocks out of order, through the backend (which writes the new K/V first,
+    rounded to a float16 cache as torch rounds them): float64 attention of the same inputs (the cache as
+    it holds them) within the output's rounding (bfloat16) or a few units of float32 arithmetic, and no
+    further from it than torch's path."""
     torch.manual_seed(head_dim + heads)
+    cache_dtype = dtype if cache == "activations" else getattr(torch, cache)
     block = 4
     # The last two: one long sequence (its keys split in parts, merged) and two of them beside a short one.
     long = list(range(79, 8, -1))                                                  # 71 blocks, out of order
     cases = [([7], [[3, 5]]), ([9, 3, 13], [[1, 2, 6], [4], [11, 0, 7, 9]]), ([1], [[8]]),
              ([281], [long]), ([150, 2, 281], [long[1:39], [0], long])]
     for seq_lens, tables in cases:
-        kv_cache = torch.randn(2, 80, block, kv_heads, head_dim).to(dtype)
+        kv_cache = torch.randn(2, 80, block, kv_heads, head_dim).to(cache_dtype)
         meta = _metadata(seq_lens, tables, block)
         q, k, v = (torch.randn(len(seq_lens), n, head_dim).to(dtype) for n in (heads, kv_heads, kv_heads))
         scale = head_dim ** -0.5
@@ -196,6 +199,43 @@ def test_two_planes_are_one_codes_digits_only_where_their_scales_say_so():
         layer.scales_and_zeros[groups:, :, 1] += 0.5 * layer.scales_and_zeros[groups:, :, 0]
         int4_planes.mark_digit_planes(layer)
         layer.__dict__.pop("cpu_int4_weight", None)              # the kernel's view of the layer, rebuilt
+
+
+def test_float16_cache_rounds_as_torch_does():
+    """The KV write's float32 -> float16 rounding, bit for bit torch's: ties to even, the subnormals,
+    the largest finite value and the first that overflows, infinities, NaN, signed zero."""
+    tiny = 2.0 ** -24
+    special = [0.0, -0.0, tiny, tiny / 2, tiny * 1.5, tiny * 2.5, 3 * tiny / 4, 2.0 ** -14, 2.0 ** -14 * (1 - 2 ** -12),
+               65504.0, 65519.0, 65520.0, -65520.0, 1e10, float("inf"), float("-inf"), float("nan"),
+               1 + 2 ** -11, 1 + 3 * 2 ** -11, 1 + 2 ** -11 + 2 ** -20, 0.1, -3.14159]
+    k = torch.tensor(special + torch.randn(64 - len(special)).mul(1000).tolist()).view(1, 1, 64)
+    v = torch.randn(1, 1, 64) * 1e-5                                          # partly subnormal in float16
+    kv_cache = torch.zeros(2, 1, 4, 1, 64, dtype=torch.float16)
+    cpu_kernels.write_kv(kv_cache, k, v, torch.tensor([2]))
+    assert_same_halves(kv_cache[0, 0, 2], k[0].half())
+    assert_same_halves(kv_cache[1, 0, 2], v[0].half())
+    bf16_cache = torch.zeros(2, 1, 4, 1, 64, dtype=torch.float16)              # bfloat16 rows into float16
+    cpu_kernels.write_kv(bf16_cache, k.bfloat16(), v.bfloat16(), torch.tensor([1]))
+    assert_same_halves(bf16_cache[0, 0, 1], k[0].bfloat16().half())
+
+
+def assert_same_halves(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Bit for bit, but any NaN for a NaN (torch keeps a bfloat16 NaN's payload, the kernel a quiet NaN)."""
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~got.isnan()].view(torch.int16), want[~want.isnan()].view(torch.int16))
+
+
+@pytest.mark.parametrize("target", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-f16c")],
+                         ids=["avx2", "scalar"])
+def test_float16_cache_of_every_instruction_set(monkeypatch, tmp_path, target):
+    """The float16 conversions of CPUs without AVX512, and without F16C (by hand, in common.h)."""
+    monkeypatch.setenv("ONDO_CACHE_DIR", str(tmp_path))
+    lib = cpu_kernels._load(target)
+    assert lib is not None
+    monkeypatch.setattr(cpu_kernels, "_lib", lib)
+    test_float16_cache_rounds_as_torch_does()
+    for dtype in DTYPES:
+        test_decode_attention_reads_the_paged_cache_in_place(dtype, 6, 2, 64, None, None, "float16")
 
 
 @pytest.mark.parametrize("target", [("-mno-avx512vnni",), ("-mno-avx512vbmi",), ("-mno-avx512f",),

@@ -137,13 +137,20 @@ def greedy(llm: LLM, logprobs: int):
 
 
 def assert_packed_equals_dequantized(path, dtype: str):
-    """Greedy tokens of the packed model equal the dequantized model's. A divergence is allowed only at
-    a proven near-tie: each model's choice is in the other's top 5, and the two candidates' log-probability
-    difference moved between the models by no more than 1.5 times the most any pair of top-5 candidates'
-    difference moved where the models agreed (the rounding noise of the two, measured on the same run;
-    bfloat16 logits of ~20 are 0.125 apart, so a bfloat16 tie spans several of their units)."""
+    """Greedy tokens of the packed model equal the dequantized model's, up to near-ties
+    (`assert_same_greedy`)."""
     packed = greedy(LLM(str(path), dtype=dtype, max_model_len=256), logprobs=5)
     reference = greedy(LLM(str(path), dtype=dtype, quantization="none", max_model_len=256), logprobs=5)
+    assert_same_greedy(packed, reference, f"{path.name} {dtype}", 1e-3 if dtype == "float32" else 0.25)
+
+
+def assert_same_greedy(packed: list, reference: list, label: str, bound: float) -> None:
+    """Greedy tokens of two runs are equal. A divergence is allowed only at a proven near-tie: each run's
+    choice is in the other's top 5, and the two candidates' log-probability difference moved between the
+    runs by no more than 1.5 times the most any pair of top-5 candidates' difference moved where the runs
+    agreed (the rounding noise of the two, measured on the same run; bfloat16 logits of ~20 are 0.125
+    apart, so a bfloat16 tie spans several of their units). The chosen tokens' log-probabilities differ by
+    less than `bound` where the runs agree."""
     largest = noise = 0.0
     divergences = []
     for ours, ref in zip(packed, reference):
@@ -157,14 +164,14 @@ def assert_packed_equals_dequantized(path, dtype: str):
             for other in set(lp_ours) & set(lp_ref) - {mine}:
                 noise = max(noise, abs(_margin(lp_ours, mine, other) - _margin(lp_ref, mine, other)))
             agreed += 1
-        print(f"{path.name} {dtype}: {agreed}/{NEW_TOKENS} tokens agree on {ref.text[:30]!r}")
-    print(f"{path.name} {dtype}: largest log-probability difference {largest:.4f}, largest margin change {noise:.4f}")
+        print(f"{label}: {agreed}/{NEW_TOKENS} tokens agree on {ref.text[:30]!r}")
+    print(f"{label}: largest log-probability difference {largest:.4f}, largest margin change {noise:.4f}")
     for lp_ours, lp_ref, mine, theirs in divergences:
         assert mine in lp_ref and theirs in lp_ours, f"diverged to {mine}, outside the reference's top 5 (or back)"
         moved = _margin(lp_ref, theirs, mine) + _margin(lp_ours, mine, theirs)
-        print(f"{path.name} {dtype}: diverged where the margin moved {moved:.4f}")
+        print(f"{label}: diverged where the margin moved {moved:.4f}")
         assert moved <= 1.5 * noise, f"diverged where the two candidates' margin moved {moved:.4f}"
-    assert largest < (1e-3 if dtype == "float32" else 0.25)
+    assert largest < bound
 
 
 def _margin(logprobs: dict, first: int, second: int) -> float:

@@ -102,7 +102,8 @@ def test_block_hash_chain_starts_from_the_adapter():
 
 def test_qlora_over_nf4_matches_peft_over_the_same_nf4_weights(tmp_path):
     base, [(folder, peft_model)] = base_and_adapters(tmp_path, "llama")
-    llm = LLM(str(base), dtype="float32", device="cpu", quantization="nf4", enable_lora=True)
+    # a float32 cache (auto takes float16 for quantized weights), so that any difference is the LoRA path's
+    llm = LLM(str(base), dtype="float32", device="cpu", quantization="nf4", enable_lora=True, kv_cache_dtype="float32")
     assert any(layer.method.name != "dense" for _, layer in linear_layers(llm.engine.model))
     _copy_dequantized_weights(llm.engine.model, peft_model)
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=0)

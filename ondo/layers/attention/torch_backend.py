@@ -16,13 +16,13 @@ from ondo.layers.attention import AttentionMetadata
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Keys and values of the new tokens into their slots, with one copy for both."""
     num_kv_heads, head_dim = k.shape[1:]
-    if (cpu_kernels.usable(k) and kv_cache.dtype == k.dtype and kv_cache.is_contiguous() and k.stride(2) == 1
+    if (cpu_kernels.usable(k) and kv_cache.dtype in cpu_kernels.KV_DTYPES and kv_cache.is_contiguous() and k.stride(2) == 1
             and k.stride(1) == head_dim and v.stride()[1:] == k.stride()[1:] and slot_mapping.dtype == torch.int64
             and slot_mapping.is_contiguous()):
         cpu_kernels.write_kv(kv_cache, k, v, slot_mapping)
         return
     slots = kv_cache.view(2, -1, num_kv_heads, head_dim)                       # [2, num_slots, KVH, D]
-    slots.index_copy_(1, slot_mapping, _stacked(k, v))
+    slots.index_copy_(1, slot_mapping, _stacked(k, v).to(kv_cache.dtype))   # rounded to a narrower cache
 
 
 def _stacked(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -67,6 +67,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """
     num_seqs, num_heads, num_queries, head_dim = q.shape
     group = num_heads // k.shape[1]
+    if k.dtype != q.dtype:   # a cache narrower than the activations (kv_cache_dtype): computed in theirs
+        k, v = k.to(q.dtype), v.to(q.dtype)
     if group > 1:
         q = q.reshape(num_seqs, k.shape[1], group * num_queries, head_dim)   # rows g * Q + query
         if num_queries > 1:
@@ -148,6 +150,8 @@ class TorchAttentionBackend:
         keys = blocks[0].as_strided(size, stride)                     # [1, KVH, K, D]
         values = blocks[1].as_strided(size, stride)
         grouped = q.view(1, num_kv_heads, num_heads // num_kv_heads, head_dim)   # [1, KVH, G, D]: GQA folded
+        if keys.dtype != q.dtype:
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         if logit_softcap is None:
             out = F.scaled_dot_product_attention(grouped, keys, values, scale=scale)
         else:

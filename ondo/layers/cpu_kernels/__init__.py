@@ -34,6 +34,7 @@ _HERE = Path(__file__).parent
 _SOURCES = [_HERE / "kernels.c", _HERE / "int4_mm.c", _HERE / "decoder_stack.c"]
 _HEADERS = [_HERE / "common.h", _HERE / "int4_mm.h", _HERE / "kernels.h"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}   # the kernels' code for each dtype they read
+KV_DTYPES = {**DTYPES, torch.float16: 2}          # and for a KV cache's (kv_cache_dtype)
 # int4 scales: (scale, zero) pairs in the run dtype, or float16 (scale, zero - 8 scale) pairs
 # (int4_planes.compact_cpu_scales)
 SCALE_DTYPES = {**DTYPES, torch.float16: 2}
@@ -42,9 +43,9 @@ _SIGNATURES = {
     "ondo_rms_norm": [_INT, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32],
     "ondo_gated": [_INT, _INT, _PTR, _PTR, _I64, _I64, _I64, _I64],
     "ondo_rotary": [_INT, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64],
-    "ondo_write_kv": [_INT, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR],
-    "ondo_decode_attention": [_INT, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64,
-                              _I64, _I64, _F32, _I64, _F32, _INT],
+    "ondo_write_kv": [_INT, _INT, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR],
+    "ondo_decode_attention": [_INT, _INT, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64,
+                              _I64, _I64, _I64, _F32, _I64, _F32, _INT],
     "ondo_int4_mm": [_INT, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _INT],
     "ondo_int4_rounds_activations": [],
     "ondo_llama_decode": [_INT, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _INT],
@@ -203,10 +204,12 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, head_d
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """k / v [T, KVH, D] (each token's heads dense) into their slots of kv_cache [2, blocks, block_size, KVH, D]."""
+    """k / v [T, KVH, D] (each token's heads dense) into their slots of kv_cache [2, blocks, block_size, KVH, D]
+    (of any KV_DTYPES: rounded to it as .to() rounds)."""
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
-    _lib.ondo_write_kv(DTYPES[k.dtype], kv_cache.data_ptr(), num_blocks * block_size, k.data_ptr(), v.data_ptr(),
-                       k.shape[0], num_kv_heads * head_dim, k.stride(0), v.stride(0), slot_mapping.data_ptr())
+    _lib.ondo_write_kv(DTYPES[k.dtype], KV_DTYPES[kv_cache.dtype], kv_cache.data_ptr(), num_blocks * block_size,
+                       k.data_ptr(), v.data_ptr(), k.shape[0], num_kv_heads * head_dim, k.stride(0), v.stride(0),
+                       slot_mapping.data_ptr())
 
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -216,7 +219,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     _, num_blocks, block_size, num_kv_heads, _ = kv_cache.shape
     out = torch.empty_like(q)
     _lib.ondo_decode_attention(
-        DTYPES[q.dtype], q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0), kv_cache.data_ptr(),
+        DTYPES[q.dtype], KV_DTYPES[kv_cache.dtype], q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0), kv_cache.data_ptr(),
         num_blocks * block_size, block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), num_seqs,
         num_heads, num_kv_heads, head_dim, block_size, scale, sliding_window or 0, logit_softcap or 0.0,
         torch.get_num_threads())
@@ -270,6 +273,6 @@ def attention_inputs_fit(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
 def cache_inputs_fit(x: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor) -> bool:
     """The part of `attention_inputs_fit` that does not depend on the queries' layout."""
-    return (usable(x) and kv_cache.dtype == x.dtype and kv_cache.is_contiguous() and block_tables.dtype == torch.int32
+    return (usable(x) and kv_cache.dtype in KV_DTYPES and kv_cache.is_contiguous() and block_tables.dtype == torch.int32
             and block_tables.stride(1) == 1 and seq_lens.dtype == torch.int32 and seq_lens.is_contiguous()
             and seq_lens.is_cpu and block_tables.is_cpu)

@@ -26,7 +26,7 @@ typedef struct {
 typedef struct {
     int64_t hidden, heads, kv_heads, head_dim, inter, rot_half, block_size, num_slots;
     float eps, scale, softcap;                       /* softcap 0: none */
-    int32_t norm_dtype, gelu_tanh;
+    int32_t norm_dtype, gelu_tanh, kv_dtype;        /* kv_dtype: the cache's element type (common.h) */
 } ondo_llama_shape;
 
 /* hidden [batch, H] holds the embeddings on entry and the last layer's MLP output on return; residual
@@ -53,9 +53,9 @@ void ondo_llama_decode(int dtype, const ondo_llama_layer *layers, int64_t num_la
         ondo_int4_mm(dtype, normed, batch, s->hidden, &layer->qkv, layer->qkv_bias, qkv, qkv_width, threads);
         ondo_rotary(dtype, qkv, batch, qkv_width, s->heads + s->kv_heads, s->head_dim, s->rot_half, cos,
                     signed_sin, 2 * s->rot_half);
-        ondo_write_kv(dtype, layer->kv_cache, s->num_slots, qkv + q_width * elem, qkv + (q_width + kv_width) * elem,
+        ondo_write_kv(dtype, s->kv_dtype, layer->kv_cache, s->num_slots, qkv + q_width * elem, qkv + (q_width + kv_width) * elem,
                       batch, kv_width, qkv_width, qkv_width, slot_mapping);
-        ondo_decode_attention(dtype, qkv, qkv_width, attn, q_width, layer->kv_cache, s->num_slots, block_tables,
+        ondo_decode_attention(dtype, s->kv_dtype, qkv, qkv_width, attn, q_width, layer->kv_cache, s->num_slots, block_tables,
                               table_stride, seq_lens, batch, s->heads, s->kv_heads, s->head_dim, s->block_size,
                               s->scale, layer->window, s->softcap, threads);
         ondo_int4_mm(dtype, attn, batch, q_width, &layer->o, layer->o_bias, hidden, s->hidden, threads);

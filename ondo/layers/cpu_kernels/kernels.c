@@ -97,32 +97,51 @@ void ondo_rotary(int dtype, void *x, int64_t tokens, int64_t x_stride, int64_t h
 }
 
 /* Keys and values of `tokens` new tokens into their cache slots. The cache is [2, slots, width]
- * (K then V; width = kv_heads * head_dim); k / v rows have strides in elements. A slot of -1 (a padding
- * row) is skipped, as the GPU's KV write skips it. */
-void ondo_write_kv(int dtype, void *cache, int64_t num_slots, const void *k, const void *v, int64_t tokens,
-                   int64_t width, int64_t k_stride, int64_t v_stride, const int64_t *slots) {
-    size_t bytes = (size_t)width * (dtype == BF16 ? 2 : 4);
-    char *values = row_ptr(dtype, cache, num_slots, width);
+ * (K then V; width = kv_heads * head_dim) of cache_dtype, the k / v rows of dtype with strides in
+ * elements (rounded to the cache's float16 or bfloat16 as torch's .to() rounds them). A slot of -1 (a
+ * padding row) is skipped, as the GPU's KV write skips it. */
+void ondo_write_kv(int dtype, int cache_dtype, void *cache, int64_t num_slots, const void *k, const void *v,
+                   int64_t tokens, int64_t width, int64_t k_stride, int64_t v_stride, const int64_t *slots) {
+    char *values = row_ptr(cache_dtype, cache, num_slots, width);
+    float *row = dtype == cache_dtype ? NULL : malloc((size_t)width * sizeof(float));
     for (int64_t t = 0; t < tokens; t++) {
         if (slots[t] < 0) continue;
-        memcpy(row_ptr(dtype, cache, slots[t], width), row_ptr(dtype, k, t, k_stride), bytes);
-        memcpy(values + (size_t)slots[t] * bytes, row_ptr(dtype, v, t, v_stride), bytes);
+        const char *from[2] = {row_ptr(dtype, k, t, k_stride), row_ptr(dtype, v, t, v_stride)};
+        char *to[2] = {row_ptr(cache_dtype, cache, slots[t], width), row_ptr(cache_dtype, values, slots[t], width)};
+        for (int i = 0; i < 2; i++) {
+            if (row == NULL) {
+                memcpy(to[i], from[i], (size_t)(width * elem_size(dtype)));
+            } else {
+                load_row(dtype, from[i], row, width);
+                store_row(cache_dtype, row, to[i], width);
+            }
+        }
     }
+    free(row);
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
 static inline __m256 load8(int dtype, const char *p) {   /* 8 elements as float32 */
     if (dtype == BF16)
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+    if (dtype == F16) {
+#if defined(__F16C__)
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+        float f[8];
+        load_row(F16, p, f, 8);
+        return _mm256_loadu_ps(f);
+#endif
+    }
     return _mm256_loadu_ps((const float *)p);
 }
 #endif
 
-/* q . key over n elements, the key as stored (float32 or bfloat16, converted exactly as it is read). With
+/* q . key over n elements, the key as stored (float32, bfloat16 or float16, converted exactly as it is read). With
  * AVX2, two chains of fused multiply-adds and one horizontal sum: the plain loop's single chain and its
  * sum through memory made a 64-wide dot ~50 cycles. */
 static inline float dot(int dtype, const float *q, const char *key, int64_t n) {
-    const int64_t elem = dtype == BF16 ? 2 : 4;
+    const int64_t elem = elem_size(dtype);
     int64_t i = 0;
     float sum = 0.0f;
 #if defined(__AVX2__) && defined(__FMA__)
@@ -137,8 +156,11 @@ static inline float dot(int dtype, const float *q, const char *key, int64_t n) {
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 #endif
-    for (; i < n; i++)
-        sum += q[i] * (dtype == BF16 ? bf16_to_float(((const uint16_t *)key)[i]) : ((const float *)key)[i]);
+    if (i < n) {
+        float rest[n - i];
+        load_row(dtype, key + i * elem, rest, n - i);
+        for (int64_t j = 0; i + j < n; j++) sum += q[i + j] * rest[j];
+    }
     return sum;
 }
 
@@ -147,7 +169,7 @@ static inline float dot(int dtype, const float *q, const char *key, int64_t n) {
  * over all the rows. */
 static void weigh_values(int dtype, const char *values, const int64_t *rows, int64_t count, const float *p,
                          int64_t head_dim, float *out, int add) {
-    const int64_t elem = dtype == BF16 ? 2 : 4;
+    const int64_t elem = elem_size(dtype);
     int64_t c = 0;
 #if defined(__AVX2__) && defined(__FMA__)
     for (; c + 64 <= head_dim; c += 64) {
@@ -207,14 +229,14 @@ static void weigh_values(int dtype, const char *values, const int64_t *rows, int
  * depend on which thread computes them. */
 enum { MIN_PART_KEYS = 64, KEY_BLOCK = 32 };
 
-void ondo_decode_attention(int dtype, const void *q, int64_t q_stride, void *out, int64_t out_stride,
-                           const void *cache, int64_t num_slots, const int32_t *block_tables,
+void ondo_decode_attention(int dtype, int cache_dtype, const void *q, int64_t q_stride, void *out,
+                           int64_t out_stride, const void *cache, int64_t num_slots, const int32_t *block_tables,
                            int64_t table_stride, const int32_t *seq_lens, int64_t num_seqs, int64_t num_heads,
                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale,
                            int64_t window, float softcap, int threads) {
     const int64_t group = num_heads / num_kv_heads, width = num_kv_heads * head_dim;
-    const int64_t elem = dtype == BF16 ? 2 : 4;
-    const char *keys = (const char *)cache, *values = keys + num_slots * width * elem;
+    const int64_t elem = elem_size(dtype), cache_elem = elem_size(cache_dtype);
+    const char *keys = (const char *)cache, *values = keys + num_slots * width * cache_elem;
     /* each visible token's row (element offset) in either half of the cache, sequence after sequence */
     int64_t *starts = malloc((size_t)(num_seqs + 1) * sizeof(int64_t)), longest = 0;
     starts[0] = 0;
@@ -248,13 +270,15 @@ void ondo_decode_attention(int dtype, const void *q, int64_t q_stride, void *out
             const int64_t count = starts[s + 1] - starts[s];
             const int64_t lo = count * part / parts, n = count * (part + 1) / parts - lo;
             const int64_t *part_rows = rows + starts[s] + lo;
-            const char *key_base = keys + kvh * head_dim * elem, *value_base = values + kvh * head_dim * elem;
+            const char *key_base = keys + kvh * head_dim * cache_elem;
+            const char *value_base = values + kvh * head_dim * cache_elem;
             for (int64_t g = 0; g < group; g++)
                 load_row(dtype, row_ptr(dtype, q, s, q_stride) + (kvh * group + g) * head_dim * elem,
                          qh + g * head_dim, head_dim);
             for (int64_t i = 0; i < n; i++)      /* a key, then its dot with each query head (from L1) */
                 for (int64_t g = 0; g < group; g++)
-                    p[g * most + i] = dot(dtype, qh + g * head_dim, key_base + part_rows[i] * elem, head_dim) * scale;
+                    p[g * most + i] =
+                        dot(cache_dtype, qh + g * head_dim, key_base + part_rows[i] * cache_elem, head_dim) * scale;
             for (int64_t g = 0; g < group; g++) {
                 float *pg = p + g * most, top = -INFINITY, total = 0.0f;
                 if (softcap > 0.0f) {
@@ -281,8 +305,8 @@ void ondo_decode_attention(int dtype, const void *q, int64_t q_stride, void *out
             for (int64_t b = 0; b < n; b += KEY_BLOCK) {   /* a block of values, then each head's share */
                 const int64_t m = n - b < KEY_BLOCK ? n - b : KEY_BLOCK;
                 for (int64_t g = 0; g < group; g++)
-                    weigh_values(dtype, value_base, part_rows + b, m, p + g * most + b, head_dim, acc + g * head_dim,
-                                 b > 0);
+                    weigh_values(cache_dtype, value_base, part_rows + b, m, p + g * most + b, head_dim,
+                                 acc + g * head_dim, b > 0);
             }
             for (int64_t g = 0; g < group; g++) {
                 const int64_t head = kvh * group + g;

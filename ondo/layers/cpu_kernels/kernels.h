@@ -12,10 +12,10 @@ void ondo_gated(int dtype, int gelu_tanh, const void *x, void *out, int64_t rows
                 int64_t x_stride, int64_t out_stride);
 void ondo_rotary(int dtype, void *x, int64_t tokens, int64_t x_stride, int64_t heads, int64_t head_dim,
                  int64_t half, const void *cos, const void *signed_sin, int64_t table_stride);
-void ondo_write_kv(int dtype, void *cache, int64_t num_slots, const void *k, const void *v, int64_t tokens,
-                   int64_t width, int64_t k_stride, int64_t v_stride, const int64_t *slots);
-void ondo_decode_attention(int dtype, const void *q, int64_t q_stride, void *out, int64_t out_stride,
-                           const void *cache, int64_t num_slots, const int32_t *block_tables,
+void ondo_write_kv(int dtype, int cache_dtype, void *cache, int64_t num_slots, const void *k, const void *v,
+                   int64_t tokens, int64_t width, int64_t k_stride, int64_t v_stride, const int64_t *slots);
+void ondo_decode_attention(int dtype, int cache_dtype, const void *q, int64_t q_stride, void *out,
+                           int64_t out_stride, const void *cache, int64_t num_slots, const int32_t *block_tables,
                            int64_t table_stride, const int32_t *seq_lens, int64_t num_seqs, int64_t num_heads,
                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale,
                            int64_t window, float softcap, int threads);
