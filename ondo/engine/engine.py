@@ -108,9 +108,10 @@ class Engine:
         self.num_rows_not_sampled = 0       # launched, then not sampled: their request finished, or taken back
         if self.device.type == "cuda":
             self._warm_up()
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.0f MiB); max_model_len %d",
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.0f MiB, %s); max_model_len %d",
                     self.num_blocks, config.block_size, self.num_blocks * config.block_size,
-                    self.num_blocks * config.block_size * spec.bytes_per_token() / 2**20, self.max_model_len)
+                    self.num_blocks * config.block_size * spec.bytes_per_token() / 2**20,
+                    str(spec.dtype).removeprefix("torch."), self.max_model_len)
 
     # ---- start-up ------------------------------------------------------------------------------
 
