@@ -212,6 +212,101 @@ static void weigh_values(int dtype, const char *values, const int64_t *rows, int
     }
 }
 
+#if defined(__AVX512F__)
+enum { MAX_GROUP = 8 };   /* query heads a KV head serves, taken together below (GQA); more: head by head */
+
+static inline __m512 load16(int dtype, const char *p) {   /* 16 elements as float32 */
+    if (dtype == BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+    if (dtype == F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_loadu_ps((const float *)p);
+}
+
+/* p[g * most + i] = scale * (q_g . key_i) for the G query heads of one KV head: each key converted once
+ * for all of them, 16 elements at a time (head_dim a multiple of 16). */
+static inline __attribute__((always_inline)) void group_scores(int dtype, const int G, const float *qh,
+        int64_t head_dim, const char *key_base, const int64_t *rows, int64_t n, float scale, float *p,
+        int64_t most) {
+    const int64_t elem = elem_size(dtype);
+    for (int64_t i = 0; i < n; i++) {
+        const char *key = key_base + rows[i] * elem;
+        __m512 sum[MAX_GROUP];
+        for (int g = 0; g < G; g++) sum[g] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < head_dim; c += 16) {
+            const __m512 k = load16(dtype, key + c * elem);
+            for (int g = 0; g < G; g++) sum[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qh + g * head_dim + c), k, sum[g]);
+        }
+        for (int g = 0; g < G; g++) p[g * most + i] = _mm512_reduce_add_ps(sum[g]) * scale;
+    }
+}
+
+/* out_g[d] (+)= sum_i p_g[i] * v_i[d] for the G query heads of one KV head, as weigh_values does head
+ * by head (the same multiply-adds in the same order), each value row converted once for all of them:
+ * CH chunks of 16 elements at a time, G * CH sums in registers. */
+static inline __attribute__((always_inline)) void group_values_chunks(int dtype, const int G, const int CH,
+        const char *values, const int64_t *rows, int64_t count, const float *p, int64_t most, int64_t head_dim,
+        int64_t c, float *out, int add) {
+    const int64_t elem = elem_size(dtype);
+    __m512 sum[MAX_GROUP][4];
+    for (int g = 0; g < G; g++)
+        for (int j = 0; j < CH; j++)
+            sum[g][j] = add ? _mm512_loadu_ps(out + g * head_dim + c + 16 * j) : _mm512_setzero_ps();
+    for (int64_t i = 0; i < count; i++) {
+        const char *v = values + (rows[i] + c) * elem;
+        __m512 value[4];
+        for (int j = 0; j < CH; j++) value[j] = load16(dtype, v + 16 * j * elem);
+        for (int g = 0; g < G; g++) {
+            const __m512 w = _mm512_set1_ps(p[g * most + i]);
+            for (int j = 0; j < CH; j++) sum[g][j] = _mm512_fmadd_ps(w, value[j], sum[g][j]);
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int j = 0; j < CH; j++) _mm512_storeu_ps(out + g * head_dim + c + 16 * j, sum[g][j]);
+}
+
+static inline __attribute__((always_inline)) void group_values(int dtype, const int G, const char *values,
+        const int64_t *rows, int64_t count, const float *p, int64_t most, int64_t head_dim, float *out, int add) {
+    int64_t c = 0;
+    if (G <= 4)   /* 4 chunks x G heads: at most 16 sums */
+        for (; c + 64 <= head_dim; c += 64) group_values_chunks(dtype, G, 4, values, rows, count, p, most, head_dim, c, out, add);
+    for (; c < head_dim; c += 16) group_values_chunks(dtype, G, 1, values, rows, count, p, most, head_dim, c, out, add);
+}
+#endif
+
+/* The scores of one (sequence, KV head, part) item: p[g * most + i] for its G query heads and n keys. */
+static void item_scores(int dtype, int64_t group, const float *qh, int64_t head_dim, const char *key_base,
+                        const int64_t *rows, int64_t n, float scale, float *p, int64_t most) {
+#if defined(__AVX512F__)
+    if (head_dim % 16 == 0 && group <= MAX_GROUP) {
+        switch (group) {   /* a constant group: the sums stay in registers */
+#define GROUP(G) case G: group_scores(dtype, G, qh, head_dim, key_base, rows, n, scale, p, most); return;
+            GROUP(1) GROUP(2) GROUP(3) GROUP(4) GROUP(5) GROUP(6) GROUP(7) GROUP(8)
+#undef GROUP
+        }
+    }
+#endif
+    const int64_t elem = elem_size(dtype);
+    for (int64_t i = 0; i < n; i++)      /* a key, then its dot with each query head (from L1) */
+        for (int64_t g = 0; g < group; g++)
+            p[g * most + i] = dot(dtype, qh + g * head_dim, key_base + rows[i] * elem, head_dim) * scale;
+}
+
+/* acc_g (+)= the values of `count` rows weighed by p_g, for the item's G query heads. */
+static void item_values(int dtype, int64_t group, const char *value_base, const int64_t *rows, int64_t count,
+                        const float *p, int64_t most, int64_t head_dim, float *acc, int add) {
+#if defined(__AVX512F__)
+    if (head_dim % 16 == 0 && group <= MAX_GROUP) {
+        switch (group) {
+#define GROUP(G) case G: group_values(dtype, G, value_base, rows, count, p, most, head_dim, acc, add); return;
+            GROUP(1) GROUP(2) GROUP(3) GROUP(4) GROUP(5) GROUP(6) GROUP(7) GROUP(8)
+#undef GROUP
+        }
+    }
+#endif
+    for (int64_t g = 0; g < group; g++)
+        weigh_values(dtype, value_base, rows, count, p + g * most, head_dim, acc + g * head_dim, add);
+}
+
 /* Decode attention: one query per sequence against the sequence's cached keys in the paged cache
  * [2, blocks, block_size, kv_heads, head_dim], read in place through its block table. GQA: query head
  * kv_head * group + g reads kv_head. Keys from seq_len - window on with a sliding window (window > 0);
@@ -275,10 +370,7 @@ void ondo_decode_attention(int dtype, int cache_dtype, const void *q, int64_t q_
             for (int64_t g = 0; g < group; g++)
                 load_row(dtype, row_ptr(dtype, q, s, q_stride) + (kvh * group + g) * head_dim * elem,
                          qh + g * head_dim, head_dim);
-            for (int64_t i = 0; i < n; i++)      /* a key, then its dot with each query head (from L1) */
-                for (int64_t g = 0; g < group; g++)
-                    p[g * most + i] =
-                        dot(cache_dtype, qh + g * head_dim, key_base + part_rows[i] * cache_elem, head_dim) * scale;
+            item_scores(cache_dtype, group, qh, head_dim, key_base, part_rows, n, scale, p, most);
             for (int64_t g = 0; g < group; g++) {
                 float *pg = p + g * most, top = -INFINITY, total = 0.0f;
                 if (softcap > 0.0f) {
@@ -302,12 +394,9 @@ void ondo_decode_attention(int dtype, int cache_dtype, const void *q, int64_t q_
                 }
             }
             if (n == 0) memset(acc, 0, (size_t)(group * head_dim) * sizeof(float));
-            for (int64_t b = 0; b < n; b += KEY_BLOCK) {   /* a block of values, then each head's share */
-                const int64_t m = n - b < KEY_BLOCK ? n - b : KEY_BLOCK;
-                for (int64_t g = 0; g < group; g++)
-                    weigh_values(cache_dtype, value_base, part_rows + b, m, p + g * most + b, head_dim,
-                                 acc + g * head_dim, b > 0);
-            }
+            for (int64_t b = 0; b < n; b += KEY_BLOCK)   /* a block of values, then each head's share */
+                item_values(cache_dtype, group, value_base, part_rows + b, n - b < KEY_BLOCK ? n - b : KEY_BLOCK,
+                            p + b, most, head_dim, acc, b > 0);
             for (int64_t g = 0; g < group; g++) {
                 const int64_t head = kvh * group + g;
                 if (parts == 1)
