@@ -52,7 +52,14 @@ def test_gated_activation_matches_the_torch_path(dtype, name):
     gate_up = (torch.randn(5, 2 * 300) * 3).to(dtype)
     with cpu_kernels.disabled():
         want = act(gate_up)
-    torch.testing.assert_close(act(gate_up), want, **one_unit(dtype))
+    got = act(gate_up)
+    torch.testing.assert_close(got, want, **one_unit(dtype))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(act(gate_up), got)           # rows shared by threads: each row's numbers its own
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -41,7 +41,7 @@ SCALE_DTYPES = {**DTYPES, torch.float16: 2}
 _I64, _F32, _PTR, _INT = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
     "ondo_rms_norm": [_INT, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32],
-    "ondo_gated": [_INT, _INT, _PTR, _PTR, _I64, _I64, _I64, _I64],
+    "ondo_gated": [_INT, _INT, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT],
     "ondo_rotary": [_INT, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64],
     "ondo_write_kv": [_INT, _INT, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR],
     "ondo_decode_attention": [_INT, _INT, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64,
@@ -191,7 +191,7 @@ def gated(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
     rows, inter = x2d.shape[0], x2d.shape[1] // 2
     out = x2d.new_empty((rows, inter))
     _lib.ondo_gated(DTYPES[x.dtype], int(gelu_tanh), x2d.data_ptr(), out.data_ptr(), rows, inter, x2d.stride(0),
-                    inter)
+                    inter, torch.get_num_threads())
     return out if x.dim() == 2 else out.view(*x.shape[:-1], inter)
 
 

@@ -63,7 +63,7 @@ void ondo_llama_decode(int dtype, const ondo_llama_layer *layers, int64_t num_la
                       s->hidden, s->hidden, s->hidden, s->hidden, s->hidden, s->eps, 0.0f);
         ondo_int4_mm(dtype, normed, batch, s->hidden, &layer->gate_up, layer->gate_up_bias, gate_up, 2 * s->inter,
                      threads);
-        ondo_gated(dtype, s->gelu_tanh, gate_up, act, batch, s->inter, 2 * s->inter, s->inter);
+        ondo_gated(dtype, s->gelu_tanh, gate_up, act, batch, s->inter, 2 * s->inter, s->inter, threads);
         ondo_int4_mm(dtype, act, batch, s->inter, &layer->down, layer->down_bias, hidden, s->hidden, threads);
     }
     free(scratch);

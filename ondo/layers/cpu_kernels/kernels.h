@@ -9,7 +9,7 @@ void ondo_rms_norm(int dtype, const void *x, const void *residual, void *out, vo
                    int64_t residual_stride, int64_t out_stride, int64_t residual_out_stride, float eps,
                    float offset);
 void ondo_gated(int dtype, int gelu_tanh, const void *x, void *out, int64_t rows, int64_t inter,
-                int64_t x_stride, int64_t out_stride);
+                int64_t x_stride, int64_t out_stride, int threads);
 void ondo_rotary(int dtype, void *x, int64_t tokens, int64_t x_stride, int64_t heads, int64_t head_dim,
                  int64_t half, const void *cos, const void *signed_sin, int64_t table_stride);
 void ondo_write_kv(int dtype, int cache_dtype, void *cache, int64_t num_slots, const void *k, const void *v,
