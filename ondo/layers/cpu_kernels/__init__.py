@@ -35,9 +35,9 @@ _SOURCES = [_HERE / "kernels.c", _HERE / "int4_mm.c", _HERE / "decoder_stack.c"]
 _HEADERS = [_HERE / "common.h", _HERE / "int4_mm.h", _HERE / "kernels.h"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}   # the kernels' code for each dtype they read
 KV_DTYPES = {**DTYPES, torch.float16: 2}          # and for a KV cache's (kv_cache_dtype)
-# int4 scales: (scale, zero) pairs in the run dtype, or float16 (scale, zero - 8 scale) pairs
-# (int4_planes.compact_cpu_scales)
-SCALE_DTYPES = {**DTYPES, torch.float16: 2}
+# int4 scales, the same codes: (scale, zero) pairs in the run dtype, or float16 (scale, zero - 8 scale)
+# pairs (int4_planes.compact_cpu_scales)
+SCALE_DTYPES = KV_DTYPES
 _I64, _F32, _PTR, _INT = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
     "ondo_rms_norm": [_INT, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32],

@@ -35,7 +35,7 @@ void ondo_llama_decode(int dtype, const ondo_llama_layer *layers, int64_t num_la
                        void *hidden, void *residual, int64_t batch, const void *cos, const void *signed_sin,
                        const int64_t *slot_mapping, const int32_t *block_tables, int64_t table_stride,
                        const int32_t *seq_lens, int threads) {
-    const int64_t elem = dtype == BF16 ? 2 : 4, q_width = s->heads * s->head_dim;
+    const int64_t elem = elem_size(dtype), q_width = s->heads * s->head_dim;
     const int64_t kv_width = s->kv_heads * s->head_dim, qkv_width = q_width + 2 * kv_width;
     char *scratch = malloc((size_t)(batch * (s->hidden + qkv_width + q_width + 3 * s->inter) * elem));
     char *normed = scratch, *qkv = normed + batch * s->hidden * elem, *attn = qkv + batch * qkv_width * elem;

@@ -63,7 +63,7 @@ void ondo_gated(int dtype, int gelu_tanh, const void *x, void *out, int64_t rows
         for (int64_t r = 0; r < rows; r++) {
             const char *row = row_ptr(dtype, x, r, x_stride);
             load_row(dtype, row, gate, inter);
-            load_row(dtype, row + inter * (dtype == BF16 ? 2 : 4), up, inter);
+            load_row(dtype, row + inter * elem_size(dtype), up, inter);
             for (int64_t i = 0; i < inter; i++) {
                 float g = gate[i];
                 float act = gelu_tanh ? 0.5f * g * (1.0f + tanhf(beta * (g + kappa * g * g * g)))
@@ -89,7 +89,7 @@ void ondo_rotary(int dtype, void *x, int64_t tokens, int64_t x_stride, int64_t h
         load_row(dtype, row_ptr(dtype, signed_sin, t, table_stride), s, 2 * half);
         char *row = row_ptr(dtype, x, t, x_stride);
         for (int64_t head = 0; head < heads; head++) {
-            char *hp = row + head * head_dim * (dtype == BF16 ? 2 : 4);
+            char *hp = row + head * head_dim * elem_size(dtype);
             load_row(dtype, hp, h, 2 * half);
             for (int64_t i = 0; i < 2 * half; i++) {
                 float swapped = h[i < half ? i + half : i - half];
