@@ -3,7 +3,7 @@
     python benchmarks/int4_kernel.py --output-json int4.json           # GPU: Triton tiles vs cuBLAS bf16
     python benchmarks/int4_kernel.py --device cpu --threads 2           # CPU: torch's int4 kernel vs bf16
     python benchmarks/int4_kernel.py --method int8                      # GPU: the int8 kernels (+ 128x128 tiles)
-    python benchmarks/int4_kernel.py --gemv-sweep                       # GPU: one-row int4 GEMV, every K split
+    python benchmarks/int4_kernel.py --gemv-sweep                       # GPU: one-row int4 GEMVs, widths and K splits
 
 For each batch size M: the time of one token's matrix products of a whole layer stack (qkv, o, gate_up,
 down per layer) through (a) the fused int4 kernel, (b) dequantize + dense GEMM, the path larger batches
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,4,16,64,128,256")
     parser.add_argument("--method", default="int4", choices=["int4", "int8"])
     parser.add_argument("--gemv-sweep", action="store_true",
-                        help="time the one-row int4 GEMV of each shape (all layers) at every K split, and stop")
+                        help="time the one-row int4 GEMVs (float and integer) of each shape (all layers) per width and K split, and stop")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     if args.threads:
@@ -127,25 +127,40 @@ def main() -> None:
 
 
 def gemv_sweep(packed, shapes, args) -> None:
-    """µs per one-row product of each shape (every layer's matrix once, in one CUDA graph), per K split;
-    the split `gemv_config` picks is marked."""
+    """µs per one-row product of each shape (every layer's matrix once, in one CUDA graph), per kernel
+    (the float one, the integer one at several program widths) and K split (2, 4 or 8 blocks a program);
+    the configuration `gemv_config` picks is marked, and each row's largest difference from the float
+    kernel's output (relative to its largest value) is printed."""
     from ondo.layers.quantization import int4_gpu_kernels as kernels
 
     rows = []
+    variants = [("float", 64, 1), ("integer", 64, 1), ("integer", 128, 1), ("integer", 256, 1), ("integer", 256, 2)]
     for n, k in shapes:
         layers = [p for p in packed if (p.out_features, p.in_features) == (n, k)]
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        chosen = kernels.gemv_config(n, layers[0].k_eff)
         blocks = layers[0].k_eff // 128
-        for split in [s for s in range(1, blocks + 1) if blocks % s == 0 and blocks // s <= 16]:
-            config = (64, split, 1)
-            run = lambda: [kernels.int4_gemv(x, p.qweight, p.scales_and_zeros, p.group, p.planes, config)  # noqa: E731
-                           for p in layers]
-            us = timed(run, "cuda", 20) / len(layers) * 1e6
-            rows.append({"n": n, "k": k, "split": split, "blocks_per_program": blocks // split,
-                         "programs": -(-n // 64) * split, "us": us, "chosen": config == chosen})
-            print(f"{n:>6} x {k:<6} split {split:>3} ({blocks // split:>2} blocks a program, "
-                  f"{rows[-1]['programs']:>5} programs) {us:8.2f} us{'  <- gemv_config' if rows[-1]['chosen'] else ''}")
+        for kernel, block_n, warps in variants:
+            kernels.INTEGER_GEMV = kernel == "integer"
+            chosen = kernels.gemv_config(n, layers[0].k_eff, kernel == "integer")
+            reference = None
+            for split in [s for s in range(1, blocks + 1) if blocks % s == 0 and blocks // s in (2, 4, 8)]:
+                config = (block_n, split, warps)
+                run = lambda: [kernels.int4_gemv(x, p.qweight, p.scales_and_zeros, p.group, p.planes, config)  # noqa: E731
+                               for p in layers]
+                kernels.INTEGER_GEMV = False
+                reference = kernels.int4_gemv(x, layers[0].qweight, layers[0].scales_and_zeros, layers[0].group,
+                                              layers[0].planes, (64, split, 1)).float()
+                kernels.INTEGER_GEMV = kernel == "integer"
+                got = run()[0].float()
+                error = ((got - reference).abs().max() / reference.abs().max()).item()
+                us = timed(run, "cuda", 20) / len(layers) * 1e6
+                rows.append({"n": n, "k": k, "kernel": kernel, "block_n": block_n, "warps": warps, "split": split,
+                             "blocks_per_program": blocks // split, "programs": -(-n // block_n) * split, "us": us,
+                             "vs_float_kernel": error, "chosen": config == chosen})
+                print(f"{n:>6} x {k:<6} {kernel:>7} {block_n:>3} cols {warps} warp(s) split {split:>3} "
+                      f"({blocks // split} blocks a program, {rows[-1]['programs']:>5} programs) {us:8.2f} us  "
+                      f"diff {error:.1e}{'  <- gemv_config' if rows[-1]['chosen'] else ''}", flush=True)
+    kernels.INTEGER_GEMV = True
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"model": args.model, "device": "cuda", "gemv_sweep": rows}, f, indent=2)

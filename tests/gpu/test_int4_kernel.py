@@ -102,3 +102,52 @@ def test_gguf_layer_and_its_embedding_rows_equal_the_cpu_twin(num_tokens):
     torch.testing.assert_close(gpu_rows, cpu_rows, rtol=1e-2, atol=1e-4)   # one bf16 rounding apart at most
     dense = layers["cuda"].method.dense_weight(layers["cuda"], slice(150, 170)).cpu()
     torch.testing.assert_close(dense, layers["cpu"].method.dense_weight(layers["cpu"], slice(150, 170)), rtol=1e-5, atol=1e-6)
+
+
+def integer_gemv_model(x: torch.Tensor, layer: Linear) -> torch.Tensor:
+    """What `_int4_gemv_dot_kernel` computes, in float64: x rounded to int16 per chunk of 32 inputs (scale =
+    the chunk's largest |x| / 32767), times each group's scale x code, plus the group's zero term
+    (zero - 8 scale) times the chunk's exact sum of x."""
+    from ondo.layers.quantization.int4_gpu import unpack_words
+
+    k = layer.in_features
+    codes = unpack_words(layer.qweight).double()                                      # [N, P*K_pad]
+    n, k_pad = codes.shape[0], codes.shape[1] // layer.planes
+    xf = torch.zeros(k_pad, dtype=torch.float32, device=x.device)
+    xf[:k] = x[0].float()
+    chunks = xf.view(-1, 32)
+    amax = chunks.abs().amax(1, keepdim=True)
+    inv = torch.where(amax > 0, 32767.0 / amax, torch.zeros_like(amax))
+    rounded = (torch.round(chunks.double() * inv.double()) * (amax / 32767.0).double()).view(-1)  # x as multiplied
+    sz = layer.scales_and_zeros.double().transpose(0, 1)                              # [N, P*G, 2]
+    scale = sz[..., 0].repeat_interleave(layer.group, 1)                             # [N, P*K_pad]
+    zero_term = (sz[..., 1] - 8 * sz[..., 0]).repeat_interleave(layer.group, 1)
+    x_rounded, x_exact = rounded.repeat(layer.planes), xf.double().repeat(layer.planes)
+    return (codes * scale) @ x_rounded + zero_term @ x_exact
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group,bits,k", [(32, 4, 4096), (64, 4, 1024), (128, 4, 1024), (32, 8, 1024),
+                                          (32, 4, 576), (256, 4, 512)])
+def test_integer_gemv_rounds_x_per_chunk_and_nothing_else(group, bits, k, dtype):
+    """The one-row integer kernel equals its float64 model within the one rounding to x's dtype, and the
+    exact product within that plus the int16 rounding of x, an outlier chunk included."""
+    from ondo.layers.quantization import int4_gpu_kernels as kernels
+    from tests.layers.test_int4_gpu_layout import decode_words
+
+    n = 4096 + 37                                     # the last program's columns masked
+    layer = packed_layer(random_affine(n, k, group, bits), n, k)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(1, k, generator=g) * torch.rand(1, k, generator=g) * 4)
+    x[0, 40] = 300.0                                  # one chunk's scale set by an outlier
+    x[0, 64:96] = 0.0                                 # an all-zero chunk (scale 0)
+    x = x.to(dtype).cuda()
+    assert kernels.integer_gemv_serves(x, group)
+    got = layer(x)[0].double()
+    model = integer_gemv_model(x, layer)
+    ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    # 1e-4: where x * (32767 / amax) lies within the kernel's division error of a half, its int16 may be
+    # the neighbour of the model's (one step of the chunk's scale, a few times in 4,096 inputs)
+    assert ((got - model).abs() <= ulp * model.abs() + 1e-4 * model.abs().max()).all()
+    exact = decode_words(layer).double() @ x[0].double()
+    assert (got - exact).abs().max() <= (ulp + 1e-3) * exact.abs().max()      # the model is the product

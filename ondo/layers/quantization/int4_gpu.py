@@ -12,12 +12,17 @@ matrices stacked along K, all multiplied by the same x. Groups of 16 (Q6_K) need
 `scales_and_zeros` [groups, N, 2] in the run dtype, as on the CPU: w = (code - 8) * scale + zero.
 
 Kernels (`int4_gpu_kernels.py`), picked by batch size (benchmarks/int4_kernel.py, H200, Llama-3-8B shapes):
-- `int4_gemv` for one row (single-stream decode), on the CUDA cores: one-warp programs of 64 columns,
-  each thread summing its columns' 16 word rows in registers, a nibble made a float by one mask and
-  multiplied in one FMA; each group's scale and zero apply once; K split to keep 4 blocks a program.
-  (Not fused with the MLP's activation as the dense GEMV is: a variant taking gate and up columns
-  side by side in each program ran ten times slower on the H200.)
-  Llama-3-8B layer stack: 2.03 ms (bf16 cuBLAS 3.75 ms; `int4_mm` 3.6 ms).
+- `int4_gemv` for one row (single-stream decode), on the CUDA cores. Where x is a 16-bit float row and
+  groups hold 32 inputs or more (on-the-fly int4, GPTQ/AWQ, most GGUF types), the integer kernel: x
+  rounded to int16 per chunk of 32 inputs (one scale each; its exact float sum kept for the zeros),
+  byte c of every word lies in chunk c, so four word rows byte-transposed (PRMT) give four bytes of
+  one chunk, whose nibbles meet x pairs in IDP2A (two multiply-adds a instruction, exact integer sums);
+  a chunk's scale, group scale and zero apply once per column. 256 columns a program. Otherwise the
+  float kernel: one-warp programs of 64 columns, each thread summing its columns' 16 word rows in
+  registers, a nibble made a float by one mask and multiplied in one FMA; each group's scale and zero
+  apply once. Both split K. (Not fused with the MLP's activation as the dense GEMV is: a variant taking
+  gate and up columns side by side in each program ran ten times slower on the H200.)
+  Llama-3-8B layer stack: integer 1.87 ms, float 2.03 ms (bf16 cuBLAS 3.75 ms; `int4_mm` 3.6 ms).
 - `int4_mm` from 2 up to `FUSED_MAX_TOKENS` rows: one program owns BLOCK_N outputs and a slice of K; codes
   become floats with the exponent trick (code | 0x4B000000 is the float 2^23 + code, no int-to-float
   conversion), are scaled per group (a second plane added in float32, so each weight is rounded

@@ -155,24 +155,186 @@ def _int4_gemv_kernel(x_ptr, q_ptr, sz_ptr, out_ptr, ws_ptr, lock_ptr, N, K_X, K
     store_split_k(acc, out_ptr + offs_n, n_mask, ws_ptr, offs_n, lock_ptr + pid_n, split, SPLITS, N)
 
 
+@triton.jit
+def _byte_transpose(w0, w1, w2, w3):
+    """Four words as the rows of a 4 x 4 byte matrix, transposed (eight PRMTs): byte k of result c is
+    byte c of word k."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 lo01, hi01, lo23, hi23;
+        prmt.b32 lo01, $4, $5, 0x5140;
+        prmt.b32 hi01, $4, $5, 0x7362;
+        prmt.b32 lo23, $6, $7, 0x5140;
+        prmt.b32 hi23, $6, $7, 0x7362;
+        prmt.b32 $0, lo01, lo23, 0x5410;
+        prmt.b32 $1, lo01, lo23, 0x7632;
+        prmt.b32 $2, hi01, hi23, 0x5410;
+        prmt.b32 $3, hi01, hi23, 0x7632;
+        }""",
+        "=r,=r,=r,=r,r,r,r,r", [w0, w1, w2, w3], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+        is_pure=True, pack=1)
+
+@triton.jit
+def _nibble_dot(t, lo01, lo23, hi01, hi23):
+    """sum over bytes k of t: low nibble * x_lo[k] + high nibble * x_hi[k], the x as int16 pairs (lo01
+    holds x_lo[0], x_lo[1]): two masks, a shift and four IDP2As for eight weights."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 lo, hi, acc;
+        and.b32 lo, $1, 0x0F0F0F0F;
+        shr.u32 hi, $1, 4;
+        and.b32 hi, hi, 0x0F0F0F0F;
+        dp2a.lo.s32.u32 acc, $2, lo, 0;
+        dp2a.hi.s32.u32 acc, $3, lo, acc;
+        dp2a.lo.s32.u32 acc, $4, hi, acc;
+        dp2a.hi.s32.u32 acc, $5, hi, acc;
+        mov.b32 $0, acc;
+        }""",
+        "=r,r,r,r,r,r", [t, lo01, lo23, hi01, hi23], dtype=tl.int32, is_pure=True, pack=1)
+
+@triton.jit
+def _pair_as_floats(pair, BF16: tl.constexpr):
+    """The two 16-bit floats of an int32 word (the first in the low half), as float32."""
+    if BF16:
+        return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
+    first = pair.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return first, (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+@triton.jit
+def _int16_pair(a, b, inv):
+    """round(a * inv), round(b * inv) as the low and high int16 of one word: 1.5 * 2^23 + v read as an
+    int32 ends in v's 16 bits (|v| <= 32767), so neither needs a conversion instruction."""
+    ia = tl.fma(a, inv, 12582912.0).to(tl.int32, bitcast=True)
+    ib = tl.fma(b, inv, 12582912.0).to(tl.int32, bitcast=True)
+    return (ia & 0xFFFF) | (ib << 16)
+
+@triton.jit
+def _chunk_x(xp_ptr, base, offs_q, K_X, BF16: tl.constexpr, EVEN_K: tl.constexpr):
+    """The 32 inputs base .. base + 31 of x (xp_ptr: x as int32 pairs) as the quad rows of
+    `_nibble_dot` want them, int16 with one scale for the chunk: per quad row q the pairs at
+    base + 4 q (+ 2) and base + 16 + 4 q (+ 2) [4, 1]; the scale (float) and the exact sum of x."""
+    idx = (base // 2 + 2 * offs_q)[:, None]                                      # [4, 1] pair index
+    if EVEN_K:
+        p0, p1 = tl.load(xp_ptr + idx), tl.load(xp_ptr + idx + 1)
+        p2, p3 = tl.load(xp_ptr + idx + 8), tl.load(xp_ptr + idx + 9)
+    else:
+        half = K_X // 2
+        p0, p1 = tl.load(xp_ptr + idx, mask=idx < half, other=0), tl.load(xp_ptr + idx + 1, mask=idx + 1 < half, other=0)
+        p2 = tl.load(xp_ptr + idx + 8, mask=idx + 8 < half, other=0)
+        p3 = tl.load(xp_ptr + idx + 9, mask=idx + 9 < half, other=0)
+    a0, a1 = _pair_as_floats(p0, BF16)
+    a2, a3 = _pair_as_floats(p1, BF16)
+    b0, b1 = _pair_as_floats(p2, BF16)
+    b2, b3 = _pair_as_floats(p3, BF16)
+    top = tl.maximum(tl.maximum(tl.maximum(tl.abs(a0), tl.abs(a1)), tl.maximum(tl.abs(a2), tl.abs(a3))),
+                     tl.maximum(tl.maximum(tl.abs(b0), tl.abs(b1)), tl.maximum(tl.abs(b2), tl.abs(b3))))
+    amax = tl.max(top, axis=0)                                                    # [1]
+    total = tl.sum((a0 + a1) + (a2 + a3) + ((b0 + b1) + (b2 + b3)), axis=0)      # [1]
+    inv = tl.where(amax > 0.0, 32767.0 / amax, 0.0)[None, :]
+    return (_int16_pair(a0, a1, inv), _int16_pair(a2, a3, inv), _int16_pair(b0, b1, inv),
+            _int16_pair(b2, b3, inv), amax * (1.0 / 32767.0), total)
+
+@triton.jit
+def _quad_words(q_ptr, row, offs_q, offs_n, n_mask, N, EVEN_N: tl.constexpr):
+    """The words of one block (word rows row .. row + 15) as four [4, BLOCK_N] tiles: tile r holds word
+    rows row + 4 q + r."""
+    ptrs = q_ptr + (row + 4 * offs_q)[:, None] * N + offs_n[None, :]
+    if EVEN_N:
+        return tl.load(ptrs), tl.load(ptrs + N), tl.load(ptrs + 2 * N), tl.load(ptrs + 3 * N)
+    m = n_mask[None, :]
+    return (tl.load(ptrs, mask=m, other=0), tl.load(ptrs + N, mask=m, other=0),
+            tl.load(ptrs + 2 * N, mask=m, other=0), tl.load(ptrs + 3 * N, mask=m, other=0))
+
+@triton.jit
+def _chunk_product(acc, t, xp_ptr, base, offs_q, K_X, sz_ptr, g, SZ_STRIDE, offs_n, n_mask,
+                   BF16: tl.constexpr, X_BF16: tl.constexpr, EVEN_K: tl.constexpr):
+    """acc + one 32-input chunk's products: t [4, BLOCK_N] the chunk's bytes of the block's quad rows."""
+    lo01, lo23, hi01, hi23, x_scale, x_sum = _chunk_x(xp_ptr, base, offs_q, K_X, X_BF16, EVEN_K)
+    codes_x = tl.sum(_nibble_dot(t, lo01, lo23, hi01, hi23), axis=0).to(tl.float32)   # [BLOCK_N], exact
+    scale, zero = _scale_and_zero(sz_ptr, g, SZ_STRIDE, offs_n, n_mask, True, BF16)
+    return acc + scale * (codes_x * x_scale) + (zero - 8.0 * scale) * x_sum
+
+@triton.jit
+def _int4_gemv_dot_kernel(xp_ptr, q_ptr, sz_ptr, out_ptr, ws_ptr, lock_ptr, N, K_X, K_P, BLOCKS_PER_SPLIT, SZ_STRIDE,
+                          GROUP: tl.constexpr, PLANES: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+                          BF16: tl.constexpr, X_BF16: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                          PDL: tl.constexpr):
+    # One row on the integer units: x rounded to int16 per chunk of 32 inputs (one scale each, the exact
+    # float sum kept for the zeros), the weights' nibbles multiplied by IDP2A (two int16 x two 4-bit
+    # codes a instruction). A block's word i holds inputs 16 j + i in nibble j, so byte c of every word
+    # lies in chunk c (nibble 2c: input 32 c + i; 2c + 1: 32 c + 16 + i); the words of four consecutive
+    # rows, byte-transposed, give per chunk one word of four bytes of that chunk. Per chunk and column
+    # the integer sum is exact (|sum| < 2^24), then the group's scale and zero apply in float32:
+    #   sum_k x w = scale * x_scale * sum_k v c + (zero - 8 scale) * sum_k x.
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_q = tl.arange(0, 4)
+    first = split * BLOCKS_PER_SPLIT
+    end = first + BLOCKS_PER_SPLIT
+    w0, w1, w2, w3 = _quad_words(q_ptr, first * 16, offs_q, offs_n, n_mask, N, EVEN_N)   # plane 0, first block
+    wait_for_previous_kernel(PDL)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for b in tl.range(first, end):
+        for p in tl.static_range(PLANES):
+            if p == 0:
+                c0, c1, c2, c3 = w0, w1, w2, w3
+                w0, w1, w2, w3 = _quad_words(q_ptr, tl.minimum(b + 1, end - 1) * 16, offs_q, offs_n, n_mask, N, EVEN_N)
+            else:
+                c0, c1, c2, c3 = _quad_words(q_ptr, p * (K_P // 8) + b * 16, offs_q, offs_n, n_mask, N, EVEN_N)
+            t0, t1, t2, t3 = _byte_transpose(c0, c1, c2, c3)
+            g = (p * K_P + b * 128) // GROUP
+            acc = _chunk_product(acc, t0, xp_ptr, b * 128, offs_q, K_X, sz_ptr, g, SZ_STRIDE, offs_n, n_mask,
+                                 BF16, X_BF16, EVEN_K)
+            acc = _chunk_product(acc, t1, xp_ptr, b * 128 + 32, offs_q, K_X, sz_ptr, g + 32 // GROUP, SZ_STRIDE,
+                                 offs_n, n_mask, BF16, X_BF16, EVEN_K)
+            acc = _chunk_product(acc, t2, xp_ptr, b * 128 + 64, offs_q, K_X, sz_ptr, g + 64 // GROUP, SZ_STRIDE,
+                                 offs_n, n_mask, BF16, X_BF16, EVEN_K)
+            acc = _chunk_product(acc, t3, xp_ptr, b * 128 + 96, offs_q, K_X, sz_ptr, g + 96 // GROUP, SZ_STRIDE,
+                                 offs_n, n_mask, BF16, X_BF16, EVEN_K)
+    store_split_k(acc, out_ptr + offs_n, n_mask, ws_ptr, offs_n, lock_ptr + pid_n, split, SPLITS, N)
+
+
 GEMV_MIN_PROGRAMS = 12 * SMS   # one-warp programs: fewer leave too few loads in flight to hide their latency
 
 
-def gemv_config(n: int, k_p: int) -> tuple[int, int, int]:
-    """(BLOCK_N, split, num_warps) of a one-row product, from a sweep of the Llama-3-8B shapes on the
-    H200: one-warp programs of 64 columns; K split as finely as leaves each program 4 blocks (a load
-    overlapped with the arithmetic of three), or 2 where that gives fewer than GEMV_MIN_PROGRAMS."""
-    block_n = 64
-    tiles = triton.cdiv(n, block_n)
+def gemv_config(n: int, k_p: int, integer: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_N, split, num_warps) of a one-row product, from sweeps of the Llama-3-8B shapes on the H200
+    (`benchmarks/int4_kernel.py --gemv-sweep`). The float kernel: one-warp programs of 64 columns, K split
+    as finely as leaves each program 4 blocks (a load overlapped with the arithmetic of three), or 2
+    where that gives fewer than GEMV_MIN_PROGRAMS. The integer kernel: 256 columns a program (the x of a
+    block made ready once for more columns), one warp where that still gives some 800 programs (4 blocks
+    each, else 2), else two warps of 2 blocks each (qkv, o)."""
     blocks = k_p // BLOCK_K
 
     def finest(min_blocks: int) -> int:
         return max((s for s in range(1, blocks + 1) if blocks % s == 0 and blocks // s >= min_blocks), default=1)
 
+    if integer:
+        tiles = triton.cdiv(n, 256)
+        for min_blocks in (4, 2):
+            if tiles * finest(min_blocks) >= INTEGER_GEMV_MIN_PROGRAMS:
+                return 256, finest(min_blocks), 1
+        return 256, finest(2), 2
+    tiles = triton.cdiv(n, 64)
     split = finest(4)
     if tiles * split < GEMV_MIN_PROGRAMS:
         split = finest(2)
-    return block_n, split, 1
+    return 64, split, 1
+
+
+INTEGER_GEMV_MIN_PROGRAMS = 6 * SMS
+
+
+INTEGER_GEMV = True    # the IDP2A kernel where it applies (benchmarks/int4_kernel.py switches it to compare)
+
+
+def integer_gemv_serves(x: torch.Tensor, group: int) -> bool:
+    """Whether `_int4_gemv_dot_kernel` takes this one-row product: on a GPU (its PTX does not run in Triton's
+    interpreter), groups of 32 inputs or more (a chunk of 32 shares one x scale), x a contiguous row of
+    16-bit floats read as int32 pairs."""
+    return (INTEGER_GEMV and x.is_cuda and group >= 32 and x.dtype in (torch.bfloat16, torch.float16)
+            and x.is_contiguous() and x.shape[-1] % 2 == 0 and x.data_ptr() % 4 == 0)
 
 
 def int4_gemv(x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tensor, group: int, planes: int,
@@ -182,13 +344,21 @@ def int4_gemv(x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tens
     k_x, k_p, n = _product_shape(x, words, group, planes)
     if scales_and_zeros.element_size() != 2:
         raise ValueError(f"the one-row kernel reads bf16/fp16 scales, got {scales_and_zeros.dtype}")
-    block_n, split, warps = config or gemv_config(n, k_p)
+    integer = integer_gemv_serves(x, group)
+    block_n, split, warps = config or gemv_config(n, k_p, integer)
     blocks = k_p // BLOCK_K
     if blocks % split:
         raise ValueError(f"split {split} does not divide the {blocks} blocks of K")
     tiles = triton.cdiv(n, block_n)
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     sz = scales_and_zeros.view(torch.int32)                 # each (scale, zero) pair read as one word
+    if integer:
+        _int4_gemv_dot_kernel[(tiles, split)](
+            x.view(torch.int32), words, sz, out, *split_k.buffers(split, n, tiles, out), n, k_x, k_p, blocks // split,
+            sz.stride(0), GROUP=group, PLANES=planes, BLOCK_N=block_n, SPLITS=split,
+            BF16=scales_and_zeros.dtype == torch.bfloat16, X_BF16=x.dtype == torch.bfloat16, EVEN_N=n % block_n == 0, EVEN_K=k_x == k_p,
+            num_warps=warps, num_stages=1, **programmatic_launch_options(x))
+        return out
     _int4_gemv_kernel[(tiles, split)](
         x, words, sz, out, *split_k.buffers(split, n, tiles, out), n, k_x, k_p, blocks // split, sz.stride(0),
         GROUP=group, PLANES=planes, BLOCK_N=block_n, RUN=min(group // 16, 8), SPLITS=split,
