@@ -5,12 +5,15 @@ A GGUF file's blocks are decoded and packed into ondo's int4 planes as they load
 tensors of every layer are saved once, in one safetensors file under `$ONDO_CACHE_DIR` (default
 `~/.cache/ondo`, beside the converted tokenizers), and later loads read them back instead.
 
-The file's name holds two SHA-256 digests of what decides the packed bytes: of what is packed (the GGUF
-file's identity: size, modification time, the digest of its metadata, the table of its tensors; the run
-dtype; the tensor-parallel rank and size, since each rank packs its own shard) and of the code that packs
-it (the torch version and the source of the packing code itself, so a change to the packing can never
-read an older file's bytes). A file written replaces those of the same packing by other code: an upgrade
-leaves no stale copy behind (two installs of different versions sharing one cache repack in turn).
+The file's name holds three SHA-256 digests: of the layout packed (the run dtype, the CPU's tile, the
+tensor-parallel rank and size, since each rank packs its own shard), of the GGUF file's identity (size,
+modification time, the digest of its metadata, the table of its tensors) and of the code that packs it
+(the torch version and the source of the packing code itself, so a change to the packing can never
+read an older file's bytes). A file written replaces the others of the same file name and layout: a
+file rewritten in place, the same model installed anew (a fresh virtual environment copies the GGUF
+with a new modification time) or an upgrade of ondo leaves no stale copy behind, so the cache holds
+one file per model name and layout (two models of one file name, or two installs of different
+versions sharing one cache, repack in turn).
 Inside, each layer is checked against what it staged (its parts' rows, types and shapes) before its
 tensors are taken; a file that cannot be read, or that disagrees, is ignored and rewritten. A cache
 that cannot be written is skipped.
@@ -67,11 +70,9 @@ class RepackCache:
         from ondo.distributed.parallel_state import tp_rank, tp_size
 
         # The tile is the CPU's (AVX512 or AVX2): a cache shared by two machines keeps one file each.
-        # The name's first digest says what was packed, the second by which code: files that differ in
-        # the second only are superseded (`save` removes them).
-        packed = repr((file_fingerprint, str(dtype), "cpu", cpu_tile_rows(), tp_rank(), tp_size()))
+        layout = repr((str(dtype), "cpu", cpu_tile_rows(), tp_rank(), tp_size()))
         code = repr((torch.__version__, packing_sources_digest()))
-        name = f"{gguf_path.stem[:60]}-{_digest(packed)}-{_digest(code)}.safetensors"
+        name = f"{gguf_path.stem[:60]}-{_digest(layout)}-{_digest(file_fingerprint)}-{_digest(code)}.safetensors"
         return cls(cache_root() / "gguf-repacked" / name)
 
     def take(self, layer, signature: list) -> bool:
@@ -119,13 +120,13 @@ class RepackCache:
                 staging.unlink(missing_ok=True)
 
     def _remove_superseded(self) -> None:
-        """Remove the files of the same packing written by other packing code or torch (an upgrade's
-        leftovers, some 100 MB to GBs each), and those named as before the name had two digests. A
+        """Remove the other files of this file name and layout (another version of the GGUF file or of the
+        packing code: some 100 MB to GBs each), and those named as before names had three digests. A
         process still reading one keeps its mapping: unlinking does not take it away."""
-        stem, packed, _ = self.path.name.removesuffix(".safetensors").rsplit("-", 2)
+        stem, layout, _, _ = self.path.name.removesuffix(".safetensors").rsplit("-", 3)
         for other in self.path.parent.glob(f"{glob.escape(stem)}-*.safetensors"):
             rest = other.name.removesuffix(".safetensors")[len(stem) + 1:]
-            superseded = rest.startswith(f"{packed}-") or re.fullmatch(r"[0-9a-f]{32}", rest)
+            superseded = rest.startswith(f"{layout}-") or re.fullmatch(r"[0-9a-f]{32}|[0-9a-f]{16}-[0-9a-f]{16}", rest)
             if superseded and other != self.path:
                 with contextlib.suppress(OSError):
                     other.unlink()

@@ -73,31 +73,36 @@ def test_a_second_load_reads_the_packed_layers(gguf_copy, cache_dir, monkeypatch
             load(gguf_copy)
 
 
-def test_a_changed_file_is_packed_again(gguf_copy, cache_dir):
+def test_a_changed_file_is_packed_again_and_replaces_the_older_one(gguf_copy, cache_dir):
+    """A GGUF rewritten in place, or installed anew (a new modification time): repacked, and the cache
+    keeps only the new packing."""
     load(gguf_copy)
+    [older] = cache_files(cache_dir)
     stat = os.stat(gguf_copy)
-    os.utime(gguf_copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))    # rewritten in place, say
+    os.utime(gguf_copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     load(gguf_copy)
-    assert len(cache_files(cache_dir)) == 2
+    [newer] = cache_files(cache_dir)
+    assert newer != older
 
 
 def test_new_packing_code_replaces_the_older_file(gguf_copy, cache_dir, monkeypatch):
-    """An upgrade's repack supersedes the file of the packing code before it (and one named as before
-    names had two digests); another file's packing, or another dtype's, stays."""
+    """An upgrade's repack supersedes the file of the packing code before it (and those named as before
+    names had three digests); another file name's packing, or another layout's (dtype, tile, rank), stays."""
     from ondo.loader import repack_cache
 
     load(gguf_copy)
     [older] = cache_files(cache_dir)
-    legacy = older.with_name(f"{gguf_copy.stem}-{'0' * 32}.safetensors")
-    other_model = older.with_name(f"{gguf_copy.stem}-v2-{'1' * 16}-{'2' * 16}.safetensors")
-    other_packing = older.with_name(older.name.replace(older.name.split("-")[-2], "3" * 16))
-    for kept in (legacy, other_model, other_packing):
+    legacy = [older.with_name(f"{gguf_copy.stem}-{'0' * 32}.safetensors"),
+              older.with_name(f"{gguf_copy.stem}-{'4' * 16}-{'5' * 16}.safetensors")]
+    other_model = older.with_name(f"{gguf_copy.stem}-v2-{'1' * 16}-{'2' * 16}-{'6' * 16}.safetensors")
+    other_layout = older.with_name(older.name.replace(older.name.split("-")[-3], "3" * 16))
+    for kept in (*legacy, other_model, other_layout):
         kept.write_bytes(b"")
     monkeypatch.setattr(repack_cache, "packing_sources_digest", lambda: "changed code")
     load(gguf_copy)
-    [newer] = set(cache_files(cache_dir)) - {other_model, other_packing}
-    assert newer != older and not older.exists() and not legacy.exists()
-    assert other_model.exists() and other_packing.exists()
+    [newer] = set(cache_files(cache_dir)) - {other_model, other_layout}
+    assert newer != older and not older.exists() and not any(path.exists() for path in legacy)
+    assert other_model.exists() and other_layout.exists()
 
 
 def test_a_damaged_cache_file_is_packed_again_and_rewritten(gguf_copy, cache_dir, monkeypatch):
