@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
-from transformers import PretrainedConfig
 
 from ondo.layers.quantization.gguf_blocks import GGUFBlocks
-from ondo.loader.gguf_config import GGUF_ARCHITECTURES, GGUFConfigError, build_config
+from ondo.loader.gguf_config import GGUF_ARCHITECTURES, GGUFConfigError
+from ondo.loader.plain_config import cached_config
 from ondo.loader.gguf_reader import GGUFFile, GGUFFormatError, GGUFTensorInfo
 from ondo.loader.gguf_tokenizer import load_gguf_tokenizer
 from ondo.tokenizer.tokenizer import Tokenizer
@@ -72,7 +72,7 @@ _SAMPLING_KEYS = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "mi
 
 @dataclass
 class GGUFModel:
-    config: PretrainedConfig
+    config: object
     weights: Iterator[tuple[str, torch.Tensor]]  # HF names, dequantized to the run dtype; single use
     tokenizer: Tokenizer
     generation_defaults: dict = field(default_factory=dict)  # generation_config.json-style keys
@@ -106,7 +106,7 @@ def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return grouped.swapaxes(1, 2).reshape(weight.shape)
 
 
-def _convert(array: np.ndarray, info: GGUFTensorInfo, arch: str, config: PretrainedConfig) -> np.ndarray:
+def _convert(array: np.ndarray, info: GGUFTensorInfo, arch: str, config: object) -> np.ndarray:
     if arch == "llama" and info.name.endswith(("attn_q.weight", "attn_q.bias")):
         array = unpermute_rope_rows(array, config.num_attention_heads)
     elif arch == "llama" and info.name.endswith(("attn_k.weight", "attn_k.bias")):
@@ -116,7 +116,7 @@ def _convert(array: np.ndarray, info: GGUFTensorInfo, arch: str, config: Pretrai
     return array
 
 
-def _iter_weights(gguf: GGUFFile, config: PretrainedConfig, dtype: torch.dtype) -> Iterator[tuple[str, object]]:
+def _iter_weights(gguf: GGUFFile, config: object, dtype: torch.dtype) -> Iterator[tuple[str, object]]:
     arch = gguf.architecture
     for info in gguf.tensors.values():
         name = hf_tensor_name(info.name, arch)
@@ -169,11 +169,11 @@ def load_gguf(path: str | Path, dtype: torch.dtype) -> GGUFModel:
         raise GGUFConfigError(
             f"{path.name}: GGUF architecture must be one of {sorted(GGUF_ARCHITECTURES)}, got {gguf.architecture!r}"
         )
-    config = build_config(gguf.metadata, set(gguf.tensors))
+    metadata_digest = gguf.metadata_digest()
+    config = cached_config(gguf.metadata, set(gguf.tensors), metadata_digest)   # transformers' or a PlainConfig
     for name in gguf.tensors:  # fail on an unknown tensor now, not halfway through loading
         hf_tensor_name(name, gguf.architecture)
     _warn_ignored_tensors(gguf)
-    metadata_digest = gguf.metadata_digest()
     tokenizer = load_gguf_tokenizer(path, model_type=config.model_type, metadata_digest=metadata_digest)
     generation_defaults = _generation_defaults(gguf, tokenizer)
     fingerprint = file_fingerprint(path, gguf, metadata_digest)

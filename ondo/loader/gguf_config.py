@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import AutoConfig, PretrainedConfig
-
 from ondo.loader.config_import import import_validators_without_activations
 
 # GGUF `general.architecture` -> (HF model_type, HF architecture)
@@ -65,8 +63,8 @@ def _rope_scaling(metadata: dict[str, Any], arch: str) -> dict[str, Any]:
     raise GGUFConfigError(f"{arch}.rope.scaling.type must be one of none, linear, yarn; got {kind!r}")
 
 
-def build_config(metadata: dict[str, Any], tensor_names: set[str]) -> PretrainedConfig:
-    """The HF config of a GGUF file with this metadata and these tensor names."""
+def build_config(metadata: dict[str, Any], tensor_names: set[str]):
+    """The HF config (a transformers PretrainedConfig) of a GGUF file with this metadata and these tensor names."""
     arch = metadata.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise GGUFConfigError(
@@ -114,6 +112,8 @@ def build_config(metadata: dict[str, Any], tensor_names: set[str]) -> Pretrained
     else:
         fields.update(_gemma_fields(metadata, arch, fields, rope))
     import_validators_without_activations()  # saves importing transformers' model-loading stack
+    from transformers import AutoConfig
+
     return AutoConfig.for_model(model_type, **fields)
 
 

@@ -96,7 +96,7 @@ def _rejects_system_role(error: Exception) -> bool:
 
 
 def render_chat_template(
-    hf_tokenizer: Any,
+    apply: Any,
     template: str,
     messages: list[dict[str, Any]],
     *,
@@ -105,23 +105,21 @@ def render_chat_template(
     tools: list[dict] | None = None,
     **template_kwargs: Any,
 ) -> str:
-    """Render `messages` with `template` as transformers does; returns the prompt text."""
+    """Render `messages` with `template` as transformers does; returns the prompt text. `apply`: a
+    transformers tokenizer (its `apply_chat_template`), or a function taking (conversation, template,
+    **options) as `jinja_chat.render` does (`PlainTokenizer.render`)."""
     messages = validate_messages(messages)
     if continue_final_message:
         # Continuing the last (assistant) message and opening a new turn are exclusive; the
         # continuation wins because it is the more specific request.
         add_generation_prompt = False
+    options = dict(tools=tools, add_generation_prompt=add_generation_prompt,
+                   continue_final_message=continue_final_message, **template_kwargs)
 
     def render(conversation: list[dict[str, Any]]) -> str:
-        return hf_tokenizer.apply_chat_template(
-            conversation,
-            chat_template=template,
-            tools=tools,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-            tokenize=False,
-            **template_kwargs,
-        )
+        if callable(getattr(apply, "apply_chat_template", None)):
+            return apply.apply_chat_template(conversation, chat_template=template, tokenize=False, **options)
+        return apply(conversation, template, **options)
 
     try:
         return render(messages)
@@ -138,6 +136,8 @@ def render_chat_template(
             return render(fold_system_into_first_user(messages))
         except jinja2.TemplateError as second_error:
             raise ChatTemplateError(f"the chat template rejected the conversation: {second_error}") from second_error
+    except TypeError as error:   # the template met a message of a shape it does not handle (content parts, ...)
+        raise ChatTemplateError(f"the chat template rejected the conversation: {error}") from error
     except ValueError as error:
         # transformers reports bad continue_final_message use etc. as ValueError.
         if isinstance(error, ChatTemplateError):
