@@ -3,15 +3,14 @@
 The cause was the attention kernels being specialized on the block-table width (Triton specializes
 integer arguments by == 1 and % 16): a cache hit or a new prompt length compiled a new variant in the
 middle of serving. After the engine's warm-up, no request shape compiles an attention kernel, and a
-fully cached prompt finishes at least as fast as a fresh one.
+fully cached prompt reuses its blocks and compiles nothing. (How fast
+is the benchmarks' business: `benchmarks/serving.py` and `latency.py`, not a timed test.)
 
 Run on a GPU machine: `pytest -q tests/gpu` (skipped without CUDA).
 """
 from __future__ import annotations
 
 import importlib
-import statistics
-import time
 
 import pytest
 import torch
@@ -69,26 +68,15 @@ def test_no_attention_kernel_compiles_after_warm_up(llm):
     assert not grown, f"kernels compiled new variants mid-serving: {grown}"
 
 
-def test_cached_prompt_decodes_at_least_as_fast_as_fresh(llm):
-    params = SamplingParams(max_tokens=256, ignore_eos=True)
-
-    def timed(tokens):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = llm.generate([tokens], params)[0]
-        torch.cuda.synchronize()
-        assert len(out.outputs[0].token_ids) == 256
-        return time.perf_counter() - start
-
+def test_a_cached_prompt_reuses_its_blocks_and_compiles_nothing(llm):
+    params = SamplingParams(max_tokens=64, ignore_eos=True, temperature=0)
     llm.generate([prompt(512, 99)], SamplingParams(max_tokens=8, ignore_eos=True))   # warm
-    fresh, cached = [], []
-    for seed in range(20, 25):
+    before = compiled_variants()
+    for seed in range(20, 23):
         tokens = prompt(512, seed)
-        fresh.append(timed(tokens))
+        fresh = llm.generate([tokens], params)[0].outputs[0].token_ids
         hits_before = llm.engine.block_manager.prefix_hits
-        cached.append(timed(tokens))
+        cached = llm.generate([tokens], params)[0].outputs[0].token_ids
         assert llm.engine.block_manager.prefix_hits - hits_before == 496   # all but the last block
-    # The cached run prefills 16 tokens instead of 512: it may only be faster. One run of this tiny model
-    # varies by up to 4 % (an H200), so medians of five are compared, with 3 % allowed for noise.
-    fresh_s, cached_s = statistics.median(fresh), statistics.median(cached)
-    assert cached_s <= fresh_s * 1.03, f"cached {cached_s:.4f} s vs fresh {fresh_s:.4f} s (medians of 5)"
+        assert len(fresh) == len(cached) == 64
+    assert compiled_variants() == before
