@@ -24,6 +24,7 @@ of its own never gets one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -124,13 +125,14 @@ def _read_plain(folder: Path) -> PlainTokenizer | None:
         logger.debug("plain tokenizer of %s unreadable (%s)", folder, error)
         return None
     class_name = described.pop("tokenizer_class")
-    return PlainTokenizer(backend, **described, load_hf=lambda: _load_class(class_name).from_pretrained(str(folder)))
+    return PlainTokenizer(backend, **described, load_hf=functools.partial(_load_hf, class_name, str(folder)))
 
 
-def _load_class(name: str):
+def _load_hf(class_name: str, folder: str):
+    """The transformers tokenizer of a cache folder (a module-level function: a Tokenizer pickles)."""
     import transformers
 
-    return getattr(transformers, name)
+    return getattr(transformers, class_name).from_pretrained(folder)
 
 
 def _write_cached(hf, folder: Path) -> None:

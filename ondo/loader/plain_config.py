@@ -45,6 +45,10 @@ class PlainConfig(SimpleNamespace):
                                "load the model with ONDO_CONFIG_CACHE=0")
         raise AttributeError(name)
 
+    def __reduce__(self):   # pickled and copied as the two arguments it was made from
+        attributes = {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        return type(self), (attributes, sorted(self._left_out))
+
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps({k: v for k, v in vars(self).items() if not k.startswith("_")}))
 

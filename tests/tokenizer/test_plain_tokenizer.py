@@ -3,7 +3,9 @@
 that never imports transformers."""
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -61,6 +63,9 @@ def test_plain_tokenizer_gives_transformers_ids_and_texts(model, cache_dir):
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": TEXTS[2]}]
     if hf.chat_template is not None:                    # (this Gemma 3 file has none)
         assert plain.apply_chat_template(chat) == hf.apply_chat_template(chat)
+    copied = pickle.loads(pickle.dumps(plain))          # sent to another process, say
+    assert copied.plain is not None and copied.encode(TEXTS[2]) == plain.encode(TEXTS[2])
+    assert copied.hf.encode(TEXTS[2]) == hf.hf.encode(TEXTS[2])   # transformers' own, loaded on demand
 
 
 LLAMA3_STYLE = """{{- bos_token }}
@@ -155,6 +160,8 @@ def test_plain_config_holds_the_transformers_configs_values(model, cache_dir):
         with pytest.raises(RuntimeError, match="not kept"):
             getattr(plain, name, None)
     assert getattr(plain, "no_such_attribute", "default") == "default"
+    for copied in (pickle.loads(pickle.dumps(plain)), copy.deepcopy(plain)):
+        assert copied.to_dict() == plain.to_dict() and copied._left_out == plain._left_out
 
 
 def test_a_config_with_scaled_rope_is_not_saved(cache_dir):
