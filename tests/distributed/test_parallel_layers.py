@@ -10,7 +10,7 @@ One spawn runs every check (starting processes is the slow part). Criteria:
   never straddle a cut, rows are quantized independently), so again only the sum order differs;
   the int4 kernel accumulates in its own blocked order, so the bound is 2e-5 (measured: 5e-6) on
   logits of std > 0.5. Where that kernel rounds activations to 16-bit integers per group (CPUs with
-  AVX512 byte permutes, `cpu_kernels.int4_rounds_activations`), an input that a 1e-7 change of sum order
+  AVX512 byte permutes or AVX2 alone, `cpu_kernels.int4_rounds_activations`), an input that a 1e-7 change of sum order
   moves across a rounding boundary moves by a whole step (1.5e-5 of its group's largest input), and the
   Q6_K shard that loads dense multiplies unrounded inputs: there the bound is 1e-3 (measured: 2.0e-4 for
   the GGUF, 2.8e-4 for int4).

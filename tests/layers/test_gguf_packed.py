@@ -138,19 +138,28 @@ def greedy(llm: LLM, logprobs: int):
 
 def assert_packed_equals_dequantized(path, dtype: str):
     """Greedy tokens of the packed model equal the dequantized model's, up to near-ties
-    (`assert_same_greedy`)."""
+    (`assert_same_greedy`). In bfloat16 the two runs are two roundings of one model: the reference rounds
+    every dequantized weight to bfloat16 (up to 2^-9 of it), the packed one multiplies the exact weights
+    with float32 sums, and each rounds its activations to bfloat16 after every op of 30 layers. Chosen
+    tokens' log-probabilities then differ by up to a few bfloat16 steps of a logit near 20 (0.125 each):
+    0.22 to 0.32 measured across CPUs and kernels (AVX512 and AVX2, rounded or float activations), with
+    top-5 margins moving by 0.625; a wrong code, scale or zero moves them by whole nats."""
     packed = greedy(LLM(str(path), dtype=dtype, max_model_len=256), logprobs=5)
     reference = greedy(LLM(str(path), dtype=dtype, quantization="none", max_model_len=256), logprobs=5)
-    assert_same_greedy(packed, reference, f"{path.name} {dtype}", 1e-3 if dtype == "float32" else 0.25)
+    if dtype == "float32":
+        assert_same_greedy(packed, reference, f"{path.name} {dtype}", 1e-3)
+    else:
+        assert_same_greedy(packed, reference, f"{path.name} {dtype}", 0.5, noise_bound=1.0)
 
 
-def assert_same_greedy(packed: list, reference: list, label: str, bound: float) -> None:
+def assert_same_greedy(packed: list, reference: list, label: str, bound: float,
+                       noise_bound: float | None = None) -> None:
     """Greedy tokens of two runs are equal. A divergence is allowed only at a proven near-tie: each run's
     choice is in the other's top 5, and the two candidates' log-probability difference moved between the
     runs by no more than 1.5 times the most any pair of top-5 candidates' difference moved where the runs
     agreed (the rounding noise of the two, measured on the same run; bfloat16 logits of ~20 are 0.125
-    apart, so a bfloat16 tie spans several of their units). The chosen tokens' log-probabilities differ by
-    less than `bound` where the runs agree."""
+    apart, so a bfloat16 tie spans several of their units), which stays within `noise_bound` when given.
+    The chosen tokens' log-probabilities differ by less than `bound` where the runs agree."""
     largest = noise = 0.0
     divergences = []
     for ours, ref in zip(packed, reference):
@@ -166,6 +175,7 @@ def assert_same_greedy(packed: list, reference: list, label: str, bound: float) 
             agreed += 1
         print(f"{label}: {agreed}/{NEW_TOKENS} tokens agree on {ref.text[:30]!r}")
     print(f"{label}: largest log-probability difference {largest:.4f}, largest margin change {noise:.4f}")
+    assert noise_bound is None or noise <= noise_bound, f"top-5 margins moved by {noise:.4f} where the runs agreed"
     for lp_ours, lp_ref, mine, theirs in divergences:
         assert mine in lp_ref and theirs in lp_ours, f"diverged to {mine}, outside the reference's top 5 (or back)"
         moved = _margin(lp_ref, theirs, mine) + _margin(lp_ours, mine, theirs)

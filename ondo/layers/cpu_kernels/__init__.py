@@ -259,7 +259,8 @@ def int4_mm(x: torch.Tensor, layer, bias: torch.Tensor | None) -> torch.Tensor:
 
 def int4_rounds_activations() -> bool:
     """Whether int4_mm rounds each group of activations to 16-bit integers first (int4_mm.c: ROUNDED_X,
-    CPUs with AVX512 byte permutes); else, or where the kernels are not built, it multiplies them as they are."""
+    CPUs with AVX512 byte permutes, and AVX2 ones without AVX512); else, or where the kernels are not built,
+    it multiplies them as they are."""
     lib = library()
     return lib is not None and bool(lib.ondo_int4_rounds_activations())
 
