@@ -30,10 +30,9 @@ enum { MAX_TILE = 64 };        /* torch's tiles: 32 rows (AVX2) or 64 (AVX512), 
 #define ROUNDED_X 1
 #define ROUNDED_X_AVX512 1
 #elif defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-/* AVX2: byte unpacks where AVX512 permutes, 16 inputs per multiply-add (vpmaddwd), the same values. On a
- * 2-core Zen 3 the built-in model's layer products of one row ran 10-40 % faster than with floats (noisy
- * machine), its Q8_0 output layer (two planes, one pass here) 2.75 -> 1.85 ms, 32 rows at the same speed.
- * AVX512 CPUs without byte permutes keep floats (not measured). */
+/* AVX2: a byte shuffle and unpack where AVX512 permutes, 16 inputs per multiply-add (vpmaddwd), the same
+ * values (docs/architecture.md has the measurements). AVX512 CPUs without byte permutes keep floats (not
+ * measured). */
 #define ROUNDED_X 1
 #define ROUNDED_X_AVX512 0
 #else
@@ -45,6 +44,15 @@ enum { MAX_TILE = 64 };        /* torch's tiles: 32 rows (AVX2) or 64 (AVX512), 
 #define ROWS_PER_PASS 6
 #else
 #define ROWS_PER_PASS 2
+#endif
+/* AVX2 with rounded activations: a group's codes are decoded to words once (group_words) for the passes of
+ * a block of up to BLOCK_ROWS rows, which then only load them. Elsewhere a block is one pass. */
+#if ROUNDED_X && !ROUNDED_X_AVX512
+#define SHARED_WORDS 1
+enum { BLOCK_ROWS = 32 };
+#else
+#define SHARED_WORDS 0
+enum { BLOCK_ROWS = ROWS_PER_PASS };
 #endif
 
 /* What a product reads of its activations: float32 rows, or the rounded ones with their group scales. */
@@ -238,39 +246,65 @@ static inline __attribute__((always_inline)) void rounded_group_sums(const uint8
     }
 }
 #elif ROUNDED_X
-/* The same sums with AVX2: the 16 bytes of k and those of k + 1 interleaved (a byte unpack) and widened to
- * words give the 32-bit lane of row r the words (code of k, code of k + 1), rows 0-7 and 8-15 in two
- * vectors; a mask and a shift then give the low nibbles' rows and the high nibbles' (r + 16). */
+/* The same sums with AVX2. unit_words decodes one unit's codes at k and k + 1 into 4 vectors of words,
+ * each 32-bit lane one row's (code at k, code at k + 1): the 16 bytes of k and of k + 1 in one load, a
+ * 64-bit permute (the one lane-crossing op) and a byte shuffle interleave them by row, a byte unpack with
+ * zero widens them; a mask and a shift then split each byte's two rows (r and r + 16). Lanes hold rows
+ * 0-3 | 8-11, 4-7 | 12-15, 16-19 | 24-27, 20-23 | 28-31 (put in order once a group). Two widening
+ * conversions a step instead (vpmovzxbw, lane-crossing) took two thirds of a 32-row product's time. */
+static inline __attribute__((always_inline)) __m256i row_pairs(const uint8_t *b, int64_t k_step) {
+    const __m256i both = k_step == 16 ? _mm256_loadu_si256((const __m256i *)b)
+        : _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)b)),
+                                  _mm_loadu_si128((const __m128i *)(b + k_step)), 1);
+    const __m256i by_row = _mm256_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15,
+                                            0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+    return _mm256_shuffle_epi8(_mm256_permute4x64_epi64(both, 0xd8), by_row);   /* rows 0-7 | rows 8-15 */
+}
+
+static inline __attribute__((always_inline)) void unit_words(const uint8_t *codes, const uint8_t *high, int64_t at,
+                                                             int64_t k_step, const int digits, __m256i v[4]) {
+    const __m256i nibble = _mm256_set1_epi16(15), upper = _mm256_set1_epi16(0xf0), zero = _mm256_setzero_si256();
+    const __m256i pairs = row_pairs(codes + at, k_step);
+    const __m256i w0 = _mm256_unpacklo_epi8(pairs, zero), w1 = _mm256_unpackhi_epi8(pairs, zero);
+    if (digits) {   /* each word the whole code: low digit | high digit << 4 */
+        const __m256i high_pairs = row_pairs(high + at, k_step);
+        const __m256i h0 = _mm256_unpacklo_epi8(high_pairs, zero), h1 = _mm256_unpackhi_epi8(high_pairs, zero);
+        v[0] = _mm256_or_si256(_mm256_and_si256(w0, nibble), _mm256_and_si256(_mm256_slli_epi16(h0, 4), upper));
+        v[1] = _mm256_or_si256(_mm256_and_si256(w1, nibble), _mm256_and_si256(_mm256_slli_epi16(h1, 4), upper));
+        v[2] = _mm256_or_si256(_mm256_srli_epi16(w0, 4), _mm256_and_si256(h0, upper));
+        v[3] = _mm256_or_si256(_mm256_srli_epi16(w1, 4), _mm256_and_si256(h1, upper));
+    } else {
+        v[0] = _mm256_and_si256(w0, nibble);
+        v[1] = _mm256_and_si256(w1, nibble);
+        v[2] = _mm256_srli_epi16(w0, 4);
+        v[3] = _mm256_srli_epi16(w1, 4);
+    }
+}
+
+/* Every step's words of a group's units, for the passes of a block of rows to share (`words`:
+ * [units][group / 2][4]). */
+static inline __attribute__((always_inline)) void group_words(const uint8_t *codes, const uint8_t *high, int64_t group,
+        const int tile_units, int c0, const int units, const int digits, __m256i *words) {
+    for (int c = 0; c < units; c++)
+        for (int64_t k = 0; k < group; k += 2)
+            unit_words(codes, high, k * 16 * tile_units + 16 * (c0 + c), 16 * tile_units, digits,
+                       words + (c * group / 2 + k / 2) * 4);
+}
+
+/* `words`: group_words' of this group, or NULL to decode them here. */
 static inline __attribute__((always_inline)) void rounded_group_sums(const uint8_t *codes, const uint8_t *high,
         int64_t group, const int16_t *const *q, const float *dx, const int rows, const int tile_units, int c0,
-        const int units, const int digits, float sums[ROWS_PER_PASS][MAX_TILE]) {
-    const __m256i nibble = _mm256_set1_epi16(15), upper = _mm256_set1_epi16(0xf0);
-    const int64_t k_step = 16 * tile_units;
+        const int units, const int digits, const __m256i *words, float sums[ROWS_PER_PASS][MAX_TILE]) {
     for (int c = 0; c < units; c++) {
-        __m256i s[ROWS_PER_PASS][4];   /* rows 0-7, 8-15, 16-23, 24-31 of the unit */
+        __m256i s[ROWS_PER_PASS][4];   /* in unit_words' lane order */
         for (int m = 0; m < rows; m++)
             for (int j = 0; j < 4; j++) s[m][j] = _mm256_setzero_si256();
         for (int64_t k = 0; k < group; k += 2) {
-            const int64_t at = k * k_step + 16 * (c0 + c);
-            const __m128i now = _mm_loadu_si128((const __m128i *)(codes + at));
-            const __m128i next = _mm_loadu_si128((const __m128i *)(codes + at + k_step));
-            const __m256i w0 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(now, next));
-            const __m256i w1 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(now, next));
             __m256i v[4];
-            if (digits) {   /* each word the whole code: low digit | high digit << 4 */
-                const __m128i high_now = _mm_loadu_si128((const __m128i *)(high + at));
-                const __m128i high_next = _mm_loadu_si128((const __m128i *)(high + at + k_step));
-                const __m256i h0 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(high_now, high_next));
-                const __m256i h1 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(high_now, high_next));
-                v[0] = _mm256_or_si256(_mm256_and_si256(w0, nibble), _mm256_and_si256(_mm256_slli_epi16(h0, 4), upper));
-                v[1] = _mm256_or_si256(_mm256_and_si256(w1, nibble), _mm256_and_si256(_mm256_slli_epi16(h1, 4), upper));
-                v[2] = _mm256_or_si256(_mm256_srli_epi16(w0, 4), _mm256_and_si256(h0, upper));
-                v[3] = _mm256_or_si256(_mm256_srli_epi16(w1, 4), _mm256_and_si256(h1, upper));
+            if (words) {
+                for (int j = 0; j < 4; j++) v[j] = _mm256_loadu_si256(words + (c * group / 2 + k / 2) * 4 + j);
             } else {
-                v[0] = _mm256_and_si256(w0, nibble);
-                v[1] = _mm256_and_si256(w1, nibble);
-                v[2] = _mm256_srli_epi16(w0, 4);
-                v[3] = _mm256_srli_epi16(w1, 4);
+                unit_words(codes, high, k * 16 * tile_units + 16 * (c0 + c), 16 * tile_units, digits, v);
             }
             for (int m = 0; m < rows; m++) {
                 int32_t pair;
@@ -279,10 +313,14 @@ static inline __attribute__((always_inline)) void rounded_group_sums(const uint8
                 for (int j = 0; j < 4; j++) s[m][j] = _mm256_add_epi32(s[m][j], _mm256_madd_epi16(v[j], xk));
             }
         }
-        for (int m = 0; m < rows; m++) {   /* bounds as above */
+        for (int m = 0; m < rows; m++) {   /* bounds as above; rows back in order */
             const __m256 scale = _mm256_set1_ps(dx[m]);
+            const __m256i in_order[4] = {
+                _mm256_permute2x128_si256(s[m][0], s[m][1], 0x20), _mm256_permute2x128_si256(s[m][0], s[m][1], 0x31),
+                _mm256_permute2x128_si256(s[m][2], s[m][3], 0x20), _mm256_permute2x128_si256(s[m][2], s[m][3], 0x31),
+            };
             for (int j = 0; j < 4; j++)
-                _mm256_storeu_ps(sums[m] + UNIT * c + 8 * j, _mm256_mul_ps(_mm256_cvtepi32_ps(s[m][j]), scale));
+                _mm256_storeu_ps(sums[m] + UNIT * c + 8 * j, _mm256_mul_ps(_mm256_cvtepi32_ps(in_order[j]), scale));
         }
     }
 }
@@ -335,64 +373,22 @@ static inline __attribute__((always_inline)) void tile_product(
             row_of[UNIT * c + i] = first_row + (c0 + c) * (UNIT / 2) + i;
             row_of[UNIT * c + i + UNIT / 2] = first_row + half + (c0 + c) * (UNIT / 2) + i;
         }
-    float acc[ROWS_PER_PASS][MAX_TILE], sums[ROWS_PER_PASS][MAX_TILE], scale[MAX_TILE], zero[MAX_TILE];
+    float acc[BLOCK_ROWS][MAX_TILE], sums[ROWS_PER_PASS][MAX_TILE], scale[MAX_TILE], zero[MAX_TILE];
     const int digits = ROUNDED_X && w->planes == 2 && w->digits;   /* integer sums take a whole 8-bit code */
     const int64_t scale_groups = (digits ? 1 : w->planes) * groups;
     /* Several passes of rows (a prefill): each group's scales decoded once, not once a pass. */
     float *kept = rows > ROWS_PER_PASS ? malloc(sizeof(float) * 2 * MAX_TILE * scale_groups) : NULL;
     for (int64_t gg = 0; kept && gg < scale_groups; gg++)
         group_scales(w, gg, digits, row_of, units, kept + 2 * MAX_TILE * gg, kept + 2 * MAX_TILE * gg + MAX_TILE);
-    for (int64_t m0 = 0; m0 < rows; m0 += ROWS_PER_PASS) {
-        const int pass = rows - m0 < ROWS_PER_PASS ? (int)(rows - m0) : ROWS_PER_PASS;
-        memset(acc, 0, sizeof(acc));
+#if SHARED_WORDS
+    __m256i words[2 * 128 * 4];   /* group_words of one group: at most 2 units, groups of at most 256 */
+#endif
+    for (int64_t b0 = 0; b0 < rows; b0 += BLOCK_ROWS) {
+        const int64_t block = rows - b0 < BLOCK_ROWS ? rows - b0 : BLOCK_ROWS;
+        memset(acc, 0, sizeof(acc[0]) * (size_t)block);
         /* the planes' groups one after the other, or with digits each group's two planes at once */
         for (int64_t gg = 0; gg < scale_groups; gg++) {
             const int64_t g = gg % groups;
-#if ROUNDED_X
-            const int16_t *qg[ROWS_PER_PASS];
-            float dxg[ROWS_PER_PASS];
-            for (int m = 0; m < pass; m++) {
-                qg[m] = a->xq + (m0 + m) * w->k_in + g * inputs;
-                dxg[m] = a->dx[(m0 + m) * groups + g];
-            }
-            const uint8_t *codes = tile_codes + gg * w->group * half;   /* a padded group's last 16 codes skipped */
-            const uint8_t *high = codes + groups * w->group * half;     /* the second plane's (digits) */
-#define SUMS(r, d) rounded_group_sums(codes, high, inputs, qg, dxg, r, tile_units, c0, units, d, sums); break
-            switch (2 * pass + digits) {   /* constant row count and plane rule: no test of them inside the k loop */
-                case 2: SUMS(1, 0);
-                case 3: SUMS(1, 1);
-#if ROWS_PER_PASS >= 3
-                case 6: SUMS(3, 0);
-                case 7: SUMS(3, 1);
-#endif
-#if ROWS_PER_PASS >= 6
-                case 8: SUMS(4, 0);
-                case 9: SUMS(4, 1);
-                case 10: SUMS(5, 0);
-                case 11: SUMS(5, 1);
-                case 12: SUMS(6, 0);
-                case 13: SUMS(6, 1);
-#endif
-                case 5: SUMS(2, 1);
-                default: SUMS(2, 0);
-            }
-#undef SUMS
-#else
-            const float *xg[ROWS_PER_PASS];
-            for (int m = 0; m < pass; m++) xg[m] = a->xf + (m0 + m) * w->k_in + g * inputs;
-            /* a padded group's last 16 codes meet zero inputs: skipped */
-            const uint8_t *codes = tile_codes + gg * w->group * half + c0 * (UNIT / 2);
-            switch (pass) {   /* a constant row count: no test of it inside the k loop */
-                case 1: group_sums(codes, half, inputs, xg, 1, units, sums); break;
-#if ROWS_PER_PASS > 2
-                case 3: group_sums(codes, half, inputs, xg, 3, units, sums); break;
-                case 4: group_sums(codes, half, inputs, xg, 4, units, sums); break;
-                case 5: group_sums(codes, half, inputs, xg, 5, units, sums); break;
-                case 6: group_sums(codes, half, inputs, xg, 6, units, sums); break;
-#endif
-                default: group_sums(codes, half, inputs, xg, 2, units, sums); break;
-            }
-#endif
             const float *sc = scale, *zr = zero;
             if (kept) {
                 sc = kept + 2 * MAX_TILE * gg;
@@ -400,17 +396,79 @@ static inline __attribute__((always_inline)) void tile_product(
             } else {
                 group_scales(w, gg, digits, row_of, units, scale, zero);
             }
-            for (int m = 0; m < pass; m++) {
-                const float sx = a->xsum[(m0 + m) * groups + g];
-                #pragma omp simd
-                for (int j = 0; j < UNIT * units; j++) acc[m][j] += sc[j] * sums[m][j] + zr[j] * sx;
+#if ROUNDED_X
+            const uint8_t *codes = tile_codes + gg * w->group * half;   /* a padded group's last 16 codes skipped */
+            const uint8_t *high = codes + groups * w->group * half;     /* the second plane's (digits) */
+#if SHARED_WORDS
+            const __m256i *shared = NULL;
+            if (block > ROWS_PER_PASS) {   /* more than one pass: the codes decoded once for all */
+                if (digits) group_words(codes, high, inputs, tile_units, c0, units, 1, words);
+                else group_words(codes, high, inputs, tile_units, c0, units, 0, words);
+                shared = words;
+            }
+#endif
+#endif
+            for (int64_t m0 = b0; m0 < b0 + block; m0 += ROWS_PER_PASS) {
+                const int pass = b0 + block - m0 < ROWS_PER_PASS ? (int)(b0 + block - m0) : ROWS_PER_PASS;
+#if ROUNDED_X
+                const int16_t *qg[ROWS_PER_PASS];
+                float dxg[ROWS_PER_PASS];
+                for (int m = 0; m < pass; m++) {
+                    qg[m] = a->xq + (m0 + m) * w->k_in + g * inputs;
+                    dxg[m] = a->dx[(m0 + m) * groups + g];
+                }
+#if SHARED_WORDS   /* decoded here or read from `shared`: a constant where inlined, no test inside the k loop */
+#define SUMS(r, d) if (shared) rounded_group_sums(codes, high, inputs, qg, dxg, r, tile_units, c0, units, d, shared, sums); \
+                   else rounded_group_sums(codes, high, inputs, qg, dxg, r, tile_units, c0, units, d, NULL, sums); break
+#else
+#define SUMS(r, d) rounded_group_sums(codes, high, inputs, qg, dxg, r, tile_units, c0, units, d, sums); break
+#endif
+                switch (2 * pass + digits) {   /* constant row count and plane rule: no test of them inside the k loop */
+                    case 2: SUMS(1, 0);
+                    case 3: SUMS(1, 1);
+#if ROWS_PER_PASS >= 6
+                    case 6: SUMS(3, 0);
+                    case 7: SUMS(3, 1);
+                    case 8: SUMS(4, 0);
+                    case 9: SUMS(4, 1);
+                    case 10: SUMS(5, 0);
+                    case 11: SUMS(5, 1);
+                    case 12: SUMS(6, 0);
+                    case 13: SUMS(6, 1);
+#endif
+                    case 5: SUMS(2, 1);
+                    default: SUMS(2, 0);
+                }
+#undef SUMS
+#else
+                const float *xg[ROWS_PER_PASS];
+                for (int m = 0; m < pass; m++) xg[m] = a->xf + (m0 + m) * w->k_in + g * inputs;
+                /* a padded group's last 16 codes meet zero inputs: skipped */
+                const uint8_t *codes = tile_codes + gg * w->group * half + c0 * (UNIT / 2);
+                switch (pass) {   /* a constant row count: no test of it inside the k loop */
+                    case 1: group_sums(codes, half, inputs, xg, 1, units, sums); break;
+#if ROWS_PER_PASS > 2
+                    case 3: group_sums(codes, half, inputs, xg, 3, units, sums); break;
+                    case 4: group_sums(codes, half, inputs, xg, 4, units, sums); break;
+                    case 5: group_sums(codes, half, inputs, xg, 5, units, sums); break;
+                    case 6: group_sums(codes, half, inputs, xg, 6, units, sums); break;
+#endif
+                    default: group_sums(codes, half, inputs, xg, 2, units, sums); break;
+                }
+#endif
+                for (int m = 0; m < pass; m++) {
+                    const float sx = a->xsum[(m0 + m) * groups + g];
+                    float *row_acc = acc[m0 - b0 + m];
+                    #pragma omp simd
+                    for (int j = 0; j < UNIT * units; j++) row_acc[j] += sc[j] * sums[m][j] + zr[j] * sx;
+                }
             }
         }
-        for (int m = 0; m < pass; m++) {
-            char *o = row_ptr(dtype, out, m0 + m, out_stride);
+        for (int64_t m = b0; m < b0 + block; m++) {
+            char *o = row_ptr(dtype, out, m, out_stride);
             for (int j0 = 0; j0 < UNIT * units; j0 += UNIT / 2) {   /* 16 consecutive outputs each */
                 const int64_t n0 = row_of[j0], left = w->n_out - n0;
-                store_outputs(dtype, o, n0, acc[m] + j0, left < UNIT / 2 ? (left > 0 ? (int)left : 0) : UNIT / 2, bias);
+                store_outputs(dtype, o, n0, acc[m - b0] + j0, left < UNIT / 2 ? (left > 0 ? (int)left : 0) : UNIT / 2, bias);
             }
         }
     }
