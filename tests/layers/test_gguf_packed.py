@@ -142,8 +142,9 @@ def assert_packed_equals_dequantized(path, dtype: str):
     every dequantized weight to bfloat16 (up to 2^-9 of it), the packed one multiplies the exact weights
     with float32 sums, and each rounds its activations to bfloat16 after every op of 30 layers. Chosen
     tokens' log-probabilities then differ by up to a few bfloat16 steps of a logit near 20 (0.125 each):
-    0.22 to 0.32 measured across CPUs and kernels (AVX512 and AVX2, rounded or float activations), with
-    top-5 margins moving by 0.625; a wrong code, scale or zero moves them by whole nats."""
+    on a 2-core AVX2 CPU 0.32 with float activations and 0.22 (0.19 for Gemma 3) with rounded ones, under
+    0.25 on the AVX512 CPUs before, with top-5 margins moving by 0.625; a wrong code, scale or zero moves
+    them by whole nats."""
     packed = greedy(LLM(str(path), dtype=dtype, max_model_len=256), logprobs=5)
     reference = greedy(LLM(str(path), dtype=dtype, quantization="none", max_model_len=256), logprobs=5)
     if dtype == "float32":
