@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType as T
 from ondo.layers.linear import MergedLinear, linear_method_scope
 from ondo.layers.quantization import gguf_blocks
 from ondo.layers.quantization.gguf_blocks import GGUFBlocks, GGUFLinearMethod, decode_blocks
-from ondo.layers.quantization.int4_planes import Int4PlanesMethod, compact_cpu_scales, concat_rows
+from ondo.layers.quantization.int4_planes import Int4PlanesMethod, concat_rows, finish_cpu_storage
 from tests.layers.test_gguf_packed import random_blocks
 
 K = 256
@@ -30,12 +30,13 @@ def merged_layer(parts, dtype: torch.dtype) -> MergedLinear:
 
 
 def whole_matrix_packing(parts, raws, dtype: torch.dtype) -> MergedLinear:
-    """The reference: every part decoded whole, concatenated, stored in one go (with float16 scales
-    where they are exact, as every loaded CPU layer)."""
+    """The reference: every part decoded whole, concatenated, stored in one go, then finished as every
+    loaded CPU layer (float16 scales where they are exact, 8-bit digits as code bytes and the scales in
+    blocks of rows where the kernel reads them)."""
     layer = merged_layer(parts, dtype)
     affine = concat_rows([decode_blocks(GGUFBlocks(kind, (rows, K), raw)) for (kind, rows), raw in zip(parts, raws)])
     Int4PlanesMethod.store(layer.method, layer, affine)
-    compact_cpu_scales(layer)
+    finish_cpu_storage(layer)
     return layer
 
 
@@ -52,8 +53,8 @@ def test_chunked_repack_is_byte_for_byte_the_whole_matrix_packing(monkeypatch, p
     reference = whole_matrix_packing(parts, raws, dtype)
     assert torch.equal(layer.qweight, reference.qweight)
     assert torch.equal(layer.scales_and_zeros, reference.scales_and_zeros)
-    assert (layer.planes, layer.group, layer.padded16, layer.k_eff) == \
-        (reference.planes, reference.group, reference.padded16, reference.k_eff)
+    assert (layer.planes, layer.group, layer.padded16, layer.k_eff, layer.digits, layer.code_bytes) == \
+        (reference.planes, reference.group, reference.padded16, reference.k_eff, reference.digits, reference.code_bytes)
     assert not hasattr(layer, "staged")
 
 

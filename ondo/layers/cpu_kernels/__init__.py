@@ -48,6 +48,7 @@ _SIGNATURES = {
                               _I64, _I64, _I64, _F32, _I64, _F32, _INT],
     "ondo_int4_mm": [_INT, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _INT],
     "ondo_int4_rounds_activations": [],
+    "ondo_int4_reads_code_bytes": [],
     "ondo_llama_decode": [_INT, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _INT],
 }
 # -ffp-contract=off: a product and the sum after it round apart, as torch's ops round them.
@@ -113,6 +114,7 @@ def _load(target_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
         function = getattr(lib, name)
         function.argtypes, function.restype = argtypes, None
     lib.ondo_int4_rounds_activations.restype = _INT
+    lib.ondo_int4_reads_code_bytes.restype = _INT
     return lib
 
 
@@ -230,7 +232,8 @@ class Int4Weight(ctypes.Structure):
     """`ondo_int4_weight` (int4_mm.h): where an int4-planes layer's CPU storage is and how it is cut."""
     _fields_ = [("qweight", _PTR), ("sz", _PTR), ("k_in", _I64), ("planes", _I64), ("group", _I64),
                 ("n_pad", _I64), ("n_out", _I64), ("tile", _I64), ("sz_dtype", ctypes.c_int32),
-                ("padded16", ctypes.c_int32), ("digits", ctypes.c_int32)]
+                ("padded16", ctypes.c_int32), ("digits", ctypes.c_int32), ("code_bytes", ctypes.c_int32),
+                ("sz_blocks", ctypes.c_int32)]
 
 
 def int4_weight(layer) -> Int4Weight:
@@ -239,9 +242,9 @@ def int4_weight(layer) -> Int4Weight:
     if built is None or built.qweight != layer.qweight.data_ptr():
         sz = layer.scales_and_zeros
         built = layer.cpu_int4_weight = Int4Weight(
-            layer.qweight.data_ptr(), sz.data_ptr(), layer.in_features, layer.planes, layer.group, sz.shape[1],
-            layer.out_features, layer.cpu_tile, SCALE_DTYPES[sz.dtype], int(layer.padded16),
-            int(getattr(layer, "digits", False)))
+            layer.qweight.data_ptr(), sz.data_ptr(), layer.in_features, layer.planes, layer.group,
+            layer.qweight.shape[0], layer.out_features, layer.cpu_tile, SCALE_DTYPES[sz.dtype], int(layer.padded16),
+            int(getattr(layer, "digits", False)), int(getattr(layer, "code_bytes", False)), int(sz.dim() == 4))
     return built
 
 
@@ -263,6 +266,13 @@ def int4_rounds_activations() -> bool:
     it multiplies them as they are."""
     lib = library()
     return lib is not None and bool(lib.ondo_int4_rounds_activations())
+
+
+def int4_reads_code_bytes() -> bool:
+    """Whether int4_mm reads layers of 8-bit digit codes stored as whole bytes (int4_mm.c: CODE_BYTES, AVX2
+    CPUs without AVX512)."""
+    lib = library()
+    return lib is not None and bool(lib.ondo_int4_reads_code_bytes())
 
 
 def attention_inputs_fit(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -54,6 +54,12 @@ enum { BLOCK_ROWS = 32 };
 #define SHARED_WORDS 0
 enum { BLOCK_ROWS = ROWS_PER_PASS };
 #endif
+/* AVX2 with rounded activations: a layer whose two planes are one code's digits may keep its codes as whole
+ * bytes instead (int4_planes.to_code_bytes, tiles of 32 rows), a row's bytes of k and k + 1 side by side, so
+ * that one widening load gives 8 rows' words (byte_group_sums): the digit planes take two loads, two
+ * permutes, two shuffles and a dozen masks, shifts and ors for the same words. */
+#define CODE_BYTES SHARED_WORDS
+int ondo_int4_reads_code_bytes(void) { return CODE_BYTES; }
 
 /* What a product reads of its activations: float32 rows, or the rounded ones with their group scales. */
 typedef struct {
@@ -327,6 +333,39 @@ static inline __attribute__((always_inline)) void rounded_group_sums(const uint8
 }
 #endif
 
+#if CODE_BYTES
+/* rounded_group_sums over code bytes: `codes` points at the tile's bytes of the group's first k, 64 bytes
+ * per pair of k (row d's code at k in byte 2 d, at k + 1 in byte 2 d + 1), so 16 bytes widened to words are
+ * rows 8 j .. 8 j + 7's (code at k, code at k + 1), in row order. Bounds as in rounded_group_sums. */
+static inline __attribute__((always_inline)) void byte_group_sums(const uint8_t *codes, int64_t group,
+        const int16_t *const *q, const float *dx, const int rows, float sums[ROWS_PER_PASS][MAX_TILE]) {
+    __m256i s[ROWS_PER_PASS][4];
+    for (int m = 0; m < rows; m++)
+        for (int j = 0; j < 4; j++) s[m][j] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < group; k += 2) {
+        __m256i v[4];
+        for (int j = 0; j < 4; j++) v[j] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(codes + 32 * k + 16 * j)));
+        for (int m = 0; m < rows; m++) {
+            int32_t pair;
+            memcpy(&pair, q[m] + k, sizeof(pair));   /* q[k] in the low word, as the codes of k */
+            const __m256i xk = _mm256_set1_epi32(pair);
+            for (int j = 0; j < 4; j++) s[m][j] = _mm256_add_epi32(s[m][j], _mm256_madd_epi16(v[j], xk));
+        }
+    }
+    for (int m = 0; m < rows; m++) {
+        const __m256 scale = _mm256_set1_ps(dx[m]);
+        for (int j = 0; j < 4; j++) _mm256_storeu_ps(sums[m] + 8 * j, _mm256_mul_ps(_mm256_cvtepi32_ps(s[m][j]), scale));
+    }
+}
+#endif
+
+/* The element offset in `sz` of row `row`'s pair of group gg. */
+static inline int64_t pair_at(const ondo_int4_weight *w, int64_t gg, int64_t row) {
+    if (!w->sz_blocks) return (gg * w->n_pad + row) * 2;
+    const int64_t groups = w->planes * (w->k_in / (w->padded16 ? 16 : w->group));
+    return ((row / SZ_BLOCK * groups + gg) * SZ_BLOCK + row % SZ_BLOCK) * 2;
+}
+
 /* The scales and zeros of group gg (of the planes' groups) for the product's units (row_of: their rows).
  * With digits, those of the whole code: the high digit's plane has scale 16 s and zero 0, so its
  * (zero - 8 scale) is -128 s, exactly, and its pairs are never read (nor brought into memory). */
@@ -334,8 +373,8 @@ static inline __attribute__((always_inline)) void group_scales(const ondo_int4_w
                                                                const int64_t *row_of, int units, float *scale,
                                                                float *zero) {
     for (int c = 0; c < units; c++) {
-        unit_scales(w->sz, w->sz_dtype, (gg * w->n_pad + row_of[UNIT * c]) * 2,
-                    (gg * w->n_pad + row_of[UNIT * c + UNIT / 2]) * 2, scale + UNIT * c, zero + UNIT * c);
+        unit_scales(w->sz, w->sz_dtype, pair_at(w, gg, row_of[UNIT * c]), pair_at(w, gg, row_of[UNIT * c + UNIT / 2]),
+                    scale + UNIT * c, zero + UNIT * c);
         if (digits)
             for (int j = 0; j < UNIT; j++) zero[UNIT * c + j] -= 128.0f * scale[UNIT * c + j];
     }
@@ -376,6 +415,7 @@ static inline __attribute__((always_inline)) void tile_product(
         }
     float acc[BLOCK_ROWS][MAX_TILE], sums[ROWS_PER_PASS][MAX_TILE], scale[MAX_TILE], zero[MAX_TILE];
     const int digits = ROUNDED_X && w->planes == 2 && w->digits;   /* integer sums take a whole 8-bit code */
+    const int bytes = CODE_BYTES && digits && w->code_bytes;       /* ... stored as one byte (tiles of 32 rows) */
     const int64_t scale_groups = (digits ? 1 : w->planes) * groups;
     /* Several passes of rows (a prefill): each group's scales decoded once, not once a pass. */
     float *kept = rows > ROWS_PER_PASS ? malloc(sizeof(float) * 2 * MAX_TILE * scale_groups) : NULL;
@@ -398,11 +438,12 @@ static inline __attribute__((always_inline)) void tile_product(
                 group_scales(w, gg, digits, row_of, units, scale, zero);
             }
 #if ROUNDED_X
-            const uint8_t *codes = tile_codes + gg * w->group * half;   /* a padded group's last 16 codes skipped */
+            /* a padded group's last 16 codes skipped; code bytes: both digits' bytes of a k */
+            const uint8_t *codes = tile_codes + gg * w->group * (bytes ? 2 * half : half);
             const uint8_t *high = codes + groups * w->group * half;     /* the second plane's (digits) */
 #if SHARED_WORDS
             const __m256i *shared = NULL;
-            if (block > ROWS_PER_PASS) {   /* more than one pass: the codes decoded once for all */
+            if (block > ROWS_PER_PASS && !bytes) {   /* more than one pass: the codes decoded once for all */
                 if (digits) group_words(codes, high, inputs, tile_units, c0, units, 1, words);
                 else group_words(codes, high, inputs, tile_units, c0, units, 0, words);
                 shared = words;
@@ -423,6 +464,12 @@ static inline __attribute__((always_inline)) void tile_product(
                    else rounded_group_sums(codes, high, inputs, qg, dxg, r, tile_units, c0, units, d, NULL, sums); break
 #else
 #define SUMS(r, d) rounded_group_sums(codes, high, inputs, qg, dxg, r, tile_units, c0, units, d, sums); break
+#endif
+#if CODE_BYTES
+                if (bytes) {
+                    if (pass == 1) byte_group_sums(codes, inputs, qg, dxg, 1, sums);
+                    else byte_group_sums(codes, inputs, qg, dxg, 2, sums);
+                } else
 #endif
                 switch (2 * pass + digits) {   /* constant row count and plane rule: no test of them inside the k loop */
                     case 2: SUMS(1, 0);

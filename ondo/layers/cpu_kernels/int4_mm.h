@@ -6,14 +6,21 @@
 
 typedef struct {
     const uint8_t *qweight;   /* [n_pad, planes * groups * group / 2] codes in torch's CPU tile layout */
-    const void *sz;           /* [planes * groups, n_pad, 2]: scale and zero, w = (code - 8) scale + zero;
+    const void *sz;           /* [planes * groups, n_pad, 2], or with sz_blocks [n_pad / SZ_BLOCK, planes * groups,
+                                 SZ_BLOCK, 2]: scale and zero, w = (code - 8) scale + zero;
                                  F16_MIN: scale and zero - 8 scale, w = code scale + (zero - 8 scale) */
     int64_t k_in;             /* inputs: groups * 16 for groups of 16 padded to 32 (padded16), else groups * group */
     int64_t planes, group, n_pad, n_out, tile;
     int32_t sz_dtype, padded16;
     int32_t digits;           /* 2 planes that are one code's low and high digits (int4_planes.mark_digit_planes):
                                  the high plane's scales 16 times the low's, its zeros 0 */
+    int32_t code_bytes;       /* digits stored as whole 8-bit codes (int4_planes.to_code_bytes; only where
+                                 ondo_int4_reads_code_bytes): tiles of 32 rows, byte [tile, k / 2, d, k % 2]
+                                 = row d's low digit | high digit << 4 */
+    int32_t sz_blocks;        /* sz in blocks of SZ_BLOCK rows (int4_planes.block_cpu_scales) */
 } ondo_int4_weight;
+
+enum { SZ_BLOCK = 32 };
 
 /* bias: [n_out] in the activations' dtype, or NULL */
 void ondo_int4_mm(int dtype, const void *x, int64_t rows, int64_t x_stride, const ondo_int4_weight *w,
@@ -21,5 +28,8 @@ void ondo_int4_mm(int dtype, const void *x, int64_t rows, int64_t x_stride, cons
 
 /* 1 where the product rounds its activations to 16-bit integers per group (int4_mm.c: ROUNDED_X) */
 int ondo_int4_rounds_activations(void);
+
+/* 1 where the product reads digit planes stored as code bytes (int4_mm.c: CODE_BYTES) */
+int ondo_int4_reads_code_bytes(void);
 
 #endif

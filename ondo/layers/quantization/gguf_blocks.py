@@ -30,8 +30,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 from ondo.layers.linear import Linear
-from ondo.layers.quantization.int4_planes import (TILE_N, AffineCodes, Int4PlanesMethod, compact_cpu_scales,
-                                                  concat_rows, mark_digit_planes)
+from ondo.layers.quantization.int4_planes import TILE_N, AffineCodes, Int4PlanesMethod, concat_rows, finish_cpu_storage
 
 PACKED_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K)
 
@@ -177,8 +176,7 @@ class GGUFLinearMethod(Int4PlanesMethod):
             signature = [[rows.start, rows.stop, blocks.ggml_type.name, list(blocks.shape)] for rows, blocks in staged]
             if self.repacked is None or not self.repacked.take(layer, signature):
                 self._repack(layer, staged)
-                compact_cpu_scales(layer)
-                mark_digit_planes(layer)
+                finish_cpu_storage(layer)
                 if self.repacked is not None:
                     self.repacked.add(layer, signature)
             _release(staged)
