@@ -184,6 +184,13 @@ def test_int4_product_reads_the_tile_layout(monkeypatch, tile, kind, dtype):
             assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -7 + 1e-3).all()
         with_bias = layer.method.apply(layer, x, bias)
         assert torch.equal(with_bias, got + bias)
+    tokens = torch.tensor([95, 0, 31, 32, 63, 64, 17])   # an embedding lookup: the C rows are the torch ones
+    looked_up = layer.method.embed(layer, tokens)
+    with cpu_kernels.disabled():
+        assert torch.equal(looked_up, layer.method.embed(layer, tokens))
+    assert torch.equal(looked_up, weight[tokens].to(dtype))        # planes summed in float32, rounded once
+    with pytest.raises(IndexError, match=r"token ids must be in \[0, 96\), got 96"):
+        layer.method.embed(layer, torch.tensor([96]))
 
 
 def test_two_planes_are_one_codes_digits_only_where_their_scales_say_so():

@@ -47,6 +47,7 @@ _SIGNATURES = {
     "ondo_decode_attention": [_INT, _INT, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64,
                               _I64, _I64, _I64, _F32, _I64, _F32, _INT],
     "ondo_int4_mm": [_INT, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _INT],
+    "ondo_int4_rows": [_INT, _PTR, _PTR, _I64, _PTR],
     "ondo_int4_rounds_activations": [],
     "ondo_int4_reads_code_bytes": [],
     "ondo_llama_decode": [_INT, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _INT],
@@ -71,6 +72,11 @@ def library() -> ctypes.CDLL | None:
         if os.environ.get("ONDO_CPU_KERNELS", "1") != "0":
             _lib = _load()
     return _lib
+
+
+def usable_for(dtype: torch.dtype) -> bool:
+    """Whether the kernels are built and enabled for CPU tensors of `dtype`."""
+    return dtype in DTYPES and (_lib if _tried else library()) is not None and _enabled
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -115,6 +121,7 @@ def _load(target_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
         function.argtypes, function.restype = argtypes, None
     lib.ondo_int4_rounds_activations.restype = _INT
     lib.ondo_int4_reads_code_bytes.restype = _INT
+    lib.ondo_int4_rows.restype = _INT
     return lib
 
 
@@ -257,6 +264,16 @@ def int4_mm(x: torch.Tensor, layer, bias: torch.Tensor | None) -> torch.Tensor:
     _lib.ondo_int4_mm(DTYPES[x.dtype], x.data_ptr(), x.shape[0], x.stride(0), ctypes.byref(int4_weight(layer)),
                       None if bias is None else bias.data_ptr(), out.data_ptr(), layer.out_features,
                       torch.get_num_threads())
+    return out
+
+
+def int4_rows(layer, token_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `token_ids` [T] of an int4-planes layer's weight, dequantized -> [T, in] in `dtype` (an embedding
+    lookup), the numbers of `Int4PlanesMethod._rows`."""
+    ids = token_ids.to(torch.int64).contiguous()
+    out = torch.empty(ids.shape[0], layer.in_features, dtype=dtype)
+    if _lib.ondo_int4_rows(DTYPES[dtype], ctypes.byref(int4_weight(layer)), ids.data_ptr(), ids.shape[0], out.data_ptr()):
+        raise IndexError(f"token ids must be in [0, {layer.out_features}), got {ids.min().item()}..{ids.max().item()}")
     return out
 
 

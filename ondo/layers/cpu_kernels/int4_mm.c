@@ -523,6 +523,58 @@ static inline __attribute__((always_inline)) void tile_product(
     free(kept);
 }
 
+/* out[i] = row rows[i] of the weight, dequantized (an embedding lookup of a tied head), the numbers of
+ * int4_planes.Int4PlanesMethod._rows: each plane's code * scale + (zero - 8 scale) (or (code - 8) * scale
+ * + zero, as the pairs hold them) rounded apart, the planes added, then rounded to `dtype`. */
+int ondo_int4_rows(int dtype, const ondo_int4_weight *w, const int64_t *rows, int64_t count, void *out) {
+    for (int64_t i = 0; i < count; i++)
+        if (rows[i] < 0 || rows[i] >= w->n_out) return -1;
+    const int64_t inputs = w->padded16 ? 16 : w->group, groups = w->k_in / inputs;
+    const int64_t k_eff = groups * w->group, half = w->tile / 2;   /* k_eff: codes a plane (padding too) */
+    float *row = malloc((size_t)w->k_in * sizeof(float));
+    for (int64_t i = 0; i < count; i++) {
+        const int64_t n = rows[i], d = n % w->tile;
+        const uint8_t *tile = w->qweight + n / w->tile * (w->planes * k_eff * half);
+        for (int64_t g = 0; g < groups; g++) {
+            float scale[2], second[2];
+            for (int p = 0; p < w->planes; p++) {
+                const int64_t at = pair_at(w, p * groups + g, n);
+                if (w->sz_dtype == F16_MIN) {
+                    scale[p] = f16_to_float(((const uint16_t *)w->sz)[at]);
+                    second[p] = f16_to_float(((const uint16_t *)w->sz)[at + 1]);
+                } else if (w->sz_dtype == BF16) {
+                    scale[p] = bf16_to_float(((const uint16_t *)w->sz)[at]);
+                    second[p] = bf16_to_float(((const uint16_t *)w->sz)[at + 1]);
+                } else {
+                    scale[p] = ((const float *)w->sz)[at];
+                    second[p] = ((const float *)w->sz)[at + 1];
+                }
+            }
+            for (int64_t j = 0; j < inputs; j++) {
+                const int64_t k = g * w->group + j;
+                float sum = 0.0f;
+                for (int p = 0; p < w->planes; p++) {
+                    int code;
+                    if (w->code_bytes) {   /* one byte: low digit | high digit << 4 */
+                        const uint8_t b = tile[k / 2 * 64 + 2 * d + k % 2];
+                        code = p ? b >> 4 : b & 15;
+                    } else {
+                        const uint8_t b = tile[(p * k_eff + k) * half + d % half];
+                        code = d < half ? b & 15 : b >> 4;
+                    }
+                    const float v = w->sz_dtype == F16_MIN ? (float)code * scale[p] + second[p]
+                                                           : (float)(code - 8) * scale[p] + second[p];
+                    sum = p ? sum + v : v;
+                }
+                row[g * inputs + j] = sum;
+            }
+        }
+        store_row(dtype, row, row_ptr(dtype, out, i, w->k_in), w->k_in);
+    }
+    free(row);
+    return 0;
+}
+
 /* One group of a row's inputs as the product reads them: *xsum = their sum and, with ROUNDED_X, q and *dx:
  * q = round-half-even(x * (32767 / max |x|)), dx = max |x| / 32767, and *xsum = dx * sum q. */
 static inline void prepare_group(const float *xg, int64_t inputs, int16_t *q, float *dx, float *xsum) {

@@ -26,6 +26,10 @@ enum { SZ_BLOCK = 32 };
 void ondo_int4_mm(int dtype, const void *x, int64_t rows, int64_t x_stride, const ondo_int4_weight *w,
                   const void *bias, void *out, int64_t out_stride, int threads);
 
+/* out [count, k_in] (dtype): rows `rows` of the weight, dequantized; -1 (nothing written) where a row is
+ * not one of the n_out */
+int ondo_int4_rows(int dtype, const ondo_int4_weight *w, const int64_t *rows, int64_t count, void *out);
+
 /* 1 where the product rounds its activations to 16-bit integers per group (int4_mm.c: ROUNDED_X) */
 int ondo_int4_rounds_activations(void);
 

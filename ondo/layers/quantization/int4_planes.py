@@ -15,6 +15,8 @@ Storage, chosen by the run device at load (both lossless):
   On the CPU where ondo's kernel reads them (`compact_cpu_scales`), float32 pairs become float16 pairs
   (scale_p, zero_p - 8 scale_p) when every value survives that exactly: GGUF's Q4_0, Q4_1, Q5_0 and Q8_0,
   whose scales are float16 in the file. A weight then costs 0.625 bytes to read, as in the file, not 0.75.
+  There they are also kept in blocks of 32 rows, [N_pad / 32, P * G, 32, 2] (`block_cpu_scales`), and on
+  AVX2 two planes that are one code's digits as whole code bytes (`mark_digit_planes`).
 
 Kernels (`apply`): on the CPU, ondo's own kernel (`cpu_kernels/int4_mm.c`) reads the packed bytes for
 every batch size; torch's fused kernel (`aten._weight_int4pack_mm_for_cpu`) is the fallback where ondo's
@@ -230,6 +232,8 @@ class Int4PlanesMethod(LinearMethod):
 
             return int4_dequant(layer.qweight.index_select(1, token_ids), layer.scales_and_zeros.index_select(1, token_ids),
                                 layer.group, layer.in_features, layer.planes, layer.run_dtype).t()
+        if token_ids.is_cpu and own_kernel_reads(layer) and cpu_kernels.usable_for(layer.run_dtype):
+            return cpu_kernels.int4_rows(layer, token_ids, layer.run_dtype)   # one call: some 20 torch ops below
         # index_select, not advanced indexing: the latter costs milliseconds per call on a CPU.
         if getattr(layer, "code_bytes", False):   # row d of a tile: byte 2 d + k % 2 of every pair of k, low digit | high << 4
             k_eff = layer.qweight.shape[1]

@@ -1,7 +1,7 @@
 """Kernel benchmarks on a CUDA GPU: paged decode / prefill attention, KV write and the fused ops, each next
 to what plain PyTorch offers on the same shapes (SDPA on contiguous K/V, varlen_attn, the layer modules).
 
-    PYTHONPATH=. python benchmarks/kernels.py --output-json kernels.json [--quick]
+    PYTHONPATH=. python benchmarks/gpu_kernels.py --output-json kernels.json [--quick]
 
 Llama-3-8B attention heads (32 query, 8 KV, head_dim 128), bf16, block_size 16, block tables scattered
 over the pool. Times are medians of triton.testing.do_bench (L2 flushed before each call). Decode is
@@ -265,7 +265,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="skip the tile and split sweeps")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU", file=sys.stderr)
+        print("benchmarks/gpu_kernels.py needs a CUDA GPU", file=sys.stderr)
         return 2
     import triton
 
