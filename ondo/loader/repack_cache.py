@@ -42,7 +42,7 @@ from ondo.loader.gguf_tokenizer import cache_root
 
 logger = logging.getLogger(__name__)
 
-_ATTRIBUTES = ("planes", "group", "padded16", "k_eff", "digits", "code_bytes")
+_ATTRIBUTES = ("planes", "group", "padded16", "k_eff", "digits", "codes_layout")
 _TENSORS = ("qweight", "scales_and_zeros")
 
 
@@ -71,7 +71,7 @@ class RepackCache:
         from ondo.distributed.parallel_state import tp_rank, tp_size
 
         # The tile is the CPU's (AVX512 or AVX2): a cache shared by two machines keeps one file each. 8-bit
-        # digits are code bytes where ondo's kernel reads them (int4_planes.mark_digit_planes).
+        # digits are code bytes, other tiles row pairs, where ondo's kernel reads them (int4_planes.CodesLayout).
         layout = repr((str(dtype), "cpu", cpu_tile_rows(), tp_rank(), tp_size(), cpu_kernels.int4_reads_code_bytes()))
         code = repr((torch.__version__, packing_sources_digest()))
         name = f"{gguf_path.stem[:60]}-{_digest(layout)}-{_digest(file_fingerprint)}-{_digest(code)}.safetensors"

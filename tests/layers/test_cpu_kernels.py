@@ -217,34 +217,45 @@ def test_two_planes_are_one_codes_digits_only_where_their_scales_say_so():
         layer.__dict__.pop("cpu_int4_weight", None)              # the kernel's view of the layer, rebuilt
 
 
-def test_code_bytes_hold_each_rows_whole_code_and_convert_back():
+def test_codes_layouts_hold_the_tiles_bytes_and_convert_back():
     """`to_code_bytes`: byte [tile, k / 2, d, k % 2] of 32-row tiles is row d's code at k, low digit | high
-    digit << 4, from the digit planes' tile layout; `from_code_bytes` gives the planes back."""
+    digit << 4, from the digit planes' tile layout; `to_row_pairs`: byte [tile, k / 2, d, k % 2] is torch's
+    byte [tile, k, d] (rows d and d + 16). Each converts back, and in place a few tiles at a time."""
+    layouts = int4_planes.CodesLayout
     codes = torch.randint(0, 16, (64, 2 * 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     planes = int4_planes.pack_tiles(codes, 32)                                    # [64, 96]: plane 0, then 1
     code_bytes = int4_planes.to_code_bytes(planes)
     whole = codes[:, :96] | (codes[:, 96:] << 4)                                  # [64, K] each row's codes
     assert torch.equal(code_bytes.view(2, 48, 32, 2), whole.view(2, 32, 48, 2).transpose(1, 2))
     assert torch.equal(int4_planes.from_code_bytes(code_bytes), planes)
+    pairs = int4_planes.to_row_pairs(planes).view(2, 96, 16, 2)                  # [tile, k / 2, d, k % 2]
+    for t, k, d in [(0, 0, 0), (1, 191, 15), (0, 77, 9), (1, 120, 3)]:
+        assert int(pairs[t, k // 2, d, k % 2]) == int(codes[32 * t + d, k]) | int(codes[32 * t + d + 16, k]) << 4
+    assert torch.equal(int4_planes.from_row_pairs(pairs.view(64, 96)), planes)
     recoded = planes.clone()
-    int4_planes.recode_tiles(recoded, to_bytes=True)
+    int4_planes.recode_tiles(recoded, layouts.TILES, layouts.CODE_BYTES)
     assert torch.equal(recoded, code_bytes)
+    int4_planes.recode_tiles(recoded, layouts.CODE_BYTES, layouts.ROW_PAIRS)
+    assert torch.equal(recoded, pairs.view(64, 96))
 
 
 @pytest.mark.parametrize("kind", ["Q8_0", "Q6_K", "Q4_1"])   # digits; digits of groups of 16; one plane
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_code_bytes_and_blocked_scales_give_the_planes_numbers(kind, dtype):
-    """A loaded layer as the kernel reads it on this CPU (scales in blocks of 32 rows; 8-bit digits as code
-    bytes on AVX2) gives bit for bit the numbers of the same layer kept as plain planes and group-major
-    scales: products of 1 to 33 rows, embedding rows, dequantized rows, torch's kernel."""
+    """A loaded layer as the kernel reads it on this CPU (scales in blocks of 32 rows; on AVX2 8-bit digits
+    as code bytes, other tiles as row pairs) gives bit for bit the numbers of the same layer kept in torch's
+    tiles and group-major scales: products of 1 to 33 rows, embedding rows, dequantized rows, torch's kernel."""
     from gguf import GGMLQuantizationType
     from tests.layers.test_gguf_packed import packed_linear, random_blocks
 
     n, k, kind = 160, 512, GGMLQuantizationType[kind]
     layer = packed_linear(random_blocks(kind, n, k, seed=11), kind, n, k, dtype)
     assert layer.scales_and_zeros.dim() == 4                                     # blocks of rows
-    assert layer.code_bytes == (kind != GGMLQuantizationType.Q4_1 and int4_planes.cpu_tile_rows() == 32
-                                and cpu_kernels.int4_reads_code_bytes())
+    layouts, layout = int4_planes.CodesLayout, int4_planes.codes_layout(layer)
+    if int4_planes.cpu_tile_rows() == 32 and cpu_kernels.int4_reads_code_bytes():
+        assert layout == (layouts.ROW_PAIRS if kind == GGMLQuantizationType.Q4_1 else layouts.CODE_BYTES)
+    else:
+        assert layout == layouts.TILES
     xs = [torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(dtype) for rows in (1, 2, 3, 33)]
     tokens = torch.tensor([0, 31, 32, 95, 159])
 
@@ -256,9 +267,8 @@ def test_code_bytes_and_blocked_scales_give_the_planes_numbers(kind, dtype):
 
     stored = numbers()
     layer.register_buffer("scales_and_zeros", int4_planes.group_major_scales(layer).contiguous(), persistent=False)
-    if layer.code_bytes:
-        int4_planes.recode_tiles(layer.qweight, to_bytes=False)
-        layer.code_bytes = False
+    int4_planes.recode_tiles(layer.qweight, layout, layouts.TILES)
+    layer.codes_layout = layouts.TILES
     layer.__dict__.pop("cpu_int4_weight", None)                                 # the kernel's view, rebuilt
     for got, want in zip(stored, numbers(), strict=True):
         for a, b in zip(got if isinstance(got, list) else [got], want if isinstance(want, list) else [want]):

@@ -53,8 +53,8 @@ def test_chunked_repack_is_byte_for_byte_the_whole_matrix_packing(monkeypatch, p
     reference = whole_matrix_packing(parts, raws, dtype)
     assert torch.equal(layer.qweight, reference.qweight)
     assert torch.equal(layer.scales_and_zeros, reference.scales_and_zeros)
-    assert (layer.planes, layer.group, layer.padded16, layer.k_eff, layer.digits, layer.code_bytes) == \
-        (reference.planes, reference.group, reference.padded16, reference.k_eff, reference.digits, reference.code_bytes)
+    assert (layer.planes, layer.group, layer.padded16, layer.k_eff, layer.digits, layer.codes_layout) == \
+        (reference.planes, reference.group, reference.padded16, reference.k_eff, reference.digits, reference.codes_layout)
     assert not hasattr(layer, "staged")
 
 

@@ -239,7 +239,7 @@ class Int4Weight(ctypes.Structure):
     """`ondo_int4_weight` (int4_mm.h): where an int4-planes layer's CPU storage is and how it is cut."""
     _fields_ = [("qweight", _PTR), ("sz", _PTR), ("k_in", _I64), ("planes", _I64), ("group", _I64),
                 ("n_pad", _I64), ("n_out", _I64), ("tile", _I64), ("sz_dtype", ctypes.c_int32),
-                ("padded16", ctypes.c_int32), ("digits", ctypes.c_int32), ("code_bytes", ctypes.c_int32),
+                ("padded16", ctypes.c_int32), ("digits", ctypes.c_int32), ("layout", ctypes.c_int32),
                 ("sz_blocks", ctypes.c_int32)]
 
 
@@ -251,7 +251,7 @@ def int4_weight(layer) -> Int4Weight:
         built = layer.cpu_int4_weight = Int4Weight(
             layer.qweight.data_ptr(), sz.data_ptr(), layer.in_features, layer.planes, layer.group,
             layer.qweight.shape[0], layer.out_features, layer.cpu_tile, SCALE_DTYPES[sz.dtype], int(layer.padded16),
-            int(getattr(layer, "digits", False)), int(getattr(layer, "code_bytes", False)), int(sz.dim() == 4))
+            int(getattr(layer, "digits", False)), int(getattr(layer, "codes_layout", 0)), int(sz.dim() == 4))
     return built
 
 
@@ -286,8 +286,8 @@ def int4_rounds_activations() -> bool:
 
 
 def int4_reads_code_bytes() -> bool:
-    """Whether int4_mm reads layers of 8-bit digit codes stored as whole bytes (int4_mm.c: CODE_BYTES, AVX2
-    CPUs without AVX512)."""
+    """Whether int4_mm reads tiles stored in the orders of `int4_planes.CodesLayout` (int4_mm.c: CODE_BYTES,
+    ROW_PAIRS; AVX2 CPUs without AVX512)."""
     lib = library()
     return lib is not None and bool(lib.ondo_int4_reads_code_bytes())
 

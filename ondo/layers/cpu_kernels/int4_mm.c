@@ -60,6 +60,10 @@ enum { BLOCK_ROWS = ROWS_PER_PASS };
  * permutes, two shuffles and a dozen masks, shifts and ors for the same words. */
 #define CODE_BYTES SHARED_WORDS
 int ondo_int4_reads_code_bytes(void) { return CODE_BYTES; }
+/* There too, other layers' 32-row tiles may keep their bytes in the order row_pairs() would put them in
+ * (ROW_PAIRS: int4_planes.to_row_pairs): a pair of k's 32 bytes as rows 0-15's (byte of k, byte of k + 1),
+ * so one load replaces a load, a 64-bit permute and a byte shuffle (a decode step of the built-in model
+ * 12.3-12.8 -> 11.4-12.0 ms, median of 8, alternating layouts in one process on a 2-core Zen 3). */
 
 /* What a product reads of its activations: float32 rows, or the rounded ones with their group scales. */
 typedef struct {
@@ -259,7 +263,8 @@ static inline __attribute__((always_inline)) void rounded_group_sums(const uint8
  * 0-3 | 8-11, 4-7 | 12-15, 16-19 | 24-27, 20-23 | 28-31 (put in order once a group). Against two
  * widening conversions a step (vpmovzxbw, lane-crossing), together with group_words' sharing: 32 rows
  * 15-35 % faster, one row the same (a 2-core Zen 3). */
-static inline __attribute__((always_inline)) __m256i row_pairs(const uint8_t *b, int64_t k_step) {
+static inline __attribute__((always_inline)) __m256i row_pairs(const uint8_t *b, int64_t k_step, const int stored) {
+    if (stored) return _mm256_loadu_si256((const __m256i *)b);   /* ROW_PAIRS: already in this order */
     const __m256i both = k_step == 16 ? _mm256_loadu_si256((const __m256i *)b)
         : _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)b)),
                                   _mm_loadu_si128((const __m128i *)(b + k_step)), 1);
@@ -269,12 +274,13 @@ static inline __attribute__((always_inline)) __m256i row_pairs(const uint8_t *b,
 }
 
 static inline __attribute__((always_inline)) void unit_words(const uint8_t *codes, const uint8_t *high, int64_t at,
-                                                             int64_t k_step, const int digits, __m256i v[4]) {
+                                                             int64_t k_step, const int digits, const int paired,
+                                                             __m256i v[4]) {
     const __m256i nibble = _mm256_set1_epi16(15), upper = _mm256_set1_epi16(0xf0), zero = _mm256_setzero_si256();
-    const __m256i pairs = row_pairs(codes + at, k_step);
+    const __m256i pairs = row_pairs(codes + at, k_step, paired);
     const __m256i w0 = _mm256_unpacklo_epi8(pairs, zero), w1 = _mm256_unpackhi_epi8(pairs, zero);
     if (digits) {   /* each word the whole code: low digit | high digit << 4 */
-        const __m256i high_pairs = row_pairs(high + at, k_step);
+        const __m256i high_pairs = row_pairs(high + at, k_step, paired);
         const __m256i h0 = _mm256_unpacklo_epi8(high_pairs, zero), h1 = _mm256_unpackhi_epi8(high_pairs, zero);
         v[0] = _mm256_or_si256(_mm256_and_si256(w0, nibble), _mm256_and_si256(_mm256_slli_epi16(h0, 4), upper));
         v[1] = _mm256_or_si256(_mm256_and_si256(w1, nibble), _mm256_and_si256(_mm256_slli_epi16(h1, 4), upper));
@@ -291,17 +297,18 @@ static inline __attribute__((always_inline)) void unit_words(const uint8_t *code
 /* Every step's words of a group's units, for the passes of a block of rows to share (`words`:
  * [units][group / 2][4]). */
 static inline __attribute__((always_inline)) void group_words(const uint8_t *codes, const uint8_t *high, int64_t group,
-        const int tile_units, int c0, const int units, const int digits, __m256i *words) {
+        const int tile_units, int c0, const int units, const int digits, const int paired, __m256i *words) {
     for (int c = 0; c < units; c++)
         for (int64_t k = 0; k < group; k += 2)
-            unit_words(codes, high, k * 16 * tile_units + 16 * (c0 + c), 16 * tile_units, digits,
+            unit_words(codes, high, k * 16 * tile_units + 16 * (c0 + c), 16 * tile_units, digits, paired,
                        words + (c * group / 2 + k / 2) * 4);
 }
 
 /* `words`: group_words' of this group, or NULL to decode them here. */
 static inline __attribute__((always_inline)) void rounded_group_sums(const uint8_t *codes, const uint8_t *high,
         int64_t group, const int16_t *const *q, const float *dx, const int rows, const int tile_units, int c0,
-        const int units, const int digits, const __m256i *words, float sums[ROWS_PER_PASS][MAX_TILE]) {
+        const int units, const int digits, const int paired, const __m256i *words,
+        float sums[ROWS_PER_PASS][MAX_TILE]) {
     for (int c = 0; c < units; c++) {
         __m256i s[ROWS_PER_PASS][4];   /* in unit_words' lane order */
         for (int m = 0; m < rows; m++)
@@ -311,7 +318,7 @@ static inline __attribute__((always_inline)) void rounded_group_sums(const uint8
             if (words) {
                 for (int j = 0; j < 4; j++) v[j] = _mm256_loadu_si256(words + (c * group / 2 + k / 2) * 4 + j);
             } else {
-                unit_words(codes, high, k * 16 * tile_units + 16 * (c0 + c), 16 * tile_units, digits, v);
+                unit_words(codes, high, k * 16 * tile_units + 16 * (c0 + c), 16 * tile_units, digits, paired, v);
             }
             for (int m = 0; m < rows; m++) {
                 int32_t pair;
@@ -415,7 +422,8 @@ static inline __attribute__((always_inline)) void tile_product(
         }
     float acc[BLOCK_ROWS][MAX_TILE], sums[ROWS_PER_PASS][MAX_TILE], scale[MAX_TILE], zero[MAX_TILE];
     const int digits = ROUNDED_X && w->planes == 2 && w->digits;   /* integer sums take a whole 8-bit code */
-    const int bytes = CODE_BYTES && digits && w->code_bytes;       /* ... stored as one byte (tiles of 32 rows) */
+    const int bytes = CODE_BYTES && digits && w->layout == 1;      /* ... stored as one byte (tiles of 32 rows) */
+    const int paired = CODE_BYTES && w->layout == 2;               /* bytes in row_pairs' order (tiles of 32 rows) */
     const int64_t scale_groups = (digits ? 1 : w->planes) * groups;
     /* Several passes of rows (a prefill): each group's scales decoded once, not once a pass. */
     float *kept = rows > ROWS_PER_PASS ? malloc(sizeof(float) * 2 * MAX_TILE * scale_groups) : NULL;
@@ -444,8 +452,9 @@ static inline __attribute__((always_inline)) void tile_product(
 #if SHARED_WORDS
             const __m256i *shared = NULL;
             if (block > ROWS_PER_PASS && !bytes) {   /* more than one pass: the codes decoded once for all */
-                if (digits) group_words(codes, high, inputs, tile_units, c0, units, 1, words);
-                else group_words(codes, high, inputs, tile_units, c0, units, 0, words);
+                if (digits) group_words(codes, high, inputs, tile_units, c0, units, 1, paired, words);
+                else if (paired) group_words(codes, high, inputs, tile_units, c0, units, 0, 1, words);
+                else group_words(codes, high, inputs, tile_units, c0, units, 0, 0, words);
                 shared = words;
             }
 #endif
@@ -460,10 +469,10 @@ static inline __attribute__((always_inline)) void tile_product(
                     dxg[m] = a->dx[(m0 + m) * groups + g];
                 }
 #if SHARED_WORDS   /* decoded here or read from `shared`: a constant where inlined, no test inside the k loop */
-#define SUMS(r, d) if (shared) rounded_group_sums(codes, high, inputs, qg, dxg, r, tile_units, c0, units, d, shared, sums); \
-                   else rounded_group_sums(codes, high, inputs, qg, dxg, r, tile_units, c0, units, d, NULL, sums); break
+#define SUMS(r, d, p) if (shared) rounded_group_sums(codes, high, inputs, qg, dxg, r, tile_units, c0, units, d, p, shared, sums); \
+                      else rounded_group_sums(codes, high, inputs, qg, dxg, r, tile_units, c0, units, d, p, NULL, sums); break
 #else
-#define SUMS(r, d) rounded_group_sums(codes, high, inputs, qg, dxg, r, tile_units, c0, units, d, sums); break
+#define SUMS(r, d, p) rounded_group_sums(codes, high, inputs, qg, dxg, r, tile_units, c0, units, d, sums); break
 #endif
 #if CODE_BYTES
                 if (bytes) {
@@ -471,21 +480,28 @@ static inline __attribute__((always_inline)) void tile_product(
                     else byte_group_sums(codes, inputs, qg, dxg, 2, sums);
                 } else
 #endif
-                switch (2 * pass + digits) {   /* constant row count and plane rule: no test of them inside the k loop */
-                    case 2: SUMS(1, 0);
-                    case 3: SUMS(1, 1);
+                /* constant row count, plane rule and byte order: no test of them inside the k loop */
+                switch (2 * pass + digits + 16 * paired) {
+                    case 2: SUMS(1, 0, 0);
+                    case 3: SUMS(1, 1, 0);
 #if ROWS_PER_PASS >= 6
-                    case 6: SUMS(3, 0);
-                    case 7: SUMS(3, 1);
-                    case 8: SUMS(4, 0);
-                    case 9: SUMS(4, 1);
-                    case 10: SUMS(5, 0);
-                    case 11: SUMS(5, 1);
-                    case 12: SUMS(6, 0);
-                    case 13: SUMS(6, 1);
+                    case 6: SUMS(3, 0, 0);
+                    case 7: SUMS(3, 1, 0);
+                    case 8: SUMS(4, 0, 0);
+                    case 9: SUMS(4, 1, 0);
+                    case 10: SUMS(5, 0, 0);
+                    case 11: SUMS(5, 1, 0);
+                    case 12: SUMS(6, 0, 0);
+                    case 13: SUMS(6, 1, 0);
 #endif
-                    case 5: SUMS(2, 1);
-                    default: SUMS(2, 0);
+#if SHARED_WORDS
+                    case 18: SUMS(1, 0, 1);
+                    case 19: SUMS(1, 1, 1);
+                    case 20: SUMS(2, 0, 1);
+                    case 21: SUMS(2, 1, 1);
+#endif
+                    case 5: SUMS(2, 1, 0);
+                    default: SUMS(2, 0, 0);
                 }
 #undef SUMS
 #else
@@ -555,11 +571,13 @@ int ondo_int4_rows(int dtype, const ondo_int4_weight *w, const int64_t *rows, in
                 float sum = 0.0f;
                 for (int p = 0; p < w->planes; p++) {
                     int code;
-                    if (w->code_bytes) {   /* one byte: low digit | high digit << 4 */
+                    if (w->layout == 1) {   /* one byte: low digit | high digit << 4 */
                         const uint8_t b = tile[k / 2 * 64 + 2 * d + k % 2];
                         code = p ? b >> 4 : b & 15;
-                    } else {
-                        const uint8_t b = tile[(p * k_eff + k) * half + d % half];
+                    } else {                /* a byte holds rows d % half and d % half + half */
+                        const int64_t kk = p * k_eff + k;
+                        const uint8_t b = w->layout == 2 ? tile[kk / 2 * 2 * half + 2 * (d % half) + kk % 2]
+                                                         : tile[kk * half + d % half];
                         code = d < half ? b & 15 : b >> 4;
                     }
                     const float v = w->sz_dtype == F16_MIN ? (float)code * scale[p] + second[p]

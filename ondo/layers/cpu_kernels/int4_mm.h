@@ -14,9 +14,10 @@ typedef struct {
     int32_t sz_dtype, padded16;
     int32_t digits;           /* 2 planes that are one code's low and high digits (int4_planes.mark_digit_planes):
                                  the high plane's scales 16 times the low's, its zeros 0 */
-    int32_t code_bytes;       /* digits stored as whole 8-bit codes (int4_planes.to_code_bytes; only where
-                                 ondo_int4_reads_code_bytes): tiles of 32 rows, byte [tile, k / 2, d, k % 2]
-                                 = row d's low digit | high digit << 4 */
+    int32_t layout;           /* of the codes, in tiles of 32 rows where not 0 (int4_planes.CodesLayout; only where
+                                 ondo_int4_reads_code_bytes): 0 torch's tiles; 1 digits as whole 8-bit codes,
+                                 byte [tile, k / 2, d, k % 2] = row d's low digit | high digit << 4; 2 torch's
+                                 bytes of each pair of k interleaved, [tile, k / 2, d, k % 2] for d < 16 */
     int32_t sz_blocks;        /* sz in blocks of SZ_BLOCK rows (int4_planes.block_cpu_scales) */
 } ondo_int4_weight;
 

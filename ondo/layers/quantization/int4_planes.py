@@ -28,6 +28,7 @@ decode-sized batches, dequantize + cuBLAS above that, all inside the CUDA graphs
 """
 from __future__ import annotations
 
+import enum
 import functools
 from dataclasses import dataclass
 
@@ -182,7 +183,7 @@ class Int4PlanesMethod(LinearMethod):
             # The common CPU case (one plane, no bias, a flat batch) in as few Python steps as possible:
             # a decode step calls this 121 times, and each skipped tensor op is microseconds saved.
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.contiguous(), layer.qweight, layer.group, torch_scales(layer))     # [T, N_pad]
+                x.contiguous(), plane_tiles(layer), layer.group, torch_scales(layer))     # [T, N_pad]
             return out if out.shape[1] == layer.out_features else out[:, :layer.out_features]
         shape = x.shape
         x = x.reshape(-1, shape[-1])
@@ -235,7 +236,8 @@ class Int4PlanesMethod(LinearMethod):
         if token_ids.is_cpu and own_kernel_reads(layer) and cpu_kernels.usable_for(layer.run_dtype):
             return cpu_kernels.int4_rows(layer, token_ids, layer.run_dtype)   # one call: some 20 torch ops below
         # index_select, not advanced indexing: the latter costs milliseconds per call on a CPU.
-        if getattr(layer, "code_bytes", False):   # row d of a tile: byte 2 d + k % 2 of every pair of k, low digit | high << 4
+        layout = codes_layout(layer)
+        if layout == CodesLayout.CODE_BYTES:   # row d of a tile: byte 2 d + k % 2 of every pair of k, low digit | high << 4
             k_eff = layer.qweight.shape[1]
             tile, d = token_ids // 32, token_ids % 32
             k = torch.arange(k_eff, device=token_ids.device)
@@ -246,7 +248,9 @@ class Int4PlanesMethod(LinearMethod):
         # Row n sits in tile n // T at byte column n % (T/2) of every k (low nibble for n % T < T/2).
         k_total, half = layer.qweight.shape[1] * 2, cpu_tile_rows() // 2
         tile, d = token_ids // (2 * half), token_ids % (2 * half)
-        offsets = (tile * k_total * half + d % half)[:, None] + torch.arange(k_total, device=token_ids.device) * half
+        k = torch.arange(k_total, device=token_ids.device)
+        at_k = k // 2 * 2 * half + k % 2 if layout == CodesLayout.ROW_PAIRS else k * half    # (ROW_PAIRS: byte 2 d)
+        offsets = (tile * k_total * half + (d % half) * (2 if layout == CodesLayout.ROW_PAIRS else 1))[:, None] + at_k
         packed = layer.qweight.view(-1).index_select(0, offsets.flatten()).view(-1, k_total)  # [T, P*K_eff]
         codes = torch.where((d < half)[:, None], packed & 15, packed >> 4)
         return self._rows(layer, codes, token_scales(layer, token_ids)).to(layer.run_dtype)
@@ -352,10 +356,7 @@ def mark_digit_planes(layer: Linear) -> None:
     kernel then counts each code once and never reads the high plane's pairs (int4_mm.c). Found at load,
     where the scales are in memory anyway, and kept by the repack cache, so no later load reads them.
 
-    `layer.code_bytes`: digits stored as whole code bytes (`to_code_bytes`) where ondo's kernel reads them
-    (AVX2, tiles of 32 rows): its one-row product of the built-in model's 8-bit head, 2.7 -> 1.7 ms on a
-    2-core Zen 3, the same numbers. Kept in step with `digits` here (planes again should they stop being
-    digits)."""
+    `layer.codes_layout` (`CodesLayout`) is chosen here too, since it follows `digits`."""
     digits = False
     if not layer.gpu_layout and layer.planes == 2:
         sz = layer.scales_and_zeros
@@ -366,16 +367,49 @@ def mark_digit_planes(layer: Linear) -> None:
         zero = -8 * high[..., 0] if sz.dtype == torch.float16 else torch.zeros_like(high[..., 1])
         digits = torch.equal(high[..., 0], 16 * low[..., 0]) and torch.equal(high[..., 1], zero)
     layer.digits = digits
-    code_bytes = digits and layer.run_dtype in cpu_kernels.DTYPES and cpu_tile_rows() == CODE_BYTES_TILE \
-        and cpu_kernels.int4_reads_code_bytes()
-    if code_bytes != getattr(layer, "code_bytes", False):
-        recode_tiles(layer.qweight, to_bytes=code_bytes)
+    layout = CodesLayout.TILES
+    if (not layer.gpu_layout and layer.run_dtype in cpu_kernels.DTYPES and cpu_tile_rows() == 32
+            and cpu_kernels.int4_reads_code_bytes()):
+        layout = CodesLayout.CODE_BYTES if digits else CodesLayout.ROW_PAIRS
+    if layout != codes_layout(layer):
+        recode_tiles(layer.qweight, codes_layout(layer), layout)
         layer.__dict__.pop("cpu_int4_weight", None)         # the kernel's view of the layer, rebuilt
-    layer.code_bytes = code_bytes
+    layer.codes_layout = layout
 
 
-CODE_BYTES_TILE = 32          # the tile of the code-byte layout: AVX2's
+class CodesLayout(enum.IntEnum):
+    """How a CPU layer's 32-row tiles order their bytes (int4_mm.h `layout`). Where ondo's kernel reads them
+    (AVX2, `cpu_kernels.int4_reads_code_bytes`) a layer is stored in the order its product wants, each
+    tile keeping its bytes' place: the same numbers, fewer instructions (int4_mm.c: CODE_BYTES, ROW_PAIRS).
+
+    TILES: torch's (byte [tile, k, d] = row d | row d + 16 << 4). CODE_BYTES: two planes that are one
+    code's digits as whole codes, byte [tile, k / 2, d, k % 2] = row d's low digit | high digit << 4 (the
+    built-in model's 8-bit head, one row: 2.7 -> 1.7 ms on a 2-core Zen 3). ROW_PAIRS: torch's bytes with
+    each pair of k interleaved, [tile, k / 2, d, k % 2] for d < 16 (a decode step of the built-in model
+    12.3-12.8 -> 11.4-12.0 ms)."""
+
+    TILES = 0
+    CODE_BYTES = 1
+    ROW_PAIRS = 2
+
+
+def codes_layout(layer: Linear) -> CodesLayout:
+    return CodesLayout(getattr(layer, "codes_layout", CodesLayout.TILES))
+
+
 _RECODE_TILES = 256           # tiles recoded at a time: a few hundred KB of temporaries, not the matrix's size
+
+
+def to_row_pairs(tiles: torch.Tensor) -> torch.Tensor:
+    """32-row tiles [n, K / 2] (all planes' k) -> each pair of k's bytes interleaved by row."""
+    n, half_k = tiles.shape
+    return tiles.view(n // 32, half_k, 2, 16).transpose(2, 3).reshape(n, half_k)
+
+
+def from_row_pairs(pairs: torch.Tensor) -> torch.Tensor:
+    """The inverse of `to_row_pairs`."""
+    n, half_k = pairs.shape
+    return pairs.view(n // 32, half_k, 16, 2).transpose(2, 3).reshape(n, half_k)
 
 
 def to_code_bytes(tiles: torch.Tensor) -> torch.Tensor:
@@ -399,19 +433,22 @@ def from_code_bytes(code_bytes: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=1).reshape(n, k)
 
 
-def recode_tiles(qweight: torch.Tensor, to_bytes: bool) -> None:
-    """Digit planes <-> code bytes in place, a few tiles at a time (a tile keeps its bytes' place)."""
+_TO = {CodesLayout.TILES: lambda t: t, CodesLayout.CODE_BYTES: to_code_bytes, CodesLayout.ROW_PAIRS: to_row_pairs}
+_FROM = {CodesLayout.TILES: lambda t: t, CodesLayout.CODE_BYTES: from_code_bytes, CodesLayout.ROW_PAIRS: from_row_pairs}
+
+
+def recode_tiles(qweight: torch.Tensor, source: CodesLayout, target: CodesLayout) -> None:
+    """One `CodesLayout` to another in place, a few tiles at a time (a tile keeps its bytes' place)."""
     rows = _RECODE_TILES * 32
     for start in range(0, qweight.shape[0], rows):
         part = qweight[start:start + rows]
-        part.copy_(to_code_bytes(part) if to_bytes else from_code_bytes(part))
+        part.copy_(_TO[target](_FROM[source](part)))
 
 
 def plane_tiles(layer: Linear, rows: slice = slice(None)) -> torch.Tensor:
-    """Rows (whole tiles) of a CPU layer's codes in the plane tile layout, whether stored so or as code
-    bytes (for torch's kernel and dequantizing: the product itself reads code bytes as they are)."""
-    packed = layer.qweight[rows]
-    return from_code_bytes(packed) if getattr(layer, "code_bytes", False) else packed
+    """Rows (whole tiles) of a CPU layer's codes in torch's tile layout, however stored (for torch's kernel
+    and dequantizing: the product itself reads them as they are)."""
+    return _FROM[codes_layout(layer)](layer.qweight[rows])
 
 
 def torch_scales(layer: Linear) -> torch.Tensor:
