@@ -107,7 +107,7 @@ def test_a_bfloat16_run_quantizes_the_weights_as_stored(dense, quantization):
     from safetensors.torch import load_file
 
     from ondo.layers.quantization.int4 import quantize_int4
-    from ondo.layers.quantization.int4_planes import cpu_tile_rows, unpack_tiles
+    from ondo.layers.quantization.int4_planes import cpu_tile_rows, plane_tiles, unpack_tiles
     from ondo.layers.quantization.int8 import quantize_int8
 
     folder, _ = dense
@@ -115,7 +115,7 @@ def test_a_bfloat16_run_quantizes_the_weights_as_stored(dense, quantization):
     assert stored.dtype == torch.float32
     layer = ondo_model(folder, quantization, "bfloat16").model.layers[0].mlp.down_proj
     if quantization == "int4":
-        codes = unpack_tiles(layer.qweight, cpu_tile_rows())[:stored.shape[0], :stored.shape[1]]
+        codes = unpack_tiles(plane_tiles(layer), cpu_tile_rows())[:stored.shape[0], :stored.shape[1]]
         as_stored, rounded_first = (quantize_int4(w).codes for w in (stored, stored.bfloat16()))
     else:
         codes = layer.qweight
